@@ -1,0 +1,130 @@
+"""``vvault-pep serve | check`` — the two commands.
+
+``serve`` loads the config (exit 2 on a bad one, before listening), starts the
+runtime and runs until SIGINT/SIGTERM.  ``check`` loads the config and reports,
+one line per dependency, whether OPA answers, each route's decision path is
+defined and each upstream accepts connections; exit 1 on any problem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+from urllib.parse import urlsplit
+
+from . import __version__
+from .audit import configure_logging
+from .config import Config, load_config
+from .errors import ConfigError, PepError
+from .opa_supervisor import OpaSupervisor
+from .pdp import PdpClient
+from .runtime import PepRuntime
+
+
+def _run(coro_factory: object) -> int:
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:  # uvloop is optional (not on every platform)
+        runner = asyncio.run
+    return int(runner(coro_factory))  # type: ignore[arg-type]
+
+
+async def _serve(config: Config) -> int:
+    runtime = PepRuntime(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await runtime.start()
+    except (OSError, RuntimeError) as exc:
+        print(f"vvault-pep: cannot start: {exc}", file=sys.stderr)
+        await runtime.stop()
+        return 1
+    print(
+        f"vvault-pep {__version__}: mTLS on {config.listener.host}:{runtime.port}, "
+        f"admin on {config.admin.host}:{runtime.admin_port}",
+        file=sys.stderr,
+        flush=True,
+    )
+    await stop.wait()
+    await runtime.stop()
+    return 0
+
+
+async def _check(config: Config) -> int:
+    problems = 0
+
+    def line(ok: bool, what: str, detail: str) -> None:
+        nonlocal problems
+        problems += 0 if ok else 1
+        print(f"{'ok  ' if ok else 'FAIL'}  {what}: {detail}")
+
+    line(True, "config", f"{config.source} is valid ({len(config.routes)} routes)")
+    pdp = PdpClient(config.opa)
+    supervisor: OpaSupervisor | None = None
+    try:
+        if config.opa.managed:
+            supervisor = OpaSupervisor(config.opa, pdp)
+            try:
+                await supervisor.start()
+                line(True, "opa", f"managed OPA started from {config.opa.binary} with {config.opa.policy_dir}")
+            except (OSError, RuntimeError) as exc:
+                line(False, "opa", f"managed OPA failed to start: {exc}")
+                supervisor = None
+        healthy = await pdp.healthy(timeout_s=2)
+        line(healthy, "opa", f"{config.opa.url} {'answers /health' if healthy else 'is not reachable'}")
+        paths = sorted({r.policy for r in config.routes})
+        if healthy:
+            try:
+                defined = await pdp.defined_paths(paths)
+                for path in paths:
+                    line(defined[path], "policy", f"data.{path.replace('/', '.')} {'is defined' if defined[path] else 'is NOT defined in OPA'}")
+            except PepError as err:
+                line(False, "policy", f"cannot list OPA policies ({err.code})")
+        for name, up in config.upstreams.items():
+            parts = urlsplit(up.url)
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            try:
+                async with asyncio.timeout(up.connect_timeout_s):
+                    _, writer = await asyncio.open_connection(parts.hostname, port)
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
+                line(True, "upstream", f"{name} ({up.url}) accepts connections")
+            except (OSError, TimeoutError) as exc:
+                line(False, "upstream", f"{name} ({up.url}) is not reachable: {type(exc).__name__}")
+    finally:
+        await pdp.close()
+        if supervisor is not None:
+            await supervisor.stop()
+    return 1 if problems else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vvault-pep", description="zero-trust policy enforcement point")
+    parser.add_argument("--version", action="version", version=f"vvault-pep {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, text in (("serve", "run the PEP"), ("check", "validate the config and probe its dependencies")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--config", "-c", required=True, help="YAML config file")
+        p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"vvault-pep: invalid config:\n{exc}", file=sys.stderr)
+        return 2
+    if args.command == "serve":
+        configure_logging(args.log_level)
+        return _run(_serve(config))
+    return _run(_check(config))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,401 @@
+"""Configuration: one YAML file, validated once at load into frozen models.
+
+Loading does, in order: read the file, compose the YAML (keeping each node's
+line), interpolate ``${ENV_VAR}`` / ``${ENV_VAR:-default}`` in string scalars,
+validate with pydantic (unknown keys are errors), resolve relative paths
+against the config file's folder, and compile the route table.  Every failure
+is a :class:`~vvault_pep.errors.ConfigError` whose message reads
+``FILE:LINE: field.path: what is wrong``.
+
+Security settings (trusted CAs, OPA address, upstreams) come only from here,
+never from a request.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from .errors import ConfigError
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_METHOD = re.compile(r"^[A-Z]+$")
+_DECISION_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(/[A-Za-z_][A-Za-z0-9_]*)*$")
+
+# Headers the PEP owns: a client must never be able to name them, or it could
+# speak for the PEP (its own forwarded-for, identity, client cert, posture).
+DEFAULT_STRIP_HEADERS: tuple[str, ...] = (
+    "forwarded",
+    "x-real-ip",
+    "x-client-ip",
+    "x-request-id",
+    "x-original-url",
+    "x-rewrite-url",
+    "x-original-uri",
+    "x-original-method",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "x-device-posture",
+    "x-identity",
+    "x-user",
+    "x-remote-user",
+    "remote-user",
+    "ssl-client-cert",
+)
+DEFAULT_STRIP_PREFIXES: tuple[str, ...] = (
+    "x-forwarded-",
+    "x-client-cert",
+    "x-ssl-client",
+    "x-vvault-",
+    "x-pep-",
+    "x-envoy-",
+    "x-amzn-",
+)
+# Headers the policy sees in input.request.headers (lower-case).  Others are
+# left out so the input stays small and free of secrets.
+DEFAULT_POLICY_HEADERS: tuple[str, ...] = (
+    "accept",
+    "content-type",
+    "content-length",
+    "user-agent",
+    "traceparent",
+)
+
+
+def _resolve_path(value: Path, info: ValidationInfo) -> Path:
+    base = (info.context or {}).get("base_dir")
+    if not value.is_absolute() and base is not None:
+        value = Path(base) / value
+    return value
+
+
+def _existing_file(value: Path, info: ValidationInfo) -> Path:
+    value = _resolve_path(value, info)
+    if not value.is_file():
+        raise ValueError(f"file not found: {value}")
+    return value
+
+
+ConfigPath = Annotated[Path, AfterValidator(_resolve_path)]
+ExistingFile = Annotated[Path, AfterValidator(_existing_file)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ListenerTls(_Model):
+    cert_file: ExistingFile
+    key_file: ExistingFile
+    client_ca_file: ExistingFile
+    client_auth: Literal["required", "optional"] = "required"
+    min_version: Literal["1.2", "1.3"] = "1.2"
+    require_client_auth_eku: bool = True
+
+
+class Listener(_Model):
+    host: str = "0.0.0.0"
+    port: int = Field(8443, ge=0, le=65535)
+    tls: ListenerTls
+    keepalive_timeout_s: float = Field(75.0, gt=0)
+
+
+class Admin(_Model):
+    host: str = "127.0.0.1"
+    port: int = Field(9901, ge=0, le=65535)
+
+
+class Opa(_Model):
+    url: str = "http://127.0.0.1:8181"
+    timeout_ms: int = Field(250, gt=0, le=60_000)
+    max_connections: int = Field(64, gt=0)
+    managed: bool = False
+    binary: str = "opa"
+    policy_dir: ConfigPath | None = None
+    ready_timeout_s: float = Field(20.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme == "unix":
+            if not parts.path:
+                raise ValueError("unix:// URL needs a socket path, e.g. unix:///run/opa.sock")
+        elif parts.scheme in ("http", "https"):
+            if not parts.hostname:
+                raise ValueError("OPA URL needs a host")
+        else:
+            raise ValueError("scheme must be http, https or unix")
+        return v.rstrip("/")
+
+    @model_validator(mode="after")
+    def _managed_needs_policies(self) -> Opa:
+        if self.managed and self.policy_dir is None:
+            raise ValueError("managed: true needs policy_dir (the folder OPA loads)")
+        if self.managed and self.policy_dir is not None and not self.policy_dir.is_dir():
+            raise ValueError(f"policy_dir is not a folder: {self.policy_dir}")
+        if self.managed and urlsplit(self.url).hostname not in (None, "127.0.0.1", "localhost", "::1"):
+            raise ValueError("a managed OPA listens on loopback or a Unix socket only")
+        return self
+
+
+class UpstreamTls(_Model):
+    ca_file: ExistingFile | None = None
+    cert_file: ExistingFile | None = None
+    key_file: ExistingFile | None = None
+    server_hostname: str | None = None
+
+
+class Upstream(_Model):
+    url: str
+    connect_timeout_s: float = Field(2.0, gt=0)
+    read_timeout_s: float = Field(30.0, gt=0)
+    max_connections: int = Field(100, gt=0)
+    tls: UpstreamTls | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("upstream url must be http:// or https:// with a host")
+        if parts.query or parts.fragment:
+            raise ValueError("upstream url must not carry a query or fragment")
+        return v.rstrip("/")
+
+
+class Route(_Model):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    host: str | None = None
+    path: str
+    methods: tuple[str, ...] = ("GET", "HEAD")
+    upstream: str
+    policy: str
+    mode: Literal["enforce", "monitor"] = "enforce"
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for m in v:
+            if not _METHOD.match(m):
+                raise ValueError(f"method {m!r} must be an upper-case token such as GET")
+        if not v:
+            raise ValueError("at least one method")
+        return v
+
+    @field_validator("policy")
+    @classmethod
+    def _policy(cls, v: str) -> str:
+        v = v.strip("/")
+        if not _DECISION_PATH.match(v):
+            raise ValueError("decision path looks like 'vvault/authz/decision' (no 'data.' prefix, no dots)")
+        return v
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str | None) -> str | None:
+        return v.lower() if v is not None else None
+
+
+class Sanitize(_Model):
+    strip_headers: tuple[str, ...] = DEFAULT_STRIP_HEADERS
+    strip_header_prefixes: tuple[str, ...] = DEFAULT_STRIP_PREFIXES
+    policy_headers: tuple[str, ...] = DEFAULT_POLICY_HEADERS
+    reject_semicolon: bool = False
+    reject_encoded_percent: bool = True
+    allow_underscore_headers: bool = False
+
+    @field_validator("strip_headers", "strip_header_prefixes", "policy_headers")
+    @classmethod
+    def _names(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for name in v:
+            if not _HEADER_NAME.match(name):
+                raise ValueError(f"{name!r} is not a header name")
+        return tuple(n.lower() for n in v)
+
+
+class Limits(_Model):
+    max_request_line_bytes: int = Field(8190, ge=256)
+    max_header_bytes: int = Field(8190, ge=256)
+    max_headers: int = Field(100, ge=8)
+    max_body_bytes: int = Field(1 << 30, ge=0)
+
+
+class Config(_Model):
+    listener: Listener
+    admin: Admin = Admin()
+    opa: Opa = Opa()
+    upstreams: dict[str, Upstream]
+    routes: tuple[Route, ...]
+    sanitize: Sanitize = Sanitize()
+    limits: Limits = Limits()
+    source: str = Field("<memory>", exclude=True)
+
+    @model_validator(mode="after")
+    def _cross_checks(self, info: ValidationInfo) -> Config:
+        if (info.context or {}).get("defer_cross_checks"):
+            return self  # parse_config reports them with their lines
+        for _loc, message in self.problems():
+            raise ValueError(message)
+        return self
+
+    def problems(self) -> list[tuple[tuple[str | int, ...], str]]:
+        """Checks that span sections, each with the field path it is about."""
+        out: list[tuple[tuple[str | int, ...], str]] = []
+        if not self.routes:
+            out.append((("routes",), "at least one route (there is no default upstream)"))
+        names: set[str] = set()
+        for i, route in enumerate(self.routes):
+            if route.name in names:
+                out.append((("routes", i, "name"), f"route name {route.name!r} is used twice"))
+            names.add(route.name)
+            if route.upstream not in self.upstreams:
+                out.append(
+                    (("routes", i, "upstream"), f"upstream {route.upstream!r} is not defined in upstreams")
+                )
+        return out
+
+
+# ---------------------------------------------------------------- loading
+
+
+class _Located:
+    """YAML → Python while remembering the line of every field path."""
+
+    def __init__(self, filename: str) -> None:
+        self.filename = filename
+        self.lines: dict[tuple[str | int, ...], int] = {}
+
+    def build(self, node: yaml.Node, path: tuple[str | int, ...] = ()) -> Any:
+        self.lines[path] = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            out: dict[str, Any] = {}
+            for key_node, value_node in node.value:
+                key = key_node.value
+                if key in out:
+                    raise ConfigError(
+                        f"{self.filename}:{key_node.start_mark.line + 1}: "
+                        f"{_dotted(path + (key,))}: key appears twice"
+                    )
+                self.lines[path + (key,)] = key_node.start_mark.line + 1
+                out[key] = self.build(value_node, path + (key,))
+                self.lines[path + (key,)] = key_node.start_mark.line + 1
+            return out
+        if isinstance(node, yaml.SequenceNode):
+            return [self.build(item, path + (i,)) for i, item in enumerate(node.value)]
+        assert isinstance(node, yaml.ScalarNode)
+        value = yaml.SafeLoader(" ").construct_object(node)  # type: ignore[no-untyped-call]
+        if isinstance(value, str):
+            value = self._interpolate(value, path)
+        return value
+
+    def _interpolate(self, text: str, path: tuple[str | int, ...]) -> str:
+        def sub(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            if name in os.environ:
+                return os.environ[name]
+            if default is not None:
+                return default
+            raise ConfigError(self.where(path, f"environment variable ${{{name}}} is not set"))
+
+        return _ENV_REF.sub(sub, text)
+
+    def line_of(self, loc: tuple[str | int, ...]) -> int | None:
+        for cut in range(len(loc), -1, -1):
+            line = self.lines.get(tuple(loc[:cut]))
+            if line is not None:
+                return line
+        return None
+
+    def where(self, loc: tuple[str | int, ...], message: str) -> str:
+        line = self.line_of(loc)
+        place = f"{self.filename}:{line}" if line else self.filename
+        field = _dotted(loc) or "(top level)"
+        return f"{place}: {field}: {message}"
+
+
+def _dotted(loc: tuple[str | int, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Load and validate ``path``; raise ConfigError naming file, line and field."""
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{file}: config file not found") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{file}: cannot read config file: {exc}") from exc
+    return parse_config(text, filename=str(file), base_dir=file.resolve().parent)
+
+
+def parse_config(text: str, *, filename: str = "<string>", base_dir: Path | None = None) -> Config:
+    located = _Located(filename)
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{filename}{line}: not valid YAML: {problem}") from exc
+    if node is None:
+        raise ConfigError(f"{filename}: config file is empty")
+    data = located.build(node)
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{filename}:1: the config must be a mapping of sections")
+    data = {**data, "source": filename}
+    try:
+        config = Config.model_validate(data, context={"base_dir": base_dir, "defer_cross_checks": True})
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = tuple(err["loc"])
+            problems.append(located.where(loc, _message(err)))
+        raise ConfigError("\n".join(problems)) from None
+    problems = [located.where(loc, message) for loc, message in config.problems()]
+    if problems:
+        raise ConfigError("\n".join(problems))
+    # Compile the route table now so a bad template fails at load, with its line.
+    from .routing import RouteTable, TemplateError
+
+    for i, route in enumerate(config.routes):
+        try:
+            RouteTable.compile_one(route)
+        except TemplateError as exc:
+            raise ConfigError(located.where(("routes", i, "path"), str(exc))) from None
+    return config
+
+
+def _message(err: Mapping[str, Any]) -> str:
+    kind = err.get("type", "")
+    if kind == "extra_forbidden":
+        return "unknown key (check its spelling and section)"
+    if kind == "missing":
+        return "required field is missing"
+    msg = str(err.get("msg", "invalid value"))
+    return msg.removeprefix("Value error, ")

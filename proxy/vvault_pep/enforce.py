@@ -1,0 +1,125 @@
+"""Enforce: turn OPA's answer into a decision, and a refusal into problem+json.
+
+The decision starts as *denied*.  It becomes *allowed* only when the answer
+strictly parses as allowed:
+
+* ``true`` → allow; ``false`` → deny (403, ``policy.denied``).
+* an object ``{allow, status?, code?, reason?, upstream_headers?,
+  response_headers?, obligations?}`` whose ``allow`` is exactly ``true`` and
+  whose every other field is well-formed → allow.
+* anything else — undefined, ``null``, a string, ``allow: "true"``, a deny
+  status outside 400–599, a header with CR/LF, an obligation this PEP cannot
+  carry out — is a deny with a reason code saying why.
+
+Deny bodies follow RFC 9457: ``type``, ``title``, ``status``, ``detail``,
+plus ``code``, ``decision_id`` and ``request_id``.  No internals.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from .errors import STATUS, Refusal
+from .sanitize import HOP_BY_HOP
+
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_CODE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+)*$")
+_MAX_REASON = 512
+PROBLEM_TYPE_BASE = "https://vvault-pep.dev/problems/"
+# Headers a decision may never set on the upstream request: the PEP owns them.
+_RESERVED_UPSTREAM = HOP_BY_HOP | {"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id"}
+_RESERVED_RESPONSE = HOP_BY_HOP | {"x-request-id", "content-type", "content-encoding"}
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allow: bool
+    status: int
+    code: str
+    reason: str
+    upstream_headers: tuple[tuple[str, str], ...] = ()
+    response_headers: tuple[tuple[str, str], ...] = ()
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def _deny(code: str, reason: str, status: int | None = None) -> Decision:
+    return Decision(False, status if status is not None else STATUS[code][0], code, reason)
+
+
+def interpret(result: Any, *, defined: bool) -> Decision:
+    """Interpret OPA's ``result``; anything not strictly an allow is a deny."""
+    if not defined:
+        return _deny("pdp.undefined", "the policy gave no decision for this request")
+    if result is True:
+        return Decision(True, 200, "policy.allowed", "")
+    if result is False:
+        return _deny("policy.denied", "denied by policy")
+    if not isinstance(result, dict):
+        return _deny("pdp.malformed_decision", "the policy decision is not a boolean or an object")
+    allow = result.get("allow")
+    if not isinstance(allow, bool):
+        return _deny("pdp.malformed_decision", "the policy decision has no boolean 'allow'")
+    reason = result.get("reason", "")
+    if not isinstance(reason, str):
+        return _deny("pdp.malformed_decision", "'reason' is not a string")
+    reason = reason[:_MAX_REASON]
+    code = result.get("code")
+    if code is not None and (not isinstance(code, str) or not _CODE.match(code) or len(code) > 64):
+        return _deny("pdp.malformed_decision", "'code' is not a dotted lower-case code")
+    upstream = _headers(result.get("upstream_headers"), _RESERVED_UPSTREAM)
+    response = _headers(result.get("response_headers"), _RESERVED_RESPONSE)
+    if upstream is None or response is None:
+        return _deny("pdp.malformed_decision", "decision headers are malformed or reserved")
+    if not allow:
+        status = result.get("status", 403)
+        # bool is an int in Python: refuse it explicitly.
+        if not isinstance(status, int) or isinstance(status, bool) or not 400 <= status <= 599:
+            return _deny("pdp.malformed_decision", "a deny status must be an integer in 400-599")
+        return Decision(False, status, code or "policy.denied", reason or "denied by policy", (), response)
+    obligations = result.get("obligations", [])
+    if obligations not in ([], None):
+        # An obligation this PEP cannot carry out must not be silently dropped:
+        # the policy allowed *on condition* of it.
+        return _deny("enforce.unsupported_obligation", "the decision carries an obligation this PEP cannot fulfil")
+    extras = {k: v for k, v in result.items() if k in ("cache",)}
+    return Decision(True, 200, code or "policy.allowed", reason, upstream, response, extras)
+
+
+def _headers(value: Any, reserved: frozenset[str] | set[str]) -> tuple[tuple[str, str], ...] | None:
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        return None
+    out: list[tuple[str, str]] = []
+    for name, val in value.items():
+        if not isinstance(name, str) or not _TOKEN.match(name) or name.lower() in reserved:
+            return None
+        if not isinstance(val, str) or any(c in val for c in "\r\n\x00") or len(val) > 4096:
+            return None
+        out.append((name, val))
+    return tuple(out)
+
+
+def refusal_of(decision: Decision) -> Refusal:
+    title = STATUS.get(decision.code, (decision.status, "Forbidden"))[1]
+    if decision.code not in STATUS:
+        title = "Forbidden" if decision.status == 403 else "Request denied"
+    return Refusal(decision.code, decision.status, title, decision.reason)
+
+
+def problem_body(refusal: Refusal, *, request_id: str, decision_id: str | None) -> bytes:
+    doc: dict[str, Any] = {
+        "type": PROBLEM_TYPE_BASE + refusal.code,
+        "title": refusal.title,
+        "status": refusal.status,
+        "detail": refusal.detail or refusal.title,
+        "code": refusal.code,
+        "request_id": request_id,
+    }
+    if decision_id is not None:
+        doc["decision_id"] = decision_id
+    return orjson.dumps(doc)

@@ -1,0 +1,168 @@
+"""Forward: stream an allowed request to its upstream and the answer back.
+
+* The URL is built from the canonical path and marked *already encoded*
+  (``yarl.URL(..., encoded=True)``) so the client library cannot re-normalise
+  or re-encode it: the upstream receives byte-for-byte the path the policy saw.
+* Bodies stream both ways in chunks; nothing is buffered whole.  The request
+  body is counted against ``limits.max_body_bytes`` as it passes.
+* One keep-alive pool per upstream, with connect and read timeouts split.
+* The PEP sets ``X-Forwarded-For/-Proto/-Host`` and ``X-Request-Id`` itself
+  (the client's copies were stripped by sanitize) and adds the decision's
+  ``upstream_headers``.
+* Refused connection → 502 ``upstream.unavailable``; connect or read timeout
+  → 504 ``upstream.timeout``.  A fault after the response has started cannot
+  change the status any more: the client connection is aborted instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from .config import Upstream
+from .errors import PepError
+
+log = logging.getLogger("vvault_pep.forward")
+
+CHUNK = 64 * 1024
+_RESPONSE_HOP_BY_HOP = frozenset(
+    {"connection", "keep-alive", "proxy-connection", "proxy-authenticate", "te", "trailer", "transfer-encoding", "upgrade"}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    status: int
+    bytes_in: int
+    bytes_out: int
+
+
+class _Counter:
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.count = 0
+
+
+def upstream_ssl(up: Upstream) -> ssl.SSLContext | bool:
+    if up.tls is None:
+        return True  # https:// upstreams verify against the system store by default
+    ctx = ssl.create_default_context(cafile=str(up.tls.ca_file) if up.tls.ca_file else None)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if up.tls.cert_file and up.tls.key_file:
+        ctx.load_cert_chain(str(up.tls.cert_file), str(up.tls.key_file))
+    return ctx
+
+
+class Upstreams:
+    def __init__(self, upstreams: dict[str, Upstream], *, max_body_bytes: int) -> None:
+        self._config = upstreams
+        self._max_body = max_body_bytes
+        self._sessions: dict[str, aiohttp.ClientSession] = {}
+        for name, up in upstreams.items():
+            connector = aiohttp.TCPConnector(
+                limit=up.max_connections, keepalive_timeout=30, ssl=upstream_ssl(up), ttl_dns_cache=30
+            )
+            self._sessions[name] = aiohttp.ClientSession(
+                connector=connector,
+                timeout=aiohttp.ClientTimeout(
+                    total=None, sock_connect=up.connect_timeout_s, sock_read=up.read_timeout_s
+                ),
+                auto_decompress=False,  # pass bytes through with their Content-Encoding
+                skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
+                cookie_jar=aiohttp.DummyCookieJar(),  # never keep one client's cookies for another
+            )
+
+    async def close(self) -> None:
+        for session in self._sessions.values():
+            await session.close()
+
+    async def forward(
+        self,
+        name: str,
+        request: web.BaseRequest,
+        *,
+        path: str,
+        query: str,
+        headers: list[tuple[str, str]],
+        content_length: int | None,
+        chunked: bool,
+        response_headers: list[tuple[str, str]],
+    ) -> tuple[web.StreamResponse, Outcome]:
+        """Forward and stream the answer back; PepError if nothing was sent yet."""
+        up = self._config[name]
+        url = URL(up.url + path + (f"?{query}" if query else ""), encoded=True)
+        send = CIMultiDict(headers)
+        if up.tls and up.tls.server_hostname:
+            send["Host"] = up.tls.server_hostname
+        counter = _Counter(self._max_body)
+        body: AsyncIterator[bytes] | None = None
+        if content_length:
+            send["Content-Length"] = str(content_length)
+            body = self._body(request, counter)
+        elif chunked:
+            body = self._body(request, counter)
+        session = self._sessions[name]
+        try:
+            upstream = await session.request(
+                request.method,
+                url,
+                headers=send,
+                data=body,
+                allow_redirects=False,
+                server_hostname=up.tls.server_hostname if up.tls else None,
+            )
+        except PepError:
+            raise
+        except aiohttp.ServerTimeoutError as exc:  # connect or read timeout
+            raise PepError("upstream.timeout", "the upstream did not answer in time") from exc
+        except TimeoutError as exc:
+            raise PepError("upstream.timeout", "the upstream did not answer in time") from exc
+        except aiohttp.ClientConnectorError as exc:
+            log.warning("upstream %s unreachable: %s", name, exc.os_error.__class__.__name__)
+            raise PepError("upstream.unavailable", "the upstream refused the connection") from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            if isinstance(exc.__cause__, PepError):
+                raise exc.__cause__ from exc
+            log.warning("upstream %s failed: %s", name, type(exc).__name__)
+            raise PepError("upstream.error", "the upstream connection failed") from exc
+        async with upstream:
+            out = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+            connection_named = {
+                t.strip().lower() for v in upstream.headers.getall("Connection", []) for t in v.split(",")
+            }
+            for key, value in upstream.headers.items():
+                low = key.lower()
+                if low in _RESPONSE_HOP_BY_HOP or low in connection_named:
+                    continue
+                out.headers.add(key, value)
+            for key, value in response_headers:
+                out.headers[key] = value
+            await out.prepare(request)
+            sent = 0
+            try:
+                async for chunk in upstream.content.iter_chunked(CHUNK):
+                    await out.write(chunk)
+                    sent += len(chunk)
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                # The status line is gone already; a truncated, aborted
+                # connection is the only honest signal left.
+                log.warning("upstream %s failed mid-response: %s", name, type(exc).__name__)
+                if request.transport is not None:
+                    request.transport.abort()
+                return out, Outcome(upstream.status, counter.count, sent)
+            await out.write_eof()
+            return out, Outcome(upstream.status, counter.count, sent)
+
+    async def _body(self, request: web.BaseRequest, counter: _Counter) -> AsyncIterator[bytes]:
+        async for chunk in request.content.iter_chunked(CHUNK):
+            counter.count += len(chunk)
+            if counter.count > counter.limit:
+                raise PepError("sanitize.body_too_large", "request body exceeds the limit")
+            yield chunk

@@ -1,0 +1,185 @@
+"""Listener: TLS termination and the client certificate as data.
+
+The TLS context trusts only the configured CA bundle (``PROTOCOL_TLS_SERVER``
+loads no system CAs, unlike ``ssl.create_default_context``), refuses TLS
+renegotiation and anything below TLS 1.2.  OpenSSL verifies the chain,
+validity and — where the extension is present — the clientAuth EKU during the
+handshake.  Two rules OpenSSL does not enforce for a leaf are checked the
+moment the handshake completes, before any HTTP byte is read: the leaf must
+carry the clientAuth EKU (absence is not enough) and must not be a CA.  A
+connection that fails them is aborted.
+
+The verified certificate becomes a :class:`PeerCertificate`; nothing a client
+writes in a header can stand in for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import logging
+import ssl
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from .config import ListenerTls
+
+log = logging.getLogger("vvault_pep.listener")
+
+
+@dataclass(frozen=True, slots=True)
+class PeerCertificate:
+    subject: str
+    issuer: str
+    common_name: str | None
+    dns_sans: tuple[str, ...]
+    uri_sans: tuple[str, ...]
+    spiffe_id: str | None
+    sha256: str  # hex thumbprint of the DER certificate
+    x5t_s256: str  # base64url thumbprint, as RFC 8705 cnf.x5t#S256 uses
+    serial: str
+    not_before: str
+    not_after: str
+
+    def as_input(self) -> dict[str, Any]:
+        return {
+            "subject": self.subject,
+            "issuer": self.issuer,
+            "common_name": self.common_name,
+            "dns_sans": list(self.dns_sans),
+            "uri_sans": list(self.uri_sans),
+            "spiffe_id": self.spiffe_id,
+            "sha256": self.sha256,
+            "x5t_s256": self.x5t_s256,
+            "serial": self.serial,
+            "not_before": self.not_before,
+            "not_after": self.not_after,
+        }
+
+
+class CertificateRefused(Exception):
+    pass
+
+
+def server_context(tls: ListenerTls) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)  # no system CAs are loaded
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3 if tls.min_version == "1.3" else ssl.TLSVersion.TLSv1_2
+    ctx.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    ctx.set_ciphers("ECDHE+AESGCM:ECDHE+CHACHA20")  # TLS 1.2: forward secrecy, AEAD only
+    ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+    ctx.load_verify_locations(cafile=str(tls.client_ca_file))
+    ctx.verify_mode = ssl.CERT_REQUIRED if tls.client_auth == "required" else ssl.CERT_OPTIONAL
+    ctx.verify_flags |= ssl.VERIFY_X509_STRICT
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
+def _name(name: x509.Name) -> str:
+    return name.rfc4514_string()
+
+
+def _iso(when: dt.datetime) -> str:
+    return when.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
+
+
+def parse_peer(der: bytes, *, require_client_auth_eku: bool = True) -> PeerCertificate:
+    """Turn a verified DER leaf into data; raise CertificateRefused on policy misses."""
+    import base64
+
+    cert = x509.load_der_x509_certificate(der)
+    try:
+        basic = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+        if basic.ca:
+            raise CertificateRefused("leaf certificate has CA:TRUE")
+    except x509.ExtensionNotFound:
+        pass
+    if require_client_auth_eku:
+        try:
+            eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        except x509.ExtensionNotFound as exc:
+            raise CertificateRefused("leaf certificate has no extendedKeyUsage") from exc
+        if ExtendedKeyUsageOID.CLIENT_AUTH not in eku:
+            raise CertificateRefused("leaf certificate lacks the clientAuth EKU")
+    dns: tuple[str, ...] = ()
+    uris: tuple[str, ...] = ()
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        dns = tuple(san.get_values_for_type(x509.DNSName))
+        uris = tuple(san.get_values_for_type(x509.UniformResourceIdentifier))
+    except x509.ExtensionNotFound:
+        pass
+    spiffe = [u for u in uris if u.lower().startswith("spiffe://")]
+    if len(spiffe) > 1:
+        # The SPIFFE X.509-SVID spec allows exactly one SPIFFE ID per SVID.
+        raise CertificateRefused("more than one SPIFFE ID in the certificate")
+    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    digest = hashlib.sha256(der).digest()
+    return PeerCertificate(
+        subject=_name(cert.subject),
+        issuer=_name(cert.issuer),
+        common_name=str(cns[0].value) if cns else None,
+        dns_sans=dns,
+        uri_sans=uris,
+        spiffe_id=spiffe[0] if spiffe else None,
+        sha256=digest.hex(),
+        x5t_s256=base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii"),
+        serial=format(cert.serial_number, "x"),
+        not_before=_iso(cert.not_valid_before_utc),
+        not_after=_iso(cert.not_valid_after_utc),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Connection:
+    """What the listener knows about one TLS connection."""
+
+    tls_version: str | None
+    cipher: str | None
+    alpn: str | None
+    peer: PeerCertificate | None
+
+
+class MtlsServer(web.Server):
+    """aiohttp's low-level server, checking the peer before reading any request."""
+
+    def __init__(self, *args: Any, require_client_auth_eku: bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._require_eku = require_client_auth_eku
+        self._conns: dict[RequestHandler, Connection] = {}
+
+    def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
+        super().connection_made(handler, transport)
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is None:
+            transport.abort()
+            return
+        peer: PeerCertificate | None = None
+        der = ssl_object.getpeercert(binary_form=True)
+        if der:
+            try:
+                peer = parse_peer(der, require_client_auth_eku=self._require_eku)
+            except (CertificateRefused, ValueError) as exc:
+                peername = transport.get_extra_info("peername")
+                log.warning("client certificate refused", extra={"peer": str(peername), "why": str(exc)})
+                transport.abort()
+                return
+        cipher = ssl_object.cipher()
+        self._conns[handler] = Connection(
+            tls_version=ssl_object.version(),
+            cipher=cipher[0] if cipher else None,
+            alpn=ssl_object.selected_alpn_protocol(),
+            peer=peer,
+        )
+
+    def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
+        self._conns.pop(handler, None)
+        super().connection_lost(handler, exc)
+
+    def connection_of(self, request: web.BaseRequest) -> Connection | None:
+        return self._conns.get(request.protocol)  # type: ignore[arg-type]

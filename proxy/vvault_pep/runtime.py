@@ -1,0 +1,126 @@
+"""Runtime: start the pieces in order, stop them in reverse.
+
+Start: managed OPA (if asked) → PDP pool → upstream pools → admin listener →
+mTLS data listener.  Stop: data listener (finish in-flight requests) → admin
+→ pools → OPA.  The admin listener (``/healthz``, ``/readyz``) is a separate
+socket, loopback by default, never the mTLS data port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from .config import Config
+from .errors import PepError
+from .forward import Upstreams
+from .listener import MtlsServer, server_context
+from .opa_supervisor import OpaSupervisor
+from .pdp import PdpClient
+from .pipeline import Pipeline
+
+log = logging.getLogger("vvault_pep.runtime")
+
+
+class PepRuntime:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.pdp: PdpClient | None = None
+        self.supervisor: OpaSupervisor | None = None
+        self.upstreams: Upstreams | None = None
+        self.pipeline: Pipeline | None = None
+        self._data_server: asyncio.Server | None = None
+        self._mtls: MtlsServer | None = None
+        self._admin_runner: web.AppRunner | None = None
+        self.port: int = 0
+        self.admin_port: int = 0
+
+    async def start(self) -> None:
+        config = self.config
+        ssl_ctx = server_context(config.listener.tls)  # fail before starting anything
+        self.pdp = PdpClient(config.opa)
+        if config.opa.managed:
+            self.supervisor = OpaSupervisor(config.opa, self.pdp)
+            await self.supervisor.start()
+        self.upstreams = Upstreams(config.upstreams, max_body_bytes=config.limits.max_body_bytes)
+        self.pipeline = Pipeline(config, self.pdp, self.upstreams)
+
+        admin = web.Application()
+        admin.router.add_get("/healthz", self._healthz)
+        admin.router.add_get("/readyz", self._readyz)
+        self._admin_runner = web.AppRunner(admin, access_log=None)
+        await self._admin_runner.setup()
+        site = web.TCPSite(self._admin_runner, config.admin.host, config.admin.port)
+        await site.start()
+        self.admin_port = _bound_port(site)
+
+        self._mtls = MtlsServer(
+            self.pipeline.handle,
+            require_client_auth_eku=config.listener.tls.require_client_auth_eku,
+            max_line_size=config.limits.max_request_line_bytes,
+            max_field_size=config.limits.max_header_bytes,
+            max_headers=config.limits.max_headers,
+            keepalive_timeout=config.listener.keepalive_timeout_s,
+            access_log=None,
+            auto_decompress=False,
+        )
+        self.pipeline.server = self._mtls
+        loop = asyncio.get_running_loop()
+        self._data_server = await loop.create_server(
+            self._mtls,
+            config.listener.host,
+            config.listener.port,
+            ssl=ssl_ctx,
+            ssl_handshake_timeout=10,
+            reuse_address=True,
+        )
+        self.port = self._data_server.sockets[0].getsockname()[1]
+        log.info("listening on %s:%s (mTLS), admin on %s:%s", config.listener.host, self.port, config.admin.host, self.admin_port)
+
+    async def stop(self) -> None:
+        if self._data_server is not None:
+            self._data_server.close()
+            if self._mtls is not None:
+                await self._mtls.shutdown(5)
+            await self._data_server.wait_closed()
+        if self._admin_runner is not None:
+            await self._admin_runner.cleanup()
+        if self.upstreams is not None:
+            await self.upstreams.close()
+        if self.pdp is not None:
+            await self.pdp.close()
+        if self.supervisor is not None:
+            await self.supervisor.stop()
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "alive"})
+
+    async def readiness(self) -> tuple[bool, dict[str, Any]]:
+        assert self.pdp is not None
+        checks: dict[str, Any] = {"opa": await self.pdp.healthy()}
+        paths = sorted({r.policy for r in self.config.routes})
+        if checks["opa"]:
+            try:
+                checks["policies"] = await self.pdp.defined_paths(paths)
+            except PepError as err:
+                checks["policies"] = {"error": err.code}
+        else:
+            checks["policies"] = {p: False for p in paths}
+        ok = checks["opa"] is True and all(v is True for v in checks["policies"].values())
+        return ok, checks
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        ok, checks = await self.readiness()
+        body = orjson.dumps({"ready": ok, "checks": checks})
+        return web.Response(status=200 if ok else 503, body=body, content_type="application/json")
+
+
+def _bound_port(site: web.TCPSite) -> int:
+    server = site._server  # aiohttp keeps the listening server here
+    assert server is not None
+    sockets = getattr(server, "sockets", None) or []
+    return int(sockets[0].getsockname()[1])
