@@ -22,6 +22,7 @@ from dataclasses import dataclass
 # failure gets; the policy may override the status of its own denies only.
 STATUS: dict[str, tuple[int, str]] = {
     # sanitize: the request is malformed or ambiguous; refused before routing.
+    "sanitize.malformed": (400, "Malformed request"),
     "sanitize.bad_request_target": (400, "Bad request target"),
     "sanitize.ambiguous_path": (400, "Ambiguous path"),
     "sanitize.path_escape": (400, "Path escapes the root"),

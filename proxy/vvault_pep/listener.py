@@ -20,6 +20,7 @@ import datetime as dt
 import hashlib
 import logging
 import ssl
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -145,6 +146,45 @@ class Connection:
     peer: PeerCertificate | None
 
 
+class _Handler(RequestHandler):
+    """aiohttp's connection handler, answering its own parse errors as problem+json."""
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        # Requests the HTTP parser refused (duplicate Host or Content-Length,
+        # bad chunking, oversized lines…) never reach the pipeline: answer them
+        # here, in the same shape, without echoing the parser's message.
+        from .enforce import problem_body
+        from .errors import STATUS, Refusal
+
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started")
+        code = {413: "sanitize.body_too_large", 431: "sanitize.headers_too_large", 400: "sanitize.malformed"}.get(
+            status, "internal.error"
+        )
+        text = str(exc) if exc is not None else ""
+        if code == "sanitize.malformed" and ("Duplicate" in text or "Missing 'Host'" in text):
+            code = "sanitize.duplicate_header"  # same answer as the pipeline's own check
+        request_id = uuid.uuid4().hex
+        log.warning(
+            "request refused by the HTTP parser", extra={"why": type(exc).__name__ if exc else str(status)}
+        )
+        refusal = Refusal(code, STATUS[code][0], STATUS[code][1], STATUS[code][1])
+        resp = web.Response(
+            status=refusal.status,
+            body=problem_body(refusal, request_id=request_id, decision_id=None),
+            content_type="application/problem+json",
+        )
+        resp.headers["X-Request-Id"] = request_id
+        resp.force_close()
+        return resp
+
+
 class MtlsServer(web.Server):
     """aiohttp's low-level server, checking the peer before reading any request."""
 
@@ -152,6 +192,9 @@ class MtlsServer(web.Server):
         super().__init__(*args, **kwargs)
         self._require_eku = require_client_auth_eku
         self._conns: dict[RequestHandler, Connection] = {}
+
+    def __call__(self) -> RequestHandler:
+        return _Handler(self, loop=self._loop, **self._kwargs)
 
     def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
         super().connection_made(handler, transport)

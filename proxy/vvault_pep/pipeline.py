@@ -177,8 +177,9 @@ class Pipeline:
             resp.headers[name] = value
         if refusal.code == "route.method_not_allowed":
             resp.headers["Allow"] = refusal.detail.removeprefix("allowed: ")
-        if request.can_read_body:
-            # The body was never read: close rather than parse it as the next request.
+        if request.can_read_body or refusal.code.startswith("sanitize."):
+            # The body was never read, or the framing is suspect: close rather
+            # than parse what follows as the next request.
             resp.force_close()
         return resp
 
