@@ -110,6 +110,8 @@ async def raw_https(port: int, ctx: ssl.SSLContext, request: bytes, timeout: flo
             data = await reader.read(-1)
         finally:
             writer.close()
+    if not data:
+        raise ConnectionResetError("the server closed the connection without answering")
     head, _, body = data.partition(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     status = int(lines[0].split(" ")[1])
@@ -155,7 +157,11 @@ for shape in SHAPES:
                    "policy": f"faults/{shape}"})
 
 
-def make_config(
+def make_config(pki: Path, **kwargs: Any) -> Config:
+    return Config.model_validate(config_doc(pki, **kwargs))
+
+
+def config_doc(
     pki: Path,
     *,
     opa_url: str,
@@ -165,7 +171,7 @@ def make_config(
     listener: dict[str, Any] | None = None,
     opa: dict[str, Any] | None = None,
     **sections: Any,
-) -> Config:
+) -> dict[str, Any]:
     tls = {
         "cert_file": str(pki / "server.pem"),
         "key_file": str(pki / "server-key.pem"),
@@ -187,4 +193,4 @@ def make_config(
     }
     if "tls" in (listener or {}):
         doc["listener"]["tls"] = {**tls, **listener["tls"]}  # type: ignore[index]
-    return Config.model_validate(doc)
+    return doc

@@ -1,0 +1,139 @@
+"""config: bad files are refused with file, line and field; good ones load frozen."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pydantic
+import pytest
+import yaml
+
+from tests.support import ROOT, config_doc, free_port
+from vvault_pep.config import load_config, parse_config
+from vvault_pep.errors import ConfigError
+
+GOOD = """\
+listener:
+  port: 8443
+  tls:
+    cert_file: {pki}/server.pem
+    key_file: {pki}/server-key.pem
+    client_ca_file: {pki}/ca.pem
+upstreams:
+  vvault:
+    url: http://127.0.0.1:8080
+routes:
+  - name: secrets
+    path: /v1/tenants/{{tenant}}/secrets/{{path*}}
+    upstream: vvault
+    policy: vvault/authz/decision
+"""
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "pep.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_good_config_loads_frozen(tmp_path: Path, pki: Path) -> None:
+    config = load_config(_write(tmp_path, GOOD.format(pki=pki)))
+    assert config.routes[0].methods == ("GET", "HEAD")
+    assert config.opa.timeout_ms == 250
+    with pytest.raises(pydantic.ValidationError):
+        config.opa.timeout_ms = 5  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (lambda t: t.replace("  port: 8443", "  port: 8443\n  prot: 1"), ":3: listener.prot: unknown key"),
+        (lambda t: t.replace("port: 8443", "port: eighty"), ":2: listener.port: Input should be a valid integer"),
+        (lambda t: t.replace("    upstream: vvault", "    upstream: nope"), ":13: routes[0].upstream: upstream 'nope'"),
+        (lambda t: t.replace("/secrets/{path*}", "/{path*}/secrets"), ":12: routes[0].path: greedy parameter"),
+        (lambda t: t.replace("vvault/authz/decision", "data.vvault.authz"), ":14: routes[0].policy: decision path"),
+        (lambda t: t.replace("    url: http://127.0.0.1:8080", "    url: ftp://x"), ":9: upstreams.vvault.url: upstream url"),
+        (lambda t: t.replace("    upstream: vvault\n", ""), ":11: routes[0].upstream: required field is missing"),
+        (lambda t: t.replace("server.pem", "missing.pem"), ":4: listener.tls.cert_file: file not found"),
+        (lambda t: t + "opa:\n  managed: true\n", ":15: opa: managed: true needs policy_dir"),
+        (lambda t: t + "opa:\n  url: ${NOPE_NOT_SET}\n", ":16: opa.url: environment variable ${NOPE_NOT_SET} is not set"),
+        (lambda t: t.replace("routes:", "listener: {}\nroutes:"), ":10: listener: key appears twice"),
+        (lambda t: t + "  - name: secrets\n    path: /x\n    upstream: vvault\n    policy: a/b\n",
+         ":15: routes[1].name: route name 'secrets' is used twice"),
+        (lambda t: t.replace("listener:", "listener: [").replace("upstreams:", "]\nupstreams:"), "not valid YAML"),
+    ],
+)
+def test_bad_configs_name_file_line_and_field(tmp_path: Path, pki: Path, edit, expected: str) -> None:  # type: ignore[no-untyped-def]
+    path = _write(tmp_path, edit(GOOD.format(pki=pki)))
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(path) in str(err.value)
+    assert expected in str(err.value)
+
+
+def test_missing_file() -> None:
+    with pytest.raises(ConfigError, match="nowhere.yaml: config file not found"):
+        load_config("/nowhere.yaml")
+
+
+def test_env_interpolation_with_default(tmp_path: Path, pki: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PEP_TEST_PORT", "9443")
+    text = GOOD.format(pki=pki).replace("port: 8443", "port: ${PEP_TEST_PORT}").replace(
+        "http://127.0.0.1:8080", "http://127.0.0.1:${PEP_TEST_UP:-8081}"
+    )
+    config = load_config(_write(tmp_path, text))
+    assert config.listener.port == 9443
+    assert config.upstreams["vvault"].url == "http://127.0.0.1:8081"
+
+
+def test_relative_paths_resolve_against_the_config_file(tmp_path: Path, pki: Path) -> None:
+    text = GOOD.format(pki=os.path.relpath(pki, tmp_path))
+    config = load_config(_write(tmp_path, text))
+    assert config.listener.tls.cert_file == tmp_path / os.path.relpath(pki, tmp_path) / "server.pem"
+
+
+def test_example_configs_are_valid(pki: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PEP_PKI", str(pki))
+    for path in sorted((ROOT / "examples" / "config").glob("*.yaml")):
+        parse_config(path.read_text(), filename=str(path), base_dir=path.parent)
+
+
+def test_serve_with_bad_config_exits_non_zero_without_listening(tmp_path: Path, pki: Path) -> None:
+    port = free_port()
+    text = GOOD.format(pki=pki).replace("port: 8443", f"port: {port}").replace("    upstream: vvault", "    upstream: nope")
+    path = _write(tmp_path, text)
+    proc = subprocess.run(
+        [sys.executable, "-m", "vvault_pep.cli", "serve", "--config", str(path)],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert proc.returncode == 2
+    assert f"{path}:13: routes[0].upstream: upstream 'nope' is not defined" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_check_reports_each_dependency(tmp_path: Path, pki: Path, opa, upstream) -> None:  # type: ignore[no-untyped-def]
+    doc = config_doc(pki, opa_url=opa.url, upstream_port=upstream.port)
+    doc["upstreams"] = {"vvault": doc["upstreams"]["vvault"]}
+    doc["routes"] = [r for r in doc["routes"] if r["upstream"] == "vvault" and "nonexistent" not in r["policy"]]
+    path = tmp_path / "check.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    ok = subprocess.run([sys.executable, "-m", "vvault_pep.cli", "check", "--config", str(path)],
+                        capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "ok    opa:" in ok.stdout
+    assert "ok    policy: data.vvault.authz.decision is defined" in ok.stdout
+    assert "ok    upstream: vvault" in ok.stdout
+
+    doc["opa"]["url"] = f"http://127.0.0.1:{free_port()}"
+    doc["routes"].append({"name": "ghost", "path": "/ghost", "upstream": "vvault", "policy": "no/such/rule"})
+    path.write_text(yaml.safe_dump(doc))
+    bad = subprocess.run([sys.executable, "-m", "vvault_pep.cli", "check", "--config", str(path)],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1
+    assert "FAIL  opa:" in bad.stdout
