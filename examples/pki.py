@@ -64,9 +64,7 @@ def _ca(cn: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + dt.timedelta(days=30))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
-        )
+        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
@@ -87,9 +85,13 @@ def _leaf(
     ca_cert, ca_key = ca
     key = _key()
     now = dt.datetime.now(dt.UTC)
-    start, end = (now - dt.timedelta(days=10), now - dt.timedelta(days=1)) if expired else (
-        now - dt.timedelta(minutes=5),
-        now + dt.timedelta(days=7),
+    start, end = (
+        (now - dt.timedelta(days=10), now - dt.timedelta(days=1))
+        if expired
+        else (
+            now - dt.timedelta(minutes=5),
+            now + dt.timedelta(days=7),
+        )
     )
     builder = (
         x509.CertificateBuilder()
@@ -100,9 +102,7 @@ def _leaf(
         .not_valid_before(start)
         .not_valid_after(end)
         .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(True, False, False, False, False, is_ca, is_ca, False, False), critical=True
-        )
+        .add_extension(x509.KeyUsage(True, False, False, False, False, is_ca, is_ca, False, False), critical=True)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
     )
     names: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]

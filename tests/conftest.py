@@ -15,10 +15,10 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-
 from examples.pki import make_pki
 from examples.vvault_api.app import SEEN, make_app
 from tests.support import OpaProcess, client_context, free_port, make_config, start_opa
+
 from vvault_pep.runtime import PepRuntime
 
 

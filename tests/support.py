@@ -54,8 +54,17 @@ def start_opa(addr: str | None = None, paths: tuple[Path, ...] = (POLICIES, TEST
     for _attempt in range(3):
         listen = addr or f"127.0.0.1:{free_port()}"
         proc = subprocess.Popen(
-            [opa_binary(), "run", "--server", "--addr", listen, "--skip-version-check", "--log-level", "error",
-             *map(str, paths)],
+            [
+                opa_binary(),
+                "run",
+                "--server",
+                "--addr",
+                listen,
+                "--skip-version-check",
+                "--log-level",
+                "error",
+                *map(str, paths),
+            ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
         )
@@ -128,33 +137,83 @@ def get(path: str, *extra: str, host: str = "localhost") -> bytes:
 
 
 ROUTES: list[dict[str, Any]] = [
-    {"name": "secrets", "path": "/v1/tenants/{tenant}/secrets/{path*}", "methods": ["GET", "HEAD", "PUT", "DELETE"],
-     "upstream": "vvault", "policy": "vvault/authz/decision"},
-    {"name": "collection_query", "path": "/v1/tenants/{tenant}/collections/{collection}/query",
-     "methods": ["POST"], "upstream": "vvault", "policy": "vvault/authz/decision"},
-    {"name": "admin", "path": "/v1/admin/{path*}", "methods": ["GET", "POST"], "upstream": "vvault",
-     "policy": "vvault/authz/decision"},
+    {
+        "name": "secrets",
+        "path": "/v1/tenants/{tenant}/secrets/{path*}",
+        "methods": ["GET", "HEAD", "PUT", "DELETE"],
+        "upstream": "vvault",
+        "policy": "vvault/authz/decision",
+    },
+    {
+        "name": "collection_query",
+        "path": "/v1/tenants/{tenant}/collections/{collection}/query",
+        "methods": ["POST"],
+        "upstream": "vvault",
+        "policy": "vvault/authz/decision",
+    },
+    {
+        "name": "admin",
+        "path": "/v1/admin/{path*}",
+        "methods": ["GET", "POST"],
+        "upstream": "vvault",
+        "policy": "vvault/authz/decision",
+    },
     # test routes, each driving one decision shape from tests/policies/faults.rego
-    {"name": "open_blobs", "path": "/v1/tenants/{tenant}/blobs/{name}", "methods": ["GET", "PUT"],
-     "upstream": "vvault", "policy": "faults/allow_with_headers"},
-    {"name": "open_stream", "path": "/v1/tenants/{tenant}/stream/{n}", "methods": ["GET"],
-     "upstream": "vvault", "policy": "faults/plain_true"},
-    {"name": "monitor", "path": "/monitor/v1/tenants/{tenant}/secrets/{path*}", "methods": ["GET"],
-     "upstream": "vvault_prefixed", "policy": "faults/plain_false", "mode": "monitor"},
-    {"name": "undefined", "path": "/undefined/{rest*}", "methods": ["GET"], "upstream": "vvault",
-     "policy": "vvault/nonexistent/decision"},
-    {"name": "fault", "path": "/fault/{shape}", "methods": ["GET"], "upstream": "vvault",
-     "policy": "faults/conflict"},
+    {
+        "name": "open_blobs",
+        "path": "/v1/tenants/{tenant}/blobs/{name}",
+        "methods": ["GET", "PUT"],
+        "upstream": "vvault",
+        "policy": "faults/allow_with_headers",
+    },
+    {
+        "name": "open_stream",
+        "path": "/v1/tenants/{tenant}/stream/{n}",
+        "methods": ["GET"],
+        "upstream": "vvault",
+        "policy": "faults/plain_true",
+    },
+    {
+        "name": "monitor",
+        "path": "/monitor/v1/tenants/{tenant}/secrets/{path*}",
+        "methods": ["GET"],
+        "upstream": "vvault_prefixed",
+        "policy": "faults/plain_false",
+        "mode": "monitor",
+    },
+    {
+        "name": "undefined",
+        "path": "/undefined/{rest*}",
+        "methods": ["GET"],
+        "upstream": "vvault",
+        "policy": "vvault/nonexistent/decision",
+    },
+    {"name": "fault", "path": "/fault/{shape}", "methods": ["GET"], "upstream": "vvault", "policy": "faults/conflict"},
     {"name": "down", "path": "/down/{rest*}", "methods": ["GET"], "upstream": "down", "policy": "faults/plain_true"},
     {"name": "hang", "path": "/hang/{rest*}", "methods": ["GET"], "upstream": "hang", "policy": "faults/plain_true"},
 ]
 SHAPES = [
-    "plain_false", "string_decision", "allow_as_string", "status_out_of_range", "status_as_bool", "crlf_header",
-    "reserved_header", "obligation", "custom_status", "conflict",
+    "plain_false",
+    "string_decision",
+    "allow_as_string",
+    "status_out_of_range",
+    "status_as_bool",
+    "crlf_header",
+    "reserved_header",
+    "obligation",
+    "custom_status",
+    "conflict",
 ]
 for shape in SHAPES:
-    ROUTES.append({"name": f"shape_{shape}", "path": f"/shape/{shape}", "methods": ["GET"], "upstream": "vvault",
-                   "policy": f"faults/{shape}"})
+    ROUTES.append(
+        {
+            "name": f"shape_{shape}",
+            "path": f"/shape/{shape}",
+            "methods": ["GET"],
+            "upstream": "vvault",
+            "policy": f"faults/{shape}",
+        }
+    )
 
 
 def make_config(pki: Path, **kwargs: Any) -> Config:

@@ -11,8 +11,8 @@ from pathlib import Path
 import pydantic
 import pytest
 import yaml
-
 from tests.support import ROOT, config_doc, free_port
+
 from vvault_pep.config import load_config, parse_config
 from vvault_pep.errors import ConfigError
 
@@ -56,14 +56,22 @@ def test_good_config_loads_frozen(tmp_path: Path, pki: Path) -> None:
         (lambda t: t.replace("    upstream: vvault", "    upstream: nope"), ":13: routes[0].upstream: upstream 'nope'"),
         (lambda t: t.replace("/secrets/{path*}", "/{path*}/secrets"), ":12: routes[0].path: greedy parameter"),
         (lambda t: t.replace("vvault/authz/decision", "data.vvault.authz"), ":14: routes[0].policy: decision path"),
-        (lambda t: t.replace("    url: http://127.0.0.1:8080", "    url: ftp://x"), ":9: upstreams.vvault.url: upstream url"),
+        (
+            lambda t: t.replace("    url: http://127.0.0.1:8080", "    url: ftp://x"),
+            ":9: upstreams.vvault.url: upstream url",
+        ),
         (lambda t: t.replace("    upstream: vvault\n", ""), ":11: routes[0].upstream: required field is missing"),
         (lambda t: t.replace("server.pem", "missing.pem"), ":4: listener.tls.cert_file: file not found"),
         (lambda t: t + "opa:\n  managed: true\n", ":15: opa: managed: true needs policy_dir"),
-        (lambda t: t + "opa:\n  url: ${NOPE_NOT_SET}\n", ":16: opa.url: environment variable ${NOPE_NOT_SET} is not set"),
+        (
+            lambda t: t + "opa:\n  url: ${NOPE_NOT_SET}\n",
+            ":16: opa.url: environment variable ${NOPE_NOT_SET} is not set",
+        ),
         (lambda t: t.replace("routes:", "listener: {}\nroutes:"), ":10: listener: key appears twice"),
-        (lambda t: t + "  - name: secrets\n    path: /x\n    upstream: vvault\n    policy: a/b\n",
-         ":15: routes[1].name: route name 'secrets' is used twice"),
+        (
+            lambda t: t + "  - name: secrets\n    path: /x\n    upstream: vvault\n    policy: a/b\n",
+            ":15: routes[1].name: route name 'secrets' is used twice",
+        ),
         (lambda t: t.replace("listener:", "listener: [").replace("upstreams:", "]\nupstreams:"), "not valid YAML"),
     ],
 )
@@ -76,14 +84,16 @@ def test_bad_configs_name_file_line_and_field(tmp_path: Path, pki: Path, edit, e
 
 
 def test_missing_file() -> None:
-    with pytest.raises(ConfigError, match="nowhere.yaml: config file not found"):
+    with pytest.raises(ConfigError, match=r"nowhere\.yaml: config file not found"):
         load_config("/nowhere.yaml")
 
 
 def test_env_interpolation_with_default(tmp_path: Path, pki: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PEP_TEST_PORT", "9443")
-    text = GOOD.format(pki=pki).replace("port: 8443", "port: ${PEP_TEST_PORT}").replace(
-        "http://127.0.0.1:8080", "http://127.0.0.1:${PEP_TEST_UP:-8081}"
+    text = (
+        GOOD.format(pki=pki)
+        .replace("port: 8443", "port: ${PEP_TEST_PORT}")
+        .replace("http://127.0.0.1:8080", "http://127.0.0.1:${PEP_TEST_UP:-8081}")
     )
     config = load_config(_write(tmp_path, text))
     assert config.listener.port == 9443
@@ -104,11 +114,17 @@ def test_example_configs_are_valid(pki: Path, monkeypatch: pytest.MonkeyPatch) -
 
 def test_serve_with_bad_config_exits_non_zero_without_listening(tmp_path: Path, pki: Path) -> None:
     port = free_port()
-    text = GOOD.format(pki=pki).replace("port: 8443", f"port: {port}").replace("    upstream: vvault", "    upstream: nope")
+    text = (
+        GOOD.format(pki=pki)
+        .replace("port: 8443", f"port: {port}")
+        .replace("    upstream: vvault", "    upstream: nope")
+    )
     path = _write(tmp_path, text)
     proc = subprocess.run(
         [sys.executable, "-m", "vvault_pep.cli", "serve", "--config", str(path)],
-        capture_output=True, text=True, timeout=30,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert proc.returncode == 2
     assert f"{path}:13: routes[0].upstream: upstream 'nope' is not defined" in proc.stderr
@@ -123,8 +139,12 @@ def test_check_reports_each_dependency(tmp_path: Path, pki: Path, opa, upstream)
     doc["routes"] = [r for r in doc["routes"] if r["upstream"] == "vvault" and "nonexistent" not in r["policy"]]
     path = tmp_path / "check.yaml"
     path.write_text(yaml.safe_dump(doc))
-    ok = subprocess.run([sys.executable, "-m", "vvault_pep.cli", "check", "--config", str(path)],
-                        capture_output=True, text=True, timeout=60)
+    ok = subprocess.run(
+        [sys.executable, "-m", "vvault_pep.cli", "check", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "ok    opa:" in ok.stdout
     assert "ok    policy: data.vvault.authz.decision is defined" in ok.stdout
@@ -133,7 +153,11 @@ def test_check_reports_each_dependency(tmp_path: Path, pki: Path, opa, upstream)
     doc["opa"]["url"] = f"http://127.0.0.1:{free_port()}"
     doc["routes"].append({"name": "ghost", "path": "/ghost", "upstream": "vvault", "policy": "no/such/rule"})
     path.write_text(yaml.safe_dump(doc))
-    bad = subprocess.run([sys.executable, "-m", "vvault_pep.cli", "check", "--config", str(path)],
-                         capture_output=True, text=True, timeout=60)
+    bad = subprocess.run(
+        [sys.executable, "-m", "vvault_pep.cli", "check", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert bad.returncode == 1
     assert "FAIL  opa:" in bad.stdout

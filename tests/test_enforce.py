@@ -56,8 +56,9 @@ def test_undefined_is_a_deny() -> None:
 
 
 def test_headers_carried_on_allow() -> None:
-    d = interpret({"allow": True, "upstream_headers": {"X-Tenant": "acme"}, "response_headers": {"X-P": "1"}},
-                  defined=True)
+    d = interpret(
+        {"allow": True, "upstream_headers": {"X-Tenant": "acme"}, "response_headers": {"X-P": "1"}}, defined=True
+    )
     assert d.upstream_headers == (("X-Tenant", "acme"),)
     assert d.response_headers == (("X-P", "1"),)
 

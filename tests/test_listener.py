@@ -7,9 +7,9 @@ import ssl
 from pathlib import Path
 
 import pytest
-
 from tests.conftest import Upstream
 from tests.support import OpaProcess, client_context, get, make_config, raw_https
+
 from vvault_pep.listener import CertificateRefused, parse_peer
 from vvault_pep.runtime import PepRuntime
 
@@ -59,7 +59,7 @@ async def test_server_does_not_trust_the_system_store(pep: PepRuntime, pki: Path
     # The PEP's CA bundle holds only the demo CA: its trust list sent in the
     # CertificateRequest must name that CA and nothing else.
     ctx = client_context(pki, "reader")
-    reader, writer = await asyncio.open_connection("127.0.0.1", pep.port, ssl=ctx, server_hostname="localhost")
+    _, writer = await asyncio.open_connection("127.0.0.1", pep.port, ssl=ctx, server_hostname="localhost")
     try:
         ssl_obj = writer.get_extra_info("ssl_object")
         assert ssl_obj.version() in ("TLSv1.2", "TLSv1.3")
@@ -72,10 +72,10 @@ async def test_server_does_not_trust_the_system_store(pep: PepRuntime, pki: Path
     assert names == ["vvault demo CA"]
 
 
-async def test_optional_client_auth_lets_the_policy_decide(
-    pki: Path, opa: OpaProcess, upstream: Upstream
-) -> None:
-    config = make_config(pki, opa_url=opa.url, upstream_port=upstream.port, listener={"tls": {"client_auth": "optional"}})
+async def test_optional_client_auth_lets_the_policy_decide(pki: Path, opa: OpaProcess, upstream: Upstream) -> None:
+    config = make_config(
+        pki, opa_url=opa.url, upstream_port=upstream.port, listener={"tls": {"client_auth": "optional"}}
+    )
     runtime = PepRuntime(config)
     await runtime.start()
     try:
@@ -101,8 +101,9 @@ def test_peer_certificate_becomes_data(pki: Path) -> None:
     assert peer.not_after.endswith("Z")
 
 
-@pytest.mark.parametrize(("name", "why"), [("no-eku", "no extendedKeyUsage"), ("server-eku", "clientAuth"),
-                                           ("leaf-ca", "CA:TRUE")])
+@pytest.mark.parametrize(
+    ("name", "why"), [("no-eku", "no extendedKeyUsage"), ("server-eku", "clientAuth"), ("leaf-ca", "CA:TRUE")]
+)
 def test_parse_peer_refuses(pki: Path, name: str, why: str) -> None:
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization

@@ -15,9 +15,9 @@ from pathlib import Path
 import aiohttp
 import orjson
 import pytest
-
 from tests.conftest import Upstream
 from tests.support import OpaProcess, client_context, free_port, get, make_config, raw_https, start_opa
+
 from vvault_pep.config import Opa
 from vvault_pep.errors import PepError
 from vvault_pep.pdp import PdpClient
@@ -42,7 +42,9 @@ async def _pep_on(pki: Path, opa_url: str, upstream: Upstream, **opa: object) ->
 
 async def _status(runtime: PepRuntime, pki: Path, path: str = SECRET) -> tuple[int, dict[str, object]]:
     resp = await raw_https(runtime.port, client_context(pki, "reader"), get(path))
-    return resp.status, orjson.loads(resp.body) if resp.headers.get("content-type") == "application/problem+json" else {}
+    return resp.status, orjson.loads(resp.body) if resp.headers.get(
+        "content-type"
+    ) == "application/problem+json" else {}
 
 
 async def test_opa_stopped_is_503(pki: Path, own_opa: OpaProcess, upstream: Upstream) -> None:

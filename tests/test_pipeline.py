@@ -9,9 +9,9 @@ from pathlib import Path
 import aiohttp
 import orjson
 import pytest
-
 from tests.conftest import Upstream
 from tests.support import client_context, get, raw_https
+
 from vvault_pep.runtime import PepRuntime
 
 
@@ -121,8 +121,16 @@ async def test_spoofed_identity_and_forwarding_headers_never_reach_upstream(
     assert "10.9.9.9" not in str(values)
     assert "evil.example" not in values
     assert "spoofed" not in values and "SUCCESS" not in values and "managed=true" not in values
-    for name in ("forwarded", "x-real-ip", "x-client-cert", "x-ssl-client-verify", "x-device-posture",
-                 "x-original-url", "x-http-method-override", "x_forwarded_for"):
+    for name in (
+        "forwarded",
+        "x-real-ip",
+        "x-client-cert",
+        "x-ssl-client-verify",
+        "x-device-posture",
+        "x-original-url",
+        "x-http-method-override",
+        "x_forwarded_for",
+    ):
         assert name not in names
     assert names.count("x-forwarded-for") == 1
     headers = dict(seen["headers"])
@@ -155,20 +163,30 @@ async def test_connection_named_headers_and_upgrade_are_hop_by_hop(
         ("/v1/tenants/acme//secrets///db-password", 200, "/v1/tenants/acme/secrets/db-password"),
         ("/v1/tenants/acme/./secrets/db-password", 200, "/v1/tenants/acme/secrets/db-password"),
         ("/v1/%74enants/acme/secrets/db%2Dpassword", 200, "/v1/tenants/acme/secrets/db-password"),
-        ("/v1/tenants/acme/secrets/%2e%2e/%2E%2E/globex/secrets/db-password", 403,
-         "/v1/tenants/globex/secrets/db-password"),
+        (
+            "/v1/tenants/acme/secrets/%2e%2e/%2E%2E/globex/secrets/db-password",
+            403,
+            "/v1/tenants/globex/secrets/db-password",
+        ),
         ("/v1/tenants/acme/secrets/../../globex/secrets/db-password", 403, "/v1/tenants/globex/secrets/db-password"),
         ("/v1/tenants/acme/../../admin/tenants", 403, "/v1/admin/tenants"),
     ],
 )
 async def test_path_variants_are_normalised_and_upstream_sees_the_policy_path(
-    pep: PepRuntime, pki: Path, upstream: Upstream, caplog: pytest.LogCaptureFixture,
-    raw_path: str, status: int, policy_path: str,
+    pep: PepRuntime,
+    pki: Path,
+    upstream: Upstream,
+    caplog: pytest.LogCaptureFixture,
+    raw_path: str,
+    status: int,
+    policy_path: str,
 ) -> None:
     with caplog.at_level(logging.INFO, logger="vvault_pep.audit"):
         resp = await raw_https(pep.port, client_context(pki, "reader"), get(raw_path))
     assert resp.status == status
-    [record] = [r.audit for r in caplog.records if getattr(r, "audit", {}).get("request_id") == resp.headers["x-request-id"]]
+    [record] = [
+        r.audit for r in caplog.records if getattr(r, "audit", {}).get("request_id") == resp.headers["x-request-id"]
+    ]
     assert record["request_path"] == policy_path
     seen = upstream.seen_with(resp.headers["x-request-id"])
     if status == 200:
@@ -210,7 +228,9 @@ async def test_backslash_is_refused(pep: PepRuntime, pki: Path, upstream: Upstre
 
 
 async def test_query_is_forwarded_unchanged(pep: PepRuntime, pki: Path, upstream: Upstream) -> None:
-    resp = await raw_https(pep.port, client_context(pki, "reader"), get("/v1/tenants/acme/secrets/db-password?v=1&v=%32&x=a+b"))
+    resp = await raw_https(
+        pep.port, client_context(pki, "reader"), get("/v1/tenants/acme/secrets/db-password?v=1&v=%32&x=a+b")
+    )
     assert resp.status == 200
     [seen] = upstream.seen_with(resp.headers["x-request-id"])
     assert seen["raw_path"] == "/v1/tenants/acme/secrets/db-password?v=1&v=%32&x=a+b"
@@ -219,17 +239,30 @@ async def test_query_is_forwarded_unchanged(pep: PepRuntime, pki: Path, upstream
 @pytest.mark.parametrize(
     ("request_bytes", "code"),
     [
-        (b"GET /v1/tenants/acme/secrets/db-password HTTP/1.1\r\nHost: localhost\r\nHost: evil\r\n"
-         b"Connection: close\r\n\r\n", "sanitize.duplicate_header"),
-        (b"GET /v1/tenants/acme/secrets/db-password HTTP/1.1\r\nConnection: close\r\n\r\n",
-         "sanitize.duplicate_header"),
-        (b"GET /v1/tenants/acme/secrets/db-password HTTP/1.1\r\nHost: localhost\r\n"
-         b"Authorization: Bearer a\r\nAuthorization: Bearer b\r\nConnection: close\r\n\r\n",
-         "sanitize.duplicate_header"),
-        (b"GET /v1/tenants/acme/secrets/db-password HTTP/1.1\r\nHost: localhost\r\n"
-         b"Expect: something-else\r\nConnection: close\r\n\r\n", "sanitize.expectation"),
-        (b"GET http://evil.example/v1/tenants/acme/secrets/db-password HTTP/1.1\r\nHost: localhost\r\n"
-         b"Connection: close\r\n\r\n", "sanitize.bad_request_target"),
+        (
+            b"GET /v1/tenants/acme/secrets/db-password HTTP/1.1\r\nHost: localhost\r\nHost: evil\r\n"
+            b"Connection: close\r\n\r\n",
+            "sanitize.duplicate_header",
+        ),
+        (
+            b"GET /v1/tenants/acme/secrets/db-password HTTP/1.1\r\nConnection: close\r\n\r\n",
+            "sanitize.duplicate_header",
+        ),
+        (
+            b"GET /v1/tenants/acme/secrets/db-password HTTP/1.1\r\nHost: localhost\r\n"
+            b"Authorization: Bearer a\r\nAuthorization: Bearer b\r\nConnection: close\r\n\r\n",
+            "sanitize.duplicate_header",
+        ),
+        (
+            b"GET /v1/tenants/acme/secrets/db-password HTTP/1.1\r\nHost: localhost\r\n"
+            b"Expect: something-else\r\nConnection: close\r\n\r\n",
+            "sanitize.expectation",
+        ),
+        (
+            b"GET http://evil.example/v1/tenants/acme/secrets/db-password HTTP/1.1\r\nHost: localhost\r\n"
+            b"Connection: close\r\n\r\n",
+            "sanitize.bad_request_target",
+        ),
     ],
 )
 async def test_ambiguous_headers_are_rejected(
@@ -247,8 +280,10 @@ async def test_ambiguous_headers_are_rejected(
         # CL.TE and TE.CL smuggling shapes
         b"PUT /v1/tenants/acme/blobs/x HTTP/1.1\r\nHost: localhost\r\nContent-Length: 4\r\n"
         b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /v1/admin/tenants HTTP/1.1\r\nHost: localhost\r\n\r\n",
-        b"PUT /v1/tenants/acme/blobs/x HTTP/1.1\r\nHost: localhost\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcde",
-        b"PUT /v1/tenants/acme/blobs/x HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+        b"PUT /v1/tenants/acme/blobs/x HTTP/1.1\r\nHost: localhost\r\n"
+        b"Content-Length: 4\r\nContent-Length: 5\r\n\r\nabcde",
+        b"PUT /v1/tenants/acme/blobs/x HTTP/1.1\r\nHost: localhost\r\n"
+        b"Transfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
         b"PUT /v1/tenants/acme/blobs/x HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding : chunked\r\n\r\n0\r\n\r\n",
         b"GET /v1/tenants/acme/secrets/db-password HTTP/1.1\r\nHost: localhost\r\nX-A: a\rb\r\n\r\n",
         b"GET /v1/tenants/acme/secrets/db-password HTTP/1.1\r\nHost: localhost\r\nX-A: a\x00b\r\n\r\n",
@@ -346,8 +381,12 @@ async def test_every_request_is_audited_without_secrets(
         ) as resp:
             request_id = resp.headers["X-Request-Id"]
     [record] = [r.audit for r in caplog.records if getattr(r, "audit", {}).get("request_id") == request_id]
-    assert record["result"] == {"allow": True, "status": 200, "code": "policy.allowed",
-                                "reasons": ["read within an entitled tenant"]}
+    assert record["result"] == {
+        "allow": True,
+        "status": 200,
+        "code": "policy.allowed",
+        "reasons": ["read within an entitled tenant"],
+    }
     assert record["route"] == "secrets"
     assert record["path"] == "vvault/authz/decision"
     assert record["spiffe_id"] == "spiffe://demo.vvault/client/reader"

@@ -28,7 +28,14 @@ TABLE = RouteTable(
 @pytest.mark.parametrize(
     ("host", "method", "segments", "trailing", "name", "params"),
     [
-        ("h", "GET", ("v1", "tenants", "acme", "secrets", "a", "b"), False, "secret", {"tenant": "acme", "path": "a/b"}),
+        (
+            "h",
+            "GET",
+            ("v1", "tenants", "acme", "secrets", "a", "b"),
+            False,
+            "secret",
+            {"tenant": "acme", "path": "a/b"},
+        ),
         ("h", "PUT", ("v1", "tenants", "acme", "secrets", "a"), False, "secret", {"tenant": "acme", "path": "a"}),
         ("h", "GET", ("v1", "tenants", "acme"), False, "tenant", {"tenant": "acme"}),
         ("h", "GET", ("v1", "tenants", "acme"), True, "tenant_slash", {"tenant": "acme"}),
@@ -38,8 +45,9 @@ TABLE = RouteTable(
         ("h", "GET", ("v1", "tenants", "a b"), False, "tenant", {"tenant": "a b"}),
     ],
 )
-def test_matches(host: str, method: str, segments: tuple[str, ...], trailing: bool, name: str,
-                 params: dict[str, str]) -> None:
+def test_matches(
+    host: str, method: str, segments: tuple[str, ...], trailing: bool, name: str, params: dict[str, str]
+) -> None:
     match = TABLE.match(host, method, segments, trailing)
     assert match.route.name == name
     assert match.params == params

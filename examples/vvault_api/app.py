@@ -95,7 +95,11 @@ async def delete_secret(request: web.Request) -> web.Response:
 async def rotate_secret(request: web.Request) -> web.Response:
     key = (request.match_info["tenant"], request.match_info["path"])
     old = _store(request).secrets.get(key, {"version": 0})
-    _store(request).secrets[key] = {"value": secrets.token_urlsafe(24), "version": old["version"] + 1, "updated": time.time()}
+    _store(request).secrets[key] = {
+        "value": secrets.token_urlsafe(24),
+        "version": old["version"] + 1,
+        "updated": time.time(),
+    }
     return web.json_response({"tenant": key[0], "path": key[1], "version": old["version"] + 1})
 
 
@@ -112,7 +116,10 @@ async def put_vectors(request: web.Request) -> web.Response:
     doc = json.loads(await _read_counted(request) or b"{}")
     coll = _store(request).collections.setdefault(key, {"vectors": {}})
     for item in doc.get("vectors", []):
-        coll["vectors"][str(item["id"])] = {"vector": [float(x) for x in item["vector"]], "metadata": item.get("metadata", {})}
+        coll["vectors"][str(item["id"])] = {
+            "vector": [float(x) for x in item["vector"]],
+            "metadata": item.get("metadata", {}),
+        }
     return web.json_response({"collection": key[1], "count": len(coll["vectors"])})
 
 
@@ -130,7 +137,10 @@ async def query_collection(request: web.Request) -> web.Response:
     coll = _store(request).collections.get(key, {"vectors": {}})
     query = [float(x) for x in doc.get("vector", [])]
     scored = sorted(
-        ({"id": vid, "score": _cosine(query, v["vector"]), "metadata": v["metadata"]} for vid, v in coll["vectors"].items()),
+        (
+            {"id": vid, "score": _cosine(query, v["vector"]), "metadata": v["metadata"]}
+            for vid, v in coll["vectors"].items()
+        ),
         key=lambda r: -float(r["score"]),
     )
     return web.json_response({"collection": key[1], "matches": scored[: int(doc.get("top_k", 5))]})

@@ -13,6 +13,8 @@ import asyncio
 import contextlib
 import signal
 import sys
+from collections.abc import Coroutine
+from typing import Any
 from urllib.parse import urlsplit
 
 from . import __version__
@@ -24,14 +26,12 @@ from .pdp import PdpClient
 from .runtime import PepRuntime
 
 
-def _run(coro_factory: object) -> int:
+def _run(main: Coroutine[Any, Any, int]) -> int:
     try:
         import uvloop
-
-        runner = uvloop.run
     except ImportError:  # uvloop is optional (not on every platform)
-        runner = asyncio.run
-    return int(runner(coro_factory))  # type: ignore[arg-type]
+        return asyncio.run(main)
+    return uvloop.run(main)
 
 
 async def _serve(config: Config) -> int:
@@ -84,7 +84,11 @@ async def _check(config: Config) -> int:
             try:
                 defined = await pdp.defined_paths(paths)
                 for path in paths:
-                    line(defined[path], "policy", f"data.{path.replace('/', '.')} {'is defined' if defined[path] else 'is NOT defined in OPA'}")
+                    line(
+                        defined[path],
+                        "policy",
+                        f"data.{path.replace('/', '.')} {'is defined' if defined[path] else 'is NOT defined in OPA'}",
+                    )
             except PepError as err:
                 line(False, "policy", f"cannot list OPA policies ({err.code})")
         for name, up in config.upstreams.items():

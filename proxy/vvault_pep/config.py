@@ -268,9 +268,7 @@ class Config(_Model):
                 out.append((("routes", i, "name"), f"route name {route.name!r} is used twice"))
             names.add(route.name)
             if route.upstream not in self.upstreams:
-                out.append(
-                    (("routes", i, "upstream"), f"upstream {route.upstream!r} is not defined in upstreams")
-                )
+                out.append((("routes", i, "upstream"), f"upstream {route.upstream!r} is not defined in upstreams"))
         return out
 
 
@@ -292,17 +290,16 @@ class _Located:
                 key = key_node.value
                 if key in out:
                     raise ConfigError(
-                        f"{self.filename}:{key_node.start_mark.line + 1}: "
-                        f"{_dotted(path + (key,))}: key appears twice"
+                        f"{self.filename}:{key_node.start_mark.line + 1}: {_dotted((*path, key))}: key appears twice"
                     )
-                self.lines[path + (key,)] = key_node.start_mark.line + 1
-                out[key] = self.build(value_node, path + (key,))
-                self.lines[path + (key,)] = key_node.start_mark.line + 1
+                self.lines[(*path, key)] = key_node.start_mark.line + 1
+                out[key] = self.build(value_node, (*path, key))
+                self.lines[(*path, key)] = key_node.start_mark.line + 1
             return out
         if isinstance(node, yaml.SequenceNode):
-            return [self.build(item, path + (i,)) for i, item in enumerate(node.value)]
+            return [self.build(item, (*path, i)) for i, item in enumerate(node.value)]
         assert isinstance(node, yaml.ScalarNode)
-        value = yaml.SafeLoader(" ").construct_object(node)  # type: ignore[no-untyped-call]
+        value = yaml.SafeLoader(" ").construct_object(node)
         if isinstance(value, str):
             value = self._interpolate(value, path)
         return value

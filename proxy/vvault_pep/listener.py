@@ -171,9 +171,7 @@ class _Handler(RequestHandler):
         if code == "sanitize.malformed" and ("Duplicate" in text or "Missing 'Host'" in text):
             code = "sanitize.duplicate_header"  # same answer as the pipeline's own check
         request_id = uuid.uuid4().hex
-        log.warning(
-            "request refused by the HTTP parser", extra={"why": type(exc).__name__ if exc else str(status)}
-        )
+        log.warning("request refused by the HTTP parser", extra={"why": type(exc).__name__ if exc else str(status)})
         refusal = Refusal(code, STATUS[code][0], STATUS[code][1], STATUS[code][1])
         resp = web.Response(
             status=refusal.status,
@@ -225,4 +223,4 @@ class MtlsServer(web.Server):
         super().connection_lost(handler, exc)
 
     def connection_of(self, request: web.BaseRequest) -> Connection | None:
-        return self._conns.get(request.protocol)  # type: ignore[arg-type]
+        return self._conns.get(request.protocol)

@@ -12,6 +12,7 @@ backoff; while it is down, decisions fail closed (503).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import logging
 import os
@@ -69,8 +70,10 @@ class OpaSupervisor:
 
     async def _spawn(self) -> asyncio.subprocess.Process:
         parts = urlsplit(self._opa.url)
-        if parts.scheme == "unix" and os.path.exists(parts.path):
-            os.unlink(parts.path)  # a stale socket from a dead OPA blocks the bind
+        if parts.scheme == "unix":
+            # a stale socket from a dead OPA blocks the bind
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(parts.path)
         return await asyncio.create_subprocess_exec(
             *self._argv(), stdin=asyncio.subprocess.DEVNULL, preexec_fn=_die_with_parent
         )
@@ -115,10 +118,8 @@ class OpaSupervisor:
         self._stopping = True
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
         proc = self._proc
         if proc is not None and proc.returncode is None:
             proc.terminate()

@@ -68,9 +68,7 @@ class PdpClient:
         url = f"{self._base}/v1/data/{path}"
         try:
             async with asyncio.timeout(deadline_s if deadline_s is not None else self._deadline):
-                async with self._session.post(
-                    url, data=body, headers={"Content-Type": "application/json"}
-                ) as resp:
+                async with self._session.post(url, data=body, headers={"Content-Type": "application/json"}) as resp:
                     raw = await resp.read()
                     status = resp.status
         except TimeoutError as exc:
@@ -137,7 +135,8 @@ def _rule_paths(doc: Any) -> set[tuple[str, ...]]:
     for module in doc.get("result", []) if isinstance(doc, dict) else []:
         ast = module.get("ast", {})
         package = tuple(
-            str(term.get("value")) for term in ast.get("package", {}).get("path", [])[1:]  # drop "data"
+            str(term.get("value"))
+            for term in ast.get("package", {}).get("path", [])[1:]  # drop "data"
         )
         for rule in ast.get("rules", []):
             head = rule.get("head", {})

@@ -205,7 +205,12 @@ class Pipeline:
 
 
 def _result_of(refusal: Refusal) -> dict[str, Any]:
-    return {"allow": False, "status": refusal.status, "code": refusal.code, "reasons": [refusal.detail or refusal.title]}
+    return {
+        "allow": False,
+        "status": refusal.status,
+        "code": refusal.code,
+        "reasons": [refusal.detail or refusal.title],
+    }
 
 
 def _result_of_decision(decision: Decision) -> dict[str, Any]:
@@ -217,4 +222,4 @@ def _result_of_decision(decision: Decision) -> dict[str, Any]:
     }
 
 
-__all__ = ["Pipeline", "Match", "STATUS"]
+__all__ = ["STATUS", "Match", "Pipeline"]

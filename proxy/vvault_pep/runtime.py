@@ -79,7 +79,13 @@ class PepRuntime:
             reuse_address=True,
         )
         self.port = self._data_server.sockets[0].getsockname()[1]
-        log.info("listening on %s:%s (mTLS), admin on %s:%s", config.listener.host, self.port, config.admin.host, self.admin_port)
+        log.info(
+            "listening on %s:%s (mTLS), admin on %s:%s",
+            config.listener.host,
+            self.port,
+            config.admin.host,
+            self.admin_port,
+        )
 
     async def stop(self) -> None:
         if self._data_server is not None:

@@ -45,7 +45,9 @@ _PCHAR_RAW = _UNRESERVED | _SUB_DELIMS | frozenset(":@%")
 _PATH_RAW = _PCHAR_RAW | frozenset("/")
 _QUERY_RAW = _PCHAR_RAW | frozenset("/?")
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-_HOST = re.compile(r"^(?:[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*\.?|\[[0-9a-f:.]+\])(?::[0-9]{1,5})?$")
+_HOST = re.compile(
+    r"^(?:[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*\.?|\[[0-9a-f:.]+\])(?::[0-9]{1,5})?$"
+)
 
 HOP_BY_HOP = frozenset(
     {
@@ -264,9 +266,7 @@ def check_headers(raw: Iterable[tuple[bytes, bytes]], rules: Sanitize, limits: L
 
     # Names listed in Connection are hop-by-hop for this hop only.  Dropping
     # them cannot remove a PEP header: those are added after this step.
-    connection_named = {
-        token.strip().lower() for v in values("connection") for token in v.split(",") if token.strip()
-    }
+    connection_named = {token.strip().lower() for v in values("connection") for token in v.split(",") if token.strip()}
     owned = set(rules.strip_headers)
     prefixes = rules.strip_header_prefixes
     policy_names = set(rules.policy_headers)

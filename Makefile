@@ -1,0 +1,76 @@
+# vvault-pep — every target sets itself up on a fresh machine.
+#   make test        all tests: opa test policies/, lint, types, pytest (real OPA, TLS, upstream)
+#   make demo        example upstream + OPA + PEP; prints curl commands; Ctrl-C stops
+#   make demo-check  the same, sends an allowed and a denied request itself; exit 0 if both behave
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := $(CURDIR)/.venv
+PY := $(VENV)/bin/python
+OPA_VERSION := v1.22.3
+TOOLS := $(CURDIR)/.tools/bin
+OPA := $(TOOLS)/opa
+# Built once per machine, reused by every checkout (CI clones afresh).
+OPA_CACHE := $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/vvault-pep/opa-$(OPA_VERSION)
+export OPA_BIN := $(OPA)
+
+.PHONY: setup tools redis test policy-test lint typecheck pytest demo demo-check bench clean
+
+setup: $(VENV)/.installed tools redis
+
+$(VENV)/.installed: pyproject.toml
+	@echo ">> creating the virtualenv and installing Python packages"
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[dev]'
+	@touch $@
+
+tools: $(OPA)
+
+$(OPA):
+	@mkdir -p $(TOOLS)
+	@if [ -x "$(OPA_CACHE)" ] && "$(OPA_CACHE)" version | grep -q "Version: $(OPA_VERSION:v%=%)"; then \
+		echo ">> OPA $(OPA_VERSION) from the machine cache $(OPA_CACHE)"; \
+		cp "$(OPA_CACHE)" "$(OPA)"; \
+	else \
+		echo ">> building OPA $(OPA_VERSION) from its Go module (a few minutes on 2 cores)…"; \
+		GOBIN="$(TOOLS)" go install github.com/open-policy-agent/opa@$(OPA_VERSION); \
+		mkdir -p "$(dir $(OPA_CACHE))" && cp "$(OPA)" "$(OPA_CACHE)"; \
+	fi
+	@"$(OPA)" version | head -1
+
+redis:
+	@command -v redis-server >/dev/null 2>&1 || { \
+		echo ">> installing redis-server from Debian"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server >/dev/null; }
+	@redis-server --version | cut -d' ' -f1-3
+
+policy-test: tools
+	@echo ">> opa test policies/"
+	"$(OPA)" test policies/ -v --format=pretty | tail -n 3
+	"$(OPA)" test policies/ >/dev/null
+	"$(OPA)" check --strict policies/ tests/policies/
+
+lint: $(VENV)/.installed
+	@echo ">> ruff"
+	$(VENV)/bin/ruff check proxy tests examples bench
+	$(VENV)/bin/ruff format --check proxy tests examples bench
+
+typecheck: $(VENV)/.installed
+	@echo ">> mypy --strict proxy/"
+	$(VENV)/bin/mypy
+
+pytest: setup
+	@echo ">> pytest"
+	$(PY) -m pytest
+
+test: setup policy-test lint typecheck pytest
+
+demo: setup
+	$(PY) -m examples.demo
+
+demo-check: setup
+	$(PY) -m examples.demo --check
+
+clean:
+	rm -rf $(VENV) .tools .demo .pytest_cache .mypy_cache .ruff_cache
