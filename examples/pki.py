@@ -41,6 +41,8 @@ CLIENTS: dict[str, ClientSpec] = {
     "leaf-ca": ClientSpec("leaf-ca", ca=True),
     "expired": ClientSpec("expired", expired=True),
     "stranger": ClientSpec("stranger", "spiffe://demo.vvault/client/reader", other_ca=True),
+    "foreign": ClientSpec("foreign-workload", "spiffe://other.domain/ns/x/sa/y"),
+    "bad-spiffe": ClientSpec("bad-spiffe", "spiffe://Demo.vvault:8443/a/../b"),
 }
 
 

@@ -182,6 +182,124 @@ class Upstream(_Model):
         return v.rstrip("/")
 
 
+class JwksTiming(_Model):
+    default_ttl_s: float = Field(300, gt=0)
+    min_ttl_s: float = Field(60, gt=0)
+    max_ttl_s: float = Field(86_400, gt=0)
+    unknown_kid_cooldown_s: float = Field(30, ge=0)
+    max_staleness_s: float = Field(3600, ge=0)
+    fetch_timeout_s: float = Field(2.0, gt=0)
+    max_document_bytes: int = Field(1 << 20, gt=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> JwksTiming:
+        if self.min_ttl_s > self.max_ttl_s:
+            raise ValueError("min_ttl_s must not exceed max_ttl_s")
+        return self
+
+
+SIGNING_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
+HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
+
+
+class ClaimMapping(_Model):
+    subject: str = "sub"
+    tenant: str = "tenant"
+    roles: str = "roles"
+    groups: str = "groups"
+    scopes: str = "scope"
+    client_id: str = "client_id"
+
+
+class Issuer(_Model):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    issuer: str
+    audiences: tuple[str, ...]
+    algorithms: tuple[str, ...] = ("RS256", "PS256", "ES256", "EdDSA")
+    discovery: bool = True
+    jwks_uri: str | None = None
+    jwks_file: ExistingFile | None = None
+    shared_secret: str | None = Field(None, repr=False)
+    allow_http: bool = False
+    required_claims: tuple[str, ...] = ()
+    leeway_s: float = Field(30, ge=0, le=300)
+    typ: str | None = None
+    claims: ClaimMapping = ClaimMapping()
+    passthrough_claims: tuple[str, ...] = ()
+    jwks: JwksTiming = JwksTiming()
+
+    @field_validator("algorithms")
+    @classmethod
+    def _algs(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for alg in v:
+            if alg.lower() == "none":
+                raise ValueError("'none' is never accepted")
+            if alg not in SIGNING_ALGORITHMS + HMAC_ALGORITHMS:
+                raise ValueError(f"unsupported algorithm {alg!r}")
+        if not v:
+            raise ValueError("at least one algorithm")
+        return v
+
+    @model_validator(mode="after")
+    def _key_source(self) -> Issuer:
+        hmac = [a for a in self.algorithms if a in HMAC_ALGORITHMS]
+        if self.shared_secret is not None:
+            if self.jwks_uri or self.jwks_file:
+                raise ValueError("an issuer with a shared_secret has no public keys (jwks_uri/jwks_file)")
+            if not hmac or len(hmac) != len(self.algorithms):
+                raise ValueError("an issuer with a shared_secret lists only HMAC algorithms (HS256/384/512)")
+            if len(self.shared_secret.encode()) < 32:
+                raise ValueError("shared_secret must be at least 32 bytes")
+        elif hmac:
+            # HMAC with a public key as the secret is the classic algorithm-confusion attack.
+            raise ValueError("HMAC algorithms are only for an issuer configured with a shared_secret")
+        parts = urlsplit(self.issuer)
+        if parts.scheme not in ("https", "http") or not parts.hostname:
+            raise ValueError("issuer must be an https:// URL")
+        for url in (self.issuer, self.jwks_uri):
+            if url and urlsplit(url).scheme == "http" and not self.allow_http:
+                raise ValueError("http:// issuer or JWKS URL needs allow_http: true (tests and loopback only)")
+        return self
+
+    @property
+    def uses_jwks(self) -> bool:
+        return self.shared_secret is None
+
+
+class Workload(_Model):
+    trust_domains: tuple[str, ...] = ()
+
+    @field_validator("trust_domains")
+    @classmethod
+    def _domains(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for td in v:
+            if not re.fullmatch(r"[a-z0-9._-]+", td):
+                raise ValueError(f"{td!r} is not a SPIFFE trust domain (lower-case letters, digits, '.', '_', '-')")
+        return v
+
+
+class Identity(_Model):
+    issuers: tuple[Issuer, ...] = ()
+    workload: Workload = Workload()
+    max_token_bytes: int = Field(8192, ge=512)
+    verified_cache_entries: int = Field(10_000, ge=0)
+    realm: str = "vvault-pep"
+
+    @model_validator(mode="after")
+    def _unique(self) -> Identity:
+        seen: set[str] = set()
+        for issuer in self.issuers:
+            if issuer.issuer in seen:
+                raise ValueError(f"issuer {issuer.issuer!r} is configured twice")
+            seen.add(issuer.issuer)
+        return self
+
+
+class RouteAuthn(_Model):
+    require: Literal["none", "user", "workload", "user+workload", "any"] = "none"
+    bound_token: bool = False
+
+
 class Route(_Model):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     host: str | None = None
@@ -190,6 +308,7 @@ class Route(_Model):
     upstream: str
     policy: str
     mode: Literal["enforce", "monitor"] = "enforce"
+    authn: RouteAuthn = RouteAuthn()
 
     @field_validator("methods")
     @classmethod
@@ -247,6 +366,7 @@ class Config(_Model):
     routes: tuple[Route, ...]
     sanitize: Sanitize = Sanitize()
     limits: Limits = Limits()
+    identity: Identity = Identity()
     source: str = Field("<memory>", exclude=True)
 
     @model_validator(mode="after")
@@ -267,6 +387,13 @@ class Config(_Model):
             if route.name in names:
                 out.append((("routes", i, "name"), f"route name {route.name!r} is used twice"))
             names.add(route.name)
+            needs_issuer = route.authn.require in ("user", "user+workload") or (
+                route.authn.require == "any" and not self.identity.workload.trust_domains
+            )
+            if needs_issuer and not self.identity.issuers:
+                out.append((("routes", i, "authn", "require"), "needs at least one issuer in identity.issuers"))
+            if route.authn.require in ("workload", "user+workload") and not self.identity.workload.trust_domains:
+                out.append((("routes", i, "authn", "require"), "needs identity.workload.trust_domains"))
             if route.upstream not in self.upstreams:
                 out.append((("routes", i, "upstream"), f"upstream {route.upstream!r} is not defined in upstreams"))
         return out

@@ -38,6 +38,27 @@ STATUS: dict[str, tuple[int, str]] = {
     "route.method_not_allowed": (405, "Method not allowed"),
     # listener / client certificate
     "tls.client_cert_required": (401, "Client certificate required"),
+    # authn: credentials (RFC 6750 error values go in WWW-Authenticate)
+    "authn.required": (401, "Authentication required"),
+    "authn.token_in_query": (400, "Token in query string"),
+    "authn.token_too_large": (431, "Token too large"),
+    "authn.malformed": (401, "Malformed token"),
+    "authn.encrypted_token": (401, "Encrypted tokens are not accepted"),
+    "authn.bad_algorithm": (401, "Algorithm not accepted"),
+    "authn.unknown_issuer": (401, "Unknown issuer"),
+    "authn.wrong_type": (401, "Wrong token type"),
+    "authn.unsupported_crit": (401, "Unsupported critical header"),
+    "authn.unknown_key": (401, "Unknown signing key"),
+    "authn.bad_signature": (401, "Bad signature"),
+    "authn.expired": (401, "Token expired"),
+    "authn.not_yet_valid": (401, "Token not yet valid"),
+    "authn.wrong_audience": (401, "Wrong audience"),
+    "authn.wrong_issuer": (401, "Wrong issuer"),
+    "authn.missing_claim": (401, "Missing claim"),
+    "authn.cert_binding_mismatch": (401, "Token bound to another certificate"),
+    "authn.unbound_token": (401, "Certificate-bound token required"),
+    "authn.untrusted_workload": (401, "Workload identity required"),
+    "authn.keys_unavailable": (503, "Signing keys unavailable"),
     # policy said no (the policy may name another 4xx/5xx status)
     "policy.denied": (403, "Forbidden"),
     "pdp.undefined": (403, "Forbidden"),
@@ -64,12 +85,20 @@ class Refusal:
     status: int
     title: str
     detail: str
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 class PepError(Exception):
     """A request is refused.  ``detail`` is shown to the client: keep it safe."""
 
-    def __init__(self, code: str, detail: str = "", *, status: int | None = None) -> None:
+    def __init__(
+        self,
+        code: str,
+        detail: str = "",
+        *,
+        status: int | None = None,
+        headers: tuple[tuple[str, str], ...] = (),
+    ) -> None:
         if code not in STATUS:
             # An unknown code is a programming error; refuse loudly rather than
             # inventing a status.
@@ -78,9 +107,10 @@ class PepError(Exception):
         self.code = code
         self.detail = detail
         self.status = status if status is not None else STATUS[code][0]
+        self.headers = headers
 
     def refusal(self) -> Refusal:
-        return Refusal(self.code, self.status, STATUS[self.code][1], self.detail)
+        return Refusal(self.code, self.status, STATUS[self.code][1], self.detail, self.headers)
 
 
 class ConfigError(Exception):

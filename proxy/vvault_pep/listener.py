@@ -168,6 +168,8 @@ class _Handler(RequestHandler):
             status, "internal.error"
         )
         text = str(exc) if exc is not None else ""
+        if type(exc).__name__ == "LineTooLong":
+            code = "sanitize.headers_too_large"  # 431, RFC 6585
         if code == "sanitize.malformed" and ("Duplicate" in text or "Missing 'Host'" in text):
             code = "sanitize.duplicate_header"  # same answer as the pipeline's own check
         request_id = uuid.uuid4().hex

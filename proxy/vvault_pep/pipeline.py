@@ -21,6 +21,7 @@ from typing import Any
 from aiohttp import web
 
 from . import __version__, audit, enforce, sanitize
+from .authn import Authenticator, Identity
 from .config import Config
 from .enforce import Decision
 from .errors import STATUS, PepError, Refusal
@@ -50,8 +51,9 @@ class _Trail:
 
 
 class Pipeline:
-    def __init__(self, config: Config, pdp: PdpClient, upstreams: Upstreams) -> None:
+    def __init__(self, config: Config, pdp: PdpClient, upstreams: Upstreams, authn: Authenticator) -> None:
         self.config = config
+        self.authn = authn
         self.pdp = pdp
         self.upstreams = upstreams
         self.routes = RouteTable(config.routes)
@@ -97,6 +99,13 @@ class Pipeline:
         match = self.routes.match(headers.host, request.method, target.segments, target.trailing_slash)
         trail.fields["route"] = match.route.name
         trail.fields["decision_path"] = match.route.policy
+        t = trail.lap("route", t)
+        # authenticate: a token the PEP verified itself, and/or a workload certificate
+        identity = await self.authn.authenticate(
+            headers.authorization, target.query_params, conn.peer if conn else None, match.route.authn
+        )
+        trail.fields["identity"] = _identity_fields(identity)
+        t = trail.lap("authn", t)
         # policy input → decide
         peer = request.transport.get_extra_info("peername") if request.transport else None
         facts = Facts(
@@ -109,6 +118,7 @@ class Pipeline:
             source_port=peer[1] if peer else None,
             connection=conn,
             match=match,
+            identity=identity,
             now=dt.datetime.now(dt.UTC),
         )
         trail.fields["source_ip"] = facts.source_ip
@@ -173,7 +183,7 @@ class Pipeline:
         resp = web.Response(status=refusal.status, body=body, content_type="application/problem+json")
         resp.headers["X-Request-Id"] = trail.request_id
         resp.headers["Cache-Control"] = "no-store"
-        for name, value in extra_headers:
+        for name, value in (*refusal.headers, *extra_headers):
             resp.headers[name] = value
         if refusal.code == "route.method_not_allowed":
             resp.headers["Allow"] = refusal.detail.removeprefix("allowed: ")
@@ -202,6 +212,19 @@ class Pipeline:
             **trail.fields,
         }
         audit.emit(record)
+
+
+def _identity_fields(identity: Identity) -> dict[str, Any]:
+    user, workload = identity.user, identity.workload
+    return {
+        "kind": identity.kind,
+        "subject": user.subject if user else None,
+        "issuer": user.issuer if user else None,
+        "tenant": user.tenant if user else None,
+        "token_id": user.token_id if user else None,
+        "cert_bound": identity.cert_bound,
+        "workload": workload.spiffe_id if workload else None,
+    }
 
 
 def _result_of(refusal: Refusal) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Any
 
+from .authn import ANONYMOUS, Identity
 from .listener import Connection
 from .routing import Match
 from .sanitize import Headers, Target
@@ -35,6 +36,7 @@ class Facts:
     connection: Connection | None
     match: Match
     now: dt.datetime
+    identity: Identity = ANONYMOUS
 
 
 def build_input(facts: Facts, *, pep_version: str) -> dict[str, Any]:
@@ -68,9 +70,9 @@ def build_input(facts: Facts, *, pep_version: str) -> dict[str, Any]:
             "cipher": conn.cipher if conn else None,
             "client_cert": peer.as_input() if peer else None,
         },
-        # Filled by the identity and posture stages; present and empty until then,
-        # so a policy that reads them gets "undefined", never a stale value.
-        "identity": {},
+        "identity": facts.identity.as_input(),
+        # Filled by the posture stage; present and empty until then, so a policy
+        # that reads it gets "undefined", never a stale value.
         "device": {},
         "time": {
             "now": facts.now.astimezone(dt.UTC).isoformat().replace("+00:00", "Z"),

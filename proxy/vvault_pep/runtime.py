@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from .authn import Authenticator
 from .config import Config
 from .errors import PepError
 from .forward import Upstreams
@@ -33,6 +34,7 @@ class PepRuntime:
         self.supervisor: OpaSupervisor | None = None
         self.upstreams: Upstreams | None = None
         self.pipeline: Pipeline | None = None
+        self.authn: Authenticator | None = None
         self._data_server: asyncio.Server | None = None
         self._mtls: MtlsServer | None = None
         self._admin_runner: web.AppRunner | None = None
@@ -47,7 +49,9 @@ class PepRuntime:
             self.supervisor = OpaSupervisor(config.opa, self.pdp)
             await self.supervisor.start()
         self.upstreams = Upstreams(config.upstreams, max_body_bytes=config.limits.max_body_bytes)
-        self.pipeline = Pipeline(config, self.pdp, self.upstreams)
+        self.authn = Authenticator(config.identity)
+        await self.authn.start()
+        self.pipeline = Pipeline(config, self.pdp, self.upstreams, self.authn)
 
         admin = web.Application()
         admin.router.add_get("/healthz", self._healthz)
@@ -97,6 +101,8 @@ class PepRuntime:
             await self._admin_runner.cleanup()
         if self.upstreams is not None:
             await self.upstreams.close()
+        if self.authn is not None:
+            await self.authn.stop()
         if self.pdp is not None:
             await self.pdp.close()
         if self.supervisor is not None:
@@ -116,7 +122,13 @@ class PepRuntime:
                 checks["policies"] = {"error": err.code}
         else:
             checks["policies"] = {p: False for p in paths}
-        ok = checks["opa"] is True and all(v is True for v in checks["policies"].values())
+        if self.authn is not None and self.authn.keysets:
+            checks["jwks"] = self.authn.ready()
+        ok = (
+            checks["opa"] is True
+            and all(v is True for v in checks["policies"].values())
+            and all(checks.get("jwks", {}).values())
+        )
         return ok, checks
 
     async def _readyz(self, request: web.Request) -> web.Response:

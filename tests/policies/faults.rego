@@ -38,3 +38,15 @@ allow_with_headers := {
 conflict := 1 if input.request.method
 
 conflict := 2 if input.request.method
+
+# Allows and hands the identity it saw to the upstream, so tests can check
+# what the policy input carried.
+echo_identity := {
+	"allow": true,
+	"upstream_headers": {
+		"X-Vvault-Kind": input.identity.kind,
+		"X-Vvault-Subject": object.get(input.identity, "subject", ""),
+		"X-Vvault-Bound": sprintf("%v", [object.get(input.identity, "cert_bound", false)]),
+		"X-Vvault-Workload": object.get(input.identity, ["workload", "spiffe_id"], ""),
+	},
+}
