@@ -176,6 +176,11 @@ def _signed_raw(idp: Issuer, payload: bytes, header: dict[str, Any] | None = Non
     )
 
 
+def _duplicate_sub(iss: str) -> str:
+    exp = int(time.time()) + 300
+    return '{"iss":"' + iss + '","sub":"alice","sub":"admin","aud":"vvault","exp":' + str(exp) + "}"
+
+
 ATTACKER = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
 
@@ -216,9 +221,7 @@ REJECTED: list[tuple[str, Any, int, str]] = [
         "duplicate_payload_keys",
         lambda i: _signed_raw(
             i,
-            (
-                '{"iss":"%s","sub":"alice","sub":"admin","aud":"vvault","exp":%d}' % (i.url, int(time.time()) + 300)
-            ).encode(),
+            (_duplicate_sub(i.url)).encode(),
         ),
         401,
         "authn.malformed",
