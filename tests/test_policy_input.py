@@ -86,6 +86,38 @@ def test_built_input_matches_the_schema(pki: Path, with_cert: bool) -> None:
     assert "cookie" not in doc["request"]["headers"]
 
 
+def test_identity_block_matches_the_schema(pki: Path) -> None:
+    import dataclasses
+
+    from vvault_pep.authn import Identity, UserToken, Workload
+
+    user = UserToken(
+        issuer="https://idp.example.com",
+        subject="alice",
+        tenant="acme",
+        roles=("reader",),
+        groups=(),
+        scopes=("secrets:read",),
+        amr=("mfa",),
+        acr=None,
+        auth_time=1,
+        client_id="cli",
+        token_id="j1",
+        expires_at=2,
+        cnf_x5t_s256=None,
+        claims={"email": "a@example.com"},
+    )
+    for identity in (
+        Identity(user, None),
+        Identity(None, Workload("spiffe://demo.vvault/w", "demo.vvault", "/w")),
+        Identity(user, Workload("spiffe://demo.vvault/w", "demo.vvault", "/w"), cert_bound=True),
+    ):
+        facts = dataclasses.replace(_facts(pki, "/v1/tenants/acme/secrets/x"), identity=identity)
+        doc = build_input(facts, pep_version="0.1.0")
+        VALIDATOR.validate(orjson.loads(orjson.dumps(doc)))
+        assert doc["identity"]["kind"] == identity.kind
+
+
 @pytest.mark.parametrize(
     ("name", "allow", "code"),
     [("read-secret.json", True, "policy.allowed"), ("query-collection-no-cert.json", False, "policy.no_client_cert")],
