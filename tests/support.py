@@ -229,6 +229,7 @@ def config_doc(
     down_port: int = 9,
     listener: dict[str, Any] | None = None,
     opa: dict[str, Any] | None = None,
+    cache: bool = False,
     **sections: Any,
 ) -> dict[str, Any]:
     tls = {
@@ -250,6 +251,9 @@ def config_doc(
         "routes": ROUTES,
         **sections,
     }
+    if not cache:
+        # Most tests are about what OPA answers now: ask it every time.
+        doc["routes"] = [{**r, "cache": r.get("cache", "off")} for r in doc["routes"]]
     if "tls" in (listener or {}):
         doc["listener"]["tls"] = {**tls, **listener["tls"]}  # type: ignore[index]
     return doc

@@ -121,6 +121,9 @@ class Listener(_Model):
 class Admin(_Model):
     host: str = "127.0.0.1"
     port: int = Field(9901, ge=0, le=65535)
+    # Bearer secret for the mutating admin endpoints (cache invalidation, OPA data);
+    # without it they are switched off.
+    token: str | None = Field(None, repr=False, min_length=32)
 
 
 class Opa(_Model):
@@ -295,6 +298,54 @@ class Identity(_Model):
         return self
 
 
+class Redis(_Model):
+    url: str = Field(..., repr=False)  # redis://, rediss:// (TLS) or unix://; may carry user:password
+    mode: Literal["standalone", "sentinel", "cluster"] = "standalone"
+    sentinels: tuple[str, ...] = ()  # host:port, for mode: sentinel
+    service_name: str | None = None  # the Sentinel master name
+    username: str | None = None
+    password: str | None = Field(None, repr=False)
+    ca_file: ExistingFile | None = None
+    timeout_ms: int = Field(50, gt=0, le=10_000)
+    max_connections: int = Field(64, gt=0)
+    key_prefix: str = Field("vvault-pep:", pattern=r"^[A-Za-z0-9:_.-]*$")
+    retry_after_failure_s: float = Field(1.0, ge=0)
+
+    @model_validator(mode="after")
+    def _mode(self) -> Redis:
+        scheme = urlsplit(self.url).scheme
+        if scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("url must be redis://, rediss:// or unix://")
+        if self.mode == "sentinel" and (not self.sentinels or not self.service_name):
+            raise ValueError("mode: sentinel needs sentinels and service_name")
+        return self
+
+
+class Cache(_Model):
+    l1_max_entries: int = Field(10_000, ge=0)
+    l1_max_bytes: int = Field(16 << 20, ge=0)
+    default_ttl_s: float = Field(10, gt=0)
+    deny_ttl_s: float = Field(2, ge=0)
+    max_ttl_s: float = Field(300, gt=0)
+    revision_check_s: float = Field(2.0, gt=0)
+    debug_headers: bool = False
+
+
+class RouteCache(_Model):
+    enabled: bool = True
+    ttl_s: float | None = Field(None, gt=0)
+    deny_ttl_s: float | None = Field(None, ge=0)
+    key: tuple[str, ...] | None = None  # dotted input paths; None = whole input minus per-request fields
+
+    @field_validator("key")
+    @classmethod
+    def _paths(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        for path in v or ():
+            if not re.fullmatch(r"[a-z_]+(\.[A-Za-z0-9_-]+)*", path):
+                raise ValueError(f"{path!r} is not a dotted input path such as identity.subject")
+        return v
+
+
 class RouteAuthn(_Model):
     require: Literal["none", "user", "workload", "user+workload", "any"] = "none"
     bound_token: bool = False
@@ -309,6 +360,13 @@ class Route(_Model):
     policy: str
     mode: Literal["enforce", "monitor"] = "enforce"
     authn: RouteAuthn = RouteAuthn()
+    cache: RouteCache = RouteCache()
+
+    @field_validator("cache", mode="before")
+    @classmethod
+    def _cache_off(cls, v: Any) -> Any:
+        # YAML reads a bare `off` as False: `cache: off` turns the route's cache off.
+        return {"enabled": False} if v is False or v == "off" else v
 
     @field_validator("methods")
     @classmethod
@@ -367,6 +425,8 @@ class Config(_Model):
     sanitize: Sanitize = Sanitize()
     limits: Limits = Limits()
     identity: Identity = Identity()
+    redis: Redis | None = None
+    cache: Cache = Cache()
     source: str = Field("<memory>", exclude=True)
 
     @model_validator(mode="after")

@@ -19,6 +19,7 @@ and parses with the stdlib ``json``.  The PEP needs one POST; this is it.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +39,7 @@ class Answer:
     defined: bool
     result: Any
     opa_decision_id: str | None
+    bundles: str | None = None  # canonical JSON of {bundle: revision}, when asked for provenance
 
 
 class PdpClient:
@@ -63,9 +65,11 @@ class PdpClient:
     def deadline_s(self) -> float:
         return self._deadline
 
-    async def decide(self, path: str, policy_input: dict[str, Any], *, deadline_s: float | None = None) -> Answer:
+    async def decide(
+        self, path: str, policy_input: dict[str, Any], *, deadline_s: float | None = None, provenance: bool = False
+    ) -> Answer:
         body = orjson.dumps({"input": policy_input})
-        url = f"{self._base}/v1/data/{path}"
+        url = f"{self._base}/v1/data/{path}" + ("?provenance=true" if provenance else "")
         try:
             async with asyncio.timeout(deadline_s if deadline_s is not None else self._deadline):
                 async with self._session.post(url, data=body, headers={"Content-Type": "application/json"}) as resp:
@@ -86,7 +90,50 @@ class PdpClient:
         if not isinstance(doc, dict):
             raise PepError("pdp.error", "the policy decision point answered garbage")
         decision_id = doc.get("decision_id")
-        return Answer("result" in doc, doc.get("result"), decision_id if isinstance(decision_id, str) else None)
+        return Answer(
+            "result" in doc,
+            doc.get("result"),
+            decision_id if isinstance(decision_id, str) else None,
+            _bundle_revisions(doc) if provenance else None,
+        )
+
+    async def revision(self, timeout_s: float = 2.0) -> str:
+        """What identifies the policy OPA runs: bundle revisions, else a hash of its modules.
+
+        Raises PepError(pdp.*) when OPA cannot be asked.
+        """
+        try:
+            async with asyncio.timeout(timeout_s):
+                async with self._session.post(
+                    f"{self._base}/v1/data/vvault_pep/revision_probe?provenance=true", data=b"{}"
+                ) as resp:
+                    bundles = _bundle_revisions(orjson.loads(await resp.read()))
+                if bundles != "{}":
+                    return "b:" + bundles
+                async with self._session.get(f"{self._base}/v1/policies") as resp:
+                    doc = orjson.loads(await resp.read())
+        except TimeoutError as exc:
+            raise PepError("pdp.timeout", "OPA did not answer in time") from exc
+        except (aiohttp.ClientError, OSError, orjson.JSONDecodeError) as exc:
+            raise PepError("pdp.unavailable", f"OPA unreachable: {type(exc).__name__}") from exc
+        modules = sorted(
+            (str(m.get("id")), str(m.get("raw"))) for m in (doc.get("result") or []) if isinstance(m, dict)
+        )
+        return "p:" + hashlib.sha256(orjson.dumps(modules)).hexdigest()[:32]
+
+    async def put_data(self, path: str, body: bytes, timeout_s: float = 5.0) -> int:
+        """PUT a JSON document into OPA's data; returns OPA's HTTP status."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                async with self._session.put(
+                    f"{self._base}/v1/data/{path}", data=body, headers={"Content-Type": "application/json"}
+                ) as resp:
+                    await resp.read()
+                    return resp.status
+        except TimeoutError as exc:
+            raise PepError("pdp.timeout", "OPA did not answer in time") from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise PepError("pdp.unavailable", f"OPA unreachable: {type(exc).__name__}") from exc
 
     async def healthy(self, timeout_s: float = 1.0) -> bool:
         try:
@@ -127,6 +174,16 @@ class PdpClient:
 
     async def close(self) -> None:
         await self._session.close()
+
+
+def _bundle_revisions(doc: Any) -> str:
+    prov = doc.get("provenance") if isinstance(doc, dict) else None
+    bundles = prov.get("bundles") if isinstance(prov, dict) else None
+    revs = {}
+    if isinstance(bundles, dict):
+        for name, info in bundles.items():
+            revs[str(name)] = str(info.get("revision", "")) if isinstance(info, dict) else ""
+    return orjson.dumps(revs, option=orjson.OPT_SORT_KEYS).decode()
 
 
 def _rule_paths(doc: Any) -> set[tuple[str, ...]]:

@@ -11,6 +11,7 @@ lets a request through on an error: the decision starts as denied.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import time
@@ -22,6 +23,7 @@ from aiohttp import web
 
 from . import __version__, audit, enforce, sanitize
 from .authn import Authenticator, Identity
+from .cache import DecisionCache, hints_of, lifetime
 from .config import Config
 from .enforce import Decision
 from .errors import STATUS, PepError, Refusal
@@ -51,9 +53,12 @@ class _Trail:
 
 
 class Pipeline:
-    def __init__(self, config: Config, pdp: PdpClient, upstreams: Upstreams, authn: Authenticator) -> None:
+    def __init__(
+        self, config: Config, pdp: PdpClient, upstreams: Upstreams, authn: Authenticator, cache: DecisionCache
+    ) -> None:
         self.config = config
         self.authn = authn
+        self.cache = cache
         self.pdp = pdp
         self.upstreams = upstreams
         self.routes = RouteTable(config.routes)
@@ -123,13 +128,38 @@ class Pipeline:
         )
         trail.fields["source_ip"] = facts.source_ip
         policy_input = build_input(facts, pep_version=__version__)
+        # decide: L1 → L2 → OPA; only a definite answer is stored
+        route = match.route
         t = time.perf_counter()
-        answer = await self.pdp.decide(match.route.policy, policy_input)
-        t = trail.lap("pdp", t)
-        # enforce: deny unless the answer strictly reads as allow
-        decision = enforce.interpret(answer.result, defined=answer.defined)
+        cached, layer, revision, epochs = await self.cache.lookup(route, policy_input)
+        trail.fields["cache"] = layer
+        t = trail.lap("cache", t)
+        if layer in ("l1", "l2"):
+            decision = enforce.interpret(cached, defined=True)
+        else:
+            answer = await self.pdp.decide(route.policy, policy_input, provenance=layer == "miss")
+            t = trail.lap("pdp", t)
+            trail.fields["opa_decision_id"] = answer.opa_decision_id
+            decision = enforce.interpret(answer.result, defined=answer.defined)
+            fresh = self.cache.note_bundles(answer.bundles)
+            if layer == "miss" and fresh and answer.defined and decision.code not in _NEVER_CACHED:
+                hints = hints_of(answer.result)
+                ttl = lifetime(
+                    allow=decision.allow,
+                    route=route,
+                    cfg=config.cache,
+                    hints=hints,
+                    token_exp=identity.user.expires_at if identity.user else None,
+                    now=time.time(),
+                )
+                self.cache.store(
+                    route, policy_input, answer.result, ttl_s=ttl, hints=hints, revision=revision, epochs=epochs
+                )
         trail.fields["result"] = _result_of_decision(decision)
-        trail.fields["opa_decision_id"] = answer.opa_decision_id
+        if config.cache.debug_headers:
+            decision = dataclasses.replace(
+                decision, response_headers=(*decision.response_headers, ("X-Decision-Cache", layer))
+            )
         enforced = match.route.mode == "enforce"
         trail.fields["enforced"] = enforced
         if not decision.allow and enforced:
@@ -212,6 +242,9 @@ class Pipeline:
             **trail.fields,
         }
         audit.emit(record)
+
+
+_NEVER_CACHED = frozenset({"pdp.undefined", "pdp.malformed_decision", "enforce.unsupported_obligation"})
 
 
 def _identity_fields(identity: Identity) -> dict[str, Any]:

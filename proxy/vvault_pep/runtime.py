@@ -9,6 +9,7 @@ socket, loopback by default, never the mTLS data port.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import Any
 
@@ -16,6 +17,8 @@ import orjson
 from aiohttp import web
 
 from .authn import Authenticator
+from .cache import DecisionCache
+from .admin import AdminApi
 from .config import Config
 from .errors import PepError
 from .forward import Upstreams
@@ -23,6 +26,7 @@ from .listener import MtlsServer, server_context
 from .opa_supervisor import OpaSupervisor
 from .pdp import PdpClient
 from .pipeline import Pipeline
+from .shared_state import SharedState
 
 log = logging.getLogger("vvault_pep.runtime")
 
@@ -35,6 +39,9 @@ class PepRuntime:
         self.upstreams: Upstreams | None = None
         self.pipeline: Pipeline | None = None
         self.authn: Authenticator | None = None
+        self.shared: SharedState | None = None
+        self.cache: DecisionCache | None = None
+        self._revision_task: asyncio.Task[None] | None = None
         self._data_server: asyncio.Server | None = None
         self._mtls: MtlsServer | None = None
         self._admin_runner: web.AppRunner | None = None
@@ -51,11 +58,16 @@ class PepRuntime:
         self.upstreams = Upstreams(config.upstreams, max_body_bytes=config.limits.max_body_bytes)
         self.authn = Authenticator(config.identity)
         await self.authn.start()
-        self.pipeline = Pipeline(config, self.pdp, self.upstreams, self.authn)
+        self.shared = SharedState(config.redis) if config.redis is not None else None
+        self.cache = DecisionCache(config.cache, self.shared)
+        await self._refresh_revision()
+        self._revision_task = asyncio.create_task(self._revision_loop(), name="opa-revision")
+        self.pipeline = Pipeline(config, self.pdp, self.upstreams, self.authn, self.cache)
 
         admin = web.Application()
         admin.router.add_get("/healthz", self._healthz)
         admin.router.add_get("/readyz", self._readyz)
+        AdminApi(self).install(admin)
         self._admin_runner = web.AppRunner(admin, access_log=None)
         await self._admin_runner.setup()
         site = web.TCPSite(self._admin_runner, config.admin.host, config.admin.port)
@@ -103,10 +115,31 @@ class PepRuntime:
             await self.upstreams.close()
         if self.authn is not None:
             await self.authn.stop()
+        if self._revision_task is not None:
+            self._revision_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._revision_task
+        if self.cache is not None:
+            await self.cache.stop()
+        if self.shared is not None:
+            await self.shared.close()
         if self.pdp is not None:
             await self.pdp.close()
         if self.supervisor is not None:
             await self.supervisor.stop()
+
+    async def _refresh_revision(self) -> None:
+        assert self.pdp is not None and self.cache is not None
+        try:
+            self.cache.opa_revision = await self.pdp.revision()
+        except PepError as err:
+            # Unknown revision: keep the last one; decisions still go to OPA on a miss.
+            log.warning("cannot read OPA's policy revision (%s)", err.code)
+
+    async def _revision_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.cache.revision_check_s)
+            await self._refresh_revision()
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "alive"})

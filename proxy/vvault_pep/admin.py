@@ -1,0 +1,114 @@
+"""Admin API on the admin listener: cache invalidation and OPA data pushes.
+
+Every mutating endpoint needs ``Authorization: Bearer <admin.token>``
+(compared in constant time); without ``admin.token`` in the config they are
+switched off (404).  Every call is audited like a request decision.
+
+* ``POST /admin/cache/invalidate`` ``{"scope": "subject"|"tenant"|"token"|"device", "value": "…"}``
+  bumps the scope's epoch: its cached decisions die on every replica.
+* ``PUT /admin/opa/data/{path}`` with a JSON body writes OPA's data document
+  and bumps the shared revision: every cached decision is re-asked.
+* ``GET /admin/cache`` — counters per layer.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hmac
+import re
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from aiohttp import web
+
+from . import audit
+from .errors import PepError
+
+if TYPE_CHECKING:
+    from .runtime import PepRuntime
+
+_DATA_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(/[A-Za-z0-9_-]+)*$")
+MAX_BODY = 4 << 20
+
+
+class AdminApi:
+    def __init__(self, runtime: PepRuntime) -> None:
+        self.runtime = runtime
+        self.token = runtime.config.admin.token
+
+    def install(self, app: web.Application) -> None:
+        app.router.add_post("/admin/cache/invalidate", self._invalidate)
+        app.router.add_put("/admin/opa/data/{path:.+}", self._put_data)
+        app.router.add_get("/admin/cache", self._stats)
+
+    def _authorise(self, request: web.Request) -> None:
+        if self.token is None:
+            raise web.HTTPNotFound()
+        given = request.headers.get("Authorization", "")
+        expected = f"Bearer {self.token}"
+        if not hmac.compare_digest(given.encode(), expected.encode()):
+            raise web.HTTPUnauthorized(headers={"WWW-Authenticate": 'Bearer realm="vvault-pep-admin"'})
+
+    def _record(self, action: str, ok: bool, **fields: Any) -> None:
+        audit.emit(
+            {
+                "timestamp": dt.datetime.now(dt.UTC).isoformat().replace("+00:00", "Z"),
+                "decision_id": str(uuid.uuid4()),
+                "admin_action": action,
+                "result": {"allow": ok},
+                **fields,
+            }
+        )
+
+    async def _json(self, request: web.Request) -> Any:
+        body = await request.content.read(MAX_BODY + 1)
+        if len(body) > MAX_BODY:
+            raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY, actual_size=len(body))
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise web.HTTPBadRequest(text="body is not JSON") from exc
+
+    async def _invalidate(self, request: web.Request) -> web.Response:
+        self._authorise(request)
+        doc = await self._json(request)
+        scope = doc.get("scope") if isinstance(doc, dict) else None
+        value = doc.get("value") if isinstance(doc, dict) else None
+        if not isinstance(scope, str) or not isinstance(value, str) or not value:
+            raise web.HTTPBadRequest(text='expected {"scope": …, "value": …}')
+        cache = self.runtime.cache
+        assert cache is not None
+        try:
+            shared = await cache.invalidate(scope, value)
+        except ValueError as exc:
+            raise web.HTTPBadRequest(text=str(exc)) from exc
+        self._record("cache.invalidate", True, scope=scope, value=value, shared=shared)
+        # 200 with shared=false: done on this replica, Redis could not spread it.
+        return web.json_response({"scope": scope, "value": value, "shared": shared})
+
+    async def _put_data(self, request: web.Request) -> web.Response:
+        self._authorise(request)
+        path = request.match_info["path"].strip("/")
+        if not _DATA_PATH.match(path):
+            raise web.HTTPBadRequest(text="bad data path")
+        body = orjson.dumps(await self._json(request))
+        pdp, cache = self.runtime.pdp, self.runtime.cache
+        assert pdp is not None and cache is not None
+        try:
+            status = await pdp.put_data(path, body)
+        except PepError as err:
+            self._record("opa.data.put", False, path=path, code=err.code)
+            raise web.HTTPServiceUnavailable(text=err.code) from err
+        if status not in (200, 204):
+            self._record("opa.data.put", False, path=path, opa_status=status)
+            raise web.HTTPBadGateway(text=f"OPA answered {status}")
+        shared = await cache.bump_revision()
+        self._record("opa.data.put", True, path=path, shared=shared)
+        return web.json_response({"path": path, "revision_shared": shared})
+
+    async def _stats(self, request: web.Request) -> web.Response:
+        self._authorise(request)
+        cache = self.runtime.cache
+        assert cache is not None
+        return web.json_response({"cache": cache.stats, "opa_revision": cache.opa_revision})

@@ -1,0 +1,363 @@
+"""Decision cache: in-process L1, shared Redis L2, keys that cannot be confused.
+
+A hit must give exactly the answer OPA would give now, or no answer.  So the
+key is a SHA-256 over a canonical JSON array (orjson, sorted keys) of:
+
+* a format tag and the decision path;
+* the **revision**: OPA's bundle revisions or the hash of its loaded policy
+  modules, plus a counter in Redis bumped by every data change pushed through
+  the PEP's admin API — a new revision changes every key;
+* the **epochs** of the request's scopes (subject, tenant, token, device): a
+  counter per scope value in Redis, bumped on revocation — every entry of
+  that subject dies at once, on every replica;
+* the **material**: the projection of the policy input the route names
+  (``cache.key``), or the whole input minus the fields that differ on every
+  request by nature (:data:`VOLATILE`).  The policy may replace it per
+  decision with ``cache.vary`` (recorded in a per-route index).
+
+JSON structure makes ``{"sub": "a:b"}`` and ``{"sub": "a", "x": "b"}``
+different byte strings; there is no string joining anywhere.
+
+Only definite OPA answers are cached (never undefined results, malformed
+decisions or errors).  Lifetime = min(route TTL, the decision's ``ttl_s``, the
+token's ``exp``, ``max_ttl_s``); denies use the shorter deny TTL.  An entry
+is data (OPA's raw result), re-interpreted on every hit; one that cannot be
+parsed or has expired is a miss.  Redis slow or down → L1 and OPA only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import hashlib
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from .config import Cache as CacheConfig, Route
+from .shared_state import SharedState
+
+log = logging.getLogger("vvault_pep.cache")
+
+FORMAT = "vvault-pep/cache/v1"
+# Fields of the input that differ on every request by nature; left out of
+# whole-input keys (docs/caching.md).
+VOLATILE: tuple[tuple[str, ...], ...] = (
+    ("request", "id"),
+    ("source", "port"),
+    ("time",),
+    ("request", "headers", "traceparent"),
+)
+SCOPES = ("subject", "tenant", "token", "device")
+_MISSING = {"$missing": True}
+
+
+def _get(doc: Any, path: tuple[str, ...]) -> tuple[bool, Any]:
+    for part in path:
+        if not isinstance(doc, dict) or part not in doc:
+            return False, None
+        doc = doc[part]
+    return True, doc
+
+
+def project(doc: dict[str, Any], paths: tuple[str, ...]) -> list[Any]:
+    """``[[path, value-or-missing], ...]`` in a fixed order: the key material."""
+    out = []
+    for dotted in sorted(set(paths)):
+        present, value = _get(doc, tuple(dotted.split(".")))
+        out.append([dotted, value if present else _MISSING])
+    return out
+
+
+def whole_input(doc: dict[str, Any]) -> dict[str, Any]:
+    material = copy.deepcopy(doc)
+    for path in VOLATILE:
+        parent: Any = material
+        for part in path[:-1]:
+            parent = parent.get(part) if isinstance(parent, dict) else None
+        if isinstance(parent, dict):
+            parent.pop(path[-1], None)
+    return material
+
+
+def scopes_of(doc: dict[str, Any]) -> list[tuple[str, str]]:
+    """The (scope, value) pairs whose epochs this request's entries depend on."""
+    identity = doc.get("identity") or {}
+    out: list[tuple[str, str]] = []
+    for scope, value in (
+        ("subject", identity.get("subject")),
+        ("tenant", identity.get("tenant")),
+        ("tenant", (doc.get("route") or {}).get("params", {}).get("tenant")),
+        ("token", identity.get("token_id")),
+        ("device", (doc.get("device") or {}).get("id")),
+    ):
+        if isinstance(value, str) and (scope, value) not in out:
+            out.append((scope, value))
+    return out
+
+
+def digest(*parts: Any) -> str:
+    return hashlib.sha256(orjson.dumps([FORMAT, *parts], option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class CacheHints:
+    """The decision's own ``cache`` block, strictly parsed (anything odd → don't store)."""
+
+    ttl_s: float | None = None
+    vary: tuple[str, ...] | None = None
+    no_store: bool = False
+
+
+def hints_of(result: Any) -> CacheHints:
+    block = result.get("cache") if isinstance(result, dict) else None
+    if block is None:
+        return CacheHints()
+    if not isinstance(block, dict):
+        return CacheHints(no_store=True)
+    ttl, vary, no_store = block.get("ttl_s"), block.get("vary"), block.get("no_store", False)
+    if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int | float) or ttl < 0):
+        return CacheHints(no_store=True)
+    if vary is not None and (not isinstance(vary, list) or not all(isinstance(v, str) and v for v in vary)):
+        return CacheHints(no_store=True)
+    if not isinstance(no_store, bool):
+        return CacheHints(no_store=True)
+    return CacheHints(float(ttl) if ttl is not None else None, tuple(vary) if vary is not None else None, no_store)
+
+
+def lifetime(
+    *, allow: bool, route: Route, cfg: CacheConfig, hints: CacheHints, token_exp: int | None, now: float
+) -> float:
+    """Seconds an answer may live; 0 means do not store."""
+    if hints.no_store:
+        return 0.0
+    if allow:
+        base = route.cache.ttl_s if route.cache.ttl_s is not None else cfg.default_ttl_s
+    else:
+        base = route.cache.deny_ttl_s if route.cache.deny_ttl_s is not None else cfg.deny_ttl_s
+    candidates = [base, cfg.max_ttl_s]
+    if hints.ttl_s is not None:
+        candidates.append(hints.ttl_s)
+    if token_exp is not None:
+        candidates.append(token_exp - now)  # never outlive the credential it was judged on
+    return max(0.0, min(candidates))
+
+
+@dataclass(slots=True)
+class _Entry:
+    result: bytes
+    expires_at: float  # wall clock
+
+
+class DecisionCache:
+    def __init__(self, cfg: CacheConfig, shared: SharedState | None) -> None:
+        self.cfg = cfg
+        self.shared = shared
+        self._l1: OrderedDict[str, _Entry] = OrderedDict()
+        self._l1_bytes = 0
+        self._index: dict[str, tuple[tuple[str, ...] | None, float]] = {}
+        self._epochs: dict[tuple[str, str], int] = {}  # last known, used when Redis is down
+        self._local_bumps: dict[tuple[str, str], int] = {}
+        self._revision_counter = 0
+        self.opa_revision = ""
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.stats = {"l1": 0, "l2": 0, "miss": 0, "bypass": 0, "stored": 0}
+
+    # ------------------------------------------------------------ context
+
+    async def context(self, doc: dict[str, Any]) -> tuple[str, list[Any]]:
+        """The revision and epochs for this request: one Redis round trip."""
+        scopes = scopes_of(doc)
+        if self.shared is not None:
+            keys = [self.shared.key("rev")] + [self.shared.key("epoch", s, v) for s, v in scopes]
+            values = await self.shared.call(lambda c: c.mget(keys))
+            if values is not None:
+                self._revision_counter = _int(values[0])
+                for pair, raw in zip(scopes, values[1:], strict=True):
+                    self._epochs[pair] = _int(raw)
+        epochs = [[s, v, self._epochs.get((s, v), 0), self._local_bumps.get((s, v), 0)] for s, v in scopes]
+        return f"{self.opa_revision}#{self._revision_counter}", epochs
+
+    # ------------------------------------------------------------ lookup / store
+
+    def _material(self, route: Route, doc: dict[str, Any], vary: tuple[str, ...] | None) -> Any:
+        if vary is not None:
+            paths = vary if route.cache.key is None else (*route.cache.key, *vary)
+            return project(doc, paths)
+        if route.cache.key is not None:
+            return project(doc, route.cache.key)
+        return whole_input(doc)
+
+    def _index_key(self, route: Route, revision: str) -> str:
+        return digest("index", route.policy, route.name, revision)
+
+    async def _vary(self, route: Route, revision: str) -> tuple[str, ...] | None:
+        ikey = self._index_key(route, revision)
+        local = self._index.get(ikey)
+        if local is not None and local[1] > time.time():
+            return local[0]
+        if self.shared is not None:
+            raw = await self.shared.call(lambda c: c.get(self.shared.key("idx", ikey)))  # type: ignore[union-attr]
+            if raw is not None:
+                try:
+                    vary = orjson.loads(raw)
+                    if vary is None or (isinstance(vary, list) and all(isinstance(v, str) for v in vary)):
+                        return tuple(vary) if vary is not None else None
+                except orjson.JSONDecodeError:
+                    pass
+        return None
+
+    async def lookup(self, route: Route, doc: dict[str, Any]) -> tuple[Any, str, str, list[Any]]:
+        """(result or None, layer, revision, epochs).  Layer: l1, l2, miss or bypass."""
+        if not route.cache.enabled:
+            self.stats["bypass"] += 1
+            return None, "bypass", "", []
+        revision, epochs = await self.context(doc)
+        vary = await self._vary(route, revision)
+        key = digest("entry", route.policy, revision, epochs, self._material(route, doc, vary))
+        now = time.time()
+        entry = self._l1.get(key)
+        if entry is not None:
+            if entry.expires_at > now:
+                self._l1.move_to_end(key)
+                result = _load(entry.result)
+                if result is not _CORRUPT:
+                    self.stats["l1"] += 1
+                    return result, "l1", revision, epochs
+            self._drop(key)
+        if self.shared is not None:
+            raw = await self.shared.call(lambda c: c.get(self.shared.key("dec", key)))  # type: ignore[union-attr]
+            if raw is not None:
+                stored = _load(raw)
+                if isinstance(stored, dict) and isinstance(stored.get("exp"), int | float) and stored["exp"] > now:
+                    self._put_l1(key, orjson.dumps(stored["r"]), float(stored["exp"]))
+                    self.stats["l2"] += 1
+                    return stored["r"], "l2", revision, epochs
+        self.stats["miss"] += 1
+        return None, "miss", revision, epochs
+
+    def store(
+        self, route: Route, doc: dict[str, Any], result: Any, *, ttl_s: float, hints: CacheHints,
+        revision: str, epochs: list[Any],
+    ) -> None:
+        if ttl_s <= 0 or not route.cache.enabled:
+            return
+        if hints.vary is not None or self._index.get(self._index_key(route, revision)):
+            self._index[self._index_key(route, revision)] = (hints.vary, time.time() + ttl_s)
+        key = digest("entry", route.policy, revision, epochs, self._material(route, doc, hints.vary))
+        expires = time.time() + ttl_s
+        payload = orjson.dumps(result)
+        self._put_l1(key, payload, expires)
+        self.stats["stored"] += 1
+        if self.shared is not None:
+            shared = self.shared
+            ikey = self._index_key(route, revision)
+            vary = hints.vary
+
+            async def write() -> None:
+                blob = orjson.dumps({"r": result, "exp": expires})
+                ms = max(1, int(ttl_s * 1000))
+
+                async def op(c: Any) -> None:
+                    pipe = c.pipeline(transaction=False)
+                    pipe.set(shared.key("dec", key), blob, px=ms)
+                    pipe.set(shared.key("idx", ikey), orjson.dumps(list(vary) if vary is not None else None), px=ms)
+                    await pipe.execute()
+
+                await shared.call(op)
+
+            self._spawn(write(), "cache-l2-write")
+
+    def note_bundles(self, bundles: str | None) -> bool:
+        """Record bundle revisions OPA reported with an answer; False if they changed.
+
+        A changed revision means the answer came from a policy newer than the
+        key it would be stored under: don't store it, and re-key from now on.
+        """
+        if bundles is None:
+            return True
+        if bundles == "{}":
+            return not self.opa_revision.startswith("b:")
+        current = "b:" + bundles
+        if current == self.opa_revision:
+            return True
+        self.opa_revision = current
+        return False
+
+    # ------------------------------------------------------------ invalidation
+
+    async def invalidate(self, scope: str, value: str) -> bool:
+        """Bump the scope's epoch: its entries die in L1 and L2, here and on every replica."""
+        if scope not in SCOPES:
+            raise ValueError(f"scope must be one of {', '.join(SCOPES)}")
+        self._local_bumps[(scope, value)] = self._local_bumps.get((scope, value), 0) + 1
+        if self.shared is None:
+            return True
+        shared = self.shared
+        done = await shared.call(lambda c: c.incr(shared.key("epoch", scope, value)))
+        return done is not None
+
+    async def bump_revision(self) -> bool:
+        self._revision_counter += 1  # locally at once, even if Redis is down
+        if self.shared is None:
+            return True
+        shared = self.shared
+        value = await shared.call(lambda c: c.incr(shared.key("rev")))
+        if value is not None:
+            self._revision_counter = int(value)
+        return value is not None
+
+    # ------------------------------------------------------------ plumbing
+
+    def _put_l1(self, key: str, payload: bytes, expires: float) -> None:
+        if self.cfg.l1_max_entries == 0 or len(payload) > self.cfg.l1_max_bytes:
+            return
+        self._drop(key)
+        self._l1[key] = _Entry(payload, expires)
+        self._l1_bytes += len(payload)
+        while len(self._l1) > self.cfg.l1_max_entries or self._l1_bytes > self.cfg.l1_max_bytes:
+            _, old = self._l1.popitem(last=False)
+            self._l1_bytes -= len(old.result)
+
+    def _drop(self, key: str) -> None:
+        old = self._l1.pop(key, None)
+        if old is not None:
+            self._l1_bytes -= len(old.result)
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def drain(self) -> None:
+        """Wait for pending L2 writes (tests and shutdown)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+_CORRUPT = object()
+
+
+def _load(raw: bytes) -> Any:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return _CORRUPT
+
+
+def _int(raw: Any) -> int:
+    try:
+        return int(raw) if raw is not None else 0
+    except (TypeError, ValueError):
+        return 0
