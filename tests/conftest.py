@@ -8,6 +8,11 @@ example vvault API, TLS uses certificates generated for this session.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import shutil
+import socket
+import subprocess
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +22,7 @@ import pytest
 from aiohttp import web
 from examples.pki import make_pki
 from examples.vvault_api.app import SEEN, make_app
+from tests.idp import Issuer, Trap
 from tests.support import OpaProcess, client_context, free_port, make_config, start_opa
 
 from vvault_pep.runtime import PepRuntime
@@ -27,11 +33,80 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_pki(tmp_path_factory.mktemp("pki"))
 
 
+class RedisServer:
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server not found: run `make redis` (installs it from Debian)")
+        self.proc = subprocess.Popen(
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--protected-mode",
+                "yes",
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    return
+            time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer()
+    server.start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def opa() -> Iterator[OpaProcess]:
     proc = start_opa()
     yield proc
     proc.stop()
+
+
+@pytest.fixture(scope="session")
+async def idp() -> AsyncIterator[Issuer]:
+    """A real OIDC issuer (discovery + JWKS over HTTP) shared by the session."""
+    issuer = Issuer()
+    await issuer.start()
+    yield issuer
+    await issuer.stop()
+
+
+@pytest.fixture(scope="session")
+async def trap() -> AsyncIterator[Trap]:
+    t = Trap()
+    await t.start()
+    yield t
+    await t.stop()
 
 
 class Upstream:

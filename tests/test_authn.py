@@ -52,22 +52,6 @@ SECRET = "/v1/tenants/acme/secrets/db-password"
 USER = "user.id.test"
 
 
-@pytest.fixture(scope="session")
-async def idp() -> AsyncIterator[Issuer]:
-    issuer = Issuer()
-    await issuer.start()
-    yield issuer
-    await issuer.stop()
-
-
-@pytest.fixture(scope="session")
-async def trap() -> AsyncIterator[Trap]:
-    t = Trap()
-    await t.start()
-    yield t
-    await t.stop()
-
-
 def identity_config(idp: Issuer, **jwks: Any) -> dict[str, Any]:
     return {
         "issuers": [

@@ -94,7 +94,8 @@ class AdminApi:
             raise web.HTTPBadRequest(text="bad data path")
         body = orjson.dumps(await self._json(request))
         pdp, cache = self.runtime.pdp, self.runtime.cache
-        assert pdp is not None and cache is not None
+        assert pdp is not None
+        assert cache is not None
         try:
             status = await pdp.put_data(path, body)
         except PepError as err:

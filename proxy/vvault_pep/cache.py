@@ -39,7 +39,8 @@ from typing import Any
 
 import orjson
 
-from .config import Cache as CacheConfig, Route
+from .config import Cache as CacheConfig
+from .config import Route
 from .shared_state import SharedState
 
 log = logging.getLogger("vvault_pep.cache")
@@ -164,6 +165,7 @@ class DecisionCache:
         self._epochs: dict[tuple[str, str], int] = {}  # last known, used when Redis is down
         self._local_bumps: dict[tuple[str, str], int] = {}
         self._revision_counter = 0
+        self._local_revision_bumps = 0
         self.opa_revision = ""
         self._tasks: set[asyncio.Task[None]] = set()
         self.stats = {"l1": 0, "l2": 0, "miss": 0, "bypass": 0, "stored": 0}
@@ -181,7 +183,7 @@ class DecisionCache:
                 for pair, raw in zip(scopes, values[1:], strict=True):
                     self._epochs[pair] = _int(raw)
         epochs = [[s, v, self._epochs.get((s, v), 0), self._local_bumps.get((s, v), 0)] for s, v in scopes]
-        return f"{self.opa_revision}#{self._revision_counter}", epochs
+        return f"{self.opa_revision}#{self._revision_counter}#{self._local_revision_bumps}", epochs
 
     # ------------------------------------------------------------ lookup / store
 
@@ -242,8 +244,15 @@ class DecisionCache:
         return None, "miss", revision, epochs
 
     def store(
-        self, route: Route, doc: dict[str, Any], result: Any, *, ttl_s: float, hints: CacheHints,
-        revision: str, epochs: list[Any],
+        self,
+        route: Route,
+        doc: dict[str, Any],
+        result: Any,
+        *,
+        ttl_s: float,
+        hints: CacheHints,
+        revision: str,
+        epochs: list[Any],
     ) -> None:
         if ttl_s <= 0 or not route.cache.enabled:
             return
@@ -295,22 +304,30 @@ class DecisionCache:
         """Bump the scope's epoch: its entries die in L1 and L2, here and on every replica."""
         if scope not in SCOPES:
             raise ValueError(f"scope must be one of {', '.join(SCOPES)}")
-        self._local_bumps[(scope, value)] = self._local_bumps.get((scope, value), 0) + 1
-        if self.shared is None:
-            return True
-        shared = self.shared
-        done = await shared.call(lambda c: c.incr(shared.key("epoch", scope, value)))
-        return done is not None
+        pair = (scope, value)
+        if self.shared is not None:
+            shared = self.shared
+            epoch = await shared.call(lambda c: c.incr(shared.key("epoch", scope, value)))
+            if epoch is not None:
+                self._epochs[pair] = int(epoch)
+                return True
+        # No Redis to spread it: this replica still honours it, at once and for good
+        # (its keys for that scope then differ from the other replicas').
+        self._local_bumps[pair] = self._local_bumps.get(pair, 0) + 1
+        return self.shared is None
 
     async def bump_revision(self) -> bool:
-        self._revision_counter += 1  # locally at once, even if Redis is down
-        if self.shared is None:
-            return True
-        shared = self.shared
-        value = await shared.call(lambda c: c.incr(shared.key("rev")))
-        if value is not None:
-            self._revision_counter = int(value)
-        return value is not None
+        """A data change: every key changes, here and (through Redis) on every replica."""
+        if self.shared is not None:
+            shared = self.shared
+            value = await shared.call(lambda c: c.incr(shared.key("rev")))
+            if value is not None:
+                self._revision_counter = int(value)
+                return True
+        # Without Redis the change is still honoured here, for good: a later read
+        # of the shared counter cannot bring an older revision back.
+        self._local_revision_bumps += 1
+        return self.shared is None
 
     # ------------------------------------------------------------ plumbing
 

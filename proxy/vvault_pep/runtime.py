@@ -16,9 +16,9 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from .admin import AdminApi
 from .authn import Authenticator
 from .cache import DecisionCache
-from .admin import AdminApi
 from .config import Config
 from .errors import PepError
 from .forward import Upstreams
@@ -129,7 +129,8 @@ class PepRuntime:
             await self.supervisor.stop()
 
     async def _refresh_revision(self) -> None:
-        assert self.pdp is not None and self.cache is not None
+        assert self.pdp is not None
+        assert self.cache is not None
         try:
             self.cache.opa_revision = await self.pdp.revision()
         except PepError as err:

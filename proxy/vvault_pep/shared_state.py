@@ -11,6 +11,7 @@ costs one deadline, not one per request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 import time
@@ -82,7 +83,5 @@ class SharedState:
             return None
 
     async def close(self) -> None:
-        try:
+        with contextlib.suppress(RedisError, OSError):
             await self.client.aclose()
-        except (RedisError, OSError):
-            pass

@@ -50,3 +50,32 @@ echo_identity := {
 		"X-Vvault-Workload": object.get(input.identity, ["workload", "spiffe_id"], ""),
 	},
 }
+
+# Allows and reports every input field a cache key could confuse, so a
+# decision wrongly served from cache is visible at the upstream.
+echo_all := {
+	"allow": true,
+	"upstream_headers": {"X-Vvault-Echo": json.marshal({
+		"method": input.request.method,
+		"path": input.request.path,
+		"route": input.route.name,
+		"subject": object.get(input.identity, "subject", null),
+		"roles": object.get(input.identity, "roles", null),
+		"issuer": object.get(input.identity, "issuer", null),
+		"tenant": object.get(input.identity, "tenant", null),
+		"cert": object.get(input.tls, ["client_cert", "sha256"], null),
+	})},
+}
+
+# Denies subjects listed in data.faults_data.revoked (pushed by the tests).
+default revoked_subjects := []
+
+revoked_subjects := data.faults_data.revoked
+
+subject_gate := {"allow": true} if {
+	not input.identity.subject in revoked_subjects
+} else := {"allow": false, "code": "policy.revoked", "reason": "subject revoked"}
+
+no_store := {"allow": true, "cache": {"no_store": true}}
+
+vary_subject := {"allow": true, "cache": {"vary": ["identity.subject"], "ttl_s": 30}}
