@@ -442,6 +442,41 @@ async def test_invalidating_a_subject_flips_its_cached_allow_everywhere(
         assert (await ask(pep, pki, "gate.cache.test", token=bystander))[:2] == (200, "l1")
 
 
+async def test_policy_change_changes_the_answer(
+    pair: tuple[PepRuntime, PepRuntime], pki: Path, cache_opa: OpaProcess
+) -> None:
+    a, b = pair
+    module = "package faults_live\n\nanswer := {{\"allow\": {allow}}}\n"
+    route_host = "gate.cache.test"  # any cached route: the revision is global
+    for pep in (a, b):
+        await ask(pep, pki, route_host, token=None)
+        assert (await ask(pep, pki, route_host))[1] == "l1"
+    # through the PEP's admin API: the very next request on both instances is re-asked
+    async with aiohttp.ClientSession() as http:
+        async with http.put(
+            f"http://127.0.0.1:{a.admin_port}/admin/opa/policies/faults_live",
+            data=module.format(allow="true"), headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+        ) as resp:
+            assert resp.status == 200
+        async with http.put(
+            f"http://127.0.0.1:{a.admin_port}/admin/opa/policies/broken",
+            data=b"package broken\nthis is not rego", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+        ) as resp:
+            assert resp.status == 400
+    assert (await ask(b, pki, route_host))[1] == "miss"
+    assert (await ask(a, pki, route_host))[1] in ("miss", "l2")
+    # behind the PEP's back (straight to OPA): picked up within revision_check_s
+    async with aiohttp.ClientSession() as http:
+        async with http.put(f"{cache_opa.url}/v1/policies/faults_live", data=module.format(allow="false")) as resp:
+            assert resp.status == 200
+    assert a.cache is not None
+    before = a.cache.opa_revision
+    async with asyncio.timeout(15):
+        while a.cache.opa_revision == before:
+            await asyncio.sleep(0.05)
+    assert (await ask(a, pki, route_host))[1] == "miss"
+
+
 async def test_no_store_is_honoured(pair: tuple[PepRuntime, PepRuntime], pki: Path) -> None:
     a, _ = pair
     for _ in range(2):

@@ -8,6 +8,7 @@ switched off (404).  Every call is audited like a request decision.
   bumps the scope's epoch: its cached decisions die on every replica.
 * ``PUT /admin/opa/data/{path}`` with a JSON body writes OPA's data document
   and bumps the shared revision: every cached decision is re-asked.
+* ``PUT /admin/opa/policies/{id}`` with Rego text: the same for a policy module.
 * ``GET /admin/cache`` — counters per layer.
 """
 
@@ -40,6 +41,7 @@ class AdminApi:
     def install(self, app: web.Application) -> None:
         app.router.add_post("/admin/cache/invalidate", self._invalidate)
         app.router.add_put("/admin/opa/data/{path:.+}", self._put_data)
+        app.router.add_put("/admin/opa/policies/{id:.+}", self._put_policy)
         app.router.add_get("/admin/cache", self._stats)
 
     def _authorise(self, request: web.Request) -> None:
@@ -107,6 +109,30 @@ class AdminApi:
         shared = await cache.bump_revision()
         self._record("opa.data.put", True, path=path, shared=shared)
         return web.json_response({"path": path, "revision_shared": shared})
+
+    async def _put_policy(self, request: web.Request) -> web.Response:
+        self._authorise(request)
+        policy_id = request.match_info["id"].strip("/")
+        if not _DATA_PATH.match(policy_id):
+            raise web.HTTPBadRequest(text="bad policy id")
+        body = await request.content.read(MAX_BODY + 1)
+        if len(body) > MAX_BODY:
+            raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY, actual_size=len(body))
+        pdp, cache = self.runtime.pdp, self.runtime.cache
+        assert pdp is not None
+        assert cache is not None
+        try:
+            status = await pdp.put_policy(policy_id, body)
+        except PepError as err:
+            self._record("opa.policy.put", False, policy_id=policy_id, code=err.code)
+            raise web.HTTPServiceUnavailable(text=err.code) from err
+        if status != 200:
+            self._record("opa.policy.put", False, policy_id=policy_id, opa_status=status)
+            # OPA's compile errors are the caller's to read; they carry no secrets.
+            raise web.HTTPBadRequest(text=f"OPA refused the policy ({status})")
+        shared = await cache.bump_revision()
+        self._record("opa.policy.put", True, policy_id=policy_id, shared=shared)
+        return web.json_response({"id": policy_id, "revision_shared": shared})
 
     async def _stats(self, request: web.Request) -> web.Response:
         self._authorise(request)

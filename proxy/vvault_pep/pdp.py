@@ -121,6 +121,20 @@ class PdpClient:
         )
         return "p:" + hashlib.sha256(orjson.dumps(modules)).hexdigest()[:32]
 
+    async def put_policy(self, policy_id: str, rego: bytes, timeout_s: float = 5.0) -> int:
+        """PUT a Rego module into OPA; returns OPA's HTTP status (400 on a compile error)."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                async with self._session.put(
+                    f"{self._base}/v1/policies/{policy_id}", data=rego, headers={"Content-Type": "text/plain"}
+                ) as resp:
+                    await resp.read()
+                    return resp.status
+        except TimeoutError as exc:
+            raise PepError("pdp.timeout", "OPA did not answer in time") from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise PepError("pdp.unavailable", f"OPA unreachable: {type(exc).__name__}") from exc
+
     async def put_data(self, path: str, body: bytes, timeout_s: float = 5.0) -> int:
         """PUT a JSON document into OPA's data; returns OPA's HTTP status."""
         try:
