@@ -13,7 +13,7 @@ OPA := $(TOOLS)/opa
 OPA_CACHE := $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/vvault-pep/opa-$(OPA_VERSION)
 export OPA_BIN := $(OPA)
 
-.PHONY: setup tools redis test policy-test lint typecheck pytest demo demo-check bench clean
+.PHONY: setup tools redis test policy-test lint typecheck pytest demo demo-check bench-cache clean
 
 setup: $(VENV)/.installed tools redis
 
@@ -71,6 +71,9 @@ demo: setup
 
 demo-check: setup
 	$(PY) -m examples.demo --check
+
+bench-cache: setup
+	$(PY) -m bench.cache_bench
 
 clean:
 	rm -rf $(VENV) .tools .demo .pytest_cache .mypy_cache .ruff_cache

@@ -446,7 +446,7 @@ async def test_policy_change_changes_the_answer(
     pair: tuple[PepRuntime, PepRuntime], pki: Path, cache_opa: OpaProcess
 ) -> None:
     a, b = pair
-    module = "package faults_live\n\nanswer := {{\"allow\": {allow}}}\n"
+    module = 'package faults_live\n\nanswer := {{"allow": {allow}}}\n'
     route_host = "gate.cache.test"  # any cached route: the revision is global
     for pep in (a, b):
         await ask(pep, pki, route_host, token=None)
@@ -455,12 +455,14 @@ async def test_policy_change_changes_the_answer(
     async with aiohttp.ClientSession() as http:
         async with http.put(
             f"http://127.0.0.1:{a.admin_port}/admin/opa/policies/faults_live",
-            data=module.format(allow="true"), headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+            data=module.format(allow="true"),
+            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
         ) as resp:
             assert resp.status == 200
         async with http.put(
             f"http://127.0.0.1:{a.admin_port}/admin/opa/policies/broken",
-            data=b"package broken\nthis is not rego", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+            data=b"package broken\nthis is not rego",
+            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
         ) as resp:
             assert resp.status == 400
     assert (await ask(b, pki, route_host))[1] == "miss"

@@ -158,6 +158,9 @@ class PepRuntime:
             checks["policies"] = {p: False for p in paths}
         if self.authn is not None and self.authn.keysets:
             checks["jwks"] = self.authn.ready()
+        if self.shared is not None:
+            # Informational: without Redis the PEP still serves (L1 and OPA only).
+            checks["redis"] = await self.shared.call(lambda c: c.ping()) is not None
         ok = (
             checks["opa"] is True
             and all(v is True for v in checks["policies"].values())
