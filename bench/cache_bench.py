@@ -34,7 +34,6 @@ from typing import Any
 
 import aiohttp
 import yaml
-
 from examples.pki import make_pki
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -177,7 +176,7 @@ async def main(requests: int, rounds: int) -> None:
             "opa": (configs[0]["listener"]["port"], "miss.bench"),
         }
         samples: dict[str, list[float]] = {name: [] for name in scenarios}
-        for name, (port, host) in scenarios.items():  # warm-up: connections, JIT-free but caches filled
+        for port, host in scenarios.values():  # warm-up: connections, JIT-free but caches filled
             await measure(port, host, ctx, 50, [])
         per_round = max(1, requests // rounds)
         for _ in range(rounds):
