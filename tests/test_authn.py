@@ -462,6 +462,25 @@ async def test_idp_down_keeps_cached_keys_until_max_staleness(
         await pep.stop()
 
 
+async def test_keys_refresh_in_the_background_within_cache_control_bounds(
+    pki: Path, opa: OpaProcess, upstream: Upstream, fresh_idp: Issuer
+) -> None:
+    fresh_idp.max_age = 0  # asks for no caching; clamped up to min_ttl_s
+    pep = await start_pep(pki, opa, upstream, fresh_idp, min_ttl_s=0.5, default_ttl_s=0.5)
+    try:
+        start = fresh_idp.fetches["jwks"]
+        fresh_idp.add_key("ec-bg")
+        async with asyncio.timeout(10):  # no request needed: the refresher finds the new key
+            while "ec-bg" not in pep.authn.keysets[fresh_idp.url].kids:  # type: ignore[union-attr]
+                await asyncio.sleep(0.05)
+        assert fresh_idp.fetches["jwks"] > start
+        fetches = fresh_idp.fetches["jwks"]
+        assert (await call(pep, pki, USER, fresh_idp.token("ec-bg")))[0] == 200
+        assert fresh_idp.fetches["jwks"] <= fetches + 1  # at most the refresher's own tick
+    finally:
+        await pep.stop()
+
+
 async def test_cached_token_never_outlives_its_exp(id_pep: PepRuntime, pki: Path, idp: Issuer) -> None:
     exp = int(time.time()) + 2
     token = idp.token(exp=exp)
