@@ -14,7 +14,6 @@ switched off (404).  Every call is audited like a request decision.
 
 from __future__ import annotations
 
-import datetime as dt
 import hmac
 import re
 import uuid
@@ -23,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from aiohttp import web
 
-from . import audit
+from .audit import now_rfc3339
 from .errors import PepError
 
 if TYPE_CHECKING:
@@ -53,9 +52,10 @@ class AdminApi:
             raise web.HTTPUnauthorized(headers={"WWW-Authenticate": 'Bearer realm="vvault-pep-admin"'})
 
     def _record(self, action: str, ok: bool, **fields: Any) -> None:
-        audit.emit(
+        assert self.runtime.audit is not None
+        self.runtime.audit.emit(
             {
-                "timestamp": dt.datetime.now(dt.UTC).isoformat().replace("+00:00", "Z"),
+                "timestamp": now_rfc3339(),
                 "decision_id": str(uuid.uuid4()),
                 "admin_action": action,
                 "result": {"allow": ok},

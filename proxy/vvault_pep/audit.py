@@ -1,25 +1,79 @@
-"""Audit: one structured record per request, allowed or denied.
+"""Audit: one structured record per request, allowed or denied, on every sink.
 
-Records are plain dicts handed to the ``vvault_pep.audit`` logger as
-``extra={"audit": record}``; :class:`JsonLines` renders them one JSON object
-per line.  Tests read ``LogRecord.audit`` instead of parsing text.
+A record is a plain dict handed to this runtime's audit logger (a child of
+``vvault_pep.audit``) as ``extra={"audit": record}``; tests read
+``LogRecord.audit`` instead of parsing text.  Each sink (stdout, a rotating
+file, OTLP logs) sits behind its own bounded queue and its own thread:
+putting a record on the queue never blocks, serialisation happens in the
+sink's thread, and a full queue drops the record and counts it
+(``vvault_pep_audit_dropped_total{sink}``).  A slow or stuck sink therefore
+costs records, never request latency.
 
 Field names follow OPA's decision-log format where the meaning is the same
-(``decision_id``, ``path``, ``result``, ``timestamp``).  Nothing secret is
-ever put in a record: no header values other than the allow-listed ones, no
-``Authorization``, no bodies.
+(``decision_id``, ``path``, ``bundles``, ``input``, ``result``,
+``timestamp``).  Redaction is built in (:func:`redact`): the record's
+``redacted`` field lists which input paths were ``erased`` and which
+``masked``.  The bearer token, the posture assertion and cookies never reach
+a record.
 """
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
+import hashlib
+import itertools
 import logging
+import logging.handlers
+import queue
 import sys
+import threading
 from typing import Any
 
 import orjson
 
-log = logging.getLogger("vvault_pep.audit")
+from .config import Audit as AuditConfig
+from .config import AuditSink
+
+_counter = itertools.count()
+
+# Input paths erased from every record whatever the config says.
+ALWAYS_ERASE = (
+    "request.headers.authorization",
+    "request.headers.cookie",
+    "request.headers.set-cookie",
+    "request.headers.proxy-authorization",
+    "request.headers.x-device-posture",
+)
+
+
+def now_rfc3339() -> str:
+    return dt.datetime.now(dt.UTC).isoformat().replace("+00:00", "Z")
+
+
+def redact(
+    doc: dict[str, Any], erase: tuple[str, ...], mask: tuple[str, ...]
+) -> tuple[dict[str, Any], dict[str, list[str]]]:
+    """A redacted copy of ``doc`` and which paths were erased / masked (pure)."""
+    out = copy.deepcopy(doc)
+    done: dict[str, list[str]] = {"erased": [], "masked": []}
+    for kind, paths in (("erased", (*ALWAYS_ERASE, *erase)), ("masked", mask)):
+        for dotted in paths:
+            parts = dotted.split(".")
+            parent: Any = out
+            for part in parts[:-1]:
+                parent = parent.get(part) if isinstance(parent, dict) else None
+            if not isinstance(parent, dict) or parts[-1] not in parent:
+                continue
+            if kind == "erased":
+                del parent[parts[-1]]
+            else:
+                value = orjson.dumps(parent[parts[-1]], option=orjson.OPT_SORT_KEYS)
+                # A digest prefix lets records be correlated without showing the value;
+                # erase low-entropy secrets instead: a short digest can be guessed.
+                parent[parts[-1]] = "masked:sha256:" + hashlib.sha256(value).hexdigest()[:16]
+            done[kind].append(dotted)
+    return out, done
 
 
 class JsonLines(logging.Formatter):
@@ -28,7 +82,7 @@ class JsonLines(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         audit = getattr(record, "audit", None)
         if isinstance(audit, dict):
-            return orjson.dumps(audit).decode()
+            return orjson.dumps(audit, default=str).decode()
         doc: dict[str, Any] = {
             "timestamp": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat().replace("+00:00", "Z"),
             "level": record.levelname.lower(),
@@ -43,21 +97,147 @@ class JsonLines(logging.Formatter):
         return orjson.dumps(doc).decode()
 
 
+class _OtlpHandler(logging.Handler):
+    """Audit records as OTLP log records (body = the record, a few indexable attributes)."""
+
+    def __init__(self, sink: AuditSink) -> None:
+        super().__init__()
+        from opentelemetry.sdk._logs import LoggerProvider
+        from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
+
+        exporter: Any
+        if sink.protocol == "grpc":
+            from opentelemetry.exporter.otlp.proto.grpc._log_exporter import OTLPLogExporter as Grpc
+
+            exporter = Grpc(
+                endpoint=sink.endpoint, insecure=sink.endpoint is not None and sink.endpoint.startswith("http://")
+            )
+        else:
+            from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter as Http
+
+            exporter = Http(endpoint=sink.endpoint)
+        self.provider = LoggerProvider()
+        self.provider.add_log_record_processor(BatchLogRecordProcessor(exporter))
+        self.otel = self.provider.get_logger("vvault_pep.audit")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        audit = getattr(record, "audit", None)
+        if not isinstance(audit, dict):
+            return
+        attributes = {k: str(audit[k]) for k in ("decision_id", "request_id", "trace_id", "route") if audit.get(k)}
+        self.otel.emit(body=orjson.dumps(audit, default=str).decode(), attributes=attributes)
+
+    def close(self) -> None:
+        self.provider.shutdown()
+        super().close()
+
+
+class _SinkQueue(logging.handlers.QueueHandler):
+    """Hands records to a sink's thread; never blocks, counts what it drops."""
+
+    def __init__(self, q: queue.Queue[logging.LogRecord | None], name: str) -> None:
+        super().__init__(q)
+        self.sink = name
+        self.dropped = 0
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        return record  # formatting happens in the sink's thread, off the request path
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        try:
+            self.queue.put_nowait(record)
+        except queue.Full:
+            self.dropped += 1
+
+
+class _SinkWorker(threading.Thread):
+    def __init__(self, q: queue.Queue[logging.LogRecord | None], target: logging.Handler, name: str) -> None:
+        super().__init__(name=f"audit-sink-{name}", daemon=True)  # a stuck sink must not hold up exit
+        self.q = q
+        self.target = target
+        self.failures = 0
+        # A sink that fails (disk full, broken pipe) counts, rather than printing a
+        # traceback per record to stderr.
+        target.handleError = self._failed  # type: ignore[method-assign]
+
+    def _failed(self, record: logging.LogRecord) -> None:
+        self.failures += 1
+        if self.failures == 1 or self.failures % 1000 == 0:
+            logging.getLogger("vvault_pep.audit.sink").warning(
+                "audit sink %s failing (%d records)", self.name, self.failures
+            )
+
+    def run(self) -> None:
+        while True:
+            record = self.q.get()
+            if record is None:
+                return
+            try:
+                self.target.handle(record)
+            except Exception:
+                self._failed(record)
+
+
+class AuditLog:
+    def __init__(self, cfg: AuditConfig) -> None:
+        self.cfg = cfg
+        # A child of vvault_pep.audit per runtime: records propagate to the parent (tests,
+        # embedding), while this runtime's sinks see only this runtime's records.
+        self.logger = logging.getLogger(f"vvault_pep.audit.{next(_counter)}")
+        self.logger.setLevel(logging.INFO)
+        self.queues: list[_SinkQueue] = []
+        self._workers: list[tuple[_SinkWorker, queue.Queue[logging.LogRecord | None], logging.Handler]] = []
+
+    def start(self) -> None:
+        for i, sink in enumerate(self.cfg.sinks):
+            target = _target(sink)
+            target.setFormatter(JsonLines())
+            name = f"{sink.type}-{i}"
+            q: queue.Queue[logging.LogRecord | None] = queue.Queue(maxsize=sink.buffer_records)
+            handler = _SinkQueue(q, name)
+            worker = _SinkWorker(q, target, name)
+            worker.start()
+            self.logger.addHandler(handler)
+            self.queues.append(handler)
+            self._workers.append((worker, q, target))
+
+    def dropped(self) -> dict[str, int]:
+        """Records lost per sink: dropped on a full queue, or failed to write."""
+        return {h.sink: h.dropped + w.failures for h, (w, _, _) in zip(self.queues, self._workers, strict=True)}
+
+    def emit(self, record: dict[str, Any]) -> None:
+        self.logger.info("decision", extra={"audit": record})
+
+    def stop(self, timeout_s: float = 2.0) -> None:
+        for handler in self.queues:
+            self.logger.removeHandler(handler)
+        for worker, q, target in self._workers:
+            try:
+                q.put(None, timeout=timeout_s)
+            except queue.Full:
+                continue  # stuck sink: its daemon thread is abandoned
+            worker.join(timeout_s)
+            if not worker.is_alive():
+                target.close()
+
+
+def _target(sink: AuditSink) -> logging.Handler:
+    if sink.type == "stdout":
+        return logging.StreamHandler(sys.stdout)
+    if sink.type == "file":
+        assert sink.path is not None
+        return logging.handlers.RotatingFileHandler(
+            sink.path, maxBytes=sink.max_bytes, backupCount=sink.backups, encoding="utf-8", delay=True
+        )
+    return _OtlpHandler(sink)
+
+
 def configure_logging(level: str = "INFO") -> None:
-    """Audit records to stdout, operational logs to stderr, both JSON lines."""
-    fmt = JsonLines()
-    audit_handler = logging.StreamHandler(sys.stdout)
-    audit_handler.setFormatter(fmt)
-    log.addHandler(audit_handler)
-    log.propagate = False
-    log.setLevel(logging.INFO)
+    """Operational logs to stderr as JSON lines; audit records go to their sinks only."""
     ops = logging.StreamHandler(sys.stderr)
-    ops.setFormatter(fmt)
+    ops.setFormatter(JsonLines())
     root = logging.getLogger()
     root.addHandler(ops)
     root.setLevel(level)
+    logging.getLogger("vvault_pep.audit").propagate = False
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-
-
-def emit(record: dict[str, Any]) -> None:
-    log.info("decision", extra={"audit": record})

@@ -59,6 +59,9 @@ DEFAULT_STRIP_HEADERS: tuple[str, ...] = (
     "x-remote-user",
     "remote-user",
     "ssl-client-cert",
+    # trace context: continued only from trusted callers, and always re-set by the PEP
+    "traceparent",
+    "tracestate",
 )
 DEFAULT_STRIP_PREFIXES: tuple[str, ...] = (
     "x-forwarded-",
@@ -76,7 +79,6 @@ DEFAULT_POLICY_HEADERS: tuple[str, ...] = (
     "content-type",
     "content-length",
     "user-agent",
-    "traceparent",
 )
 
 
@@ -346,6 +348,74 @@ class RouteCache(_Model):
         return v
 
 
+class AuditSink(_Model):
+    type: Literal["stdout", "file", "otlp"]
+    path: ConfigPath | None = None  # file
+    max_bytes: int = Field(100 << 20, gt=0)  # file: rotate past this size
+    backups: int = Field(5, ge=0)  # file: rotated files kept
+    protocol: Literal["grpc", "http"] = "grpc"  # otlp
+    endpoint: str | None = None  # otlp, e.g. http://otel-collector:4317
+    buffer_records: int = Field(10_000, gt=0)
+
+    @model_validator(mode="after")
+    def _needs(self) -> AuditSink:
+        if self.type == "file" and self.path is None:
+            raise ValueError("a file sink needs path")
+        if self.type == "otlp" and not self.endpoint:
+            raise ValueError("an otlp sink needs endpoint")
+        return self
+
+
+class Redact(_Model):
+    # Dotted paths into the record's `input` (e.g. request.headers.x-api-key,
+    # identity.claims.email).  Erased: removed.  Masked: replaced by a digest prefix.
+    erase: tuple[str, ...] = ()
+    mask: tuple[str, ...] = ()
+
+
+class Audit(_Model):
+    sinks: tuple[AuditSink, ...] = (AuditSink(type="stdout"),)
+    include_input: bool = True
+    redact: Redact = Redact()
+
+
+class TraceSources(_Model):
+    cidrs: tuple[str, ...] = ()
+    spiffe_ids: tuple[str, ...] = ()
+
+    @field_validator("cidrs")
+    @classmethod
+    def _cidrs(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        import ipaddress
+
+        for cidr in v:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"{cidr!r} is not a CIDR") from exc
+        return v
+
+
+class Traces(_Model):
+    exporter: Literal["none", "otlp-grpc", "otlp-http"] = "none"
+    endpoint: str | None = None
+    insecure: bool = False  # otlp-grpc without TLS (a collector on localhost)
+    sample_ratio: float = Field(1.0, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _endpoint(self) -> Traces:
+        if self.exporter != "none" and not self.endpoint:
+            raise ValueError("an OTLP exporter needs endpoint")
+        return self
+
+
+class Telemetry(_Model):
+    service_name: str = "vvault-pep"
+    traces: Traces = Traces()
+    # Callers whose W3C traceparent/tracestate is continued; everyone else starts a new trace.
+    trusted_trace_sources: TraceSources = TraceSources()
+
+
 class RouteAuthn(_Model):
     require: Literal["none", "user", "workload", "user+workload", "any"] = "none"
     bound_token: bool = False
@@ -427,6 +497,8 @@ class Config(_Model):
     identity: Identity = Identity()
     redis: Redis | None = None
     cache: Cache = Cache()
+    audit: Audit = Audit()
+    telemetry: Telemetry = Telemetry()
     source: str = Field("<memory>", exclude=True)
 
     @model_validator(mode="after")

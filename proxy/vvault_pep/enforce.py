@@ -44,6 +44,7 @@ class Decision:
     upstream_headers: tuple[tuple[str, str], ...] = ()
     response_headers: tuple[tuple[str, str], ...] = ()
     extras: dict[str, Any] = field(default_factory=dict)
+    monitor_only: bool = False  # a deny the policy wants logged, not enforced (rule roll-out)
 
 
 def _deny(code: str, reason: str, status: int | None = None) -> Decision:
@@ -79,7 +80,12 @@ def interpret(result: Any, *, defined: bool) -> Decision:
         # bool is an int in Python: refuse it explicitly.
         if not isinstance(status, int) or isinstance(status, bool) or not 400 <= status <= 599:
             return _deny("pdp.malformed_decision", "a deny status must be an integer in 400-599")
-        return Decision(False, status, code or "policy.denied", reason or "denied by policy", (), response)
+        monitor_only = result.get("monitor_only", False)
+        if not isinstance(monitor_only, bool):
+            return _deny("pdp.malformed_decision", "'monitor_only' is not a boolean")
+        return Decision(
+            False, status, code or "policy.denied", reason or "denied by policy", (), response, {}, monitor_only
+        )
     obligations = result.get("obligations", [])
     if obligations not in ([], None):
         # An obligation this PEP cannot carry out must not be silently dropped:

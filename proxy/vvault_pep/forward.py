@@ -51,6 +51,7 @@ class Outcome:
     status: int
     bytes_in: int
     bytes_out: int
+    aborted: str | None = None  # "client_gone" or "upstream_failed" after the response started
 
 
 class _Counter:
@@ -157,7 +158,11 @@ class Upstreams:
             sent = 0
             try:
                 async for chunk in upstream.content.iter_chunked(CHUNK):
-                    await out.write(chunk)
+                    try:
+                        await out.write(chunk)
+                    except (ConnectionError, aiohttp.ClientConnectionResetError):
+                        # The client went away: stop reading the upstream, keep the record.
+                        return out, Outcome(upstream.status, counter.count, sent, "client_gone")
                     sent += len(chunk)
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 # The status line is gone already; a truncated, aborted
@@ -165,7 +170,7 @@ class Upstreams:
                 log.warning("upstream %s failed mid-response: %s", name, type(exc).__name__)
                 if request.transport is not None:
                     request.transport.abort()
-                return out, Outcome(upstream.status, counter.count, sent)
+                return out, Outcome(upstream.status, counter.count, sent, "upstream_failed")
             await out.write_eof()
             return out, Outcome(upstream.status, counter.count, sent)
 

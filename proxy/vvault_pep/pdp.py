@@ -66,7 +66,13 @@ class PdpClient:
         return self._deadline
 
     async def decide(
-        self, path: str, policy_input: dict[str, Any], *, deadline_s: float | None = None, provenance: bool = False
+        self,
+        path: str,
+        policy_input: dict[str, Any],
+        *,
+        deadline_s: float | None = None,
+        provenance: bool = False,
+        headers: dict[str, str] | None = None,
     ) -> Answer:
         body = orjson.dumps({"input": policy_input})
         url = f"{self._base}/v1/data/{path}" + ("?provenance=true" if provenance else "")

@@ -1,27 +1,32 @@
-"""The request's walk, written once: :meth:`Pipeline.handle`.
+"""The request's walk, written once: :meth:`Pipeline._walk`.
 
-    listener → sanitize → route → policy input → decide → enforce → forward
-                                                                  └→ audit
+    listener → sanitize → route → authenticate → policy input → cache → decide
+             → enforce → forward                          └→ audit, trace, metrics
 
-Each stage is a call into its own module; this file only orders them, maps
-every failure to a refusal, and writes the audit record in a ``finally`` so a
-request is on record even when the client went away mid-way.  Nothing here
-lets a request through on an error: the decision starts as denied.
+Each stage is a call into its own module; this file only orders them, times
+each one (a span and a histogram per stage), maps every failure to a
+refusal, and writes the audit record in a ``finally`` so a request is on
+record even when the client went away mid-way.  Nothing here lets a request
+through on an error: the decision starts as denied.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import logging
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
-from . import __version__, audit, enforce, sanitize
+from . import __version__, enforce, sanitize
+from .audit import AuditLog, now_rfc3339, redact
 from .authn import Authenticator, Identity
 from .cache import DecisionCache, hints_of, lifetime
 from .config import Config
@@ -32,8 +37,10 @@ from .listener import MtlsServer
 from .pdp import PdpClient
 from .policy_input import Facts, build_input
 from .routing import Match, RouteTable
+from .telemetry import Telemetry
 
 log = logging.getLogger("vvault_pep.pipeline")
+_READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 @dataclass
@@ -43,50 +50,88 @@ class _Trail:
     request_id: str
     decision_id: str
     started: float
+    trace_id: str = ""
     stages_ms: dict[str, float] = field(default_factory=dict)
     fields: dict[str, Any] = field(default_factory=dict)
-
-    def lap(self, stage: str, since: float) -> float:
-        now = time.perf_counter()
-        self.stages_ms[stage] = round((now - since) * 1000, 3)
-        return now
+    policy_input: dict[str, Any] | None = None
 
 
 class Pipeline:
     def __init__(
-        self, config: Config, pdp: PdpClient, upstreams: Upstreams, authn: Authenticator, cache: DecisionCache
+        self,
+        config: Config,
+        pdp: PdpClient,
+        upstreams: Upstreams,
+        authn: Authenticator,
+        cache: DecisionCache,
+        telemetry: Telemetry,
+        audit_log: AuditLog,
     ) -> None:
         self.config = config
         self.authn = authn
         self.cache = cache
         self.pdp = pdp
         self.upstreams = upstreams
+        self.tel = telemetry
+        self.audit = audit_log
         self.routes = RouteTable(config.routes)
         self.server: MtlsServer | None = None  # set by the runtime once listening
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         trail = _Trail(uuid.uuid4().hex, str(uuid.uuid4()), time.perf_counter())
+        conn = self.server.connection_of(request) if self.server else None
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        source_ip = peer[0] if peer else None
+        parent = self.tel.trusted_context(
+            request.headers, source_ip, conn.peer.spiffe_id if conn and conn.peer else None
+        )
         refusal: Refusal | None = None
         response: web.StreamResponse | None = None
-        try:
-            response = await self._walk(request, trail)
-            return response
-        except PepError as err:
-            refusal = err.refusal()
-        except Exception:
-            # Never a traceback to the client; the type goes to the log.
-            log.exception("unexpected error in the request walk")
-            refusal = PepError("internal.error").refusal()
-        finally:
-            if refusal is not None:
-                trail.fields.setdefault("result", _result_of(refusal))
-                response = self._refuse(request, refusal, trail)
-            self._audit(request, trail, response)
+        with self.tel.tracer.start_as_current_span(
+            request.method,
+            context=parent,
+            kind=SpanKind.SERVER,
+            attributes={
+                "http.request.method": request.method,
+                "url.scheme": "https",
+                "network.protocol.version": f"{request.version.major}.{request.version.minor}",
+                "client.address": source_ip or "",
+                "vvault_pep.request_id": trail.request_id,
+                "vvault_pep.decision_id": trail.decision_id,
+            },
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            trail.trace_id = format(span.get_span_context().trace_id, "032x")
+            try:
+                response = await self._walk(request, trail, span)
+                return response
+            except PepError as err:
+                refusal = err.refusal()
+            except Exception:
+                # Never a traceback to the client; the type goes to the log.
+                log.exception("unexpected error in the request walk")
+                refusal = PepError("internal.error").refusal()
+            finally:
+                if refusal is not None:
+                    trail.fields.setdefault("result", _result_of(refusal))
+                    response = self._refuse(request, refusal, trail)
+                self._finish(request, trail, response, span)
         return response
 
-    async def _walk(self, request: web.BaseRequest, trail: _Trail) -> web.StreamResponse:
+    @contextlib.contextmanager
+    def _stage(self, trail: _Trail, name: str, kind: SpanKind = SpanKind.INTERNAL) -> Iterator[Span]:
+        started = time.perf_counter()
+        with self.tel.tracer.start_as_current_span(name, kind=kind) as span:
+            try:
+                yield span
+            finally:
+                elapsed = time.perf_counter() - started
+                trail.stages_ms[name] = round(elapsed * 1000, 3)
+                self.tel.stage_duration.record(elapsed, {"stage": name})
+
+    async def _walk(self, request: web.BaseRequest, trail: _Trail, span: Span) -> web.StreamResponse:
         config = self.config
-        t = trail.started
         # listener: the verified client certificate, as data
         conn = self.server.connection_of(request) if self.server else None
         if config.listener.tls.client_auth == "required" and (conn is None or conn.peer is None):
@@ -94,24 +139,29 @@ class Pipeline:
         if conn and conn.peer:
             trail.fields["client_cert"] = {"sha256": conn.peer.sha256, "spiffe_id": conn.peer.spiffe_id}
         # sanitize: one canonical view, before anything reads the request
-        target = sanitize.canonical_target(request.raw_path, config.sanitize)
-        trail.fields["path"] = target.path
-        headers = sanitize.check_headers(request.raw_headers, config.sanitize, config.limits)
-        if headers.content_length is not None and headers.content_length > config.limits.max_body_bytes:
-            raise PepError("sanitize.body_too_large", "request body exceeds the limit")
-        t = trail.lap("sanitize", t)
+        with self._stage(trail, "sanitize"):
+            target = sanitize.canonical_target(request.raw_path, config.sanitize)
+            trail.fields["path"] = target.path
+            span.set_attribute("url.path", target.path)
+            headers = sanitize.check_headers(request.raw_headers, config.sanitize, config.limits)
+            if headers.content_length is not None and headers.content_length > config.limits.max_body_bytes:
+                raise PepError("sanitize.body_too_large", "request body exceeds the limit")
         # route: no match is a 404, never a default upstream
-        match = self.routes.match(headers.host, request.method, target.segments, target.trailing_slash)
-        trail.fields["route"] = match.route.name
-        trail.fields["decision_path"] = match.route.policy
-        t = trail.lap("route", t)
+        with self._stage(trail, "route"):
+            match = self.routes.match(headers.host, request.method, target.segments, target.trailing_slash)
+        route = match.route
+        trail.fields["route"] = route.name
+        trail.fields["decision_path"] = route.policy
+        span.update_name(f"{request.method} {route.path}")
+        span.set_attribute("http.route", route.path)
+        span.set_attribute("vvault_pep.route", route.name)
         # authenticate: a token the PEP verified itself, and/or a workload certificate
-        identity = await self.authn.authenticate(
-            headers.authorization, target.query_params, conn.peer if conn else None, match.route.authn
-        )
+        with self._stage(trail, "authn"):
+            identity = await self.authn.authenticate(
+                headers.authorization, target.query_params, conn.peer if conn else None, route.authn
+            )
         trail.fields["identity"] = _identity_fields(identity)
-        t = trail.lap("authn", t)
-        # policy input → decide
+        # policy input
         peer = request.transport.get_extra_info("peername") if request.transport else None
         facts = Facts(
             request_id=trail.request_id,
@@ -124,21 +174,27 @@ class Pipeline:
             connection=conn,
             match=match,
             identity=identity,
-            now=dt.datetime.now(dt.UTC),
+            now=_now(),
         )
-        trail.fields["source_ip"] = facts.source_ip
         policy_input = build_input(facts, pep_version=__version__)
+        trail.policy_input = policy_input
         # decide: L1 → L2 → OPA; only a definite answer is stored
-        route = match.route
-        t = time.perf_counter()
-        cached, layer, revision, epochs = await self.cache.lookup(route, policy_input)
+        with self._stage(trail, "cache"):
+            cached, layer, revision, epochs = await self.cache.lookup(route, policy_input)
         trail.fields["cache"] = layer
-        t = trail.lap("cache", t)
+        trail.fields["bundles"] = {"revision": revision or self.cache.opa_revision}
+        self.tel.cache_lookups.add(1, {"layer": layer})
         if layer in ("l1", "l2"):
             decision = enforce.interpret(cached, defined=True)
         else:
-            answer = await self.pdp.decide(route.policy, policy_input, provenance=layer == "miss")
-            t = trail.lap("pdp", t)
+            with self._stage(trail, "pdp", SpanKind.CLIENT):
+                try:
+                    answer = await self.pdp.decide(
+                        route.policy, policy_input, provenance=layer == "miss", headers=self.tel.inject()
+                    )
+                except PepError as err:
+                    self.tel.pdp_errors.add(1, {"code": err.code})
+                    raise
             trail.fields["opa_decision_id"] = answer.opa_decision_id
             decision = enforce.interpret(answer.result, defined=answer.defined)
             fresh = self.cache.note_bundles(answer.bundles)
@@ -160,29 +216,45 @@ class Pipeline:
             decision = dataclasses.replace(
                 decision, response_headers=(*decision.response_headers, ("X-Decision-Cache", layer))
             )
-        enforced = match.route.mode == "enforce"
+        # enforce: a deny stops here unless the route or the rule is in monitor mode
+        enforced = route.mode == "enforce" and not decision.monitor_only
         trail.fields["enforced"] = enforced
-        if not decision.allow and enforced:
-            return self._deny(request, decision, trail)
+        span.set_attribute("vvault_pep.result.allow", decision.allow)
+        span.set_attribute("vvault_pep.result.code", decision.code)
+        span.set_attribute("vvault_pep.cache", layer)
+        if not decision.allow:
+            if enforced:
+                return self._deny(request, decision, trail)
+            trail.fields["would_have"] = {"status": decision.status, "code": decision.code}
+            self.tel.would_deny.add(1, {"route": route.name, "code": decision.code})
         # forward
         if headers.expect_continue and request.version >= (1, 1):
             # Only now that the request is allowed may the client send its body.
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        upstream_headers = self._upstream_headers(request, facts, headers, decision, trail)
-        response, outcome = await self.upstreams.forward(
-            match.route.upstream,
-            request,
-            path=target.path,
-            query=target.query,
-            headers=upstream_headers,
-            content_length=headers.content_length,
-            chunked=headers.chunked,
-            response_headers=[("X-Request-Id", trail.request_id), *decision.response_headers],
-        )
-        trail.lap("upstream", t)
+        with self._stage(trail, "upstream", SpanKind.CLIENT) as up_span:
+            upstream_headers = self._upstream_headers(request, facts, headers, decision, trail)
+            upstream_headers.extend(self.tel.inject().items())
+            started = time.perf_counter()
+            response, outcome = await self.upstreams.forward(
+                route.upstream,
+                request,
+                path=target.path,
+                query=target.query,
+                headers=upstream_headers,
+                content_length=headers.content_length,
+                chunked=headers.chunked,
+                response_headers=[("X-Request-Id", trail.request_id), *decision.response_headers],
+            )
+            up_span.set_attribute("http.response.status_code", outcome.status)
+            self.tel.upstream_duration.record(
+                time.perf_counter() - started,
+                {"upstream": route.upstream, "status_class": f"{outcome.status // 100}xx"},
+            )
         trail.fields["upstream_status"] = outcome.status
         trail.fields["bytes_in"] = outcome.bytes_in
         trail.fields["bytes_out"] = outcome.bytes_out
+        if outcome.aborted:
+            trail.fields["aborted"] = outcome.aborted
         return response
 
     def _upstream_headers(
@@ -223,25 +295,66 @@ class Pipeline:
             resp.force_close()
         return resp
 
-    def _audit(self, request: web.BaseRequest, trail: _Trail, response: web.StreamResponse | None) -> None:
-        cert = trail.fields.pop("client_cert", None) or {}
-        result = trail.fields.pop("result", None)
+    def _finish(self, request: web.BaseRequest, trail: _Trail, response: web.StreamResponse | None, span: Span) -> None:
+        status = response.status if response is not None else 0
+        route = trail.fields.get("route", "none")
+        result = trail.fields.get("result") or {}
+        span.set_attribute("http.response.status_code", status)
+        if status >= 500:
+            span.set_status(Status(StatusCode.ERROR))
+        method_class = "read" if request.method in _READ_METHODS else "write"
+        self.tel.requests.add(1, {"route": route, "method_class": method_class, "status": str(status)})
+        self.tel.decisions.add(
+            1,
+            {
+                "result": "allow" if result.get("allow") else "deny",
+                "code": str(result.get("code", "none")),
+                "enforced": str(trail.fields.get("enforced", True)).lower(),
+            },
+        )
+        self.audit.emit(self._record(request, trail, status))
+
+    def _record(self, request: web.BaseRequest, trail: _Trail, status: int) -> dict[str, Any]:
+        fields = dict(trail.fields)
+        cert = fields.pop("client_cert", None) or {}
+        identity = fields.get("identity") or {}
         record: dict[str, Any] = {
-            "timestamp": dt.datetime.now(dt.UTC).isoformat().replace("+00:00", "Z"),
+            "timestamp": now_rfc3339(),
             "decision_id": trail.decision_id,
             "request_id": trail.request_id,
+            "trace_id": trail.trace_id,
+            "route": fields.pop("route", None),
             "method": request.method,
-            "path": trail.fields.pop("decision_path", None),
-            "request_path": trail.fields.pop("path", None),
+            "path": fields.pop("decision_path", None),
+            "request_path": fields.pop("path", None),
+            "source_ip": request.remote,
             "client_cert_sha256": cert.get("sha256"),
             "spiffe_id": cert.get("spiffe_id"),
-            "result": result,
-            "status": response.status if response is not None else None,
+            "subject": identity.get("subject") or identity.get("workload"),
+            "issuer": identity.get("issuer"),
+            "tenant": identity.get("tenant"),
+            "device_id": None,
+            "risk_score": None,
+            "bundles": fields.pop("bundles", None),
+            "result": fields.pop("result", None),
+            "obligations": [],
+            "cache": fields.pop("cache", None),
+            "status": status,
             "latency_ms": round((time.perf_counter() - trail.started) * 1000, 3),
             "stages_ms": trail.stages_ms,
-            **trail.fields,
+            "upstream_status": fields.pop("upstream_status", None),
+            "bytes_in": fields.pop("bytes_in", 0),
+            "bytes_out": fields.pop("bytes_out", 0),
+            **fields,
         }
-        audit.emit(record)
+        if self.config.audit.include_input and trail.policy_input is not None:
+            red = self.config.audit.redact
+            record["input"], record["redacted"] = redact(trail.policy_input, red.erase, red.mask)
+        return record
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
 
 
 _NEVER_CACHED = frozenset({"pdp.undefined", "pdp.malformed_decision", "enforce.unsupported_obligation"})

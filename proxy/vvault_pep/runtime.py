@@ -17,6 +17,7 @@ import orjson
 from aiohttp import web
 
 from .admin import AdminApi
+from .audit import AuditLog
 from .authn import Authenticator
 from .cache import DecisionCache
 from .config import Config
@@ -27,13 +28,16 @@ from .opa_supervisor import OpaSupervisor
 from .pdp import PdpClient
 from .pipeline import Pipeline
 from .shared_state import SharedState
+from .telemetry import Telemetry
 
 log = logging.getLogger("vvault_pep.runtime")
 
 
 class PepRuntime:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, telemetry: Telemetry | None = None) -> None:
         self.config = config
+        self.telemetry = telemetry or Telemetry(config.telemetry)
+        self.audit: AuditLog | None = None
         self.pdp: PdpClient | None = None
         self.supervisor: OpaSupervisor | None = None
         self.upstreams: Upstreams | None = None
@@ -51,6 +55,8 @@ class PepRuntime:
     async def start(self) -> None:
         config = self.config
         ssl_ctx = server_context(config.listener.tls)  # fail before starting anything
+        self.audit = AuditLog(config.audit)
+        self.audit.start()
         self.pdp = PdpClient(config.opa)
         if config.opa.managed:
             self.supervisor = OpaSupervisor(config.opa, self.pdp)
@@ -62,11 +68,13 @@ class PepRuntime:
         self.cache = DecisionCache(config.cache, self.shared)
         await self._refresh_revision()
         self._revision_task = asyncio.create_task(self._revision_loop(), name="opa-revision")
-        self.pipeline = Pipeline(config, self.pdp, self.upstreams, self.authn, self.cache)
+        self.pipeline = Pipeline(config, self.pdp, self.upstreams, self.authn, self.cache, self.telemetry, self.audit)
+        self._observe()
 
         admin = web.Application()
         admin.router.add_get("/healthz", self._healthz)
         admin.router.add_get("/readyz", self._readyz)
+        admin.router.add_get("/metrics", self._metrics)
         AdminApi(self).install(admin)
         self._admin_runner = web.AppRunner(admin, access_log=None)
         await self._admin_runner.setup()
@@ -123,6 +131,9 @@ class PepRuntime:
             await self.cache.stop()
         if self.shared is not None:
             await self.shared.close()
+        if self.audit is not None:
+            self.audit.stop()
+        self.telemetry.shutdown()
         if self.pdp is not None:
             await self.pdp.close()
         if self.supervisor is not None:
@@ -141,6 +152,35 @@ class PepRuntime:
         while True:
             await asyncio.sleep(self.config.cache.revision_check_s)
             await self._refresh_revision()
+
+    def _observe(self) -> None:
+        """Values read at scrape time from the parts that own them."""
+        tel = self.telemetry
+
+        def jwks(kind: str) -> dict[tuple[tuple[str, str], ...], float]:
+            keysets = self.authn.keysets.values() if self.authn else []
+            return {(("issuer", k.issuer.name),): float(getattr(k, kind)) for k in keysets}
+
+        tel.observe("vvault_pep.jwks.fetches", "JWKS fetches per issuer", lambda: jwks("fetches"))
+        tel.observe("vvault_pep.jwks.failures", "failed JWKS fetches per issuer", lambda: jwks("failures"))
+        tel.observe(
+            "vvault_pep.redis.errors", "Redis calls that failed or timed out",
+            lambda: {(): float(self.shared.errors)} if self.shared else {},
+        )  # fmt: skip
+        tel.observe(
+            "vvault_pep.audit.dropped", "audit records dropped by a full sink",
+            lambda: {(("sink", k),): float(v) for k, v in (self.audit.dropped() if self.audit else {}).items()},
+        )  # fmt: skip
+        tel.observe(
+            "vvault_pep.connections.open", "open client connections",
+            lambda: {(): float(len(self._mtls.connections)) if self._mtls else 0.0},
+            gauge=True,
+        )  # fmt: skip
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(
+            body=self.telemetry.metrics_text(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
+        )
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "alive"})

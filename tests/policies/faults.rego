@@ -79,3 +79,6 @@ subject_gate := {"allow": true} if {
 no_store := {"allow": true, "cache": {"no_store": true}}
 
 vary_subject := {"allow": true, "cache": {"vary": ["identity.subject"], "ttl_s": 30}}
+
+# A new rule being rolled out: it would deny, but asks to be logged only.
+monitor_only_deny := {"allow": false, "monitor_only": true, "code": "policy.new_rule", "reason": "trial"}
