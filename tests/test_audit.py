@@ -347,3 +347,50 @@ async def test_monitor_only_rule_forwards_and_is_counted(
     assert record["enforced"] is False
     assert record["would_have"] == {"status": 403, "code": "policy.new_rule"}
     assert total(metrics, "vvault_pep_would_deny_total", route="a_trial", code="policy.new_rule") == 1
+
+
+async def test_otlp_http_exporters_ship_traces_and_decision_logs(
+    pki: Path, opa: OpaProcess, upstream: Upstream, idp: Issuer, tmp_path: Path
+) -> None:
+    from aiohttp import web
+    from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    received: dict[str, list[bytes]] = {"/v1/traces": [], "/v1/logs": []}
+
+    async def collector(request: web.Request) -> web.Response:
+        received[request.path].append(await request.read())
+        return web.Response(status=200)
+
+    app = web.Application()
+    app.router.add_post("/v1/traces", collector)
+    app.router.add_post("/v1/logs", collector)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    base = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    doc = audit_doc(pki, opa.url, upstream, idp, tmp_path / "d.log")
+    doc["audit"]["sinks"] = [{"type": "otlp", "protocol": "http", "endpoint": f"{base}/v1/logs"}]
+    doc["telemetry"]["traces"] = {"exporter": "otlp-http", "endpoint": f"{base}/v1/traces"}
+    try:
+        config = Config.model_validate(doc)
+        pep = PepRuntime(config)
+        await pep.start()
+        try:
+            _, request_id = await send(pep, pki)
+        finally:
+            await pep.stop()  # flushes the batch processors
+        async with asyncio.timeout(10):
+            while not (received["/v1/traces"] and received["/v1/logs"]):
+                await asyncio.sleep(0.05)
+    finally:
+        await runner.cleanup()
+    traces = ExportTraceServiceRequest()
+    traces.ParseFromString(received["/v1/traces"][0])
+    names = {s.name for rs in traces.resource_spans for ss in rs.scope_spans for s in ss.spans}
+    assert {"sanitize", "pdp", "upstream"} <= names
+    logs = ExportLogsServiceRequest()
+    logs.ParseFromString(b"".join(received["/v1/logs"][:1]))
+    bodies = [lr.body.string_value for rl in logs.resource_logs for sl in rl.scope_logs for lr in sl.log_records]
+    assert any(request_id in body for body in bodies)

@@ -131,9 +131,10 @@ class PepRuntime:
             await self.cache.stop()
         if self.shared is not None:
             await self.shared.close()
+        # Flushing exporters blocks on network I/O: keep it off the event loop.
         if self.audit is not None:
-            self.audit.stop()
-        self.telemetry.shutdown()
+            await asyncio.to_thread(self.audit.stop)
+        await asyncio.to_thread(self.telemetry.shutdown)
         if self.pdp is not None:
             await self.pdp.close()
         if self.supervisor is not None:
