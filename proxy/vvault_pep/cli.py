@@ -53,6 +53,10 @@ async def _serve(config: Config) -> int:
         flush=True,
     )
     await stop.wait()
+    # Drain: /readyz turns 503 at once, requests are still served for drain_s,
+    # then the listeners close and in-flight requests finish.
+    runtime.draining = True
+    await asyncio.sleep(config.listener.drain_s)
     await runtime.stop()
     return 0
 
@@ -110,6 +114,19 @@ async def _check(config: Config) -> int:
     return 1 if problems else 0
 
 
+def _probe(url: str) -> int:
+    import urllib.request
+
+    if not url.startswith(("http://127.", "http://localhost", "http://[::1]")):
+        print("vvault-pep probe: only loopback URLs", file=sys.stderr)
+        return 2
+    try:
+        with urllib.request.urlopen(url, timeout=3) as resp:  # noqa: S310 - loopback only, checked above
+            return 0 if resp.status == 200 else 1
+    except OSError:
+        return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vvault-pep", description="zero-trust policy enforcement point")
     parser.add_argument("--version", action="version", version=f"vvault-pep {__version__}")
@@ -118,12 +135,24 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=text)
         p.add_argument("--config", "-c", required=True, help="YAML config file")
         p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+        if name == "check":
+            p.add_argument("--offline", action="store_true", help="validate the config only: no files, no dependencies")
+    probe = sub.add_parser("probe", help="exit 0 if URL answers 200 (container health checks)")
+    probe.add_argument("url", nargs="?", default="http://127.0.0.1:9901/readyz")
     args = parser.parse_args(argv)
+    if args.command == "probe":
+        return _probe(args.url)
+    offline = bool(getattr(args, "offline", False))
     try:
-        config = load_config(args.config)
+        config = load_config(args.config, offline=offline)
     except ConfigError as exc:
         print(f"vvault-pep: invalid config:\n{exc}", file=sys.stderr)
         return 2
+    if offline:
+        print(
+            f"ok    config: {config.source} is valid ({len(config.routes)} routes; files and dependencies not checked)"
+        )
+        return 0
     if args.command == "serve":
         configure_logging(args.log_level)
         return _run(_serve(config))

@@ -91,6 +91,8 @@ def _resolve_path(value: Path, info: ValidationInfo) -> Path:
 
 def _existing_file(value: Path, info: ValidationInfo) -> Path:
     value = _resolve_path(value, info)
+    if (info.context or {}).get("offline"):
+        return value  # schema-only validation (e.g. a config destined for a container)
     if not value.is_file():
         raise ValueError(f"file not found: {value}")
     return value
@@ -118,6 +120,9 @@ class Listener(_Model):
     port: int = Field(8443, ge=0, le=65535)
     tls: ListenerTls
     keepalive_timeout_s: float = Field(75.0, gt=0)
+    # On SIGTERM: report not ready at once, keep serving this long, then stop
+    # (lets a load balancer or Kubernetes take the replica out first).
+    drain_s: float = Field(5.0, ge=0, le=300)
 
 
 class Admin(_Model):
@@ -598,7 +603,7 @@ def _dotted(loc: tuple[str | int, ...]) -> str:
     return out
 
 
-def load_config(path: str | os.PathLike[str]) -> Config:
+def load_config(path: str | os.PathLike[str], *, offline: bool = False) -> Config:
     """Load and validate ``path``; raise ConfigError naming file, line and field."""
     file = Path(path)
     try:
@@ -607,10 +612,12 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         raise ConfigError(f"{file}: config file not found") from exc
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{file}: cannot read config file: {exc}") from exc
-    return parse_config(text, filename=str(file), base_dir=file.resolve().parent)
+    return parse_config(text, filename=str(file), base_dir=file.resolve().parent, offline=offline)
 
 
-def parse_config(text: str, *, filename: str = "<string>", base_dir: Path | None = None) -> Config:
+def parse_config(
+    text: str, *, filename: str = "<string>", base_dir: Path | None = None, offline: bool = False
+) -> Config:
     located = _Located(filename)
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
@@ -626,7 +633,9 @@ def parse_config(text: str, *, filename: str = "<string>", base_dir: Path | None
         raise ConfigError(f"{filename}:1: the config must be a mapping of sections")
     data = {**data, "source": filename}
     try:
-        config = Config.model_validate(data, context={"base_dir": base_dir, "defer_cross_checks": True})
+        config = Config.model_validate(
+            data, context={"base_dir": base_dir, "defer_cross_checks": True, "offline": offline}
+        )
     except ValidationError as exc:
         problems = []
         for err in exc.errors():

@@ -51,6 +51,7 @@ class PepRuntime:
         self._admin_runner: web.AppRunner | None = None
         self.port: int = 0
         self.admin_port: int = 0
+        self.draining = False  # set on SIGTERM: not ready, still serving
 
     async def start(self) -> None:
         config = self.config
@@ -202,8 +203,11 @@ class PepRuntime:
         if self.shared is not None:
             # Informational: without Redis the PEP still serves (L1 and OPA only).
             checks["redis"] = await self.shared.call(lambda c: c.ping()) is not None
+        if self.draining:
+            checks["draining"] = True
         ok = (
-            checks["opa"] is True
+            not self.draining
+            and checks["opa"] is True
             and all(v is True for v in checks["policies"].values())
             and all(checks.get("jwks", {}).values())
         )
