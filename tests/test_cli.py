@@ -10,7 +10,6 @@ from pathlib import Path
 
 import aiohttp
 import yaml
-
 from tests.conftest import Upstream
 from tests.support import ROOT, OpaProcess, client_context, config_doc
 
