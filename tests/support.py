@@ -138,6 +138,14 @@ def get(path: str, *extra: str, host: str = "localhost") -> bytes:
 
 ROUTES: list[dict[str, Any]] = [
     {
+        "name": "sets_user",
+        "path": "/v1/tenants/{tenant}/stream/{n}",
+        "host": "user.test",
+        "methods": ["GET"],
+        "upstream": "vvault",
+        "policy": "faults/sets_user",
+    },
+    {
         "name": "secrets",
         "path": "/v1/tenants/{tenant}/secrets/{path*}",
         "methods": ["GET", "HEAD", "PUT", "DELETE"],

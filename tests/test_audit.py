@@ -205,7 +205,9 @@ async def test_secrets_never_reach_any_sink(
         "X-Api-Key": "api-key-secret-value",
     }
     async with running(audit_doc(pki, opa.url, upstream, idp, sink)) as pep:
-        status, request_id = await send(pep, pki, host="user.audit.test", headers=secrets)
+        status, request_id = await send(
+            pep, pki, host="user.audit.test", headers=secrets, path=SECRET + "?api_key=query-secret-value"
+        )
         assert status == 200
         [record] = await wait_for_records(sink, [request_id])
     out = capsys.readouterr()
@@ -223,6 +225,8 @@ async def test_secrets_never_reach_any_sink(
     assert "request.headers.x-api-key" in record["redacted"]["erased"]
     assert "request.headers.cookie" in record["redacted"]["erased"]
     assert "identity.claims.email" in record["redacted"]["masked"]
+    assert "request.query" in record["redacted"]["masked"]
+    assert record["input"]["request"]["query"]["api_key"][0].startswith("masked:sha256:")
     assert record["input"]["identity"]["claims"]["email"].startswith("masked:sha256:")
 
 

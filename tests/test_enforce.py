@@ -33,6 +33,8 @@ from vvault_pep.errors import PepError
         ({"allow": False, "status": "403"}, False, 403, "pdp.malformed_decision"),
         ({"allow": False, "status": True}, False, 403, "pdp.malformed_decision"),
         ({"allow": True, "reason": 5}, False, 403, "pdp.malformed_decision"),
+        ({"allow": False, "reason": "x\r\nSet-Cookie: a=b"}, False, 403, "pdp.malformed_decision"),
+        ({"allow": False, "code": "route.method_not_allowed", "reason": "GET"}, False, 403, "route.method_not_allowed"),
         ({"allow": True, "code": "Bad Code"}, False, 403, "pdp.malformed_decision"),
         ({"allow": True, "upstream_headers": {"X-A": "a\r\nB: c"}}, False, 403, "pdp.malformed_decision"),
         ({"allow": True, "upstream_headers": {"X A": "a"}}, False, 403, "pdp.malformed_decision"),

@@ -27,7 +27,7 @@ def _vm_hwm_kib(pid: int) -> int:
 
 @pytest.fixture
 async def pep_process(tmp_path: Path, pki: Path, opa: OpaProcess, upstream: Upstream) -> AsyncIterator[tuple[int, int]]:
-    doc = config_doc(pki, opa_url=opa.url, upstream_port=upstream.port)
+    doc = config_doc(pki, opa_url=opa.url, upstream_port=upstream.port, listener={"drain_s": 0})
     path = tmp_path / "pep.yaml"
     path.write_text(yaml.safe_dump(doc))
     proc = await asyncio.create_subprocess_exec(

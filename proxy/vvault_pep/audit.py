@@ -51,12 +51,25 @@ def now_rfc3339() -> str:
     return dt.datetime.now(dt.UTC).isoformat().replace("+00:00", "Z")
 
 
+def _mask(value: Any) -> str:
+    # A digest prefix lets records be correlated without showing the value;
+    # erase low-entropy secrets instead: a short digest can be guessed.
+    return "masked:sha256:" + hashlib.sha256(orjson.dumps(value, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
+
+
 def redact(
-    doc: dict[str, Any], erase: tuple[str, ...], mask: tuple[str, ...]
+    doc: dict[str, Any], erase: tuple[str, ...], mask: tuple[str, ...], query: str = "mask"
 ) -> tuple[dict[str, Any], dict[str, list[str]]]:
     """A redacted copy of ``doc`` and which paths were erased / masked (pure)."""
     out = copy.deepcopy(doc)
     done: dict[str, list[str]] = {"erased": [], "masked": []}
+    params = (out.get("request") or {}).get("query")
+    if isinstance(params, dict) and params and query != "keep":
+        if query == "erase":
+            out["request"]["query"] = {}
+        else:
+            out["request"]["query"] = {k: [_mask(v) for v in vs] for k, vs in params.items()}
+        done["erased" if query == "erase" else "masked"].append("request.query")
     for kind, paths in (("erased", (*ALWAYS_ERASE, *erase)), ("masked", mask)):
         for dotted in paths:
             parts = dotted.split(".")
@@ -68,10 +81,7 @@ def redact(
             if kind == "erased":
                 del parent[parts[-1]]
             else:
-                value = orjson.dumps(parent[parts[-1]], option=orjson.OPT_SORT_KEYS)
-                # A digest prefix lets records be correlated without showing the value;
-                # erase low-entropy secrets instead: a short digest can be guessed.
-                parent[parts[-1]] = "masked:sha256:" + hashlib.sha256(value).hexdigest()[:16]
+                parent[parts[-1]] = _mask(parent[parts[-1]])
             done[kind].append(dotted)
     return out, done
 

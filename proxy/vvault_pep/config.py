@@ -57,6 +57,13 @@ DEFAULT_STRIP_HEADERS: tuple[str, ...] = (
     "x-identity",
     "x-user",
     "x-remote-user",
+    "true-client-ip",
+    "client-ip",
+    "x-cluster-client-ip",
+    "cf-connecting-ip",
+    "fastly-client-ip",
+    "x-original-host",
+    "x-host",
     "remote-user",
     "ssl-client-cert",
     # trace context: continued only from trusted callers, and always re-set by the PEP
@@ -64,7 +71,7 @@ DEFAULT_STRIP_HEADERS: tuple[str, ...] = (
     "tracestate",
 )
 DEFAULT_STRIP_PREFIXES: tuple[str, ...] = (
-    "x-forwarded-",
+    "x-forwarded",  # X-Forwarded, X-Forwarded-For, -Host, -Proto, -Server, -Prefix …
     "x-client-cert",
     "x-ssl-client",
     "x-vvault-",
@@ -123,6 +130,14 @@ class Listener(_Model):
     # On SIGTERM: report not ready at once, keep serving this long, then stop
     # (lets a load balancer or Kubernetes take the replica out first).
     drain_s: float = Field(5.0, ge=0, le=300)
+    # Host names this listener answers for; empty = any.  Others get 421, so a
+    # client cannot make the upstream see a Host (X-Forwarded-Host) of its choosing.
+    hosts: tuple[str, ...] = ()
+
+    @field_validator("hosts")
+    @classmethod
+    def _lower(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(h.lower() for h in v)
 
 
 class Admin(_Model):
@@ -178,6 +193,8 @@ class Upstream(_Model):
     url: str
     connect_timeout_s: float = Field(2.0, gt=0)
     read_timeout_s: float = Field(30.0, gt=0)
+    # Longest wait for a free pooled connection plus connecting: a full pool answers 504.
+    pool_timeout_s: float = Field(5.0, gt=0)
     max_connections: int = Field(100, gt=0)
     tls: UpstreamTls | None = None
 
@@ -376,6 +393,8 @@ class Redact(_Model):
     # identity.claims.email).  Erased: removed.  Masked: replaced by a digest prefix.
     erase: tuple[str, ...] = ()
     mask: tuple[str, ...] = ()
+    # Query values often carry secrets (api_key=, X-Amz-Signature=): masked by default.
+    query: Literal["mask", "erase", "keep"] = "mask"
 
 
 class Audit(_Model):
@@ -489,6 +508,10 @@ class Limits(_Model):
     max_header_bytes: int = Field(8190, ge=256)
     max_headers: int = Field(100, ge=8)
     max_body_bytes: int = Field(1 << 30, ge=0)
+    max_total_header_bytes: int = Field(65_536, ge=1024)
+    # Longest wait for the next piece of a request body (slow-body attacks hold
+    # an upstream connection otherwise).
+    body_idle_timeout_s: float = Field(30.0, gt=0)
 
 
 class Config(_Model):

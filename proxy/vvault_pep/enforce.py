@@ -68,6 +68,8 @@ def interpret(result: Any, *, defined: bool) -> Decision:
     if not isinstance(reason, str):
         return _deny("pdp.malformed_decision", "'reason' is not a string")
     reason = reason[:_MAX_REASON]
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in reason):
+        return _deny("pdp.malformed_decision", "'reason' has control characters")
     code = result.get("code")
     if code is not None and (not isinstance(code, str) or not _CODE.match(code) or len(code) > 64):
         return _deny("pdp.malformed_decision", "'code' is not a dotted lower-case code")

@@ -33,11 +33,14 @@ STATUS: dict[str, tuple[int, str]] = {
     "sanitize.expectation": (417, "Expectation failed"),
     "sanitize.headers_too_large": (431, "Request headers too large"),
     "sanitize.body_too_large": (413, "Request body too large"),
+    "sanitize.body_timeout": (408, "Request body too slow"),
+    "sanitize.unknown_host": (421, "Misdirected request"),
     # routing
     "route.not_found": (404, "No route"),
     "route.method_not_allowed": (405, "Method not allowed"),
     # listener / client certificate
     "tls.client_cert_required": (401, "Client certificate required"),
+    "tls.client_cert_expired": (401, "Client certificate expired"),
     # authn: credentials (RFC 6750 error values go in WWW-Authenticate)
     "authn.required": (401, "Authentication required"),
     "authn.token_in_query": (400, "Token in query string"),
@@ -86,6 +89,7 @@ class Refusal:
     title: str
     detail: str
     headers: tuple[tuple[str, str], ...] = ()
+    allow_methods: tuple[str, ...] = ()  # for the router's own 405 only
 
 
 class PepError(Exception):
@@ -98,6 +102,7 @@ class PepError(Exception):
         *,
         status: int | None = None,
         headers: tuple[tuple[str, str], ...] = (),
+        allow_methods: tuple[str, ...] = (),
     ) -> None:
         if code not in STATUS:
             # An unknown code is a programming error; refuse loudly rather than
@@ -108,9 +113,10 @@ class PepError(Exception):
         self.detail = detail
         self.status = status if status is not None else STATUS[code][0]
         self.headers = headers
+        self.allow_methods = allow_methods
 
     def refusal(self) -> Refusal:
-        return Refusal(self.code, self.status, STATUS[self.code][1], self.detail, self.headers)
+        return Refusal(self.code, self.status, STATUS[self.code][1], self.detail, self.headers, self.allow_methods)
 
 
 class ConfigError(Exception):

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 from collections.abc import AsyncIterator
@@ -71,9 +72,10 @@ def upstream_ssl(up: Upstream) -> ssl.SSLContext | bool:
 
 
 class Upstreams:
-    def __init__(self, upstreams: dict[str, Upstream], *, max_body_bytes: int) -> None:
+    def __init__(self, upstreams: dict[str, Upstream], *, max_body_bytes: int, body_idle_timeout_s: float) -> None:
         self._config = upstreams
         self._max_body = max_body_bytes
+        self._body_idle = body_idle_timeout_s
         self._sessions: dict[str, aiohttp.ClientSession] = {}
         for name, up in upstreams.items():
             connector = aiohttp.TCPConnector(
@@ -82,7 +84,10 @@ class Upstreams:
             self._sessions[name] = aiohttp.ClientSession(
                 connector=connector,
                 timeout=aiohttp.ClientTimeout(
-                    total=None, sock_connect=up.connect_timeout_s, sock_read=up.read_timeout_s
+                    total=None,
+                    connect=up.pool_timeout_s,  # waiting for a pooled connection, then connecting
+                    sock_connect=up.connect_timeout_s,
+                    sock_read=up.read_timeout_s,
                 ),
                 auto_decompress=False,  # pass bytes through with their Content-Encoding
                 skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
@@ -154,7 +159,10 @@ class Upstreams:
                 out.headers.add(key, value)
             for key, value in response_headers:
                 out.headers[key] = value
-            await out.prepare(request)
+            try:
+                await out.prepare(request)
+            except (ConnectionError, aiohttp.ClientConnectionResetError):
+                return out, Outcome(upstream.status, counter.count, 0, "client_gone")
             sent = 0
             try:
                 async for chunk in upstream.content.iter_chunked(CHUNK):
@@ -175,7 +183,19 @@ class Upstreams:
             return out, Outcome(upstream.status, counter.count, sent)
 
     async def _body(self, request: web.BaseRequest, counter: _Counter) -> AsyncIterator[bytes]:
-        async for chunk in request.content.iter_chunked(CHUNK):
+        content = request.content
+        while True:
+            try:
+                # A client that trickles its body would hold a pooled upstream
+                # connection for ever: each piece must come within the idle timeout.
+                async with asyncio.timeout(self._body_idle):
+                    chunk = await content.readany()
+            except TimeoutError as exc:
+                raise PepError("sanitize.body_timeout", "the request body stalled") from exc
+            except (ValueError, aiohttp.ClientPayloadError, web.HTTPException) as exc:
+                raise PepError("sanitize.malformed", "malformed request body") from exc
+            if not chunk:
+                return
             counter.count += len(chunk)
             if counter.count > counter.limit:
                 raise PepError("sanitize.body_too_large", "request body exceeds the limit")

@@ -47,6 +47,11 @@ class PeerCertificate:
     serial: str
     not_before: str
     not_after: str
+    valid_from: dt.datetime
+    valid_until: dt.datetime
+
+    def valid_at(self, when: dt.datetime) -> bool:
+        return self.valid_from <= when < self.valid_until
 
     def as_input(self) -> dict[str, Any]:
         return {
@@ -72,6 +77,10 @@ def server_context(tls: ListenerTls) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)  # no system CAs are loaded
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3 if tls.min_version == "1.3" else ssl.TLSVersion.TLSv1_2
     ctx.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    # No session resumption: a resumed session skips certificate verification, so a
+    # certificate that expired (or was replaced) would keep working for hours.
+    ctx.options |= ssl.OP_NO_TICKET
+    ctx.num_tickets = 0
     ctx.set_ciphers("ECDHE+AESGCM:ECDHE+CHACHA20")  # TLS 1.2: forward secrecy, AEAD only
     ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
     ctx.load_verify_locations(cafile=str(tls.client_ca_file))
@@ -133,6 +142,8 @@ def parse_peer(der: bytes, *, require_client_auth_eku: bool = True) -> PeerCerti
         serial=format(cert.serial_number, "x"),
         not_before=_iso(cert.not_valid_before_utc),
         not_after=_iso(cert.not_valid_after_utc),
+        valid_from=cert.not_valid_before_utc,
+        valid_until=cert.not_valid_after_utc,
     )
 
 
@@ -148,6 +159,22 @@ class Connection:
 
 class _Handler(RequestHandler):
     """aiohttp's connection handler, answering its own parse errors as problem+json."""
+
+    def data_received(self, data: bytes) -> None:
+        before = len(self._messages)
+        super().data_received(data)
+        current = self._current_request
+        if current is None or len(self._messages) <= before:
+            return
+        # aiohttp queues a parse error found *inside* a body (a bad chunk after good
+        # ones) as the next message and leaves the current body waiting forever:
+        # fail the body now, so the request in flight ends instead of hanging.
+        for message, _payload in list(self._messages)[before:]:
+            if type(message).__name__ == "_ErrInfo":
+                content = current.content
+                if not content.is_eof():
+                    content.set_exception(ValueError("malformed request body"))
+                return
 
     def handle_error(
         self,

@@ -138,12 +138,18 @@ class Pipeline:
             raise PepError("tls.client_cert_required", "a client certificate is required")
         if conn and conn.peer:
             trail.fields["client_cert"] = {"sha256": conn.peer.sha256, "spiffe_id": conn.peer.spiffe_id}
+            # Checked on every request, not only at the handshake: a keep-alive
+            # connection outlives a short-lived certificate.
+            if not conn.peer.valid_at(_now()):
+                raise PepError("tls.client_cert_expired", "the client certificate is not valid now")
         # sanitize: one canonical view, before anything reads the request
         with self._stage(trail, "sanitize"):
             target = sanitize.canonical_target(request.raw_path, config.sanitize)
             trail.fields["path"] = target.path
             span.set_attribute("url.path", target.path)
             headers = sanitize.check_headers(request.raw_headers, config.sanitize, config.limits)
+            if config.listener.hosts and headers.host not in config.listener.hosts:
+                raise PepError("sanitize.unknown_host", "this listener does not serve that host")
             if headers.content_length is not None and headers.content_length > config.limits.max_body_bytes:
                 raise PepError("sanitize.body_too_large", "request body exceeds the limit")
         # route: no match is a 404, never a default upstream
@@ -260,15 +266,17 @@ class Pipeline:
     def _upstream_headers(
         self, request: web.BaseRequest, facts: Facts, headers: sanitize.Headers, decision: Decision, trail: _Trail
     ) -> list[tuple[str, str]]:
-        out = list(headers.forward)
-        # Set, never appended: the client's copies were stripped in sanitize.
+        pep: list[tuple[str, str]] = []
         if facts.source_ip:
-            out.append(("X-Forwarded-For", facts.source_ip))
-        out.append(("X-Forwarded-Proto", "https"))
-        out.append(("X-Forwarded-Host", request.host))
-        out.append(("X-Request-Id", trail.request_id))
-        out.extend(decision.upstream_headers)
-        return out
+            pep.append(("X-Forwarded-For", facts.source_ip))
+        pep.append(("X-Forwarded-Proto", "https"))
+        pep.append(("X-Forwarded-Host", request.host))
+        pep.append(("X-Request-Id", trail.request_id))
+        pep.extend(decision.upstream_headers)
+        # What the PEP or the policy sets replaces the client's header of that name,
+        # never sits beside it: frameworks read the first of duplicate headers.
+        owned = {name.lower() for name, _ in pep}
+        return [(k, v) for k, v in headers.forward if k.lower() not in owned] + pep
 
     def _deny(self, request: web.BaseRequest, decision: Decision, trail: _Trail) -> web.StreamResponse:
         refusal = enforce.refusal_of(decision)
@@ -287,8 +295,8 @@ class Pipeline:
         resp.headers["Cache-Control"] = "no-store"
         for name, value in (*refusal.headers, *extra_headers):
             resp.headers[name] = value
-        if refusal.code == "route.method_not_allowed":
-            resp.headers["Allow"] = refusal.detail.removeprefix("allowed: ")
+        if refusal.allow_methods:
+            resp.headers["Allow"] = ", ".join(refusal.allow_methods)
         if request.can_read_body or refusal.code.startswith("sanitize."):
             # The body was never read, or the framing is suspect: close rather
             # than parse what follows as the next request.
@@ -349,7 +357,7 @@ class Pipeline:
         }
         if self.config.audit.include_input and trail.policy_input is not None:
             red = self.config.audit.redact
-            record["input"], record["redacted"] = redact(trail.policy_input, red.erase, red.mask)
+            record["input"], record["redacted"] = redact(trail.policy_input, red.erase, red.mask, red.query)
         return record
 
 

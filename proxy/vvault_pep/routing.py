@@ -120,7 +120,7 @@ class RouteTable:
                 continue
             return Match(route, params)
         if allowed:
-            raise PepError("route.method_not_allowed", f"allowed: {', '.join(allowed)}")
+            raise PepError("route.method_not_allowed", f"allowed: {', '.join(allowed)}", allow_methods=tuple(allowed))
         raise PepError("route.not_found", "no route matches this host and path")
 
 

@@ -62,7 +62,11 @@ class PepRuntime:
         if config.opa.managed:
             self.supervisor = OpaSupervisor(config.opa, self.pdp)
             await self.supervisor.start()
-        self.upstreams = Upstreams(config.upstreams, max_body_bytes=config.limits.max_body_bytes)
+        self.upstreams = Upstreams(
+            config.upstreams,
+            max_body_bytes=config.limits.max_body_bytes,
+            body_idle_timeout_s=config.limits.body_idle_timeout_s,
+        )
         self.authn = Authenticator(config.identity)
         await self.authn.start()
         self.shared = SharedState(config.redis) if config.redis is not None else None

@@ -149,6 +149,9 @@ def _remove_dot_segments(path: str) -> tuple[list[str], bool]:
     trailing = False
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
+        if ";" in part and part.split(";", 1)[0] in ("", ".", ".."):
+            # Tomcat, Jetty and Spring read "..;x" as "..": the classic path-parameter bypass.
+            raise PepError("sanitize.ambiguous_path", "dot segment with ';' parameters")
         if part in ("", "."):
             trailing = last
             continue
@@ -213,7 +216,11 @@ def _has_control(text: str) -> bool:
 def check_headers(raw: Iterable[tuple[bytes, bytes]], rules: Sanitize, limits: Limits) -> Headers:
     """Check the client's headers and split them; raise PepError on ambiguity."""
     items: list[tuple[str, str, str]] = []  # (lower name, name, value)
+    total = 0
     for raw_name, raw_value in raw:
+        total += len(raw_name) + len(raw_value) + 4
+        if total > limits.max_total_header_bytes:
+            raise PepError("sanitize.headers_too_large", "request headers too large in total")
         try:
             name = raw_name.decode("ascii")
             value = raw_value.decode("utf-8")

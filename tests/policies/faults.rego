@@ -82,3 +82,6 @@ vary_subject := {"allow": true, "cache": {"vary": ["identity.subject"], "ttl_s":
 
 # A new rule being rolled out: it would deny, but asks to be logged only.
 monitor_only_deny := {"allow": false, "monitor_only": true, "code": "policy.new_rule", "reason": "trial"}
+
+# Sets an identity header for the upstream that is not in a PEP-owned namespace.
+sets_user := {"allow": true, "upstream_headers": {"X-User-Id": "alice", "X-Tenant": input.route.params.tenant}}
