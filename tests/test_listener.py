@@ -122,3 +122,87 @@ async def test_plain_http_on_the_tls_port_gets_nothing(pep: PepRuntime) -> None:
     writer.close()
     assert b"db-password" not in data and b"s3cr3t" not in data
     assert not data.startswith(b"HTTP/1.1 200")
+
+
+async def test_rotated_server_certificate_is_served_without_a_restart(
+    tmp_path: Path, pki: Path, opa: OpaProcess, upstream: Upstream
+) -> None:
+    import os
+    import shutil
+
+    live = tmp_path / "live"
+    live.mkdir()
+    for name in ("server.pem", "server-key.pem", "ca.pem"):
+        shutil.copy(pki / name, live / name)
+    config = make_config(
+        pki,
+        opa_url=opa.url,
+        upstream_port=upstream.port,
+        listener={
+            "tls": {
+                "cert_file": str(live / "server.pem"),
+                "key_file": str(live / "server-key.pem"),
+                "client_ca_file": str(live / "ca.pem"),
+                "reload_interval_s": 0.1,
+            }
+        },
+    )
+    runtime = PepRuntime(config)
+    await runtime.start()
+    try:
+
+        async def served_serial() -> int:
+            _, writer = await asyncio.open_connection(
+                "127.0.0.1", runtime.port, ssl=client_context(pki, "reader"), server_hostname="localhost"
+            )
+            der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+            writer.close()
+            from cryptography import x509
+
+            return x509.load_der_x509_certificate(der).serial_number
+
+        before = await served_serial()
+        # the same CA issues a new server certificate (as cert-manager would), swapped in atomically
+        new_cert, new_key = _reissue(pki, tmp_path)
+        os.replace(new_key, live / "server-key.pem")
+        os.replace(new_cert, live / "server.pem")
+        async with asyncio.timeout(10):
+            while runtime.tls_reloads == 0:
+                await asyncio.sleep(0.05)
+        after = await served_serial()
+        assert after != before
+        assert await _handshake_then_get(runtime.port, client_context(pki, "reader")) == 200
+    finally:
+        await runtime.stop()
+
+
+def _reissue(pki: Path, tmp: Path) -> tuple[Path, Path]:
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    ca_key = serialization.load_pem_private_key((pki / "ca-key.pem").read_bytes(), None)
+    ca = x509.load_pem_x509_certificate((pki / "ca.pem").read_bytes())
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    cert_path, key_path = tmp / "new-server.pem", tmp / "new-server-key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert_path, key_path

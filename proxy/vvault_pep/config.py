@@ -120,6 +120,8 @@ class ListenerTls(_Model):
     client_auth: Literal["required", "optional"] = "required"
     min_version: Literal["1.2", "1.3"] = "1.2"
     require_client_auth_eku: bool = True
+    # Certificate files are re-read when they change (cert-manager, SPIRE rotation).
+    reload_interval_s: float = Field(30.0, gt=0)
 
 
 class Listener(_Model):

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import ssl
 from typing import Any
 
 import orjson
@@ -46,6 +48,10 @@ class PepRuntime:
         self.shared: SharedState | None = None
         self.cache: DecisionCache | None = None
         self._revision_task: asyncio.Task[None] | None = None
+        self._tls_task: asyncio.Task[None] | None = None
+        self._ssl_ctx: ssl.SSLContext | None = None
+        self._tls_stamp: tuple[float, ...] = ()
+        self.tls_reloads = 0
         self._data_server: asyncio.Server | None = None
         self._mtls: MtlsServer | None = None
         self._admin_runner: web.AppRunner | None = None
@@ -56,6 +62,8 @@ class PepRuntime:
     async def start(self) -> None:
         config = self.config
         ssl_ctx = server_context(config.listener.tls)  # fail before starting anything
+        self._ssl_ctx = ssl_ctx
+        self._tls_stamp = _stamp(config)
         self.audit = AuditLog(config.audit)
         self.audit.start()
         self.pdp = PdpClient(config.opa)
@@ -108,6 +116,7 @@ class PepRuntime:
             reuse_address=True,
         )
         self.port = self._data_server.sockets[0].getsockname()[1]
+        self._tls_task = asyncio.create_task(self._tls_reloader(), name="tls-reload")
         log.info(
             "listening on %s:%s (mTLS), admin on %s:%s",
             config.listener.host,
@@ -117,6 +126,10 @@ class PepRuntime:
         )
 
     async def stop(self) -> None:
+        if self._tls_task is not None:
+            self._tls_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._tls_task
         if self._data_server is not None:
             self._data_server.close()
             if self._mtls is not None:
@@ -144,6 +157,29 @@ class PepRuntime:
             await self.pdp.close()
         if self.supervisor is not None:
             await self.supervisor.stop()
+
+    async def _tls_reloader(self) -> None:
+        """Pick up rotated certificate files for new handshakes (the listener keeps running).
+
+        The new chain and any CA added to the bundle take effect at once; a CA removed
+        from the bundle stays trusted until the next restart (OpenSSL's store only grows).
+        """
+        tls = self.config.listener.tls
+        while True:
+            await asyncio.sleep(tls.reload_interval_s)
+            stamp = _stamp(self.config)
+            if stamp == self._tls_stamp or self._ssl_ctx is None:
+                continue
+            try:
+                self._ssl_ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+                self._ssl_ctx.load_verify_locations(cafile=str(tls.client_ca_file))
+            except (OSError, ssl.SSLError) as exc:
+                # Half-written files during a rotation: keep serving the old ones, retry.
+                log.warning("TLS reload failed, keeping the current certificate: %s", type(exc).__name__)
+                continue
+            self._tls_stamp = stamp
+            self.tls_reloads += 1
+            log.warning("TLS certificate files changed: reloaded")
 
     async def _refresh_revision(self) -> None:
         assert self.pdp is not None
@@ -221,6 +257,17 @@ class PepRuntime:
         ok, checks = await self.readiness()
         body = orjson.dumps({"ready": ok, "checks": checks})
         return web.Response(status=200 if ok else 503, body=body, content_type="application/json")
+
+
+def _stamp(config: Config) -> tuple[float, ...]:
+    tls = config.listener.tls
+    out = []
+    for path in (tls.cert_file, tls.key_file, tls.client_ca_file):
+        try:
+            out.append(os.stat(path).st_mtime)
+        except OSError:
+            out.append(-1.0)
+    return tuple(out)
 
 
 def _bound_port(site: web.TCPSite) -> int:
