@@ -265,3 +265,41 @@ def config_doc(
     if "tls" in (listener or {}):
         doc["listener"]["tls"] = {**tls, **listener["tls"]}  # type: ignore[index]
     return doc
+
+
+@dataclass
+class ServeProcess:
+    proc: asyncio.subprocess.Process
+    port: int
+    admin_port: int
+    drain: asyncio.Task[bytes]
+
+
+async def start_serve(config_path: Path, *, timeout: float = 30) -> ServeProcess:
+    """`vvault-pep serve` as a user starts it; returns once it says where it listens."""
+    import re
+    import sys
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "vvault_pep.cli",
+        "serve",
+        "--config",
+        str(config_path),
+        "--log-level",
+        "WARNING",
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+    async with asyncio.timeout(timeout):
+        while True:
+            line = (await proc.stderr.readline()).decode()
+            if not line:
+                raise RuntimeError("vvault-pep exited before listening")
+            if m := re.search(r"mTLS on [^:]+:(\d+), admin on [^:]+:(\d+)", line):
+                break
+    # keep reading stderr so the child never blocks on a full pipe
+    drain = asyncio.create_task(proc.stderr.read(), name="drain-pep-stderr")
+    return ServeProcess(proc, int(m.group(1)), int(m.group(2)), drain)

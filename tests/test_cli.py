@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import re
 import signal
 import sys
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import aiohttp
 import yaml
 from tests.conftest import Upstream
-from tests.support import ROOT, OpaProcess, client_context, config_doc
+from tests.support import ROOT, OpaProcess, client_context, config_doc, start_serve
 
 
 async def test_sigterm_drains_not_ready_first_then_stops(
@@ -21,28 +20,8 @@ async def test_sigterm_drains_not_ready_first_then_stops(
     doc["routes"] = [r for r in doc["routes"] if "nonexistent" not in r["policy"]]
     path = tmp_path / "pep.yaml"
     path.write_text(yaml.safe_dump(doc))
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "vvault_pep.cli",
-        "serve",
-        "--config",
-        str(path),
-        "--log-level",
-        "WARNING",
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    assert proc.stderr is not None
-    ports: tuple[int, int] | None = None
-    async with asyncio.timeout(30):
-        while ports is None:
-            line = (await proc.stderr.readline()).decode()
-            assert line, "vvault-pep exited before listening"
-            if m := re.search(r"mTLS on [^:]+:(\d+), admin on [^:]+:(\d+)", line):
-                ports = int(m.group(1)), int(m.group(2))
-    drain = asyncio.create_task(proc.stderr.read(), name="drain-stderr")
-    port, admin = ports
+    served = await start_serve(path)
+    proc, port, admin = served.proc, served.port, served.admin_port
     connector = aiohttp.TCPConnector(ssl=client_context(pki, "reader"), force_close=True)
     async with aiohttp.ClientSession(connector=connector) as http:
         async with http.get(f"http://127.0.0.1:{admin}/readyz") as resp:
@@ -60,7 +39,7 @@ async def test_sigterm_drains_not_ready_first_then_stops(
             assert resp.status == 200
     async with asyncio.timeout(30):
         assert await proc.wait() == 0
-    await drain
+    await served.drain
 
 
 async def test_check_offline_validates_configs_meant_for_elsewhere(tmp_path: Path) -> None:

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import re
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -13,7 +11,7 @@ import aiohttp
 import pytest
 import yaml
 from tests.conftest import Upstream
-from tests.support import OpaProcess, client_context, config_doc
+from tests.support import OpaProcess, client_context, config_doc, start_serve
 
 MiB = 1024 * 1024
 
@@ -30,31 +28,11 @@ async def pep_process(tmp_path: Path, pki: Path, opa: OpaProcess, upstream: Upst
     doc = config_doc(pki, opa_url=opa.url, upstream_port=upstream.port, listener={"drain_s": 0})
     path = tmp_path / "pep.yaml"
     path.write_text(yaml.safe_dump(doc))
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "vvault_pep.cli",
-        "serve",
-        "--config",
-        str(path),
-        "--log-level",
-        "WARNING",
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    assert proc.stderr is not None
-    port = 0
-    async with asyncio.timeout(30):
-        while not port:
-            line = (await proc.stderr.readline()).decode()
-            assert line, "vvault-pep exited before listening"
-            if m := re.search(r"mTLS on [^:]+:(\d+)", line):
-                port = int(m.group(1))
-    drain = asyncio.create_task(proc.stderr.read(), name="drain-pep-stderr")
-    yield proc.pid, port
-    proc.terminate()
-    await proc.wait()
-    await drain
+    served = await start_serve(path)
+    yield served.proc.pid, served.port
+    served.proc.terminate()
+    await served.proc.wait()
+    await served.drain
 
 
 @pytest.mark.slow

@@ -127,26 +127,19 @@ class PdpClient:
         )
         return "p:" + hashlib.sha256(orjson.dumps(modules)).hexdigest()[:32]
 
-    async def put_policy(self, policy_id: str, rego: bytes, timeout_s: float = 5.0) -> int:
+    async def put_policy(self, policy_id: str, rego: bytes) -> int:
         """PUT a Rego module into OPA; returns OPA's HTTP status (400 on a compile error)."""
-        try:
-            async with asyncio.timeout(timeout_s):
-                async with self._session.put(
-                    f"{self._base}/v1/policies/{policy_id}", data=rego, headers={"Content-Type": "text/plain"}
-                ) as resp:
-                    await resp.read()
-                    return resp.status
-        except TimeoutError as exc:
-            raise PepError("pdp.timeout", "OPA did not answer in time") from exc
-        except (aiohttp.ClientError, OSError) as exc:
-            raise PepError("pdp.unavailable", f"OPA unreachable: {type(exc).__name__}") from exc
+        return await self._put(f"/v1/policies/{policy_id}", rego, "text/plain")
 
-    async def put_data(self, path: str, body: bytes, timeout_s: float = 5.0) -> int:
+    async def put_data(self, path: str, body: bytes) -> int:
         """PUT a JSON document into OPA's data; returns OPA's HTTP status."""
+        return await self._put(f"/v1/data/{path}", body, "application/json")
+
+    async def _put(self, path: str, body: bytes, content_type: str, timeout_s: float = 5.0) -> int:
         try:
             async with asyncio.timeout(timeout_s):
                 async with self._session.put(
-                    f"{self._base}/v1/data/{path}", data=body, headers={"Content-Type": "application/json"}
+                    self._base + path, data=body, headers={"Content-Type": content_type}
                 ) as resp:
                     await resp.read()
                     return resp.status
