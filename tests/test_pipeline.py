@@ -394,3 +394,20 @@ async def test_every_request_is_audited_without_secrets(
     assert set(record["stages_ms"]) == {"sanitize", "route", "authn", "cache", "pdp", "upstream"}
     assert record["cache"] == "bypass"
     assert "sekrit" not in orjson.dumps(record).decode()
+
+
+async def test_requests_the_parser_refuses_are_on_record_too(
+    pep: PepRuntime, pki: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="vvault_pep.audit"):
+        resp = await raw_https(
+            pep.port,
+            client_context(pki, "reader"),
+            b"GET /v1/tenants/acme/secrets/db-password HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        )
+    assert resp.status == 400
+    [record] = [
+        r.audit for r in caplog.records if getattr(r, "audit", {}).get("request_id") == resp.headers["x-request-id"]
+    ]
+    assert record["result"]["code"] == "sanitize.duplicate_header"
+    assert record["status"] == 400

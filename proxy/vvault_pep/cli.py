@@ -95,6 +95,17 @@ async def _check(config: Config) -> int:
                     )
             except PepError as err:
                 line(False, "policy", f"cannot list OPA policies ({err.code})")
+        if config.redis is not None:
+            from .shared_state import SharedState
+
+            shared = SharedState(config.redis)
+            pong = await shared.call(lambda c: c.ping(), deadline_s=2.0)
+            await shared.close()
+            line(
+                pong is not None,
+                "redis",
+                f"{config.redis.mode} {'answers PING' if pong is not None else 'is not reachable'}",
+            )
         for name, up in config.upstreams.items():
             parts = urlsplit(up.url)
             port = parts.port or (443 if parts.scheme == "https" else 80)

@@ -21,6 +21,7 @@ import hashlib
 import logging
 import ssl
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -209,6 +210,18 @@ class _Handler(RequestHandler):
         )
         resp.headers["X-Request-Id"] = request_id
         resp.force_close()
+        manager = self._manager
+        if isinstance(manager, MtlsServer) and manager.on_refusal is not None:
+            peer = self.transport.get_extra_info("peername") if self.transport else None
+            # These requests never reach the pipeline: they still go on record.
+            manager.on_refusal(
+                {
+                    "request_id": request_id,
+                    "source_ip": peer[0] if peer else None,
+                    "status": refusal.status,
+                    "result": {"allow": False, "status": refusal.status, "code": code, "reasons": [refusal.title]},
+                }
+            )
         return resp
 
 
@@ -219,6 +232,7 @@ class MtlsServer(web.Server):
         super().__init__(*args, **kwargs)
         self._require_eku = require_client_auth_eku
         self._conns: dict[RequestHandler, Connection] = {}
+        self.on_refusal: Callable[[dict[str, Any]], None] | None = None
 
     def __call__(self) -> RequestHandler:
         return _Handler(self, loop=self._loop, **self._kwargs)

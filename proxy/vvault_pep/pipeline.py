@@ -322,6 +322,11 @@ class Pipeline:
         )
         self.audit.emit(self._record(request, trail, status))
 
+    def record_parser_refusal(self, fields: dict[str, Any]) -> None:
+        """A request aiohttp's parser refused before the walk: one record all the same."""
+        self.tel.requests.add(1, {"route": "none", "method_class": "unknown", "status": str(fields["status"])})
+        self.audit.emit({"timestamp": now_rfc3339(), "decision_id": str(uuid.uuid4()), "route": None, **fields})
+
     def _record(self, request: web.BaseRequest, trail: _Trail, status: int) -> dict[str, Any]:
         fields = dict(trail.fields)
         cert = fields.pop("client_cert", None) or {}

@@ -106,6 +106,7 @@ class PepRuntime:
             auto_decompress=False,
         )
         self.pipeline.server = self._mtls
+        self._mtls.on_refusal = self.pipeline.record_parser_refusal
         loop = asyncio.get_running_loop()
         self._data_server = await loop.create_server(
             self._mtls,
