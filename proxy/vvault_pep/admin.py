@@ -42,6 +42,10 @@ class AdminApi:
         app.router.add_put("/admin/opa/data/{path:.+}", self._put_data)
         app.router.add_put("/admin/opa/policies/{id:.+}", self._put_policy)
         app.router.add_get("/admin/cache", self._stats)
+        app.router.add_get("/admin/quarantines", self._list_quarantines)
+        app.router.add_post("/admin/quarantines", self._add_quarantine)
+        app.router.add_delete("/admin/quarantines/{scope}/{value:.+}", self._lift_quarantine)
+        app.router.add_post("/admin/revocations", self._revoke_token)
 
     def _authorise(self, request: web.Request) -> None:
         if self.token is None:
@@ -133,6 +137,61 @@ class AdminApi:
         shared = await cache.bump_revision()
         self._record("opa.policy.put", True, policy_id=policy_id, shared=shared)
         return web.json_response({"id": policy_id, "revision_shared": shared})
+
+    async def _list_quarantines(self, request: web.Request) -> web.Response:
+        self._authorise(request)
+        assert self.runtime.containment is not None
+        return web.json_response({"quarantines": await self.runtime.containment.list()})
+
+    async def _add_quarantine(self, request: web.Request) -> web.Response:
+        self._authorise(request)
+        doc = await self._json(request)
+        from .containment import MAX_TTL_S
+
+        scope, value = doc.get("scope"), doc.get("value") if isinstance(doc, dict) else (None, None)
+        ttl, reason = doc.get("ttl_s", 900), doc.get("reason", "")
+        if (
+            not isinstance(value, str)
+            or not value
+            or not isinstance(reason, str)
+            or isinstance(ttl, bool)
+            or not isinstance(ttl, int | float)
+            or not 0 < ttl <= MAX_TTL_S
+        ):
+            raise web.HTTPBadRequest(text='expected {"scope", "value", "ttl_s", "reason"}')
+        assert self.runtime.containment is not None
+        assert self.runtime.cache is not None
+        try:
+            q, shared = await self.runtime.containment.add(str(scope), value, float(ttl), reason[:256], by="admin")
+        except ValueError as exc:
+            raise web.HTTPBadRequest(text=str(exc)) from exc
+        await self.runtime.cache.invalidate(q.scope, q.value)
+        self._record("quarantine.add", True, scope=q.scope, value=q.value, reason=q.reason, ttl_s=ttl, shared=shared)
+        return web.json_response({**q.doc(), "shared": shared}, status=201)
+
+    async def _lift_quarantine(self, request: web.Request) -> web.Response:
+        self._authorise(request)
+        scope, value = request.match_info["scope"], request.match_info["value"]
+        assert self.runtime.containment is not None
+        shared = await self.runtime.containment.lift(scope, value)
+        self._record("quarantine.lift", True, scope=scope, value=value, shared=shared)
+        return web.json_response({"scope": scope, "value": value, "lifted": True, "shared": shared})
+
+    async def _revoke_token(self, request: web.Request) -> web.Response:
+        self._authorise(request)
+        doc = await self._json(request)
+        jti, exp = (doc.get("jti"), doc.get("exp")) if isinstance(doc, dict) else (None, None)
+        if not isinstance(jti, str) or not jti or isinstance(exp, bool) or not isinstance(exp, int | float):
+            raise web.HTTPBadRequest(text='expected {"jti": "...", "exp": <unix time>}')
+        import time
+
+        ttl = max(1.0, float(exp) - time.time() + 60)  # kept until the token could no longer be used
+        assert self.runtime.containment is not None
+        assert self.runtime.cache is not None
+        q, shared = await self.runtime.containment.add("token", jti, min(ttl, 30 * 86_400), "revoked", by="admin")
+        await self.runtime.cache.invalidate("token", jti)
+        self._record("token.revoke", True, jti=jti, shared=shared)
+        return web.json_response({**q.doc(), "shared": shared}, status=201)
 
     async def _stats(self, request: web.Request) -> web.Response:
         self._authorise(request)

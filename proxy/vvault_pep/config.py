@@ -442,6 +442,12 @@ class Telemetry(_Model):
     trusted_trace_sources: TraceSources = TraceSources()
 
 
+class RateLimit(_Model):
+    per: Literal["subject", "tenant", "client", "route"] = "subject"
+    rate_per_s: float = Field(..., gt=0)
+    burst: int = Field(1, ge=1)
+
+
 class RouteAuthn(_Model):
     require: Literal["none", "user", "workload", "user+workload", "any"] = "none"
     bound_token: bool = False
@@ -457,6 +463,7 @@ class Route(_Model):
     mode: Literal["enforce", "monitor"] = "enforce"
     authn: RouteAuthn = RouteAuthn()
     cache: RouteCache = RouteCache()
+    rate_limit: RateLimit | None = None
 
     @field_validator("cache", mode="before")
     @classmethod

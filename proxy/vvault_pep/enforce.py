@@ -45,6 +45,7 @@ class Decision:
     response_headers: tuple[tuple[str, str], ...] = ()
     extras: dict[str, Any] = field(default_factory=dict)
     monitor_only: bool = False  # a deny the policy wants logged, not enforced (rule roll-out)
+    obligations: tuple[tuple[str, float, str], ...] = ()  # quarantines to carry out: (scope, ttl_s, reason)
 
 
 def _deny(code: str, reason: str, status: int | None = None) -> Decision:
@@ -77,6 +78,7 @@ def interpret(result: Any, *, defined: bool) -> Decision:
     response = _headers(result.get("response_headers"), _RESERVED_RESPONSE)
     if upstream is None or response is None:
         return _deny("pdp.malformed_decision", "decision headers are malformed or reserved")
+    obligations = _obligations(result.get("obligations"))
     if not allow:
         status = result.get("status", 403)
         # bool is an int in Python: refuse it explicitly.
@@ -86,15 +88,39 @@ def interpret(result: Any, *, defined: bool) -> Decision:
         if not isinstance(monitor_only, bool):
             return _deny("pdp.malformed_decision", "'monitor_only' is not a boolean")
         return Decision(
-            False, status, code or "policy.denied", reason or "denied by policy", (), response, {}, monitor_only
+            False,
+            status,
+            code or "policy.denied",
+            reason or "denied by policy",
+            (),
+            response,
+            {},
+            monitor_only,
+            obligations or (),
         )
-    obligations = result.get("obligations", [])
-    if obligations not in ([], None):
+    if obligations is None:
         # An obligation this PEP cannot carry out must not be silently dropped:
         # the policy allowed *on condition* of it.
         return _deny("enforce.unsupported_obligation", "the decision carries an obligation this PEP cannot fulfil")
     extras = {k: v for k, v in result.items() if k in ("cache",)}
-    return Decision(True, 200, code or "policy.allowed", reason, upstream, response, extras)
+    return Decision(True, 200, code or "policy.allowed", reason, upstream, response, extras, False, obligations)
+
+
+def _obligations(raw: Any) -> tuple[tuple[str, float, str], ...] | None:
+    """Quarantine obligations this PEP can carry out; None if any is unknown or malformed."""
+    from .containment import parse_obligation
+
+    if raw is None or raw == []:
+        return ()
+    if not isinstance(raw, list):
+        return None
+    out = []
+    for item in raw:
+        parsed = parse_obligation(item)
+        if parsed is None:
+            return None
+        out.append(parsed)
+    return tuple(out)
 
 
 def _headers(value: Any, reserved: frozenset[str] | set[str]) -> tuple[tuple[str, str], ...] | None:

@@ -62,6 +62,9 @@ STATUS: dict[str, tuple[int, str]] = {
     "authn.unbound_token": (401, "Certificate-bound token required"),
     "authn.untrusted_workload": (401, "Workload identity required"),
     "authn.keys_unavailable": (503, "Signing keys unavailable"),
+    # containment: quarantines, revocations, rate limits
+    "containment.quarantined": (403, "Quarantined"),
+    "ratelimit.exceeded": (429, "Too many requests"),
     # policy said no (the policy may name another 4xx/5xx status)
     "policy.denied": (403, "Forbidden"),
     "pdp.undefined": (403, "Forbidden"),

@@ -25,17 +25,19 @@ from typing import Any
 from aiohttp import web
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
-from . import __version__, enforce, sanitize
+from . import __version__, enforce, ratelimit, sanitize
 from .audit import AuditLog, now_rfc3339, redact
 from .authn import Authenticator, Identity
 from .cache import DecisionCache, hints_of, lifetime
 from .config import Config
+from .containment import Containment, scope_values
 from .enforce import Decision
 from .errors import STATUS, PepError, Refusal
 from .forward import Upstreams
 from .listener import MtlsServer
 from .pdp import PdpClient
 from .policy_input import Facts, build_input
+from .ratelimit import RateLimiter
 from .routing import Match, RouteTable
 from .telemetry import Telemetry
 
@@ -66,7 +68,11 @@ class Pipeline:
         cache: DecisionCache,
         telemetry: Telemetry,
         audit_log: AuditLog,
+        containment: Containment,
+        limiter: RateLimiter,
     ) -> None:
+        self.containment = containment
+        self.limiter = limiter
         self.config = config
         self.authn = authn
         self.cache = cache
@@ -184,6 +190,15 @@ class Pipeline:
         )
         policy_input = build_input(facts, pep_version=__version__)
         trail.policy_input = policy_input
+        # contain: quarantines and revocations hold before any cached allow or OPA
+        with self._stage(trail, "containment"):
+            await self.containment.check(policy_input)
+            if route.rate_limit is not None:
+                key = ratelimit.key_of(route.rate_limit, route.name, policy_input)
+                if key is not None:
+                    verdict = await self.limiter.check(route.rate_limit, key)
+                    if not verdict.allowed:
+                        raise ratelimit.refuse(verdict)
         # decide: L1 → L2 → OPA; only a definite answer is stored
         with self._stage(trail, "cache"):
             cached, layer, revision, epochs = await self.cache.lookup(route, policy_input)
@@ -218,6 +233,8 @@ class Pipeline:
                     route, policy_input, answer.result, ttl_s=ttl, hints=hints, revision=revision, epochs=epochs
                 )
         trail.fields["result"] = _result_of_decision(decision)
+        if decision.obligations:
+            trail.fields["obligations"] = await self._carry_out(decision, policy_input, trail)
         if config.cache.debug_headers:
             decision = dataclasses.replace(
                 decision, response_headers=(*decision.response_headers, ("X-Decision-Cache", layer))
@@ -262,6 +279,30 @@ class Pipeline:
         if outcome.aborted:
             trail.fields["aborted"] = outcome.aborted
         return response
+
+    async def _carry_out(self, decision: Decision, doc: dict[str, Any], trail: _Trail) -> list[dict[str, Any]]:
+        """Execute the decision's quarantine obligations; the record says what was done."""
+        done = []
+        values = dict(reversed(scope_values(doc)))  # first value per scope wins
+        for scope, ttl_s, reason in decision.obligations:
+            value = values.get(scope)
+            if value is None:
+                done.append({"type": "quarantine", "scope": scope, "executed": False, "why": "no such scope"})
+                continue
+            _, shared = await self.containment.add(scope, value, ttl_s, reason, by=f"policy:{trail.decision_id}")
+            await self.cache.invalidate(scope, value)
+            done.append(
+                {
+                    "type": "quarantine",
+                    "scope": scope,
+                    "value": value,
+                    "ttl_s": ttl_s,
+                    "reason": reason,
+                    "executed": True,
+                    "shared": shared,
+                }
+            )
+        return done
 
     def _upstream_headers(
         self, request: web.BaseRequest, facts: Facts, headers: sanitize.Headers, decision: Decision, trail: _Trail
@@ -350,7 +391,7 @@ class Pipeline:
             "risk_score": None,
             "bundles": fields.pop("bundles", None),
             "result": fields.pop("result", None),
-            "obligations": [],
+            "obligations": fields.pop("obligations", []),
             "cache": fields.pop("cache", None),
             "status": status,
             "latency_ms": round((time.perf_counter() - trail.started) * 1000, 3),

@@ -23,12 +23,14 @@ from .audit import AuditLog
 from .authn import Authenticator
 from .cache import DecisionCache
 from .config import Config
+from .containment import Containment
 from .errors import PepError
 from .forward import Upstreams
 from .listener import MtlsServer, server_context
 from .opa_supervisor import OpaSupervisor
 from .pdp import PdpClient
 from .pipeline import Pipeline
+from .ratelimit import RateLimiter
 from .shared_state import SharedState
 from .telemetry import Telemetry
 
@@ -47,6 +49,7 @@ class PepRuntime:
         self.authn: Authenticator | None = None
         self.shared: SharedState | None = None
         self.cache: DecisionCache | None = None
+        self.containment: Containment | None = None
         self._revision_task: asyncio.Task[None] | None = None
         self._tls_task: asyncio.Task[None] | None = None
         self._ssl_ctx: ssl.SSLContext | None = None
@@ -81,7 +84,19 @@ class PepRuntime:
         self.cache = DecisionCache(config.cache, self.shared)
         await self._refresh_revision()
         self._revision_task = asyncio.create_task(self._revision_loop(), name="opa-revision")
-        self.pipeline = Pipeline(config, self.pdp, self.upstreams, self.authn, self.cache, self.telemetry, self.audit)
+        self.containment = Containment(self.shared)
+        await self.containment.start()
+        self.pipeline = Pipeline(
+            config,
+            self.pdp,
+            self.upstreams,
+            self.authn,
+            self.cache,
+            self.telemetry,
+            self.audit,
+            self.containment,
+            RateLimiter(self.shared),
+        )
         self._observe()
 
         admin = web.Application()
@@ -148,6 +163,8 @@ class PepRuntime:
                 await self._revision_task
         if self.cache is not None:
             await self.cache.stop()
+        if self.containment is not None:
+            await self.containment.stop()
         if self.shared is not None:
             await self.shared.close()
         # Flushing exporters blocks on network I/O: keep it off the event loop.

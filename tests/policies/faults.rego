@@ -18,7 +18,15 @@ crlf_header := {"allow": true, "upstream_headers": {"X-A": "a\r\nX-Injected: 1"}
 
 reserved_header := {"allow": true, "upstream_headers": {"X-Forwarded-For": "10.0.0.1"}}
 
-obligation := {"allow": true, "obligations": [{"type": "quarantine", "scope": "subject"}]}
+obligation := {"allow": true, "obligations": [{"type": "notify_soc", "channel": "pager"}]}
+
+# Denies and quarantines the caller's subject (automated response).
+quarantine_me := {
+	"allow": false,
+	"code": "policy.compromised",
+	"reason": "suspicious activity",
+	"obligations": [{"type": "quarantine", "scope": "subject", "ttl_s": 60, "reason": "test trip-wire"}],
+}
 
 custom_status := {
 	"allow": false,

@@ -1,0 +1,214 @@
+"""Containment: quarantines and token revocations, shared by every replica.
+
+A quarantine names a scope — ``subject``, ``tenant``, ``token`` (a ``jti``) or
+``device`` — a value, a reason and a lifetime.  It is written to Redis
+(``q:<scope>:<value>``, expiring by itself) and published on a channel; every
+replica checks the request's scopes **before** the decision cache and OPA,
+so a cached allow cannot outlive it.  A token revocation is a ``token``
+quarantine that lives until the token's ``exp``.
+
+Quarantines arrive three ways: a decision's obligation
+(``{"type": "quarantine", "scope": "subject", "ttl_s": 900, "reason": "…"}``),
+the admin API, or another replica (through Redis).  Each replica also keeps
+what it learnt locally, so a quarantine still holds on the replica that made
+it when Redis is down — nothing is lifted by an outage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from .errors import PepError
+from .shared_state import SharedState
+
+log = logging.getLogger("vvault_pep.containment")
+
+SCOPES = ("subject", "tenant", "token", "device")
+CHANNEL = "quarantine"
+MAX_TTL_S = 30 * 86_400
+
+
+@dataclass(frozen=True, slots=True)
+class Quarantine:
+    scope: str
+    value: str
+    reason: str
+    until: float  # unix time
+    by: str  # "policy:<decision_id>" or "admin"
+
+    def doc(self) -> dict[str, Any]:
+        return {"scope": self.scope, "value": self.value, "reason": self.reason, "until": self.until, "by": self.by}
+
+
+def parse_obligation(raw: Any) -> tuple[str, float, str] | None:
+    """``(scope, ttl_s, reason)`` of a well-formed quarantine obligation, else None."""
+    if not isinstance(raw, dict) or raw.get("type") != "quarantine":
+        return None
+    scope, ttl, reason = raw.get("scope"), raw.get("ttl_s", 900), raw.get("reason", "")
+    if scope not in SCOPES or not isinstance(reason, str):
+        return None
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl <= MAX_TTL_S:
+        return None
+    return scope, float(ttl), reason[:256]
+
+
+def scope_values(doc: dict[str, Any]) -> list[tuple[str, str]]:
+    """The (scope, value) pairs a request carries, from its policy input."""
+    identity = doc.get("identity") or {}
+    pairs = [
+        ("subject", identity.get("subject")),
+        ("tenant", identity.get("tenant")),
+        ("tenant", (doc.get("route") or {}).get("params", {}).get("tenant")),
+        ("token", identity.get("token_id")),
+        ("device", (doc.get("device") or {}).get("id")),
+    ]
+    out: list[tuple[str, str]] = []
+    for scope, value in pairs:
+        if isinstance(value, str) and value and (scope, value) not in out:
+            out.append((scope, value))
+    return out
+
+
+class Containment:
+    def __init__(self, shared: SharedState | None) -> None:
+        self.shared = shared
+        self._local: dict[tuple[str, str], Quarantine] = {}
+        self._listener: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        if self.shared is not None:
+            self._listener = asyncio.create_task(self._listen(), name="quarantine-listener")
+
+    async def stop(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+
+    def _key(self, scope: str, value: str) -> str:
+        assert self.shared is not None
+        return self.shared.key("q", scope, value)
+
+    async def check(self, doc: dict[str, Any]) -> None:
+        """Raise PepError(containment.quarantined) if any scope of the request is contained."""
+        pairs = scope_values(doc)
+        if not pairs:
+            return
+        now = time.time()
+        hits: list[Quarantine] = []
+        if self.shared is not None:
+            keys = [self._key(s, v) for s, v in pairs]
+            values = await self.shared.call(lambda c: c.mget(keys))
+            for (scope, value), raw in zip(pairs, values or [], strict=False):
+                if raw is not None:
+                    hits.append(_load(scope, value, raw, now))
+        for pair in pairs:
+            local = self._local.get(pair)
+            if local is not None and local.until > now:
+                hits.append(local)
+        if hits:
+            q = hits[0]
+            raise PepError(
+                "containment.quarantined",
+                f"{q.scope} is quarantined" + (f": {q.reason}" if q.reason else ""),
+            )
+
+    async def add(self, scope: str, value: str, ttl_s: float, reason: str, by: str) -> tuple[Quarantine, bool]:
+        """Quarantine a scope everywhere; returns it and whether Redis shared it."""
+        if scope not in SCOPES:
+            raise ValueError(f"scope must be one of {', '.join(SCOPES)}")
+        q = Quarantine(scope, value, reason, time.time() + ttl_s, by)
+        self._local[(scope, value)] = q
+        if self.shared is None:
+            return q, False
+        shared, key, blob = self.shared, self._key(scope, value), orjson.dumps(q.doc())
+
+        async def op(c: Any) -> Any:
+            pipe = c.pipeline(transaction=True)
+            pipe.set(key, blob, px=max(1, int(ttl_s * 1000)))
+            pipe.publish(shared.key(CHANNEL), orjson.dumps({"op": "add", **q.doc()}))
+            return await pipe.execute()
+
+        done = await shared.call(op)
+        return q, done is not None
+
+    async def lift(self, scope: str, value: str) -> bool:
+        self._local.pop((scope, value), None)
+        if self.shared is None:
+            return True
+        shared, key = self.shared, self._key(scope, value)
+
+        async def op(c: Any) -> Any:
+            pipe = c.pipeline(transaction=True)
+            pipe.delete(key)
+            pipe.publish(shared.key(CHANNEL), orjson.dumps({"op": "lift", "scope": scope, "value": value}))
+            return await pipe.execute()
+
+        return await shared.call(op) is not None
+
+    async def list(self) -> list[dict[str, Any]]:
+        now = time.time()
+        found = {pair: q for pair, q in self._local.items() if q.until > now}
+        if self.shared is not None:
+            shared = self.shared
+            prefix = shared.key("q", "")
+
+            async def op(c: Any) -> list[tuple[bytes, bytes]]:
+                keys = [k async for k in c.scan_iter(match=prefix + "*", count=500)]
+                return list(zip(keys, await c.mget(keys), strict=True)) if keys else []
+
+            for key, raw in await shared.call(op, deadline_s=2.0) or []:
+                scope, _, value = key.decode()[len(prefix) :].partition(":")
+                if raw is not None:
+                    found[(scope, value)] = _load(scope, value, raw, now)
+        return [q.doc() for q in found.values()]
+
+    async def _listen(self) -> None:
+        """Mirror other replicas' quarantines locally (for when Redis later fails)."""
+        assert self.shared is not None
+        shared = self.shared
+        while True:
+            try:
+                pubsub = shared.client.pubsub()
+                await pubsub.subscribe(shared.key(CHANNEL))
+                async for message in pubsub.listen():
+                    if message.get("type") != "message":
+                        continue
+                    try:
+                        event = orjson.loads(message["data"])
+                        pair = (str(event["scope"]), str(event["value"]))
+                        if event.get("op") == "lift":
+                            self._local.pop(pair, None)
+                        else:
+                            self._local[pair] = Quarantine(
+                                pair[0],
+                                pair[1],
+                                str(event.get("reason", "")),
+                                float(event["until"]),
+                                str(event.get("by", "")),
+                            )
+                    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                        continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("quarantine channel lost (%s); resubscribing", type(exc).__name__)
+                await asyncio.sleep(1.0)
+
+
+def _load(scope: str, value: str, raw: bytes, now: float) -> Quarantine:
+    try:
+        doc = orjson.loads(raw)
+        return Quarantine(
+            scope, value, str(doc.get("reason", "")), float(doc.get("until", now + 60)), str(doc.get("by", ""))
+        )
+    except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
+        # An entry we cannot read still means "contained": never fail open on garbage.
+        return Quarantine(scope, value, "", now + 60, "unknown")
