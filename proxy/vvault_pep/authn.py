@@ -177,21 +177,28 @@ def workload_of(peer: PeerCertificate | None, trust_domains: tuple[str, ...]) ->
     return Workload(str(sid), sid.trust_domain, sid.path)
 
 
-class Authenticator:
-    def __init__(self, cfg: IdentityConfig) -> None:
-        self.cfg = cfg
-        self._by_issuer: dict[str, Issuer] = {i.issuer: i for i in cfg.issuers}
+class JwtVerifier:
+    """Signature and claim checks for JWTs from a set of configured issuers.
+
+    Shared by bearer tokens and device-posture assertions: the order of checks
+    and their codes are the ones in this module's docstring.
+    """
+
+    def __init__(self, issuers: tuple[Issuer, ...], *, max_bytes: int, realm: str) -> None:
+        self.issuers = issuers
+        self.max_bytes = max_bytes
+        self.realm = realm
+        self._by_issuer: dict[str, Issuer] = {i.issuer: i for i in issuers}
         self._session: aiohttp.ClientSession | None = None
         self.keysets: dict[str, KeySet] = {}
-        self._verified: OrderedDict[bytes, tuple[UserToken, str, str | None]] = OrderedDict()
 
     async def start(self) -> None:
-        if not any(i.uses_jwks for i in self.cfg.issuers):
+        if not any(i.uses_jwks for i in self.issuers):
             return
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=None), cookie_jar=aiohttp.DummyCookieJar()
         )
-        for issuer in self.cfg.issuers:
+        for issuer in self.issuers:
             if issuer.uses_jwks:
                 keyset = KeySet(issuer, self._session)
                 self.keysets[issuer.issuer] = keyset
@@ -205,6 +212,104 @@ class Authenticator:
 
     def ready(self) -> dict[str, bool]:
         return {k.issuer.name: k.fresh_enough() for k in self.keysets.values()}
+
+    def precheck(self, token: str) -> tuple[Issuer, str, str | None]:
+        """Everything that needs no key: size, shape, alg, issuer, typ, crit, kid."""
+        realm = self.realm
+        if len(token) > self.max_bytes:
+            raise _fail("authn.token_too_large", realm)
+        parts = token.split(".")
+        if len(parts) == 5:
+            raise _fail("authn.encrypted_token", realm)
+        if len(parts) != 3 or not parts[0] or not parts[1]:
+            raise _fail("authn.malformed", realm)
+        try:
+            header, payload = _b64json(parts[0]), _b64json(parts[1])
+        except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
+            raise _fail("authn.malformed", realm) from exc
+        alg = header.get("alg")
+        if not isinstance(alg, str):
+            raise _fail("authn.malformed", realm, "no algorithm")
+        if alg.strip().lower() == "none":
+            raise _fail("authn.bad_algorithm", realm)
+        iss = payload.get("iss")
+        issuer = self._by_issuer.get(iss) if isinstance(iss, str) else None
+        if issuer is None:
+            raise _fail("authn.unknown_issuer", realm)
+        if alg not in issuer.algorithms:
+            raise _fail("authn.bad_algorithm", realm)
+        if issuer.typ is not None:
+            typ = header.get("typ")
+            wanted = issuer.typ.lower()
+            if not isinstance(typ, str) or typ.lower() not in (wanted, "application/" + wanted):
+                raise _fail("authn.wrong_type", realm)
+        if "crit" in header:
+            raise _fail("authn.unsupported_crit", realm)
+        kid = header.get("kid")
+        if kid is not None and (not isinstance(kid, str) or len(kid) > _MAX_KID):
+            raise _fail("authn.malformed", realm, "bad key id")
+        return issuer, alg, kid
+
+    async def claims(self, token: str, issuer: Issuer, alg: str, kid: str | None) -> dict[str, Any]:
+        """Signature, exp/nbf/iat, iss and aud, with the algorithm pinned; the claims."""
+        realm = self.realm
+        key: Any
+        if alg in HMAC_ALGORITHMS:
+            assert issuer.shared_secret is not None  # config validation guarantees it
+            key = issuer.shared_secret.encode()
+        else:
+            try:
+                key = (await self.keysets[issuer.issuer].key_for(kid, alg)).jwk.key
+            except PepError as exc:
+                raise _fail(exc.code, realm) from exc
+        try:
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                key=key,
+                algorithms=[alg],
+                audience=list(issuer.audiences),
+                issuer=issuer.issuer,
+                leeway=issuer.leeway_s,
+                options={"require": ["exp", "iss", "aud", *issuer.required_claims], "verify_signature": True},
+            )
+        except jwt_errors.ExpiredSignatureError as exc:
+            raise _fail("authn.expired", realm) from exc
+        except (jwt_errors.ImmatureSignatureError, jwt_errors.InvalidIssuedAtError) as exc:
+            raise _fail("authn.not_yet_valid", realm) from exc
+        except jwt_errors.InvalidAudienceError as exc:
+            raise _fail("authn.wrong_audience", realm) from exc
+        except jwt_errors.InvalidIssuerError as exc:
+            raise _fail("authn.wrong_issuer", realm) from exc
+        except jwt_errors.MissingRequiredClaimError as exc:
+            code = "authn.wrong_audience" if exc.claim == "aud" else "authn.missing_claim"
+            raise _fail(code, realm, f"the token has no '{exc.claim}' claim") from exc
+        except jwt_errors.InvalidSignatureError as exc:
+            raise _fail("authn.bad_signature", realm) from exc
+        except jwt_errors.InvalidAlgorithmError as exc:
+            raise _fail("authn.bad_algorithm", realm) from exc
+        except jwt_errors.PyJWTError as exc:
+            raise _fail("authn.malformed", realm) from exc
+        return claims
+
+
+class Authenticator:
+    def __init__(self, cfg: IdentityConfig) -> None:
+        self.cfg = cfg
+        self.jwt = JwtVerifier(cfg.issuers, max_bytes=cfg.max_token_bytes, realm=cfg.realm)
+        self._verified: OrderedDict[bytes, tuple[UserToken, str, str | None]] = OrderedDict()
+
+    @property
+    def keysets(self) -> dict[str, KeySet]:
+        return self.jwt.keysets
+
+    async def start(self) -> None:
+        await self.jwt.start()
+
+    async def stop(self) -> None:
+        await self.jwt.stop()
+
+    def ready(self) -> dict[str, bool]:
+        return self.jwt.ready()
 
     async def authenticate(
         self,
@@ -243,83 +348,13 @@ class Authenticator:
         return Identity(user, workload, bound)
 
     async def verify(self, token: str) -> UserToken:
-        """Verify a compact JWS; return the mapped claims or raise PepError(authn.*)."""
-        realm = self.cfg.realm
-        if len(token) > self.cfg.max_token_bytes:
-            raise _fail("authn.token_too_large", realm)
-        parts = token.split(".")
-        if len(parts) == 5:
-            raise _fail("authn.encrypted_token", realm)
-        if len(parts) != 3 or not parts[0] or not parts[1]:
-            raise _fail("authn.malformed", realm)
-        try:
-            header, payload = _b64json(parts[0]), _b64json(parts[1])
-        except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
-            raise _fail("authn.malformed", realm) from exc
-        alg = header.get("alg")
-        if not isinstance(alg, str):
-            raise _fail("authn.malformed", realm, "no algorithm")
-        if alg.strip().lower() == "none":
-            raise _fail("authn.bad_algorithm", realm)
-        iss = payload.get("iss")
-        issuer = self._by_issuer.get(iss) if isinstance(iss, str) else None
-        if issuer is None:
-            raise _fail("authn.unknown_issuer", realm)
-        if alg not in issuer.algorithms:
-            raise _fail("authn.bad_algorithm", realm)
-        if issuer.typ is not None:
-            typ = header.get("typ")
-            wanted = issuer.typ.lower()
-            if not isinstance(typ, str) or typ.lower() not in (wanted, "application/" + wanted):
-                raise _fail("authn.wrong_type", realm)
-        if "crit" in header:
-            raise _fail("authn.unsupported_crit", realm)
-        kid = header.get("kid")
-        if kid is not None and (not isinstance(kid, str) or len(kid) > _MAX_KID):
-            raise _fail("authn.malformed", realm, "bad key id")
-
+        """Verify a bearer JWT; return the mapped claims or raise PepError(authn.*)."""
+        issuer, alg, kid = self.jwt.precheck(token)
         digest = hashlib.sha256(token.encode()).digest()
         cached = self._cached(digest)
         if cached is not None:
             return cached
-
-        key: Any
-        if alg in HMAC_ALGORITHMS:
-            assert issuer.shared_secret is not None  # config validation guarantees it
-            key = issuer.shared_secret.encode()
-        else:
-            try:
-                key = (await self.keysets[issuer.issuer].key_for(kid, alg)).jwk.key
-            except PepError as exc:
-                raise _fail(exc.code, realm) from exc
-        try:
-            claims = jwt.decode(
-                token,
-                key=key,
-                algorithms=[alg],
-                audience=list(issuer.audiences),
-                issuer=issuer.issuer,
-                leeway=issuer.leeway_s,
-                options={"require": ["exp", "iss", "aud", *issuer.required_claims], "verify_signature": True},
-            )
-        except jwt_errors.ExpiredSignatureError as exc:
-            raise _fail("authn.expired", realm) from exc
-        except (jwt_errors.ImmatureSignatureError, jwt_errors.InvalidIssuedAtError) as exc:
-            raise _fail("authn.not_yet_valid", realm) from exc
-        except jwt_errors.InvalidAudienceError as exc:
-            raise _fail("authn.wrong_audience", realm) from exc
-        except jwt_errors.InvalidIssuerError as exc:
-            raise _fail("authn.wrong_issuer", realm) from exc
-        except jwt_errors.MissingRequiredClaimError as exc:
-            code = "authn.wrong_audience" if exc.claim == "aud" else "authn.missing_claim"
-            raise _fail(code, realm, f"the token has no '{exc.claim}' claim") from exc
-        except jwt_errors.InvalidSignatureError as exc:
-            raise _fail("authn.bad_signature", realm) from exc
-        except jwt_errors.InvalidAlgorithmError as exc:
-            raise _fail("authn.bad_algorithm", realm) from exc
-        except jwt_errors.PyJWTError as exc:
-            raise _fail("authn.malformed", realm) from exc
-        user = self._map(issuer, claims)
+        user = self._map(issuer, await self.jwt.claims(token, issuer, alg, kid))
         self._remember(digest, user, issuer.issuer, kid)
         return user
 
