@@ -100,6 +100,7 @@ def cache_config(pki: Path, opa: OpaProcess, upstream: Upstream, idp: Issuer, re
         routes=CACHE_ROUTES + ROUTES,
         listener={"tls": {"client_auth": "optional"}},
         redis={"url": redis_url, "timeout_ms": 200},
+        risk={"enabled": False},  # risk bands would (rightly) split keys as denials pile up
         admin={"host": "127.0.0.1", "port": 0, "token": ADMIN_TOKEN},
         identity={
             "issuers": [

@@ -391,7 +391,17 @@ async def test_every_request_is_audited_without_secrets(
     assert record["path"] == "vvault/authz/decision"
     assert record["spiffe_id"] == "spiffe://demo.vvault/client/reader"
     assert record["upstream_status"] == 200
-    assert set(record["stages_ms"]) == {"sanitize", "route", "authn", "containment", "cache", "pdp", "upstream"}
+    assert set(record["stages_ms"]) == {
+        "sanitize",
+        "route",
+        "authn",
+        "posture",
+        "risk",
+        "containment",
+        "cache",
+        "pdp",
+        "upstream",
+    }
     assert record["cache"] == "bypass"
     assert "sekrit" not in orjson.dumps(record).decode()
 

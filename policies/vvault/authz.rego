@@ -10,7 +10,8 @@
 #   * the caller (SPIFFE ID, else certificate CN) must be entitled to the
 #     tenant named in the path (data.vvault.clients);
 #   * reads are allowed (GET/HEAD, and POST on a collection query); writes and
-#     everything under the admin area are denied.
+#     everything under the admin area are denied;
+#   * routes in data.vvault.device_required_routes need a verified, managed device.
 package vvault.authz
 
 default decision := {
@@ -42,6 +43,7 @@ messages := {
 	"policy.tenant_not_entitled": "the client is not entitled to this tenant",
 	"policy.admin_denied": "the admin area is not open through this gateway",
 	"policy.write_denied": "only reads are allowed",
+	"policy.device_required": "this route needs a verified, managed device",
 }
 
 deny contains "policy.no_client_cert" if not is_object(cert)
@@ -64,6 +66,21 @@ deny contains "policy.tenant_not_entitled" if {
 deny contains "policy.admin_denied" if startswith(input.route.name, "admin")
 
 deny contains "policy.write_denied" if not is_read
+
+# Sensitive routes need a verified device assertion from a managed device.
+default device_required_routes := []
+
+device_required_routes := data.vvault.device_required_routes
+
+deny contains "policy.device_required" if {
+	input.route.name in device_required_routes
+	not device_ok
+}
+
+device_ok if {
+	input.device.verified == true
+	input.device.managed == true
+}
 
 decision := {
 	"allow": true,

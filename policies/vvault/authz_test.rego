@@ -21,9 +21,24 @@ test_read_in_entitled_tenant_allowed if {
 	d.upstream_headers["X-Vvault-Client"] == "spiffe://demo.vvault/client/reader"
 }
 
+managed_device := {"verified": true, "managed": true, "id": "dev-1"}
+
 test_collection_query_post_is_a_read if {
-	d := authz.decision with input as req("POST", "collection_query", {"tenant": "acme", "collection": "docs"}, reader_cert)
+	d := authz.decision with input as object.union(
+		req("POST", "collection_query", {"tenant": "acme", "collection": "docs"}, reader_cert),
+		{"device": managed_device},
+	)
 	d.allow == true
+}
+
+test_collection_query_needs_a_verified_managed_device if {
+	base := req("POST", "collection_query", {"tenant": "acme", "collection": "docs"}, reader_cert)
+	no_device := authz.decision with input as base
+	no_device.code == "policy.device_required"
+	unverified := authz.decision with input as object.union(base, {"device": {"verified": false, "reason": "stale"}})
+	unverified.allow == false
+	unmanaged := authz.decision with input as object.union(base, {"device": {"verified": true, "managed": false}})
+	unmanaged.allow == false
 }
 
 test_other_tenant_denied if {

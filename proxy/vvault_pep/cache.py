@@ -53,6 +53,10 @@ VOLATILE: tuple[tuple[str, ...], ...] = (
     ("source", "port"),
     ("time",),
     ("request", "headers", "traceparent"),
+    ("device", "age_s"),
+    # risk enters the key by its band (and availability), not its moving numbers
+    ("risk", "score"),
+    ("risk", "signals"),
 )
 SCOPES = ("subject", "tenant", "token", "device")
 _MISSING = {"$missing": True}

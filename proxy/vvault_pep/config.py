@@ -442,6 +442,32 @@ class Telemetry(_Model):
     trusted_trace_sources: TraceSources = TraceSources()
 
 
+class Posture(_Model):
+    # Device posture arrives as a signed, short-lived JWT from a device trust service.
+    header: str = "x-device-posture"
+    issuers: tuple[Issuer, ...] = ()
+    max_age_s: float = Field(300, gt=0)
+    # bound to the caller by its subject (sub = token subject), its certificate
+    # (cnf.x5t#S256 = client certificate thumbprint), or either
+    binding: Literal["subject", "cnf", "either"] = "either"
+
+    @field_validator("header")
+    @classmethod
+    def _lower(cls, v: str) -> str:
+        return v.lower()
+
+
+class Risk(_Model):
+    enabled: bool = True
+    window_s: int = Field(60, ge=10, le=3600)
+    spike_factor: float = Field(3.0, gt=1)
+    spike_min_requests: int = Field(20, ge=1)
+    denial_window_s: int = Field(300, ge=10)
+    tenant_timezones: dict[str, str] = {}
+    business_hours: tuple[int, int] = (7, 19)
+    timeout_ms: int = Field(30, gt=0)
+
+
 class RateLimit(_Model):
     per: Literal["subject", "tenant", "client", "route"] = "subject"
     rate_per_s: float = Field(..., gt=0)
@@ -536,6 +562,8 @@ class Config(_Model):
     cache: Cache = Cache()
     audit: Audit = Audit()
     telemetry: Telemetry = Telemetry()
+    posture: Posture = Posture()
+    risk: Risk = Risk()
     source: str = Field("<memory>", exclude=True)
 
     @model_validator(mode="after")

@@ -37,7 +37,9 @@ from .forward import Upstreams
 from .listener import MtlsServer
 from .pdp import PdpClient
 from .policy_input import Facts, build_input
+from .posture import PostureVerifier
 from .ratelimit import RateLimiter
+from .risk import RiskSignals
 from .routing import Match, RouteTable
 from .telemetry import Telemetry
 
@@ -70,9 +72,13 @@ class Pipeline:
         audit_log: AuditLog,
         containment: Containment,
         limiter: RateLimiter,
+        posture: PostureVerifier,
+        risk: RiskSignals,
     ) -> None:
         self.containment = containment
         self.limiter = limiter
+        self.posture = posture
+        self.risk = risk
         self.config = config
         self.authn = authn
         self.cache = cache
@@ -173,7 +179,12 @@ class Pipeline:
                 headers.authorization, target.query_params, conn.peer if conn else None, route.authn
             )
         trail.fields["identity"] = _identity_fields(identity)
-        # policy input
+        # posture: a signed device assertion, verified and bound to this caller, as data
+        with self._stage(trail, "posture"):
+            wanted = config.posture.header.encode()
+            assertions = [v.decode("utf-8", "replace") for k, v in request.raw_headers if k.lower() == wanted]
+            device = await self.posture.assess(assertions, identity, conn.peer if conn else None)
+        trail.fields["device_id"] = device.get("id")
         peer = request.transport.get_extra_info("peername") if request.transport else None
         facts = Facts(
             request_id=trail.request_id,
@@ -186,8 +197,14 @@ class Pipeline:
             connection=conn,
             match=match,
             identity=identity,
+            device=device,
             now=_now(),
         )
+        # risk: shared per-subject signals, folded into a score (unavailable ≠ low)
+        with self._stage(trail, "risk"):
+            risk = await self.risk.assess(build_input(facts, pep_version=__version__), device, facts.now)
+        trail.fields["risk_score"] = risk.get("score")
+        facts = dataclasses.replace(facts, risk=risk)
         policy_input = build_input(facts, pep_version=__version__)
         trail.policy_input = policy_input
         # contain: quarantines and revocations hold before any cached allow or OPA
@@ -246,6 +263,7 @@ class Pipeline:
         span.set_attribute("vvault_pep.result.code", decision.code)
         span.set_attribute("vvault_pep.cache", layer)
         if not decision.allow:
+            await self.risk.record_denial(policy_input)
             if enforced:
                 return self._deny(request, decision, trail)
             trail.fields["would_have"] = {"status": decision.status, "code": decision.code}
@@ -387,8 +405,8 @@ class Pipeline:
             "subject": identity.get("subject") or identity.get("workload"),
             "issuer": identity.get("issuer"),
             "tenant": identity.get("tenant"),
-            "device_id": None,
-            "risk_score": None,
+            "device_id": fields.pop("device_id", None),
+            "risk_score": fields.pop("risk_score", None),
             "bundles": fields.pop("bundles", None),
             "result": fields.pop("result", None),
             "obligations": fields.pop("obligations", []),

@@ -37,6 +37,8 @@ class Facts:
     match: Match
     now: dt.datetime
     identity: Identity = ANONYMOUS
+    device: dict[str, Any] | None = None
+    risk: dict[str, Any] | None = None
 
 
 def build_input(facts: Facts, *, pep_version: str) -> dict[str, Any]:
@@ -71,9 +73,10 @@ def build_input(facts: Facts, *, pep_version: str) -> dict[str, Any]:
             "client_cert": peer.as_input() if peer else None,
         },
         "identity": facts.identity.as_input(),
-        # Filled by the posture stage; present and empty until then, so a policy
-        # that reads it gets "undefined", never a stale value.
-        "device": {},
+        "device": facts.device if facts.device is not None else {"verified": False, "reason": "absent"},
+        "risk": facts.risk
+        if facts.risk is not None
+        else {"available": False, "score": None, "band": "unknown", "signals": {}},
         "time": {
             "now": facts.now.astimezone(dt.UTC).isoformat().replace("+00:00", "Z"),
             "unix_ns": int(facts.now.timestamp() * 1_000_000_000),

@@ -30,7 +30,9 @@ from .listener import MtlsServer, server_context
 from .opa_supervisor import OpaSupervisor
 from .pdp import PdpClient
 from .pipeline import Pipeline
+from .posture import PostureVerifier
 from .ratelimit import RateLimiter
+from .risk import RiskSignals
 from .shared_state import SharedState
 from .telemetry import Telemetry
 
@@ -50,6 +52,7 @@ class PepRuntime:
         self.shared: SharedState | None = None
         self.cache: DecisionCache | None = None
         self.containment: Containment | None = None
+        self.posture: PostureVerifier | None = None
         self._revision_task: asyncio.Task[None] | None = None
         self._tls_task: asyncio.Task[None] | None = None
         self._ssl_ctx: ssl.SSLContext | None = None
@@ -86,6 +89,8 @@ class PepRuntime:
         self._revision_task = asyncio.create_task(self._revision_loop(), name="opa-revision")
         self.containment = Containment(self.shared)
         await self.containment.start()
+        self.posture = PostureVerifier(config.posture)
+        await self.posture.start()
         self.pipeline = Pipeline(
             config,
             self.pdp,
@@ -96,6 +101,8 @@ class PepRuntime:
             self.audit,
             self.containment,
             RateLimiter(self.shared),
+            self.posture,
+            RiskSignals(config.risk, self.shared),
         )
         self._observe()
 
@@ -165,6 +172,8 @@ class PepRuntime:
             await self.cache.stop()
         if self.containment is not None:
             await self.containment.stop()
+        if self.posture is not None:
+            await self.posture.stop()
         if self.shared is not None:
             await self.shared.close()
         # Flushing exporters blocks on network I/O: keep it off the event loop.

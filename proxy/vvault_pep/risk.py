@@ -1,0 +1,170 @@
+"""Risk: how the subject has been behaving, from counters every replica shares.
+
+Per subject (the token's subject, else the workload, else the client
+certificate or address), in Redis, with one atomic script per request:
+
+* ``rate_spike`` — requests in the current window above ``spike_factor`` ×
+  the learned baseline (an exponentially weighted average of past windows)
+  and at least ``spike_min_requests``;
+* ``new_network`` — a source /24 (IPv4) or /64 (IPv6) never seen for this
+  subject before (the very first network is not "new");
+* ``recent_denials`` — denies in the last ``denial_window_s``;
+* ``device_change`` — another device id than last time;
+* ``off_hours`` — outside the tenant's business hours in its time zone.
+
+``score`` = 30·rate_spike + 20·new_network + 6·min(denials, 5) +
+15·device_change + 10·off_hours, capped at 100; ``band`` is ``low`` (< 30),
+``medium`` (< 60) or ``high``.  When Redis cannot answer within
+``risk.timeout_ms`` the block says ``available: false`` (score ``null``,
+band ``unknown``) and the request is still judged — the policy decides what
+an unknown risk allows.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import time
+import zoneinfo
+from typing import Any
+
+from .config import Risk as RiskConfig
+from .shared_state import SharedState
+
+# KEYS: current window, previous window, baseline, networks, denials, last device
+# ARGV: window_s, network ("" if none), device id ("" if none)
+_SCRIPT = """
+local cur = redis.call('INCR', KEYS[1])
+if cur == 1 then
+  redis.call('EXPIRE', KEYS[1], tonumber(ARGV[1]) * 3)
+  local prev = tonumber(redis.call('GET', KEYS[2]) or '0')
+  local base = tonumber(redis.call('GET', KEYS[3]) or '-1')
+  if base < 0 then base = prev else base = 0.7 * base + 0.3 * prev end
+  redis.call('SET', KEYS[3], tostring(base), 'EX', 604800)
+end
+local base = redis.call('GET', KEYS[3]) or '-1'
+local known = redis.call('SCARD', KEYS[4])
+local added = 0
+if ARGV[2] ~= '' then
+  added = redis.call('SADD', KEYS[4], ARGV[2])
+  redis.call('EXPIRE', KEYS[4], 2592000)
+end
+local denials = tonumber(redis.call('GET', KEYS[5]) or '0')
+local previous = ''
+if ARGV[3] ~= '' then
+  previous = redis.call('GET', KEYS[6]) or ''
+  redis.call('SET', KEYS[6], ARGV[3], 'EX', 2592000)
+end
+return {cur, base, known, added, denials, previous}
+"""
+
+
+def unavailable() -> dict[str, Any]:
+    return {"available": False, "score": None, "band": "unknown", "signals": {}}
+
+
+def network_of(ip: str | None) -> str:
+    if not ip:
+        return ""
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return ""
+    prefix = 24 if addr.version == 4 else 64
+    return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
+
+
+def subject_of(doc: dict[str, Any]) -> str | None:
+    identity = doc.get("identity") or {}
+    if isinstance(identity.get("subject"), str):
+        return f"sub:{identity['subject']}"
+    cert = (doc.get("tls") or {}).get("client_cert") or {}
+    if isinstance(cert.get("sha256"), str):
+        return f"cert:{cert['sha256']}"
+    ip = (doc.get("source") or {}).get("ip")
+    return f"ip:{ip}" if isinstance(ip, str) else None
+
+
+def score(signals: dict[str, Any]) -> tuple[int, str]:
+    total = (
+        30 * bool(signals.get("rate_spike"))
+        + 20 * bool(signals.get("new_network"))
+        + 6 * min(int(signals.get("recent_denials", 0)), 5)
+        + 15 * bool(signals.get("device_change"))
+        + 10 * bool(signals.get("off_hours"))
+    )
+    total = min(total, 100)
+    return total, "low" if total < 30 else "medium" if total < 60 else "high"
+
+
+def off_hours(cfg: RiskConfig, tenant: str | None, now: dt.datetime) -> bool:
+    zone = cfg.tenant_timezones.get(tenant or "")
+    if zone is None:
+        return False
+    try:
+        local = now.astimezone(zoneinfo.ZoneInfo(zone))
+    except zoneinfo.ZoneInfoNotFoundError:
+        return False
+    start, end = cfg.business_hours
+    return local.weekday() >= 5 or not start <= local.hour < end
+
+
+class RiskSignals:
+    def __init__(self, cfg: RiskConfig, shared: SharedState | None) -> None:
+        self.cfg = cfg
+        self.shared = shared
+        self._script: Any = shared.client.register_script(_SCRIPT) if shared is not None else None
+
+    async def assess(self, doc: dict[str, Any], device: dict[str, Any], now: dt.datetime) -> dict[str, Any]:
+        subject = subject_of(doc)
+        if not self.cfg.enabled or self.shared is None or subject is None:
+            return unavailable()
+        shared, window = self.shared, self.cfg.window_s
+        bucket = int(time.time()) // window
+        base = shared.key("risk", subject)
+        keys = [
+            f"{base}:w:{bucket}",
+            f"{base}:w:{bucket - 1}",
+            f"{base}:baseline",
+            f"{base}:nets",
+            f"{base}:denials",
+            f"{base}:device",
+        ]
+        network = network_of((doc.get("source") or {}).get("ip"))
+        device_id = device.get("id") if device.get("verified") and isinstance(device.get("id"), str) else ""
+        script = self._script
+        res = await shared.call(
+            lambda c: script(keys=keys, args=[window, network, device_id]), deadline_s=self.cfg.timeout_ms / 1000
+        )
+        if res is None:
+            return unavailable()
+        current, baseline, known, added, denials, previous = res
+        baseline_f = float(baseline)
+        tenant = (doc.get("identity") or {}).get("tenant") or (doc.get("route") or {}).get("params", {}).get("tenant")
+        signals: dict[str, Any] = {
+            "requests_in_window": int(current),
+            "baseline": round(baseline_f, 2) if baseline_f >= 0 else None,
+            "rate_spike": baseline_f >= 0
+            and int(current) >= self.cfg.spike_min_requests
+            and int(current) > self.cfg.spike_factor * max(baseline_f, 1.0),
+            "new_network": int(known) > 0 and int(added) == 1,
+            "recent_denials": int(denials),
+            "device_change": bool(previous) and bool(device_id) and previous.decode() != device_id,
+            "off_hours": off_hours(self.cfg, tenant if isinstance(tenant, str) else None, now),
+        }
+        total, band = score(signals)
+        return {"available": True, "score": total, "band": band, "signals": signals}
+
+    async def record_denial(self, doc: dict[str, Any]) -> None:
+        subject = subject_of(doc)
+        if not self.cfg.enabled or self.shared is None or subject is None:
+            return
+        shared, key, ttl = self.shared, self.shared.key("risk", subject, "denials"), self.cfg.denial_window_s
+
+        async def op(c: Any) -> Any:
+            pipe = c.pipeline(transaction=True)
+            pipe.incr(key)
+            pipe.expire(key, ttl)
+            return await pipe.execute()
+
+        await shared.call(op, deadline_s=self.cfg.timeout_ms / 1000)
