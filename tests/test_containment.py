@@ -202,3 +202,55 @@ async def test_local_gcra() -> None:
     verdicts = [await limiter.check(limit, "k") for _ in range(3)]
     assert [v.allowed for v in verdicts] == [True, True, False]
     assert 0 < verdicts[2].retry_after_s <= 0.001
+
+
+async def test_admin_api_over_mtls_authorised_by_opa(
+    pki: Path,
+    opa: OpaProcess,
+    upstream: Upstream,
+    idp: Issuer,
+    redis_server: RedisServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import logging
+
+    doc = doc_for(pki, opa, upstream, idp, redis_server.url)
+    doc["admin"] = {
+        "host": "127.0.0.1",
+        "port": 0,
+        "policy": "vvault/admin/decision",
+        "tls": {
+            "cert_file": str(pki / "server.pem"),
+            "key_file": str(pki / "server-key.pem"),
+            "client_ca_file": str(pki / "ca.pem"),
+            "client_auth": "optional",
+        },
+    }
+    pep = PepRuntime(Config.model_validate(doc))
+    await pep.start()
+    url = f"https://localhost:{pep.admin_port}"
+    body = {"scope": "subject", "value": "vic", "ttl_s": 60, "reason": "incident 42"}
+
+    async def call(cert: str | None, method: str, path: str, json: Any = None) -> int:
+        connector = aiohttp.TCPConnector(ssl=client_context(pki, cert), force_close=True)
+        async with aiohttp.ClientSession(connector=connector) as http:
+            async with http.request(method, url + path, json=json) as resp:
+                return resp.status
+
+    try:
+        assert await call(None, "GET", "/healthz") == 200  # probes need no certificate
+        assert await call(None, "POST", "/admin/quarantines", body) == 401
+        with caplog.at_level(logging.INFO, logger="vvault_pep.audit"):
+            assert await call("reader", "POST", "/admin/quarantines", body) == 403  # not an admin
+            assert await call("ops", "POST", "/admin/quarantines", body) == 201
+        records = [r.audit for r in caplog.records if getattr(r, "audit", {}).get("admin_action") == "quarantine.add"]
+        assert [(r["result"]["allow"], r["admin"]) for r in records] == [
+            (False, "spiffe://demo.vvault/client/reader"),
+            (True, "spiffe://demo.vvault/client/ops"),
+        ]
+        status, _, _ = await hit(pep, pki, "gate.k.test", idp.token(sub="vic"))
+        assert status == 403
+        assert await call("ops", "DELETE", "/admin/quarantines/subject/vic") == 200
+        assert (await hit(pep, pki, "gate.k.test", idp.token(sub="vic")))[0] == 200
+    finally:
+        await pep.stop()

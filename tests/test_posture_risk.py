@@ -199,9 +199,7 @@ async def test_posture_bound_by_certificate(
     status, record = await query(a, pki, None, assertion(devices, sub="device-cert", cnf={"x5t#S256": thumb}), caplog)
     assert record["input"]["device"]["verified"] is True
     assert status == 200
-    _, record = await query(
-        a, pki, None, assertion(devices, sub="device-cert", cnf={"x5t#S256": "x" * 43}), caplog
-    )
+    _, record = await query(a, pki, None, assertion(devices, sub="device-cert", cnf={"x5t#S256": "x" * 43}), caplog)
     assert record["input"]["device"]["reason"] == "not_bound"
 
 

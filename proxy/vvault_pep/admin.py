@@ -1,8 +1,11 @@
 """Admin API on the admin listener: cache invalidation and OPA data pushes.
 
-Every mutating endpoint needs ``Authorization: Bearer <admin.token>``
-(compared in constant time); without ``admin.token`` in the config they are
-switched off (404).  Every call is audited like a request decision.
+Who may call it: with ``admin.tls`` and ``admin.policy``, a client certificate
+from the admin CA bundle, authorised per action by OPA at ``admin.policy``
+(input: ``admin.action``, ``admin.method``, ``admin.path``,
+``tls.client_cert``); otherwise ``Authorization: Bearer <admin.token>``
+(compared in constant time).  With neither configured the API is off (404).
+Every call, allowed or refused, is audited with who made it.
 
 * ``POST /admin/cache/invalidate`` ``{"scope": "subject"|"tenant"|"token"|"device", "value": "…"}``
   bumps the scope's epoch: its cached decisions die on every replica.
@@ -23,13 +26,26 @@ import orjson
 from aiohttp import web
 
 from .audit import now_rfc3339
+from .enforce import interpret
 from .errors import PepError
+from .listener import PeerCertificate, parse_peer
 
 if TYPE_CHECKING:
     from .runtime import PepRuntime
 
 _DATA_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(/[A-Za-z0-9_-]+)*$")
 MAX_BODY = 4 << 20
+
+
+def _peer(request: web.Request) -> PeerCertificate | None:
+    ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    if not der:
+        return None
+    try:
+        return parse_peer(der)
+    except ValueError:
+        return None
 
 
 class AdminApi:
@@ -47,13 +63,36 @@ class AdminApi:
         app.router.add_delete("/admin/quarantines/{scope}/{value:.+}", self._lift_quarantine)
         app.router.add_post("/admin/revocations", self._revoke_token)
 
-    def _authorise(self, request: web.Request) -> None:
+    async def _authorise(self, request: web.Request, action: str) -> str:
+        """Who may do ``action``: an admin certificate the admin policy allows, or the token."""
+        cfg = self.runtime.config.admin
+        if cfg.policy is not None:
+            peer = _peer(request)
+            if peer is None:
+                raise web.HTTPUnauthorized(text="an admin client certificate is required")
+            doc = {
+                "version": {"schema": "vvault-pep/admin-input/v1"},
+                "admin": {"action": action, "method": request.method, "path": request.path},
+                "tls": {"client_cert": peer.as_input()},
+            }
+            assert self.runtime.pdp is not None
+            try:
+                answer = await self.runtime.pdp.decide(cfg.policy.strip("/"), doc)
+            except PepError as err:
+                raise web.HTTPServiceUnavailable(text=err.code) from err
+            decision = interpret(answer.result, defined=answer.defined)
+            who = peer.spiffe_id or peer.subject
+            if not decision.allow:
+                self._record(action, False, admin=who, code=decision.code)
+                raise web.HTTPForbidden(text=decision.code)
+            return who
         if self.token is None:
             raise web.HTTPNotFound()
         given = request.headers.get("Authorization", "")
         expected = f"Bearer {self.token}"
         if not hmac.compare_digest(given.encode(), expected.encode()):
             raise web.HTTPUnauthorized(headers={"WWW-Authenticate": 'Bearer realm="vvault-pep-admin"'})
+        return "token"
 
     def _record(self, action: str, ok: bool, **fields: Any) -> None:
         assert self.runtime.audit is not None
@@ -77,7 +116,7 @@ class AdminApi:
             raise web.HTTPBadRequest(text="body is not JSON") from exc
 
     async def _invalidate(self, request: web.Request) -> web.Response:
-        self._authorise(request)
+        admin = await self._authorise(request, "cache.invalidate")
         doc = await self._json(request)
         scope = doc.get("scope") if isinstance(doc, dict) else None
         value = doc.get("value") if isinstance(doc, dict) else None
@@ -89,12 +128,12 @@ class AdminApi:
             shared = await cache.invalidate(scope, value)
         except ValueError as exc:
             raise web.HTTPBadRequest(text=str(exc)) from exc
-        self._record("cache.invalidate", True, scope=scope, value=value, shared=shared)
+        self._record("cache.invalidate", True, admin=admin, scope=scope, value=value, shared=shared)
         # 200 with shared=false: done on this replica, Redis could not spread it.
         return web.json_response({"scope": scope, "value": value, "shared": shared})
 
     async def _put_data(self, request: web.Request) -> web.Response:
-        self._authorise(request)
+        admin = await self._authorise(request, "opa.data.put")
         path = request.match_info["path"].strip("/")
         if not _DATA_PATH.match(path):
             raise web.HTTPBadRequest(text="bad data path")
@@ -111,11 +150,11 @@ class AdminApi:
             self._record("opa.data.put", False, path=path, opa_status=status)
             raise web.HTTPBadGateway(text=f"OPA answered {status}")
         shared = await cache.bump_revision()
-        self._record("opa.data.put", True, path=path, shared=shared)
+        self._record("opa.data.put", True, admin=admin, path=path, shared=shared)
         return web.json_response({"path": path, "revision_shared": shared})
 
     async def _put_policy(self, request: web.Request) -> web.Response:
-        self._authorise(request)
+        admin = await self._authorise(request, "opa.policy.put")
         policy_id = request.match_info["id"].strip("/")
         if not _DATA_PATH.match(policy_id):
             raise web.HTTPBadRequest(text="bad policy id")
@@ -135,16 +174,16 @@ class AdminApi:
             # OPA's compile errors are the caller's to read; they carry no secrets.
             raise web.HTTPBadRequest(text=f"OPA refused the policy ({status})")
         shared = await cache.bump_revision()
-        self._record("opa.policy.put", True, policy_id=policy_id, shared=shared)
+        self._record("opa.policy.put", True, admin=admin, policy_id=policy_id, shared=shared)
         return web.json_response({"id": policy_id, "revision_shared": shared})
 
     async def _list_quarantines(self, request: web.Request) -> web.Response:
-        self._authorise(request)
+        await self._authorise(request, "quarantine.list")
         assert self.runtime.containment is not None
         return web.json_response({"quarantines": await self.runtime.containment.list()})
 
     async def _add_quarantine(self, request: web.Request) -> web.Response:
-        self._authorise(request)
+        admin = await self._authorise(request, "quarantine.add")
         doc = await self._json(request)
         from .containment import MAX_TTL_S
 
@@ -166,19 +205,21 @@ class AdminApi:
         except ValueError as exc:
             raise web.HTTPBadRequest(text=str(exc)) from exc
         await self.runtime.cache.invalidate(q.scope, q.value)
-        self._record("quarantine.add", True, scope=q.scope, value=q.value, reason=q.reason, ttl_s=ttl, shared=shared)
+        self._record(
+            "quarantine.add", True, admin=admin, scope=q.scope, value=q.value, reason=q.reason, ttl_s=ttl, shared=shared
+        )
         return web.json_response({**q.doc(), "shared": shared}, status=201)
 
     async def _lift_quarantine(self, request: web.Request) -> web.Response:
-        self._authorise(request)
+        admin = await self._authorise(request, "quarantine.lift")
         scope, value = request.match_info["scope"], request.match_info["value"]
         assert self.runtime.containment is not None
         shared = await self.runtime.containment.lift(scope, value)
-        self._record("quarantine.lift", True, scope=scope, value=value, shared=shared)
+        self._record("quarantine.lift", True, admin=admin, scope=scope, value=value, shared=shared)
         return web.json_response({"scope": scope, "value": value, "lifted": True, "shared": shared})
 
     async def _revoke_token(self, request: web.Request) -> web.Response:
-        self._authorise(request)
+        admin = await self._authorise(request, "token.revoke")
         doc = await self._json(request)
         jti, exp = (doc.get("jti"), doc.get("exp")) if isinstance(doc, dict) else (None, None)
         if not isinstance(jti, str) or not jti or isinstance(exp, bool) or not isinstance(exp, int | float):
@@ -190,11 +231,11 @@ class AdminApi:
         assert self.runtime.cache is not None
         q, shared = await self.runtime.containment.add("token", jti, min(ttl, 30 * 86_400), "revoked", by="admin")
         await self.runtime.cache.invalidate("token", jti)
-        self._record("token.revoke", True, jti=jti, shared=shared)
+        self._record("token.revoke", True, admin=admin, jti=jti, shared=shared)
         return web.json_response({**q.doc(), "shared": shared}, status=201)
 
     async def _stats(self, request: web.Request) -> web.Response:
-        self._authorise(request)
+        await self._authorise(request, "cache.read")
         cache = self.runtime.cache
         assert cache is not None
         return web.json_response({"cache": cache.stats, "opa_revision": cache.opa_revision})

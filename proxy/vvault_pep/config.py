@@ -145,9 +145,19 @@ class Listener(_Model):
 class Admin(_Model):
     host: str = "127.0.0.1"
     port: int = Field(9901, ge=0, le=65535)
-    # Bearer secret for the mutating admin endpoints (cache invalidation, OPA data);
-    # without it they are switched off.
+    # The admin API (/admin/...): either mTLS + an OPA decision (`tls` and `policy`,
+    # recommended), or a bearer secret (`token`).  With neither it is switched off.
+    tls: ListenerTls | None = None
+    policy: str | None = None
     token: str | None = Field(None, repr=False, min_length=32)
+
+    @model_validator(mode="after")
+    def _policy_needs_tls(self) -> Admin:
+        if self.policy is not None and self.tls is None:
+            raise ValueError("admin.policy needs admin.tls: admins are identified by their client certificate")
+        if self.policy is not None and not _DECISION_PATH.match(self.policy.strip("/")):
+            raise ValueError("admin.policy is a decision path such as vvault/admin/decision")
+        return self
 
 
 class Opa(_Model):

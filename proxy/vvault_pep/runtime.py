@@ -113,7 +113,8 @@ class PepRuntime:
         AdminApi(self).install(admin)
         self._admin_runner = web.AppRunner(admin, access_log=None)
         await self._admin_runner.setup()
-        site = web.TCPSite(self._admin_runner, config.admin.host, config.admin.port)
+        admin_ssl = server_context(config.admin.tls) if config.admin.tls is not None else None
+        site = web.TCPSite(self._admin_runner, config.admin.host, config.admin.port, ssl_context=admin_ssl)
         await site.start()
         self.admin_port = _bound_port(site)
 
