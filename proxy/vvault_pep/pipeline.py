@@ -1,7 +1,8 @@
 """The request's walk, written once: :meth:`Pipeline._walk`.
 
-    listener → sanitize → route → authenticate → policy input → cache → decide
-             → enforce → forward                          └→ audit, trace, metrics
+    listener → sanitize → route → authenticate → posture → risk → policy input
+             → contain → cache → decide → enforce (+ obligations) → forward
+                                                     └→ audit, trace, metrics
 
 Each stage is a call into its own module; this file only orders them, times
 each one (a span and a histogram per stage), maps every failure to a
