@@ -23,6 +23,15 @@ ADMIN = "containment-admin-token-0123456789abcdef"
 SECRET_PATH = "/v1/tenants/{tenant}/secrets/{path*}"
 HOSTS: list[dict[str, Any]] = [
     {
+        "name": "k_policy_limited",
+        "host": "policy-limited.k.test",
+        "path": SECRET_PATH,
+        "methods": ["GET"],
+        "upstream": "vvault",
+        "policy": "faults/policy_limited",
+        "authn": {"require": "user"},
+    },
+    {
         "name": "k_gate",
         "host": "gate.k.test",
         "path": SECRET_PATH,
@@ -150,6 +159,12 @@ async def test_rate_limit_is_shared_across_instances(
     assert (status, body["code"]) == (429, "ratelimit.exceeded")
     assert int(headers["Retry-After"]) >= 1
     assert (await hit(a, pki, "limited.k.test", idp.token(sub="someone-else")))[0] == 200
+
+
+async def test_the_policy_can_return_a_rate_limit(pair: tuple[PepRuntime, PepRuntime], pki: Path, idp: Issuer) -> None:
+    a, b = pair
+    token = idp.token(sub="policy-limited-user")
+    assert [(await hit(pep, pki, "policy-limited.k.test", token))[0] for pep in (a, b, a)] == [200, 200, 429]
 
 
 async def test_redis_down_keeps_local_containment_and_a_local_limit(

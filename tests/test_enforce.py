@@ -45,6 +45,9 @@ from vvault_pep.errors import PepError
         ({"allow": True, "response_headers": {"Transfer-Encoding": "chunked"}}, False, 403, "pdp.malformed_decision"),
         ({"allow": True, "obligations": [{"type": "x"}]}, False, 403, "enforce.unsupported_obligation"),
         ({"allow": True, "obligations": []}, True, 200, "policy.allowed"),
+        ({"allow": True, "rate_limit": {"rate_per_s": 1, "burst": 2}}, True, 200, "policy.allowed"),
+        ({"allow": True, "rate_limit": {"rate_per_s": 0}}, False, 403, "pdp.malformed_decision"),
+        ({"allow": True, "rate_limit": "fast"}, False, 403, "pdp.malformed_decision"),
     ],
 )
 def test_interpret(result: Any, allow: bool, status: int, code: str) -> None:

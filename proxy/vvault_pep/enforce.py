@@ -103,7 +103,24 @@ def interpret(result: Any, *, defined: bool) -> Decision:
         # the policy allowed *on condition* of it.
         return _deny("enforce.unsupported_obligation", "the decision carries an obligation this PEP cannot fulfil")
     extras = {k: v for k, v in result.items() if k in ("cache",)}
+    if "rate_limit" in result:
+        limit = _rate_limit(result["rate_limit"])
+        if limit is None:
+            return _deny("pdp.malformed_decision", "'rate_limit' is not {per, rate_per_s, burst}")
+        extras["rate_limit"] = limit
     return Decision(True, 200, code or "policy.allowed", reason, upstream, response, extras, False, obligations)
+
+
+def _rate_limit(raw: Any) -> Any:
+    """A decision's own rate limit (same shape as a route's), or None if malformed."""
+    from pydantic import ValidationError
+
+    from .config import RateLimit
+
+    try:
+        return RateLimit.model_validate(raw)
+    except ValidationError:
+        return None
 
 
 def _obligations(raw: Any) -> tuple[tuple[str, float, str], ...] | None:

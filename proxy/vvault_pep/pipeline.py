@@ -253,6 +253,14 @@ class Pipeline:
         trail.fields["result"] = _result_of_decision(decision)
         if decision.obligations:
             trail.fields["obligations"] = await self._carry_out(decision, policy_input, trail)
+        policy_limit = decision.extras.get("rate_limit")
+        if decision.allow and policy_limit is not None:
+            # A limit the policy chose for this caller (e.g. tighter for a risky one).
+            key = ratelimit.key_of(policy_limit, f"policy:{route.name}", policy_input)
+            if key is not None:
+                verdict = await self.limiter.check(policy_limit, key)
+                if not verdict.allowed:
+                    raise ratelimit.refuse(verdict)
         if config.cache.debug_headers:
             decision = dataclasses.replace(
                 decision, response_headers=(*decision.response_headers, ("X-Decision-Cache", layer))

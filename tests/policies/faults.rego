@@ -93,3 +93,6 @@ monitor_only_deny := {"allow": false, "monitor_only": true, "code": "policy.new_
 
 # Sets an identity header for the upstream that is not in a PEP-owned namespace.
 sets_user := {"allow": true, "upstream_headers": {"X-User-Id": "alice", "X-Tenant": input.route.params.tenant}}
+
+# Allows, but at most 2 requests in a burst per subject (a limit the policy picks).
+policy_limited := {"allow": true, "rate_limit": {"per": "subject", "rate_per_s": 0.5, "burst": 2}}
