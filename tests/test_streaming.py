@@ -70,5 +70,6 @@ async def test_100_mib_upload_and_download_are_streamed(pep_process: tuple[int, 
         assert total == 100 * MiB
 
     growth_mib = (_vm_hwm_kib(pid) - baseline) / 1024
+    print(f"PEP peak RSS growth over 100 MiB up + 100 MiB down: {growth_mib:.1f} MiB")
     # 100 MiB each way went through; a buffering proxy would grow by at least that.
     assert growth_mib < 32, f"PEP peak memory grew by {growth_mib:.1f} MiB"
