@@ -45,6 +45,19 @@ from vvault_pep.errors import PepError
         ({"allow": True, "response_headers": {"Transfer-Encoding": "chunked"}}, False, 403, "pdp.malformed_decision"),
         ({"allow": True, "obligations": [{"type": "x"}]}, False, 403, "enforce.unsupported_obligation"),
         ({"allow": True, "obligations": []}, True, 200, "policy.allowed"),
+        ({"allow": True, "obligations": [{"type": "redact", "fields": ["value"]}]}, True, 200, "policy.allowed"),
+        (
+            {"allow": True, "obligations": [{"type": "redact", "fields": []}]},
+            False,
+            403,
+            "enforce.unsupported_obligation",
+        ),
+        (
+            {"allow": True, "obligations": [{"type": "redact", "fields": "value"}]},
+            False,
+            403,
+            "enforce.unsupported_obligation",
+        ),
         ({"allow": True, "rate_limit": {"rate_per_s": 1, "burst": 2}}, True, 200, "policy.allowed"),
         ({"allow": True, "rate_limit": {"rate_per_s": 0}}, False, 403, "pdp.malformed_decision"),
         ({"allow": True, "rate_limit": "fast"}, False, 403, "pdp.malformed_decision"),
@@ -85,3 +98,14 @@ def test_problem_body_is_rfc9457() -> None:
 def test_unknown_error_code_is_a_programming_error() -> None:
     with pytest.raises(ValueError, match="unknown error code"):
         PepError("made.up")
+
+
+def test_redact_fields_are_collected() -> None:
+    d = interpret(
+        {
+            "allow": True,
+            "obligations": [{"type": "redact", "fields": ["value", "owner"]}, {"type": "redact", "fields": ["value"]}],
+        },
+        defined=True,
+    )
+    assert d.redact == ("value", "owner")

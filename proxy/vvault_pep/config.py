@@ -557,6 +557,8 @@ class Limits(_Model):
     # Longest wait for the next piece of a request body (slow-body attacks hold
     # an upstream connection otherwise).
     body_idle_timeout_s: float = Field(30.0, gt=0)
+    # Largest JSON response the PEP will redact fields from; larger ones are withheld (502).
+    max_redact_bytes: int = Field(1 << 20, ge=1024)
 
 
 class Config(_Model):

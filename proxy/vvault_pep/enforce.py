@@ -46,6 +46,7 @@ class Decision:
     extras: dict[str, Any] = field(default_factory=dict)
     monitor_only: bool = False  # a deny the policy wants logged, not enforced (rule roll-out)
     obligations: tuple[tuple[str, float, str], ...] = ()  # quarantines to carry out: (scope, ttl_s, reason)
+    redact: tuple[str, ...] = ()  # JSON field names to remove from the response
 
 
 def _deny(code: str, reason: str, status: int | None = None) -> Decision:
@@ -103,12 +104,13 @@ def interpret(result: Any, *, defined: bool) -> Decision:
         # the policy allowed *on condition* of it.
         return _deny("enforce.unsupported_obligation", "the decision carries an obligation this PEP cannot fulfil")
     extras = {k: v for k, v in result.items() if k in ("cache",)}
+    redact = _redactions(result.get("obligations"))
     if "rate_limit" in result:
         limit = _rate_limit(result["rate_limit"])
         if limit is None:
             return _deny("pdp.malformed_decision", "'rate_limit' is not {per, rate_per_s, burst}")
         extras["rate_limit"] = limit
-    return Decision(True, 200, code or "policy.allowed", reason, upstream, response, extras, False, obligations)
+    return Decision(True, 200, code or "policy.allowed", reason, upstream, response, extras, False, obligations, redact)
 
 
 def _rate_limit(raw: Any) -> Any:
@@ -133,10 +135,30 @@ def _obligations(raw: Any) -> tuple[tuple[str, float, str], ...] | None:
         return None
     out = []
     for item in raw:
+        if isinstance(item, dict) and item.get("type") == "redact":
+            if _redact_fields(item) is None:
+                return None
+            continue  # carried out on the response, see _redactions
         parsed = parse_obligation(item)
         if parsed is None:
             return None
         out.append(parsed)
+    return tuple(out)
+
+
+def _redact_fields(item: dict[str, Any]) -> tuple[str, ...] | None:
+    fields = item.get("fields")
+    if not isinstance(fields, list) or not fields or not all(isinstance(f, str) and f for f in fields):
+        return None
+    return tuple(fields)
+
+
+def _redactions(raw: Any) -> tuple[str, ...]:
+    """Field names every ``redact`` obligation asks to remove from the response."""
+    out: list[str] = []
+    for item in raw if isinstance(raw, list) else []:
+        if isinstance(item, dict) and item.get("type") == "redact":
+            out.extend(f for f in _redact_fields(item) or () if f not in out)
     return tuple(out)
 
 

@@ -75,6 +75,7 @@ STATUS: dict[str, tuple[int, str]] = {
     "pdp.timeout": (503, "Policy decision point timed out"),
     "pdp.error": (503, "Policy decision point error"),
     # upstream
+    "enforce.redaction_impossible": (502, "Response withheld"),
     "upstream.unavailable": (502, "Upstream unavailable"),
     "upstream.error": (502, "Bad gateway"),
     "upstream.timeout": (504, "Upstream timed out"),

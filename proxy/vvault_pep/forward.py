@@ -21,8 +21,10 @@ import logging
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
+import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
@@ -53,6 +55,14 @@ class Outcome:
     bytes_in: int
     bytes_out: int
     aborted: str | None = None  # "client_gone" or "upstream_failed" after the response started
+
+
+def _strip(doc: Any, fields: frozenset[str]) -> Any:
+    if isinstance(doc, dict):
+        return {k: _strip(v, fields) for k, v in doc.items() if k not in fields}
+    if isinstance(doc, list):
+        return [_strip(v, fields) for v in doc]
+    return doc
 
 
 class _Counter:
@@ -109,11 +119,15 @@ class Upstreams:
         content_length: int | None,
         chunked: bool,
         response_headers: list[tuple[str, str]],
+        redact: tuple[str, ...] = (),
+        redact_max_bytes: int = 1 << 20,
     ) -> tuple[web.StreamResponse, Outcome]:
         """Forward and stream the answer back; PepError if nothing was sent yet."""
         up = self._config[name]
         url = URL(up.url + path + (f"?{query}" if query else ""), encoded=True)
         send = CIMultiDict(headers)
+        if redact:
+            send["Accept-Encoding"] = "identity"  # the PEP must read what it redacts
         if up.tls and up.tls.server_hostname:
             send["Host"] = up.tls.server_hostname
         counter = _Counter(self._max_body)
@@ -148,6 +162,8 @@ class Upstreams:
             log.warning("upstream %s failed: %s", name, type(exc).__name__)
             raise PepError("upstream.error", "the upstream connection failed") from exc
         async with upstream:
+            if redact:
+                return await self._redacted(request, upstream, redact, redact_max_bytes, response_headers, counter)
             out = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             connection_named = {
                 t.strip().lower() for v in upstream.headers.getall("Connection", []) for t in v.split(",")
@@ -181,6 +197,41 @@ class Upstreams:
                 return out, Outcome(upstream.status, counter.count, sent, "upstream_failed")
             await out.write_eof()
             return out, Outcome(upstream.status, counter.count, sent)
+
+    async def _redacted(
+        self,
+        request: web.BaseRequest,
+        upstream: aiohttp.ClientResponse,
+        fields: tuple[str, ...],
+        limit: int,
+        response_headers: list[tuple[str, str]],
+        counter: _Counter,
+    ) -> tuple[web.StreamResponse, Outcome]:
+        """Field-level least privilege: remove ``fields`` from a JSON answer, or withhold it."""
+        ctype = upstream.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        declared = upstream.content_length
+        if not (ctype == "application/json" or ctype.endswith("+json")) or upstream.headers.get(
+            "Content-Encoding", "identity"
+        ) not in ("identity", ""):
+            raise PepError("enforce.redaction_impossible", "the response is not JSON the PEP can redact")
+        if declared is not None and declared > limit:
+            raise PepError("enforce.redaction_impossible", "the response is too large to redact")
+        raw = await upstream.content.read(limit + 1)
+        if len(raw) > limit:
+            raise PepError("enforce.redaction_impossible", "the response is too large to redact")
+        try:
+            doc = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise PepError("enforce.redaction_impossible", "the response is not valid JSON") from exc
+        body = orjson.dumps(_strip(doc, frozenset(fields)))
+        out = web.Response(status=upstream.status, body=body, content_type="application/json")
+        for key, value in upstream.headers.items():
+            if key.lower() in ("etag", "cache-control", "last-modified", "vary"):
+                out.headers[key] = value
+        for key, value in response_headers:
+            out.headers[key] = value
+        out.headers["X-Vvault-Redacted"] = ",".join(fields)
+        return out, Outcome(upstream.status, counter.count, len(body))
 
     async def _body(self, request: web.BaseRequest, counter: _Counter) -> AsyncIterator[bytes]:
         content = request.content

@@ -294,6 +294,8 @@ class Pipeline:
                 content_length=headers.content_length,
                 chunked=headers.chunked,
                 response_headers=[("X-Request-Id", trail.request_id), *decision.response_headers],
+                redact=decision.redact,
+                redact_max_bytes=config.limits.max_redact_bytes,
             )
             up_span.set_attribute("http.response.status_code", outcome.status)
             self.tel.upstream_duration.record(

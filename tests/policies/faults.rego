@@ -96,3 +96,6 @@ sets_user := {"allow": true, "upstream_headers": {"X-User-Id": "alice", "X-Tenan
 
 # Allows, but at most 2 requests in a burst per subject (a limit the policy picks).
 policy_limited := {"allow": true, "rate_limit": {"per": "subject", "rate_per_s": 0.5, "burst": 2}}
+
+# A "lister" may see that secrets exist, never their values (field-level least privilege).
+lister := {"allow": true, "obligations": [{"type": "redact", "fields": ["value"]}]}
