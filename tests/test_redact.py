@@ -8,10 +8,10 @@ from pathlib import Path
 
 import orjson
 import pytest
-
 from examples.vvault_api.app import STORE
 from tests.conftest import Upstream
 from tests.support import ROUTES, OpaProcess, client_context, get, make_config, raw_https
+
 from vvault_pep.runtime import PepRuntime
 
 LISTER = [
