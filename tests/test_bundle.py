@@ -18,9 +18,8 @@ from tests.support import free_port, opa_binary
 
 def _tamper(blob: bytes) -> bytes:
     """Same signatures, other contents: give the reader client every tenant."""
-    src = tarfile.open(fileobj=io.BytesIO(blob), mode="r:gz")
     out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w:gz") as dst:
+    with tarfile.open(fileobj=io.BytesIO(blob), mode="r:gz") as src, tarfile.open(fileobj=out, mode="w:gz") as dst:
         for member in src.getmembers():
             data = src.extractfile(member).read() if member.isfile() else b""  # type: ignore[union-attr]
             if member.name.endswith("vvault/data.json"):
