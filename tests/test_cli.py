@@ -88,3 +88,49 @@ async def test_probe_exit_codes(pep) -> None:  # type: ignore[no-untyped-def]
     ):
         proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "vvault_pep.cli", "probe", url, cwd=ROOT)
         assert await proc.wait() == code, url
+
+
+async def test_explain_shows_input_decision_reasons_and_cache_key(
+    tmp_path: Path, pki: Path, opa: OpaProcess, upstream: Upstream
+) -> None:
+    import json
+
+    doc = config_doc(pki, opa_url=opa.url, upstream_port=upstream.port, cache=True)
+    path = tmp_path / "pep.yaml"
+    path.write_text(yaml.safe_dump(doc))
+
+    async def explain(target: str) -> dict:  # type: ignore[type-arg]
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "vvault_pep.cli",
+            "explain",
+            "--config",
+            str(path),
+            "--path",
+            target,
+            "--cert",
+            str(pki / "client-reader.pem"),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await proc.communicate()
+        assert proc.returncode == 0, err.decode()
+        return json.loads(out)  # type: ignore[no-any-return]
+
+    denied = await explain("/v1/tenants/globex/secrets/db-password")
+    assert denied["route"]["name"] == "secrets"
+    assert denied["input"]["route"]["params"] == {"tenant": "globex", "path": "db-password"}
+    assert denied["decision"]["code"] == "policy.tenant_not_entitled"
+    assert "policy.tenant_not_entitled" in denied["decision"]["reasons"]
+    assert denied["answer"] == {
+        "status": 403,
+        "code": "policy.tenant_not_entitled",
+        "detail": "the client is not entitled to this tenant",
+    }
+    assert len(denied["cache"]["key"]) == 64
+    allowed = await explain("/v1/tenants/acme/secrets/../secrets/db-password")
+    assert allowed["input"]["request"]["path"] == "/v1/tenants/acme/secrets/db-password"
+    assert allowed["answer"]["status"] == "forwarded"
+    refused = await explain("/v1/tenants/acme%2Fglobex/secrets/x")
+    assert refused["answer"]["code"] == "sanitize.ambiguous_path"

@@ -14,8 +14,11 @@ import contextlib
 import signal
 import sys
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
+import orjson
 
 from . import __version__
 from .audit import configure_logging
@@ -148,6 +151,14 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
         if name == "check":
             p.add_argument("--offline", action="store_true", help="validate the config only: no files, no dependencies")
+    ex = sub.add_parser("explain", help="show the input, decision and reasons for one described request")
+    ex.add_argument("--config", "-c", required=True, help="YAML config file")
+    ex.add_argument("--method", default="GET")
+    ex.add_argument("--path", required=True, help="request target as sent, e.g. /v1/tenants/acme/secrets/db")
+    ex.add_argument("--host", default="localhost")
+    ex.add_argument("--token", type=Path, help="file holding the bearer token")
+    ex.add_argument("--cert", type=Path, help="client certificate (PEM)")
+    ex.add_argument("--posture", type=Path, help="file holding the device posture assertion")
     probe = sub.add_parser("probe", help="exit 0 if URL answers 200 (container health checks)")
     probe.add_argument("url", nargs="?", default="http://127.0.0.1:9901/readyz")
     args = parser.parse_args(argv)
@@ -167,7 +178,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         configure_logging(args.log_level)
         return _run(_serve(config))
+    if args.command == "explain":
+        return _run(_explain(config, args))
     return _run(_check(config))
+
+
+async def _explain(config: Config, args: argparse.Namespace) -> int:
+    from .explain import explain
+
+    out = await explain(
+        config,
+        method=args.method.upper(),
+        path=args.path,
+        host=args.host,
+        token=args.token.read_text() if args.token else None,
+        cert_pem=args.cert.read_bytes() if args.cert else None,
+        posture=args.posture.read_text() if args.posture else None,
+    )
+    print(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode())
+    return 0
 
 
 if __name__ == "__main__":
