@@ -54,7 +54,7 @@ redis:
 policy-test: tools
 	@echo ">> opa test policies/"
 	"$(OPA)" test policies/ -v --format=pretty | tail -n 3
-	"$(OPA)" test policies/ >/dev/null
+	"$(OPA)" test policies/ --coverage --threshold 90 >/dev/null && echo ">> policy coverage >= 90%"
 	"$(OPA)" check --strict policies/ tests/policies/
 
 lint: $(VENV)/.installed

@@ -393,19 +393,19 @@ async def test_data_pushed_through_admin_changes_the_answer_on_both_instances(
         await ask(pep, pki, "authz.cache.test")
         status, layer, _, _ = await ask(pep, pki, "authz.cache.test")
         assert (status, layer) == (200, "l1")
-    original = json.loads((Path(__file__).parent.parent / "policies/vvault/data.json").read_text())["clients"]
+    original = json.loads((Path(__file__).parent.parent / "policies/vvault/workloads/data.json").read_text())
 
     async def push(clients: dict[str, Any]) -> None:
         async with aiohttp.ClientSession() as http:
             async with http.put(
-                f"http://127.0.0.1:{a.admin_port}/admin/opa/data/vvault/clients",
+                f"http://127.0.0.1:{a.admin_port}/admin/opa/data/vvault/workloads",
                 json=clients,
                 headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
             ) as resp:
                 assert resp.status == 200
                 assert (await resp.json())["revision_shared"] is True
 
-    await push({"spiffe://demo.vvault/client/reader": {"tenants": ["globex"]}})
+    await push({"spiffe://demo.vvault/client/reader": {"tenants": ["globex"], "ops": ["read"]}})
     try:
         # the very next request, on both instances: B asks OPA, A finds B's fresh answer
         assert (await ask(b, pki, "authz.cache.test"))[:2] == (403, "miss")

@@ -20,7 +20,7 @@ from vvault_pep.config import Config, Risk
 from vvault_pep.risk import network_of, off_hours, score
 from vvault_pep.runtime import PepRuntime
 
-QUERY = "/v1/tenants/acme/collections/docs/query"
+QUERY = "/v1/tenants/acme/collections/customers/query"  # class pii: needs a compliant device
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +116,7 @@ async def test_a_valid_posture_assertion_reaches_the_policy(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     a, _ = pair
-    status, record = await query(a, pki, idp.token(sub="alice"), assertion(devices), caplog)
+    status, record = await query(a, pki, idp.token(sub="alice", roles=["pii-analyst"]), assertion(devices), caplog)
     assert status == 200
     device = record["input"]["device"]
     assert device["verified"] is True
@@ -155,7 +155,7 @@ async def test_bad_posture_is_unverified_and_the_sensitive_route_is_denied(
     reason: str,
 ) -> None:
     a, _ = pair
-    status, record = await query(a, pki, idp.token(sub="alice"), make(devices, idp), caplog)
+    status, record = await query(a, pki, idp.token(sub="alice", roles=["pii-analyst"]), make(devices, idp), caplog)
     assert record["input"]["device"]["verified"] is False, name
     assert record["input"]["device"]["reason"] == reason, name
     assert status == 403
@@ -228,7 +228,7 @@ async def test_risk_unavailable_when_redis_is_down_and_the_request_is_still_judg
     await pep.start()
     try:
         redis.stop()
-        status, record = await query(pep, pki, idp.token(sub="alice"), assertion(devices), caplog)
+        status, record = await query(pep, pki, idp.token(sub="alice", roles=["pii-analyst"]), assertion(devices), caplog)
         assert record["input"]["risk"] == {"available": False, "score": None, "band": "unknown", "signals": {}}
         assert status == 200  # judged by the policy as usual (which may demand risk; the starter does not)
     finally:

@@ -1,17 +1,21 @@
-# Starter decision for the vvault API behind vvault-pep.
+# vvault data-plane decision: POST /v1/data/vvault/authz/decision
 #
-# The PEP asks POST /v1/data/vvault/authz/decision with the v1 policy input
-# (docs/policy-input.md) and expects the decision object documented in
-# docs/decisions.md.  Deny is the default; every deny names its code.
+# One entry point for the vvault API's route family (secrets, rotations, collections,
+# queries, the app's own admin area).  Deny by default; every deny names its code in
+# `reasons`, the first (sorted) is the decision's `code`.  The rules live beside this
+# file, one concern per file, all in this package:
 #
-# Rules:
-#   * a client certificate issued by a trusted CA (data.vvault.trusted_issuers)
-#     is required — the PEP already verified the chain, this pins the issuer;
-#   * the caller (SPIFFE ID, else certificate CN) must be entitled to the
-#     tenant named in the path (data.vvault.clients);
-#   * reads are allowed (GET/HEAD, and POST on a collection query); writes and
-#     everything under the admin area are denied;
-#   * routes in data.vvault.device_required_routes need a verified, managed device.
+#   principal.rego  who is calling: a user (token), a workload (SPIFFE), a registered client
+#   resource.rego   which operation, on which tenant, path and data class
+#   tenancy.rego    tenant isolation; cross-tenant only by explicit workload grant or JIT grant
+#   privilege.rego  least privilege: roles → operations per data class; workload grants
+#   device.rego     device posture required per data class
+#   control.rego    control plane (rotate, admin): MFA, recent auth_time, standing role or JIT
+#   risk.rego       risk gating: read-only above one threshold, quarantine above another
+#   fields.rego     field-level least privilege (redact obligation)
+#
+# Data (policies/vvault/*/data.json → data.vvault.*): classes, roles, posture, control,
+# risk, workloads, grants (JIT), plus trusted_issuers in policies/vvault/data.json.
 package vvault.authz
 
 default decision := {
@@ -19,87 +23,60 @@ default decision := {
 	"status": 403,
 	"code": "policy.denied",
 	"reason": "denied by default",
-}
-
-cert := input.tls.client_cert
-
-client_id := cert.spiffe_id if {
-	is_string(cert.spiffe_id)
-} else := cert.common_name
-
-read_methods := {"GET", "HEAD"}
-
-is_read if input.request.method in read_methods
-
-is_read if {
-	input.route.name == "collection_query"
-	input.request.method == "POST"
+	"reasons": ["policy.denied"],
 }
 
 messages := {
 	"policy.no_client_cert": "a client certificate is required",
 	"policy.untrusted_issuer": "the client certificate was not issued by a trusted CA",
 	"policy.unknown_client": "this client is not registered",
+	"policy.unknown_operation": "this route has no operation the policy knows",
 	"policy.tenant_not_entitled": "the client is not entitled to this tenant",
-	"policy.admin_denied": "the admin area is not open through this gateway",
-	"policy.write_denied": "only reads are allowed",
-	"policy.device_required": "this route needs a verified, managed device",
+	"policy.operation_not_granted": "no role or grant allows this operation on this data class",
+	"policy.admin_denied": "the admin area is not open to this caller",
+	"policy.device_required": "this data class needs a verified, managed, encrypted and patched device",
+	"policy.mfa_required": "this operation needs multi-factor authentication",
+	"policy.auth_too_old": "this operation needs a recent sign-in",
+	"policy.elevation_required": "this operation needs a standing admin role or a live JIT grant",
+	"policy.risk_read_only": "the current risk allows reads only",
+	"policy.risk_quarantine": "the current risk is too high: the subject is quarantined",
 }
 
-deny contains "policy.no_client_cert" if not is_object(cert)
+reasons := sort(deny)
 
-deny contains "policy.untrusted_issuer" if {
-	is_object(cert)
-	not cert.issuer in data.vvault.trusted_issuers
-}
+tenant_header := tenant if tenant
 
-deny contains "policy.unknown_client" if {
-	is_object(cert)
-	not data.vvault.clients[client_id]
-}
-
-deny contains "policy.tenant_not_entitled" if {
-	tenant := input.route.params.tenant
-	not tenant in object.get(data.vvault.clients, [client_id, "tenants"], [])
-}
-
-deny contains "policy.admin_denied" if startswith(input.route.name, "admin")
-
-deny contains "policy.write_denied" if not is_read
-
-# Sensitive routes need a verified device assertion from a managed device.
-default device_required_routes := []
-
-device_required_routes := data.vvault.device_required_routes
-
-deny contains "policy.device_required" if {
-	input.route.name in device_required_routes
-	not device_ok
-}
-
-device_ok if {
-	input.device.verified == true
-	input.device.managed == true
-}
+else := ""
 
 decision := {
 	"allow": true,
 	"code": "policy.allowed",
-	"reason": "read within an entitled tenant",
-	"upstream_headers": {"X-Vvault-Client": client_id},
+	"reason": sprintf("%s within an entitled tenant", [operation]),
+	"upstream_headers": {
+		"X-Vvault-Client": principal_id,
+		"X-Vvault-Tenant": tenant_header,
+		"X-Vvault-Data-Class": data_class,
+	},
+	"obligations": allow_obligations,
+	"cache": cache_hints,
 } if {
 	count(deny) == 0
-	is_string(client_id)
+	is_string(principal_id)
 }
 
 decision := {
 	"allow": false,
 	"status": 403,
-	"code": first,
-	"reason": messages[first],
-	"reasons": sorted_deny,
+	"code": reasons[0],
+	"reason": messages[reasons[0]],
+	"reasons": reasons,
+	"obligations": deny_obligations,
+	"cache": {"ttl_s": 5},
 } if {
 	count(deny) > 0
-	sorted_deny := sort(deny)
-	first := sorted_deny[0]
 }
+
+# Control-plane decisions depend on the clock (auth_time, JIT expiry): never cached.
+cache_hints := {"no_store": true} if operation in data.vvault.control.operations
+
+else := {"ttl_s": 30}

@@ -2,91 +2,217 @@ package vvault.authz_test
 
 import data.vvault.authz
 
-reader_cert := {
-	"subject": "CN=demo-reader,O=vvault-pep demo",
-	"issuer": "CN=vvault demo CA,O=vvault-pep demo",
-	"common_name": "demo-reader",
-	"spiffe_id": "spiffe://demo.vvault/client/reader",
+# ------------------------------------------------------------------ fixtures
+
+now := time.parse_rfc3339_ns("2026-11-25T12:00:00Z")
+
+now_s := now / 1000000000
+
+issuer := "CN=vvault demo CA,O=vvault-pep demo"
+
+reader_cert := {"issuer": issuer, "spiffe_id": "spiffe://demo.vvault/client/reader", "common_name": "demo-reader"}
+
+ops_cert := {"issuer": issuer, "spiffe_id": "spiffe://demo.vvault/client/ops", "common_name": "demo-ops"}
+
+indexer := "spiffe://prod.vvault/ns/platform/sa/indexer"
+
+good_device := {
+	"verified": true, "managed": true, "disk_encrypted": true, "patch_age_days": 3,
+	"id": "dev-1",
 }
 
-req(method, route, params, cert) := {
-	"request": {"method": method, "path": "/x"},
+segments_for("secrets", p) := array.concat(["v1", "tenants", p.tenant, "secrets"], split(p.path, "/"))
+
+segments_for("rotations", p) := array.concat(["v1", "tenants", p.tenant, "rotations"], split(p.path, "/"))
+
+segments_for("collections", p) := ["v1", "tenants", p.tenant, "collections"]
+
+segments_for("collection_query", p) := ["v1", "tenants", p.tenant, "collections", p.collection, "query"]
+
+segments_for("collection_vectors", p) := ["v1", "tenants", p.tenant, "collections", p.collection, "vectors"]
+
+segments_for("admin", p) := ["v1", "admin", p.path]
+
+segments_for("elsewhere", _) := ["v1", "elsewhere"]
+
+req(route, method, params) := {
 	"route": {"name": route, "params": params},
-	"tls": {"client_cert": cert},
+	"request": {"method": method, "segments": segments_for(route, params)},
+	"time": {"unix_ns": now},
+	"device": {"verified": false, "reason": "absent"},
+	"risk": {"available": false, "score": null, "band": "unknown"},
+	"identity": {"authenticated": false, "kind": "anonymous"},
+	"tls": {"client_cert": null},
 }
 
-test_read_in_entitled_tenant_allowed if {
-	d := authz.decision with input as req("GET", "secrets", {"tenant": "acme", "path": "db"}, reader_cert)
-	d.allow == true
+# a user in tenant `tenant` with `roles`, signed in a minute ago with MFA
+as_user(r, sub, tenant, roles) := object.union(r, {"identity": {
+	"authenticated": true, "kind": "user", "subject": sub, "tenant": tenant, "roles": roles,
+	"amr": ["pwd", "mfa"], "auth_time": now_s - 60,
+}})
+
+as_cert(r, c) := object.union(r, {"tls": {"client_cert": c}})
+
+as_workload(r, spiffe) := object.union(r, {"identity": {
+	"authenticated": true, "kind": "workload", "subject": spiffe,
+	"workload": {"spiffe_id": spiffe, "trust_domain": "prod.vvault", "path": "/x"},
+}})
+
+with_device(r, d) := object.union(r, {"device": d})
+
+secret(tenant, path) := req("secrets", "GET", {"tenant": tenant, "path": path})
+
+allowed(i) if authz.decision.allow == true with input as i
+
+denied(i, code) if {
+	d := authz.decision with input as i
+	d.allow == false
+	code in d.reasons
+}
+
+grant(ticket, sub, role, tenant, not_after) := {ticket: {
+	"subject": sub, "role": role, "tenant": tenant, "not_after": not_after, "ticket": ticket,
+}}
+
+# ------------------------------------------------------------------ registered clients (certificates)
+
+test_registered_client_reads_its_tenant if {
+	allowed(as_cert(secret("acme", "db-password"), reader_cert))
+	d := authz.decision with input as as_cert(secret("acme", "db-password"), reader_cert)
 	d.upstream_headers["X-Vvault-Client"] == "spiffe://demo.vvault/client/reader"
+	d.upstream_headers["X-Vvault-Data-Class"] == "config"
+	d.reason == "read within an entitled tenant"
 }
 
-managed_device := {"verified": true, "managed": true, "id": "dev-1"}
+test_no_certificate if denied(secret("acme", "x"), "policy.no_client_cert")
 
-test_collection_query_post_is_a_read if {
-	d := authz.decision with input as object.union(
-		req("POST", "collection_query", {"tenant": "acme", "collection": "docs"}, reader_cert),
-		{"device": managed_device},
-	)
-	d.allow == true
-}
+test_untrusted_issuer if denied(as_cert(secret("acme", "x"), object.union(reader_cert, {"issuer": "CN=evil"})), "policy.untrusted_issuer")
 
-test_collection_query_needs_a_verified_managed_device if {
-	base := req("POST", "collection_query", {"tenant": "acme", "collection": "docs"}, reader_cert)
-	no_device := authz.decision with input as base
-	no_device.code == "policy.device_required"
-	unverified := authz.decision with input as object.union(base, {"device": {"verified": false, "reason": "stale"}})
-	unverified.allow == false
-	unmanaged := authz.decision with input as object.union(base, {"device": {"verified": true, "managed": false}})
-	unmanaged.allow == false
-}
+test_unknown_client if denied(as_cert(secret("acme", "x"), object.union(reader_cert, {"spiffe_id": null, "common_name": "nobody"})), "policy.unknown_client")
 
-test_other_tenant_denied if {
-	d := authz.decision with input as req("GET", "secrets", {"tenant": "globex", "path": "db"}, reader_cert)
-	d.allow == false
-	d.status == 403
-	d.code == "policy.tenant_not_entitled"
-}
+test_client_other_tenant if denied(as_cert(secret("globex", "x"), reader_cert), "policy.tenant_not_entitled")
 
-test_write_denied if {
-	d := authz.decision with input as req("PUT", "secrets", {"tenant": "acme", "path": "db"}, reader_cert)
-	d.allow == false
-	d.code == "policy.write_denied"
-}
+test_client_write_not_granted if denied(as_cert(req("secrets", "PUT", {"tenant": "acme", "path": "x"}), reader_cert), "policy.operation_not_granted")
 
-test_admin_denied_even_for_reads if {
-	d := authz.decision with input as req("GET", "admin", {"path": "tenants"}, reader_cert)
-	d.allow == false
-	"policy.admin_denied" in d.reasons
-}
+test_client_never_admin if denied(as_cert(req("admin", "GET", {"path": "tenants"}), reader_cert), "policy.admin_denied")
 
-test_no_certificate_denied if {
-	d := authz.decision with input as req("GET", "secrets", {"tenant": "acme", "path": "db"}, null)
-	d.allow == false
-	d.code == "policy.no_client_cert"
-}
-
-test_untrusted_issuer_denied if {
-	cert := object.union(reader_cert, {"issuer": "CN=evil CA"})
-	d := authz.decision with input as req("GET", "secrets", {"tenant": "acme", "path": "db"}, cert)
-	d.allow == false
-	"policy.untrusted_issuer" in d.reasons
-}
-
-test_unknown_client_denied if {
-	cert := object.union(reader_cert, {"spiffe_id": null, "common_name": "nobody"})
-	d := authz.decision with input as req("GET", "secrets", {"tenant": "acme", "path": "db"}, cert)
-	d.allow == false
-	"policy.unknown_client" in d.reasons
-}
-
-test_spiffe_id_wins_over_common_name if {
-	cert := object.union(reader_cert, {"common_name": "spiffe://demo.vvault/client/ops"})
-	d := authz.decision with input as req("GET", "secrets", {"tenant": "globex", "path": "db"}, cert)
-	d.allow == false
-}
+test_unknown_route if denied(as_cert(req("elsewhere", "GET", {"tenant": "acme"}), reader_cert), "policy.unknown_operation")
 
 test_empty_input_is_a_deny if {
 	d := authz.decision with input as {}
 	d.allow == false
+}
+
+# ------------------------------------------------------------------ tenant isolation
+
+test_user_reads_own_tenant if allowed(as_user(secret("acme", "app/config"), "alice", "acme", ["reader"]))
+
+test_user_cross_tenant_denied if denied(as_user(secret("globex", "app/config"), "alice", "acme", ["reader"]), "policy.tenant_not_entitled")
+
+test_role_alone_never_crosses_tenants if denied(as_user(secret("globex", "app/config"), "root", "acme", ["vvault-admin"]), "policy.tenant_not_entitled")
+
+test_workload_without_grant_denied if denied(as_workload(req("collection_query", "POST", {"tenant": "globex", "collection": "docs"}), indexer), "policy.tenant_not_entitled")
+
+test_workload_with_grant_allowed if allowed(as_workload(req("collection_query", "POST", {"tenant": "acme", "collection": "docs"}), indexer))
+
+test_workload_grant_is_per_path if denied(as_workload(req("collection_query", "POST", {"tenant": "acme", "collection": "customers"}), indexer), "policy.tenant_not_entitled")
+
+test_workload_grant_is_per_operation if denied(as_workload(req("collection_vectors", "POST", {"tenant": "acme", "collection": "docs"}), indexer), "policy.operation_not_granted")
+
+# ------------------------------------------------------------------ data classes and least privilege
+
+test_class_resolution if {
+	classes := {
+		"pii/ssn": "pii", "tokens/api": "tokens", "db-password": "config", "logs/x": "logs",
+		"public/readme": "public", "app/config": "config",
+	}
+	every path, class in classes {
+		d := authz.decision with input as as_user(with_device(secret("acme", path), good_device), "a", "acme", ["vvault-admin"])
+		d.upstream_headers["X-Vvault-Data-Class"] == class
+	}
+}
+
+test_collection_classes if {
+	d := authz.decision with input as as_user(req("collection_query", "POST", {"tenant": "acme", "collection": "audit"}), "a", "acme", ["reader"])
+	d.upstream_headers["X-Vvault-Data-Class"] == "logs"
+}
+
+test_reader_cannot_write if denied(as_user(req("secrets", "PUT", {"tenant": "acme", "path": "app/x"}), "a", "acme", ["reader"]), "policy.operation_not_granted")
+
+test_writer_can_write_config if allowed(as_user(req("secrets", "PUT", {"tenant": "acme", "path": "app/x"}), "a", "acme", ["writer"]))
+
+test_writer_cannot_delete_logs if denied(as_user(req("secrets", "DELETE", {"tenant": "acme", "path": "logs/x"}), "a", "acme", ["writer"]), "policy.operation_not_granted")
+
+test_reader_cannot_read_pii if denied(as_user(with_device(secret("acme", "pii/ssn"), good_device), "a", "acme", ["reader"]), "policy.operation_not_granted")
+
+# ------------------------------------------------------------------ device posture per class
+
+test_pii_from_compliant_device if allowed(as_user(with_device(secret("acme", "pii/ssn"), good_device), "a", "acme", ["pii-analyst"]))
+
+test_pii_without_device if denied(as_user(secret("acme", "pii/ssn"), "a", "acme", ["pii-analyst"]), "policy.device_required")
+
+test_pii_from_unmanaged_device if denied(as_user(with_device(secret("acme", "pii/ssn"), object.union(good_device, {"managed": false})), "a", "acme", ["pii-analyst"]), "policy.device_required")
+
+test_pii_from_unencrypted_device if denied(as_user(with_device(secret("acme", "pii/ssn"), object.union(good_device, {"disk_encrypted": false})), "a", "acme", ["pii-analyst"]), "policy.device_required")
+
+test_pii_from_unpatched_device if denied(as_user(with_device(secret("acme", "pii/ssn"), object.union(good_device, {"patch_age_days": 90})), "a", "acme", ["pii-analyst"]), "policy.device_required")
+
+test_public_needs_no_device if allowed(as_user(secret("acme", "public/readme"), "a", "acme", ["reader"]))
+
+# ------------------------------------------------------------------ control plane and JIT
+
+rotation := req("rotations", "POST", {"tenant": "acme", "path": "tokens/api"})
+
+test_rotation_without_mfa if denied(object.union(as_user(with_device(rotation, good_device), "kim", "acme", ["key-admin"]), {"identity": {"amr": ["pwd"]}}), "policy.mfa_required")
+
+test_rotation_with_stale_auth if denied(object.union(as_user(with_device(rotation, good_device), "kim", "acme", ["key-admin"]), {"identity": {"auth_time": now_s - 3600}}), "policy.auth_too_old")
+
+test_rotation_needs_elevation if denied(as_user(with_device(rotation, good_device), "kim", "acme", ["key-admin"]), "policy.elevation_required")
+
+test_rotation_with_live_jit_grant if {
+	allowed(as_user(with_device(rotation, good_device), "kim", "acme", [])) with data.vvault.grants as grant("CHG-1", "kim", "key-admin", "acme", "2026-11-25T13:00:00Z")
+	d := authz.decision with input as as_user(with_device(rotation, good_device), "kim", "acme", []) with data.vvault.grants as grant("CHG-1", "kim", "key-admin", "acme", "2026-11-25T13:00:00Z")
+	d.cache.no_store == true
+}
+
+test_rotation_after_grant_expired if denied(as_user(with_device(rotation, good_device), "kim", "acme", []), "policy.elevation_required") with data.vvault.grants as grant("CHG-1", "kim", "key-admin", "acme", "2026-11-25T11:59:59Z")
+
+test_jit_grant_is_for_its_subject_only if denied(as_user(with_device(rotation, good_device), "eve", "acme", []), "policy.elevation_required") with data.vvault.grants as grant("CHG-1", "kim", "key-admin", "acme", "2026-11-25T13:00:00Z")
+
+test_standing_admin_may_rotate if allowed(as_user(with_device(rotation, good_device), "root", "acme", ["vvault-admin"]))
+
+test_elevated_but_role_lacks_operation if denied(as_user(with_device(req("rotations", "POST", {"tenant": "acme", "path": "public/x"}), good_device), "kim", "acme", []), "policy.operation_not_granted") with data.vvault.grants as grant("CHG-1", "kim", "key-admin", "acme", "2026-11-25T13:00:00Z")
+
+test_app_admin_area_for_standing_admins if allowed(as_user(req("admin", "GET", {"path": "tenants"}), "root", "acme", ["vvault-admin"]))
+
+# ------------------------------------------------------------------ risk gating
+
+risky(i, score) := object.union(i, {"risk": {"available": true, "score": score, "band": "x"}})
+
+test_medium_risk_reads_only if {
+	allowed(risky(as_user(secret("acme", "app/x"), "a", "acme", ["writer"]), 60))
+	denied(risky(as_user(req("secrets", "PUT", {"tenant": "acme", "path": "app/x"}), "a", "acme", ["writer"]), 60), "policy.risk_read_only")
+}
+
+test_high_risk_quarantines if {
+	d := authz.decision with input as risky(as_user(secret("acme", "app/x"), "a", "acme", ["reader"]), 90)
+	d.allow == false
+	"policy.risk_quarantine" in d.reasons
+	d.obligations[0].type == "quarantine"
+	d.obligations[0].scope == "subject"
+}
+
+test_unavailable_risk_does_not_block_reads if allowed(object.union(as_user(secret("acme", "app/x"), "a", "acme", ["reader"]), {"risk": {"available": false}}))
+
+# ------------------------------------------------------------------ field-level least privilege
+
+test_lister_gets_values_redacted if {
+	d := authz.decision with input as as_user(secret("acme", "app/x"), "l", "acme", ["lister"])
+	d.allow == true
+	d.obligations == [{"type": "redact", "fields": ["value"]}]
+}
+
+test_lister_with_a_reading_role_sees_values if {
+	d := authz.decision with input as as_user(secret("acme", "app/x"), "l", "acme", ["lister", "reader"])
+	d.obligations == []
 }
