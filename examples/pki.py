@@ -42,6 +42,7 @@ CLIENTS: dict[str, ClientSpec] = {
     "expired": ClientSpec("expired", expired=True),
     "stranger": ClientSpec("stranger", "spiffe://demo.vvault/client/reader", other_ca=True),
     "foreign": ClientSpec("foreign-workload", "spiffe://other.domain/ns/x/sa/y"),
+    "indexer": ClientSpec("indexer", "spiffe://prod.vvault/ns/platform/sa/indexer"),
     "bad-spiffe": ClientSpec("bad-spiffe", "spiffe://Demo.vvault:8443/a/../b"),
 }
 

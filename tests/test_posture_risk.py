@@ -228,7 +228,9 @@ async def test_risk_unavailable_when_redis_is_down_and_the_request_is_still_judg
     await pep.start()
     try:
         redis.stop()
-        status, record = await query(pep, pki, idp.token(sub="alice", roles=["pii-analyst"]), assertion(devices), caplog)
+        status, record = await query(
+            pep, pki, idp.token(sub="alice", roles=["pii-analyst"]), assertion(devices), caplog
+        )
         assert record["input"]["risk"] == {"available": False, "score": None, "band": "unknown", "signals": {}}
         assert status == 200  # judged by the policy as usual (which may demand risk; the starter does not)
     finally:

@@ -44,6 +44,30 @@ messages := {
 
 reasons := sort(deny)
 
+# The code shown to the client: the most fundamental failure first (who, where, then
+# how), so the caller learns what to fix first; `reasons` lists them all.
+priority := [
+	"policy.risk_quarantine",
+	"policy.no_client_cert",
+	"policy.untrusted_issuer",
+	"policy.unknown_client",
+	"policy.unknown_operation",
+	"policy.tenant_not_entitled",
+	"policy.admin_denied",
+	"policy.mfa_required",
+	"policy.auth_too_old",
+	"policy.elevation_required",
+	"policy.operation_not_granted",
+	"policy.device_required",
+	"policy.risk_read_only",
+]
+
+ranked := [code | some code in priority; code in deny]
+
+primary := ranked[0] if count(ranked) > 0
+
+else := reasons[0]
+
 tenant_header := tenant if tenant
 
 else := ""
@@ -67,8 +91,8 @@ decision := {
 decision := {
 	"allow": false,
 	"status": 403,
-	"code": reasons[0],
-	"reason": messages[reasons[0]],
+	"code": primary,
+	"reason": object.get(messages, primary, "denied by policy"),
 	"reasons": reasons,
 	"obligations": deny_obligations,
 	"cache": {"ttl_s": 5},

@@ -62,6 +62,8 @@ class AdminApi:
         app.router.add_post("/admin/quarantines", self._add_quarantine)
         app.router.add_delete("/admin/quarantines/{scope}/{value:.+}", self._lift_quarantine)
         app.router.add_post("/admin/revocations", self._revoke_token)
+        app.router.add_post("/admin/grants", self._add_grant)
+        app.router.add_delete("/admin/grants/{ticket}", self._remove_grant)
 
     async def _authorise(self, request: web.Request, action: str) -> str:
         """Who may do ``action``: an admin certificate the admin policy allows, or the token."""
@@ -233,6 +235,51 @@ class AdminApi:
         await self.runtime.cache.invalidate("token", jti)
         self._record("token.revoke", True, admin=admin, jti=jti, shared=shared)
         return web.json_response({**q.doc(), "shared": shared}, status=201)
+
+    async def _add_grant(self, request: web.Request) -> web.Response:
+        """JIT elevation: a role for a subject in a tenant until not_after (data.vvault.grants)."""
+        admin = await self._authorise(request, "grant.add")
+        doc = await self._json(request)
+        fields = ("subject", "role", "tenant", "not_after", "ticket")
+        if not isinstance(doc, dict) or not all(isinstance(doc.get(f), str) and doc.get(f) for f in fields):
+            raise web.HTTPBadRequest(text=f"expected strings {', '.join(fields)}")
+        import datetime as dt
+
+        try:
+            until = dt.datetime.fromisoformat(doc["not_after"].replace("Z", "+00:00"))
+        except ValueError as exc:
+            raise web.HTTPBadRequest(text="not_after must be RFC 3339, e.g. 2026-11-25T18:00:00Z") from exc
+        now = dt.datetime.now(dt.UTC)
+        if until.tzinfo is None or not now < until <= now + dt.timedelta(hours=24):
+            raise web.HTTPBadRequest(text="not_after must be in the future and at most 24 hours away")
+        if not _DATA_PATH.match(f"g/{doc['ticket']}"):
+            raise web.HTTPBadRequest(text="ticket may hold letters, digits, '-' and '_' only")
+        grant = {f: doc[f] for f in fields}
+        await self._write_data(f"vvault/grants/{doc['ticket']}", orjson.dumps(grant), "grant.add", admin, grant)
+        return web.json_response(grant, status=201)
+
+    async def _remove_grant(self, request: web.Request) -> web.Response:
+        admin = await self._authorise(request, "grant.revoke")
+        ticket = request.match_info["ticket"]
+        if not _DATA_PATH.match(f"g/{ticket}"):
+            raise web.HTTPBadRequest(text="bad ticket")
+        await self._write_data(f"vvault/grants/{ticket}", b"", "grant.revoke", admin, {"ticket": ticket})
+        return web.json_response({"ticket": ticket, "revoked": True})
+
+    async def _write_data(self, path: str, body: bytes, action: str, admin: str, what: dict[str, Any]) -> None:
+        pdp, cache = self.runtime.pdp, self.runtime.cache
+        assert pdp is not None
+        assert cache is not None
+        try:
+            status = await (pdp.put_data(path, body) if body else pdp.delete_data(path))
+        except PepError as err:
+            self._record(action, False, admin=admin, code=err.code, **what)
+            raise web.HTTPServiceUnavailable(text=err.code) from err
+        if status not in (200, 204, 404):
+            self._record(action, False, admin=admin, opa_status=status, **what)
+            raise web.HTTPBadGateway(text=f"OPA answered {status}")
+        shared = await cache.bump_revision()  # decisions made without (or with) the grant are re-asked
+        self._record(action, True, admin=admin, shared=shared, **what)
 
     async def _stats(self, request: web.Request) -> web.Response:
         await self._authorise(request, "cache.read")

@@ -135,11 +135,15 @@ class PdpClient:
         """PUT a JSON document into OPA's data; returns OPA's HTTP status."""
         return await self._put(f"/v1/data/{path}", body, "application/json")
 
-    async def _put(self, path: str, body: bytes, content_type: str, timeout_s: float = 5.0) -> int:
+    async def delete_data(self, path: str) -> int:
+        """DELETE a document from OPA's data; returns OPA's HTTP status (404 if absent)."""
+        return await self._put(f"/v1/data/{path}", b"", "application/json", method="DELETE")
+
+    async def _put(self, path: str, body: bytes, content_type: str, timeout_s: float = 5.0, method: str = "PUT") -> int:
         try:
             async with asyncio.timeout(timeout_s):
-                async with self._session.put(
-                    self._base + path, data=body, headers={"Content-Type": content_type}
+                async with self._session.request(
+                    method, self._base + path, data=body or None, headers={"Content-Type": content_type}
                 ) as resp:
                     await resp.read()
                     return resp.status
