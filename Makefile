@@ -56,6 +56,7 @@ policy-test: tools
 	"$(OPA)" test policies/ -v --format=pretty | tail -n 3
 	"$(OPA)" test policies/ --coverage --threshold 90 >/dev/null && echo ">> policy coverage >= 90%"
 	"$(OPA)" check --strict policies/ tests/policies/
+	"$(OPA)" fmt --list --fail policies/ tests/policies/
 
 lint: $(VENV)/.installed
 	@echo ">> ruff"
