@@ -218,12 +218,17 @@ class DecisionCache:
                     pass
         return None
 
-    async def lookup(self, route: Route, doc: dict[str, Any]) -> tuple[Any, str, str, list[Any]]:
-        """(result or None, layer, revision, epochs).  Layer: l1, l2, miss or bypass."""
+    async def lookup(
+        self, route: Route, doc: dict[str, Any], context: tuple[str, list[Any]] | None = None
+    ) -> tuple[Any, str, str, list[Any]]:
+        """(result or None, layer, revision, epochs).  Layer: l1, l2, miss or bypass.
+
+        ``context`` is :meth:`context` for this request when the caller already fetched it.
+        """
         if not route.cache.enabled:
             self.stats["bypass"] += 1
             return None, "bypass", "", []
-        revision, epochs = await self.context(doc)
+        revision, epochs = context if context is not None else await self.context(doc)
         vary = await self._vary(route, revision)
         key = digest("entry", route.policy, revision, epochs, self._material(route, doc, vary))
         now = time.time()

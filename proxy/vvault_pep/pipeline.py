@@ -13,6 +13,7 @@ through on an error: the decision starts as denied.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
@@ -201,25 +202,29 @@ class Pipeline:
             device=device,
             now=_now(),
         )
-        # risk: shared per-subject signals, folded into a score (unavailable ≠ low)
-        with self._stage(trail, "risk"):
-            risk = await self.risk.assess(build_input(facts, pep_version=__version__), device, facts.now)
+        # risk, containment and the cache's revision/epochs all read Redis: ask at once,
+        # so a request pays the slowest of the three round trips, not their sum.
+        draft = build_input(facts, pep_version=__version__)
+        with self._stage(trail, "context"):
+            risk, _, context = await asyncio.gather(
+                self.risk.assess(draft, device, facts.now),
+                # contain: quarantines and revocations hold before any cached allow or OPA
+                self.containment.check(draft),
+                self.cache.context(draft) if route.cache.enabled else _no_context(),
+            )
         trail.fields["risk_score"] = risk.get("score")
         facts = dataclasses.replace(facts, risk=risk)
         policy_input = build_input(facts, pep_version=__version__)
         trail.policy_input = policy_input
-        # contain: quarantines and revocations hold before any cached allow or OPA
-        with self._stage(trail, "containment"):
-            await self.containment.check(policy_input)
-            if route.rate_limit is not None:
-                key = ratelimit.key_of(route.rate_limit, route.name, policy_input)
-                if key is not None:
-                    verdict = await self.limiter.check(route.rate_limit, key)
-                    if not verdict.allowed:
-                        raise ratelimit.refuse(verdict)
+        if route.rate_limit is not None:
+            key = ratelimit.key_of(route.rate_limit, route.name, policy_input)
+            if key is not None:
+                verdict = await self.limiter.check(route.rate_limit, key)
+                if not verdict.allowed:
+                    raise ratelimit.refuse(verdict)
         # decide: L1 → L2 → OPA; only a definite answer is stored
         with self._stage(trail, "cache"):
-            cached, layer, revision, epochs = await self.cache.lookup(route, policy_input)
+            cached, layer, revision, epochs = await self.cache.lookup(route, policy_input, context)
         trail.fields["cache"] = layer
         trail.fields["bundles"] = {"revision": revision or self.cache.opa_revision}
         self.tel.cache_lookups.add(1, {"layer": layer})
@@ -434,6 +439,10 @@ class Pipeline:
             red = self.config.audit.redact
             record["input"], record["redacted"] = redact(trail.policy_input, red.erase, red.mask, red.query)
         return record
+
+
+async def _no_context() -> None:
+    return None
 
 
 def _now() -> dt.datetime:
