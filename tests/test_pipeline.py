@@ -75,6 +75,7 @@ async def test_denied_request_gets_problem_json_and_never_reaches_upstream(
         doc = await resp.json(content_type=None)
         request_id = resp.headers["X-Request-Id"]
     assert doc["status"] == 403
+    assert resp.headers["Server"] == "vvault-pep"  # no framework or version disclosed
     assert doc["code"] == "policy.tenant_not_entitled"
     assert doc["title"] == "Forbidden"
     assert doc["type"].endswith("policy.tenant_not_entitled")

@@ -209,6 +209,7 @@ class _Handler(RequestHandler):
             content_type="application/problem+json",
         )
         resp.headers["X-Request-Id"] = request_id
+        resp.headers["Server"] = "vvault-pep"
         resp.force_close()
         manager = self._manager
         if isinstance(manager, MtlsServer) and manager.on_refusal is not None:

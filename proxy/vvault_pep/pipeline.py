@@ -368,6 +368,7 @@ class Pipeline:
         resp = web.Response(status=refusal.status, body=body, content_type="application/problem+json")
         resp.headers["X-Request-Id"] = trail.request_id
         resp.headers["Cache-Control"] = "no-store"
+        resp.headers["Server"] = "vvault-pep"  # not the framework and its version
         for name, value in (*refusal.headers, *extra_headers):
             resp.headers[name] = value
         if refusal.allow_methods:
