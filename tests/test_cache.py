@@ -433,7 +433,7 @@ async def test_invalidating_a_subject_flips_its_cached_allow_everywhere(
         # … until the subject is invalidated, once, on one instance
         async with http.post(
             f"http://127.0.0.1:{a.admin_port}/admin/cache/invalidate",
-            json={"scope": "subject", "value": "eve"},
+            json={"scope": "subject", "value": f"{idp.url}|eve"},  # subjects are per issuer
             headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
         ) as resp:
             assert resp.status == 200

@@ -124,9 +124,9 @@ async def test_a_quarantine_obligation_on_one_instance_blocks_the_subject_on_the
     assert "test trip-wire" in body["detail"]
     assert (await hit(b, pki, "gate.k.test", other))[0] == 200  # only zed
     status, listing = await admin(b, "GET", "/admin/quarantines")
-    assert any(q["scope"] == "subject" and q["value"] == "zed" for q in listing["quarantines"])
+    assert any(q["scope"] == "subject" and q["value"] == f"{idp.url}|zed" for q in listing["quarantines"])
     # lifted through the admin API of the other instance: access is back everywhere
-    assert (await admin(b, "DELETE", "/admin/quarantines/subject/zed"))[0] == 200
+    assert (await admin(b, "DELETE", f"/admin/quarantines/subject/{idp.url}|zed"))[0] == 200
     for pep in (a, b):
         assert (await hit(pep, pki, "gate.k.test", zed))[0] == 200
 
@@ -244,7 +244,7 @@ async def test_admin_api_over_mtls_authorised_by_opa(
     pep = PepRuntime(Config.model_validate(doc))
     await pep.start()
     url = f"https://localhost:{pep.admin_port}"
-    body = {"scope": "subject", "value": "vic", "ttl_s": 60, "reason": "incident 42"}
+    body = {"scope": "subject", "value": f"{idp.url}|vic", "ttl_s": 60, "reason": "incident 42"}
 
     async def call(cert: str | None, method: str, path: str, json: Any = None) -> int:
         connector = aiohttp.TCPConnector(ssl=client_context(pki, cert), force_close=True)
@@ -265,7 +265,7 @@ async def test_admin_api_over_mtls_authorised_by_opa(
         ]
         status, _, _ = await hit(pep, pki, "gate.k.test", idp.token(sub="vic"))
         assert status == 403
-        assert await call("ops", "DELETE", "/admin/quarantines/subject/vic") == 200
+        assert await call("ops", "DELETE", f"/admin/quarantines/subject/{idp.url}|vic") == 200
         assert (await hit(pep, pki, "gate.k.test", idp.token(sub="vic")))[0] == 200
     finally:
         await pep.stop()

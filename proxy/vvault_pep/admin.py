@@ -137,7 +137,7 @@ class AdminApi:
     async def _put_data(self, request: web.Request) -> web.Response:
         admin = await self._authorise(request, "opa.data.put")
         path = request.match_info["path"].strip("/")
-        if not _DATA_PATH.match(path):
+        if not _DATA_PATH.fullmatch(path):
             raise web.HTTPBadRequest(text="bad data path")
         body = orjson.dumps(await self._json(request))
         pdp, cache = self.runtime.pdp, self.runtime.cache
@@ -158,7 +158,7 @@ class AdminApi:
     async def _put_policy(self, request: web.Request) -> web.Response:
         admin = await self._authorise(request, "opa.policy.put")
         policy_id = request.match_info["id"].strip("/")
-        if not _DATA_PATH.match(policy_id):
+        if not _DATA_PATH.fullmatch(policy_id):
             raise web.HTTPBadRequest(text="bad policy id")
         body = await request.content.read(MAX_BODY + 1)
         if len(body) > MAX_BODY:
@@ -252,7 +252,7 @@ class AdminApi:
         now = dt.datetime.now(dt.UTC)
         if until.tzinfo is None or not now < until <= now + dt.timedelta(hours=24):
             raise web.HTTPBadRequest(text="not_after must be in the future and at most 24 hours away")
-        if not _DATA_PATH.match(f"g/{doc['ticket']}"):
+        if not _DATA_PATH.fullmatch(f"g/{doc['ticket']}"):
             raise web.HTTPBadRequest(text="ticket may hold letters, digits, '-' and '_' only")
         grant = {f: doc[f] for f in fields}
         await self._write_data(f"vvault/grants/{doc['ticket']}", orjson.dumps(grant), "grant.add", admin, grant)
@@ -261,7 +261,7 @@ class AdminApi:
     async def _remove_grant(self, request: web.Request) -> web.Response:
         admin = await self._authorise(request, "grant.revoke")
         ticket = request.match_info["ticket"]
-        if not _DATA_PATH.match(f"g/{ticket}"):
+        if not _DATA_PATH.fullmatch(f"g/{ticket}"):
             raise web.HTTPBadRequest(text="bad ticket")
         await self._write_data(f"vvault/grants/{ticket}", b"", "grant.revoke", admin, {"ticket": ticket})
         return web.json_response({"ticket": ticket, "revoked": True})

@@ -424,6 +424,6 @@ def _bearer(authorization: str | None, realm: str) -> str | None:
     if scheme.lower() != "bearer":
         return None  # another scheme is the upstream's business, not an identity here
     token = token.strip()
-    if not token or not _B64TOKEN.match(token):
+    if not token or not _B64TOKEN.fullmatch(token):
         raise _fail("authn.malformed", realm)
     return token

@@ -41,6 +41,7 @@ import orjson
 
 from .config import Cache as CacheConfig
 from .config import Route
+from .scopes import scope_values
 from .shared_state import SharedState
 
 log = logging.getLogger("vvault_pep.cache")
@@ -54,9 +55,9 @@ VOLATILE: tuple[tuple[str, ...], ...] = (
     ("time",),
     ("request", "headers", "traceparent"),
     ("device", "age_s"),
-    # risk enters the key by its band (and availability), not its moving numbers
-    ("risk", "score"),
-    ("risk", "signals"),
+    # per-request counters; the score, band and the signal flags stay in the key
+    ("risk", "signals", "requests_in_window"),
+    ("risk", "signals", "baseline"),
 )
 SCOPES = ("subject", "tenant", "token", "device")
 _MISSING = {"$missing": True}
@@ -92,18 +93,7 @@ def whole_input(doc: dict[str, Any]) -> dict[str, Any]:
 
 def scopes_of(doc: dict[str, Any]) -> list[tuple[str, str]]:
     """The (scope, value) pairs whose epochs this request's entries depend on."""
-    identity = doc.get("identity") or {}
-    out: list[tuple[str, str]] = []
-    for scope, value in (
-        ("subject", identity.get("subject")),
-        ("tenant", identity.get("tenant")),
-        ("tenant", (doc.get("route") or {}).get("params", {}).get("tenant")),
-        ("token", identity.get("token_id")),
-        ("device", (doc.get("device") or {}).get("id")),
-    ):
-        if isinstance(value, str) and (scope, value) not in out:
-            out.append((scope, value))
-    return out
+    return scope_values(doc)
 
 
 def digest(*parts: Any) -> str:
@@ -230,7 +220,9 @@ class DecisionCache:
             return None, "bypass", "", []
         revision, epochs = context if context is not None else await self.context(doc)
         vary = await self._vary(route, revision)
-        key = digest("entry", route.policy, revision, epochs, self._material(route, doc, vary))
+        # The route is part of the question: two routes may share a decision path and a
+        # projection, and still be judged differently.
+        key = digest("entry", route.policy, route.name, revision, epochs, self._material(route, doc, vary))
         now = time.time()
         entry = self._l1.get(key)
         if entry is not None:
@@ -245,7 +237,12 @@ class DecisionCache:
             raw = await self.shared.call(lambda c: c.get(self.shared.key("dec", key)))  # type: ignore[union-attr]
             if raw is not None:
                 stored = _load(raw)
-                if isinstance(stored, dict) and isinstance(stored.get("exp"), int | float) and stored["exp"] > now:
+                if (
+                    isinstance(stored, dict)
+                    and "r" in stored
+                    and isinstance(stored.get("exp"), int | float)
+                    and stored["exp"] > now
+                ):
                     self._put_l1(key, orjson.dumps(stored["r"]), float(stored["exp"]))
                     self.stats["l2"] += 1
                     return stored["r"], "l2", revision, epochs
@@ -267,7 +264,7 @@ class DecisionCache:
             return
         if hints.vary is not None or self._index.get(self._index_key(route, revision)):
             self._index[self._index_key(route, revision)] = (hints.vary, time.time() + ttl_s)
-        key = digest("entry", route.policy, revision, epochs, self._material(route, doc, hints.vary))
+        key = digest("entry", route.policy, route.name, revision, epochs, self._material(route, doc, hints.vary))
         expires = time.time() + ttl_s
         payload = orjson.dumps(result)
         self._put_l1(key, payload, expires)

@@ -155,7 +155,7 @@ class Admin(_Model):
     def _policy_needs_tls(self) -> Admin:
         if self.policy is not None and self.tls is None:
             raise ValueError("admin.policy needs admin.tls: admins are identified by their client certificate")
-        if self.policy is not None and not _DECISION_PATH.match(self.policy.strip("/")):
+        if self.policy is not None and not _DECISION_PATH.fullmatch(self.policy.strip("/")):
             raise ValueError("admin.policy is a decision path such as vvault/admin/decision")
         return self
 
@@ -511,7 +511,7 @@ class Route(_Model):
     @classmethod
     def _methods(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         for m in v:
-            if not _METHOD.match(m):
+            if not _METHOD.fullmatch(m):
                 raise ValueError(f"method {m!r} must be an upper-case token such as GET")
         if not v:
             raise ValueError("at least one method")
@@ -521,7 +521,7 @@ class Route(_Model):
     @classmethod
     def _policy(cls, v: str) -> str:
         v = v.strip("/")
-        if not _DECISION_PATH.match(v):
+        if not _DECISION_PATH.fullmatch(v):
             raise ValueError("decision path looks like 'vvault/authz/decision' (no 'data.' prefix, no dots)")
         return v
 
@@ -543,7 +543,7 @@ class Sanitize(_Model):
     @classmethod
     def _names(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         for name in v:
-            if not _HEADER_NAME.match(name):
+            if not _HEADER_NAME.fullmatch(name):
                 raise ValueError(f"{name!r} is not a header name")
         return tuple(n.lower() for n in v)
 

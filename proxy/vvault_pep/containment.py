@@ -26,6 +26,7 @@ from typing import Any
 import orjson
 
 from .errors import PepError
+from .scopes import scope_values
 from .shared_state import SharedState
 
 log = logging.getLogger("vvault_pep.containment")
@@ -57,23 +58,6 @@ def parse_obligation(raw: Any) -> tuple[str, float, str] | None:
     if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl <= MAX_TTL_S:
         return None
     return scope, float(ttl), reason[:256]
-
-
-def scope_values(doc: dict[str, Any]) -> list[tuple[str, str]]:
-    """The (scope, value) pairs a request carries, from its policy input."""
-    identity = doc.get("identity") or {}
-    pairs = [
-        ("subject", identity.get("subject")),
-        ("tenant", identity.get("tenant")),
-        ("tenant", (doc.get("route") or {}).get("params", {}).get("tenant")),
-        ("token", identity.get("token_id")),
-        ("device", (doc.get("device") or {}).get("id")),
-    ]
-    out: list[tuple[str, str]] = []
-    for scope, value in pairs:
-        if isinstance(value, str) and value and (scope, value) not in out:
-            out.append((scope, value))
-    return out
 
 
 class Containment:

@@ -73,7 +73,7 @@ def interpret(result: Any, *, defined: bool) -> Decision:
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in reason):
         return _deny("pdp.malformed_decision", "'reason' has control characters")
     code = result.get("code")
-    if code is not None and (not isinstance(code, str) or not _CODE.match(code) or len(code) > 64):
+    if code is not None and (not isinstance(code, str) or not _CODE.fullmatch(code) or len(code) > 64):
         return _deny("pdp.malformed_decision", "'code' is not a dotted lower-case code")
     upstream = _headers(result.get("upstream_headers"), _RESERVED_UPSTREAM)
     response = _headers(result.get("response_headers"), _RESERVED_RESPONSE)
@@ -169,7 +169,7 @@ def _headers(value: Any, reserved: frozenset[str] | set[str]) -> tuple[tuple[str
         return None
     out: list[tuple[str, str]] = []
     for name, val in value.items():
-        if not isinstance(name, str) or not _TOKEN.match(name) or name.lower() in reserved:
+        if not isinstance(name, str) or not _TOKEN.fullmatch(name) or name.lower() in reserved:
             return None
         if not isinstance(val, str) or any(c in val for c in "\r\n\x00") or len(val) > 4096:
             return None

@@ -32,7 +32,7 @@ from .audit import AuditLog, now_rfc3339, redact
 from .authn import Authenticator, Identity
 from .cache import DecisionCache, hints_of, lifetime
 from .config import Config
-from .containment import Containment, scope_values
+from .containment import Containment
 from .enforce import Decision
 from .errors import STATUS, PepError, Refusal
 from .forward import Upstreams
@@ -43,6 +43,7 @@ from .posture import PostureVerifier
 from .ratelimit import RateLimiter
 from .risk import RiskSignals
 from .routing import Match, RouteTable
+from .scopes import scope_values
 from .telemetry import Telemetry
 
 log = logging.getLogger("vvault_pep.pipeline")
@@ -217,11 +218,11 @@ class Pipeline:
         policy_input = build_input(facts, pep_version=__version__)
         trail.policy_input = policy_input
         if route.rate_limit is not None:
-            key = ratelimit.key_of(route.rate_limit, route.name, policy_input)
-            if key is not None:
-                verdict = await self.limiter.check(route.rate_limit, key)
-                if not verdict.allowed:
-                    raise ratelimit.refuse(verdict)
+            verdict = await self.limiter.check(
+                route.rate_limit, ratelimit.key_of(route.rate_limit, route.name, policy_input)
+            )
+            if not verdict.allowed:
+                raise ratelimit.refuse(verdict)
         # decide: L1 → L2 → OPA; only a definite answer is stored
         with self._stage(trail, "cache"):
             cached, layer, revision, epochs = await self.cache.lookup(route, policy_input, context)
@@ -261,11 +262,11 @@ class Pipeline:
         policy_limit = decision.extras.get("rate_limit")
         if decision.allow and policy_limit is not None:
             # A limit the policy chose for this caller (e.g. tighter for a risky one).
-            key = ratelimit.key_of(policy_limit, f"policy:{route.name}", policy_input)
-            if key is not None:
-                verdict = await self.limiter.check(policy_limit, key)
-                if not verdict.allowed:
-                    raise ratelimit.refuse(verdict)
+            verdict = await self.limiter.check(
+                policy_limit, ratelimit.key_of(policy_limit, f"policy:{route.name}", policy_input)
+            )
+            if not verdict.allowed:
+                raise ratelimit.refuse(verdict)
         if config.cache.debug_headers:
             decision = dataclasses.replace(
                 decision, response_headers=(*decision.response_headers, ("X-Decision-Cache", layer))

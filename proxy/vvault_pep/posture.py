@@ -99,6 +99,8 @@ class PostureVerifier:
         )
         if mode == "subject":
             return by_subject
-        if mode == "cnf":
+        if mode == "cnf" or thumb is not None:
+            # An assertion bound to a device certificate is worth nothing from another
+            # device, whatever its subject says.
             return by_cert
-        return by_subject or by_cert
+        return by_subject

@@ -19,6 +19,7 @@ from typing import Any
 
 from .config import RateLimit
 from .errors import PepError
+from .scopes import client_key, subject_key
 from .shared_state import SharedState
 
 # KEYS[1] = limiter key; ARGV = emission interval (µs), burst tolerance (µs)
@@ -45,18 +46,21 @@ class Verdict:
     shared: bool
 
 
-def key_of(limit: RateLimit, route: str, doc: dict[str, Any]) -> str | None:
+def key_of(limit: RateLimit, route: str, doc: dict[str, Any]) -> str:
+    """The limiter key; a request without the named value falls back to its client — never unlimited."""
     identity = doc.get("identity") or {}
+    value: Any
     if limit.per == "subject":
-        value = identity.get("subject")
+        value = subject_key(doc)
     elif limit.per == "tenant":
         value = identity.get("tenant") or (doc.get("route") or {}).get("params", {}).get("tenant")
-    elif limit.per == "client":
-        cert = (doc.get("tls") or {}).get("client_cert") or {}
-        value = cert.get("sha256") or (doc.get("source") or {}).get("ip")
-    else:
+    elif limit.per == "route":
         value = "*"
-    return f"{route}:{limit.per}:{value}" if isinstance(value, str) and value else None
+    else:
+        value = None
+    if not isinstance(value, str) or not value:
+        return f"{route}:client:{client_key(doc)}"
+    return f"{route}:{limit.per}:{value}"
 
 
 class RateLimiter:

@@ -29,6 +29,7 @@ import zoneinfo
 from typing import Any
 
 from .config import Risk as RiskConfig
+from .scopes import client_key, subject_key
 from .shared_state import SharedState
 
 # KEYS: current window, previous window, baseline, networks, denials, last device
@@ -75,14 +76,8 @@ def network_of(ip: str | None) -> str:
 
 
 def subject_of(doc: dict[str, Any]) -> str | None:
-    identity = doc.get("identity") or {}
-    if isinstance(identity.get("subject"), str):
-        return f"sub:{identity['subject']}"
-    cert = (doc.get("tls") or {}).get("client_cert") or {}
-    if isinstance(cert.get("sha256"), str):
-        return f"cert:{cert['sha256']}"
-    ip = (doc.get("source") or {}).get("ip")
-    return f"ip:{ip}" if isinstance(ip, str) else None
+    subject = subject_key(doc)
+    return f"sub:{subject}" if subject is not None else client_key(doc)
 
 
 def score(signals: dict[str, Any]) -> tuple[int, str]:

@@ -89,7 +89,7 @@ class RouteTable:
                 raise TemplateError("empty segment ('//') in path template")
             if part in (".", ".."):
                 raise TemplateError("dot segment in path template")
-            m = _PARAM.match(part)
+            m = _PARAM.fullmatch(part)
             if m:
                 name, greedy = m.group(1), bool(m.group(2))
                 if name in names:
@@ -100,7 +100,7 @@ class RouteTable:
                     raise TemplateError("a template ending in a greedy parameter has no trailing '/'")
                 names.add(name)
                 segments.append(Segment(None, name, greedy))
-            elif _LITERAL.match(part):
+            elif _LITERAL.fullmatch(part):
                 segments.append(Segment(part, None, False))
             else:
                 raise TemplateError(f"segment {part!r} must be a literal or {{name}} / {{name*}}")

@@ -226,7 +226,7 @@ def check_headers(raw: Iterable[tuple[bytes, bytes]], rules: Sanitize, limits: L
             value = raw_value.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise PepError("sanitize.bad_header", "header is not ASCII/UTF-8") from exc
-        if not _TOKEN.match(name):
+        if not _TOKEN.fullmatch(name):
             raise PepError("sanitize.bad_header", "invalid header name")
         if "\x00" in value or "\r" in value or "\n" in value:
             raise PepError("sanitize.bad_header", f"NUL, CR or LF in the value of {name}")
@@ -243,7 +243,7 @@ def check_headers(raw: Iterable[tuple[bytes, bytes]], rules: Sanitize, limits: L
     if len(hosts) != 1:
         raise PepError("sanitize.duplicate_header", "exactly one Host header is required")
     host_value = hosts[0].lower()
-    if not _HOST.match(host_value):
+    if not _HOST.fullmatch(host_value):
         raise PepError("sanitize.bad_header", "malformed Host header")
     host, port = _split_host(host_value)
 

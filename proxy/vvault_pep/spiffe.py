@@ -41,13 +41,13 @@ def parse_spiffe_id(text: str) -> SpiffeId:
     domain, slash, path = rest.partition("/")
     if not domain:
         raise InvalidSpiffeId("empty trust domain")
-    if not _TRUST_DOMAIN.match(domain):
+    if not _TRUST_DOMAIN.fullmatch(domain):
         raise InvalidSpiffeId("trust domain has a character outside [a-z0-9._-] (port, userinfo, upper case?)")
     if not slash or not path:
         raise InvalidSpiffeId("a workload SPIFFE ID has a path")
     for segment in path.split("/"):
         if segment in ("", ".", ".."):
             raise InvalidSpiffeId("empty, '.' or '..' path segment")
-        if not _SEGMENT.match(segment):
+        if not _SEGMENT.fullmatch(segment):
             raise InvalidSpiffeId("path segment has a character outside [A-Za-z0-9._-]")
     return SpiffeId(domain, "/" + path)
