@@ -260,6 +260,7 @@ async def test_admin_api_over_mtls_authorised_by_opa(
             assert await call("ops", "POST", "/admin/quarantines", body) == 201
         records = [r.audit for r in caplog.records if getattr(r, "audit", {}).get("admin_action") == "quarantine.add"]
         assert [(r["result"]["allow"], r["admin"]) for r in records] == [
+            (False, None),  # the call without a certificate is on record too
             (False, "spiffe://demo.vvault/client/reader"),
             (True, "spiffe://demo.vvault/client/ops"),
         ]
@@ -267,5 +268,49 @@ async def test_admin_api_over_mtls_authorised_by_opa(
         assert status == 403
         assert await call("ops", "DELETE", f"/admin/quarantines/subject/{idp.url}|vic") == 200
         assert (await hit(pep, pki, "gate.k.test", idp.token(sub="vic")))[0] == 200
+    finally:
+        await pep.stop()
+
+
+async def test_admin_refusals_are_audited_and_inputs_checked(
+    pair: tuple[PepRuntime, PepRuntime], caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    a, _ = pair
+    with caplog.at_level(logging.INFO, logger="vvault_pep.audit"):
+        async with aiohttp.ClientSession() as http:
+            async with http.post(
+                f"http://127.0.0.1:{a.admin_port}/admin/quarantines", json={}, headers={"Authorization": "Bearer wrong"}
+            ) as resp:
+                assert resp.status == 401
+    refused = [r.audit for r in caplog.records if getattr(r, "audit", {}).get("admin_action") == "quarantine.add"]
+    assert refused[-1]["result"] == {"allow": False}
+    assert refused[-1]["code"] == "admin.bad_token"
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {ADMIN}"}) as http:
+        async with http.post(f"http://127.0.0.1:{a.admin_port}/admin/quarantines", json=["a", "list"]) as resp:
+            assert resp.status == 400
+        async with http.delete(f"http://127.0.0.1:{a.admin_port}/admin/quarantines/planet/x") as resp:
+            assert resp.status == 400
+
+
+async def test_posture_header_name_is_owned_whatever_it_is_called(
+    pki: Path, opa: OpaProcess, upstream: Upstream, idp: Issuer, redis_server: RedisServer
+) -> None:
+    doc = doc_for(pki, opa, upstream, idp, redis_server.url)
+    doc["posture"] = {"header": "X-Device-Trust"}
+    pep = PepRuntime(Config.model_validate(doc))
+    await pep.start()
+    try:
+        connector = aiohttp.TCPConnector(ssl=client_context(pki, "reader"), force_close=True)
+        async with aiohttp.ClientSession(connector=connector) as http:
+            async with http.get(
+                f"https://localhost:{pep.port}/v1/tenants/acme/secrets/db-password",
+                headers={"X-Device-Trust": "assertion-material"},
+            ) as resp:
+                assert resp.status == 200
+                request_id = resp.headers["X-Request-Id"]
+        [seen] = upstream.seen_with(request_id)
+        assert "x-device-trust" not in {k.lower() for k, _ in seen["headers"]}
     finally:
         await pep.stop()

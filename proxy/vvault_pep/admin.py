@@ -17,6 +17,7 @@ Every call, allowed or refused, is audited with who made it.
 
 from __future__ import annotations
 
+import datetime as dt
 import hmac
 import re
 import uuid
@@ -70,8 +71,9 @@ class AdminApi:
         cfg = self.runtime.config.admin
         if cfg.policy is not None:
             peer = _peer(request)
-            if peer is None:
-                raise web.HTTPUnauthorized(text="an admin client certificate is required")
+            if peer is None or not peer.valid_at(dt.datetime.now(dt.UTC)):
+                self._record(action, False, admin=None, code="admin.no_certificate")
+                raise web.HTTPUnauthorized(text="a valid admin client certificate is required")
             doc = {
                 "version": {"schema": "vvault-pep/admin-input/v1"},
                 "admin": {"action": action, "method": request.method, "path": request.path},
@@ -81,6 +83,7 @@ class AdminApi:
             try:
                 answer = await self.runtime.pdp.decide(cfg.policy.strip("/"), doc)
             except PepError as err:
+                self._record(action, False, admin=peer.spiffe_id or peer.subject, code=err.code)
                 raise web.HTTPServiceUnavailable(text=err.code) from err
             decision = interpret(answer.result, defined=answer.defined)
             who = peer.spiffe_id or peer.subject
@@ -93,6 +96,7 @@ class AdminApi:
         given = request.headers.get("Authorization", "")
         expected = f"Bearer {self.token}"
         if not hmac.compare_digest(given.encode(), expected.encode()):
+            self._record(action, False, admin=None, code="admin.bad_token", source_ip=request.remote)
             raise web.HTTPUnauthorized(headers={"WWW-Authenticate": 'Bearer realm="vvault-pep-admin"'})
         return "token"
 
@@ -189,7 +193,9 @@ class AdminApi:
         doc = await self._json(request)
         from .containment import MAX_TTL_S
 
-        scope, value = doc.get("scope"), doc.get("value") if isinstance(doc, dict) else (None, None)
+        if not isinstance(doc, dict):
+            raise web.HTTPBadRequest(text='expected {"scope", "value", "ttl_s", "reason"}')
+        scope, value = doc.get("scope"), doc.get("value")
         ttl, reason = doc.get("ttl_s", 900), doc.get("reason", "")
         if (
             not isinstance(value, str)
@@ -215,6 +221,10 @@ class AdminApi:
     async def _lift_quarantine(self, request: web.Request) -> web.Response:
         admin = await self._authorise(request, "quarantine.lift")
         scope, value = request.match_info["scope"], request.match_info["value"]
+        from .containment import SCOPES
+
+        if scope not in SCOPES:
+            raise web.HTTPBadRequest(text=f"scope must be one of {', '.join(SCOPES)}")
         assert self.runtime.containment is not None
         shared = await self.runtime.containment.lift(scope, value)
         self._record("quarantine.lift", True, admin=admin, scope=scope, value=value, shared=shared)
@@ -243,8 +253,6 @@ class AdminApi:
         fields = ("subject", "role", "tenant", "not_after", "ticket")
         if not isinstance(doc, dict) or not all(isinstance(doc.get(f), str) and doc.get(f) for f in fields):
             raise web.HTTPBadRequest(text=f"expected strings {', '.join(fields)}")
-        import datetime as dt
-
         try:
             until = dt.datetime.fromisoformat(doc["not_after"].replace("Z", "+00:00"))
         except ValueError as exc:

@@ -59,7 +59,9 @@ async def explain(
     try:
         try:
             target = sanitize.canonical_target(path, config.sanitize)
-            headers = sanitize.check_headers(raw_headers, config.sanitize, config.limits)
+            headers = sanitize.check_headers(
+                raw_headers, config.sanitize, config.limits, frozenset({config.posture.header})
+            )
             match = RouteTable(config.routes).match(headers.host, method, target.segments, target.trailing_slash)
             identity = await authn.authenticate(headers.authorization, target.query_params, peer, match.route.authn)
         except PepError as err:

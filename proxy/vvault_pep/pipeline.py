@@ -162,7 +162,9 @@ class Pipeline:
             target = sanitize.canonical_target(request.raw_path, config.sanitize)
             trail.fields["path"] = target.path
             span.set_attribute("url.path", target.path)
-            headers = sanitize.check_headers(request.raw_headers, config.sanitize, config.limits)
+            headers = sanitize.check_headers(
+                request.raw_headers, config.sanitize, config.limits, frozenset({config.posture.header})
+            )
             if config.listener.hosts and headers.host not in config.listener.hosts:
                 raise PepError("sanitize.unknown_host", "this listener does not serve that host")
             if headers.content_length is not None and headers.content_length > config.limits.max_body_bytes:
@@ -439,7 +441,8 @@ class Pipeline:
         }
         if self.config.audit.include_input and trail.policy_input is not None:
             red = self.config.audit.redact
-            record["input"], record["redacted"] = redact(trail.policy_input, red.erase, red.mask, red.query)
+            erase = (*red.erase, f"request.headers.{self.config.posture.header}")
+            record["input"], record["redacted"] = redact(trail.policy_input, erase, red.mask, red.query)
         return record
 
 

@@ -213,7 +213,9 @@ def _has_control(text: str) -> bool:
     return any(ord(c) < 0x20 or ord(c) == 0x7F for c in text)
 
 
-def check_headers(raw: Iterable[tuple[bytes, bytes]], rules: Sanitize, limits: Limits) -> Headers:
+def check_headers(
+    raw: Iterable[tuple[bytes, bytes]], rules: Sanitize, limits: Limits, also_owned: frozenset[str] = frozenset()
+) -> Headers:
     """Check the client's headers and split them; raise PepError on ambiguity."""
     items: list[tuple[str, str, str]] = []  # (lower name, name, value)
     total = 0
@@ -274,7 +276,7 @@ def check_headers(raw: Iterable[tuple[bytes, bytes]], rules: Sanitize, limits: L
     # Names listed in Connection are hop-by-hop for this hop only.  Dropping
     # them cannot remove a PEP header: those are added after this step.
     connection_named = {token.strip().lower() for v in values("connection") for token in v.split(",") if token.strip()}
-    owned = set(rules.strip_headers)
+    owned = set(rules.strip_headers) | also_owned
     prefixes = rules.strip_header_prefixes
     policy_names = set(rules.policy_headers)
     forward: list[tuple[str, str]] = []
