@@ -542,3 +542,31 @@ async def test_redis_down_means_l1_and_opa_only_and_nothing_opens(
     finally:
         await pep.stop()
         redis.stop()
+
+
+async def test_replicas_with_their_own_opa_never_share_answers(
+    pki: Path, upstream: Upstream, idp: Issuer, redis_server: RedisServer
+) -> None:
+    """Sidecar OPAs may hold different data (a push reached one): L2 must not mix their answers."""
+    opas = [start_opa(), start_opa()]
+    peps = [PepRuntime(cache_config(pki, o, upstream, idp, redis_server.url)) for o in opas]
+    try:
+        for pep in peps:
+            await pep.start()
+        a, b = peps
+        token = idp.token(sub="sidecar-eve")
+        async with aiohttp.ClientSession() as http:
+            async with http.put(
+                f"http://127.0.0.1:{a.admin_port}/admin/opa/data/faults_data/revoked",
+                json=["sidecar-eve"],
+                headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+            ) as resp:
+                assert resp.status == 200  # reached A's OPA only
+        assert (await ask(b, pki, "gate.cache.test", token=token))[:2] == (200, "miss")  # B's OPA: not revoked
+        assert (await ask(a, pki, "gate.cache.test", token=token))[:2] == (403, "miss")  # never B's allow
+        assert (await ask(a, pki, "gate.cache.test", token=token))[:2] == (403, "l1")
+    finally:
+        for pep in peps:
+            await pep.stop()
+        for o in opas:
+            o.stop()

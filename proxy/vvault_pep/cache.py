@@ -161,6 +161,9 @@ class DecisionCache:
         self._revision_counter = 0
         self._local_revision_bumps = 0
         self.opa_revision = ""
+        # Outside bundle mode each OPA holds its own data (files, admin pushes): answers
+        # from different OPA processes must never share an entry.
+        self.opa_instance: str | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.stats = {"l1": 0, "l2": 0, "miss": 0, "bypass": 0, "stored": 0}
 
@@ -177,7 +180,10 @@ class DecisionCache:
                 for pair, raw in zip(scopes, values[1:], strict=True):
                     self._epochs[pair] = _int(raw)
         epochs = [[s, v, self._epochs.get((s, v), 0), self._local_bumps.get((s, v), 0)] for s, v in scopes]
-        return f"{self.opa_revision}#{self._revision_counter}#{self._local_revision_bumps}", epochs
+        revision = f"{self.opa_revision}#{self._revision_counter}#{self._local_revision_bumps}"
+        if not self.opa_revision.startswith("b:"):
+            revision += f"@{self.opa_instance}"
+        return revision, epochs
 
     # ------------------------------------------------------------ lookup / store
 

@@ -135,6 +135,31 @@ class PdpClient:
         """PUT a JSON document into OPA's data; returns OPA's HTTP status."""
         return await self._put(f"/v1/data/{path}", body, "application/json")
 
+    async def instance_id(self) -> str | None:
+        """A name for the OPA process behind this client, shared by every PEP that uses it.
+
+        Stored in OPA's own data (``data.vvault_pep.instance``) on first use, so PEPs sharing
+        one OPA agree on it and PEPs with their own sidecars do not.  None when OPA cannot be
+        written to (bundle mode: every document is the bundle's).
+        """
+        import uuid
+
+        path = "/v1/data/vvault_pep/instance"
+        try:
+            async with asyncio.timeout(2.0):
+                for attempt in range(2):
+                    async with self._session.get(self._base + path) as resp:
+                        doc = orjson.loads(await resp.read())
+                    if isinstance(doc, dict) and isinstance(doc.get("result"), str):
+                        return str(doc["result"])
+                    if attempt == 0:
+                        status = await self._put(path, orjson.dumps(uuid.uuid4().hex), "application/json")
+                        if status not in (200, 204):
+                            return None
+        except (TimeoutError, aiohttp.ClientError, OSError, orjson.JSONDecodeError, PepError):
+            return None
+        return None
+
     async def delete_data(self, path: str) -> int:
         """DELETE a document from OPA's data; returns OPA's HTTP status (404 if absent)."""
         return await self._put(f"/v1/data/{path}", b"", "application/json", method="DELETE")

@@ -85,6 +85,7 @@ class PepRuntime:
         await self.authn.start()
         self.shared = SharedState(config.redis) if config.redis is not None else None
         self.cache = DecisionCache(config.cache, self.shared)
+        self.cache.opa_instance = await self.pdp.instance_id()
         await self._refresh_revision()
         self._revision_task = asyncio.create_task(self._revision_loop(), name="opa-revision")
         self.containment = Containment(self.shared)
@@ -214,6 +215,10 @@ class PepRuntime:
         assert self.cache is not None
         try:
             self.cache.opa_revision = await self.pdp.revision()
+            if not self.cache.opa_revision.startswith("b:"):
+                # A restarted OPA has lost what was pushed to it: it gets a new name, and
+                # every key with it.
+                self.cache.opa_instance = await self.pdp.instance_id()
         except PepError as err:
             # Unknown revision: keep the last one; decisions still go to OPA on a miss.
             log.warning("cannot read OPA's policy revision (%s)", err.code)
