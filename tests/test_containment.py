@@ -314,3 +314,30 @@ async def test_posture_header_name_is_owned_whatever_it_is_called(
         assert "x-device-trust" not in {k.lower() for k, _ in seen["headers"]}
     finally:
         await pep.stop()
+
+
+async def test_a_replica_started_later_still_holds_quarantines_through_an_outage(
+    pki: Path, opa: OpaProcess, upstream: Upstream, idp: Issuer
+) -> None:
+    redis = RedisServer()
+    redis.start()
+    first = PepRuntime(Config.model_validate(doc_for(pki, opa, upstream, idp, redis.url)))
+    await first.start()
+    later: PepRuntime | None = None
+    try:
+        value = f"{idp.url}|quinn"
+        assert (
+            await admin(
+                first, "POST", "/admin/quarantines", {"scope": "subject", "value": value, "ttl_s": 120, "reason": "r"}
+            )
+        )[0] == 201
+        later = PepRuntime(Config.model_validate(doc_for(pki, opa, upstream, idp, redis.url)))
+        await later.start()  # never heard the quarantine on the channel
+        redis.stop()
+        status, body, _ = await hit(later, pki, "gate.k.test", idp.token(sub="quinn"))
+        assert (status, body["code"]) == (403, "containment.quarantined")
+    finally:
+        if later is not None:
+            await later.stop()
+        await first.stop()
+        redis.stop()

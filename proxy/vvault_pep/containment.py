@@ -33,6 +33,7 @@ log = logging.getLogger("vvault_pep.containment")
 
 SCOPES = ("subject", "tenant", "token", "device")
 CHANNEL = "quarantine"
+SYNC_S = 5.0  # how often a replica re-reads every quarantine from Redis
 MAX_TTL_S = 30 * 86_400
 
 
@@ -64,17 +65,54 @@ class Containment:
     def __init__(self, shared: SharedState | None) -> None:
         self.shared = shared
         self._local: dict[tuple[str, str], Quarantine] = {}
+        self._unshared: set[tuple[str, str]] = set()  # made here while Redis could not hear it
         self._listener: asyncio.Task[None] | None = None
+        self._syncer: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         if self.shared is not None:
+            await self.sync()
             self._listener = asyncio.create_task(self._listen(), name="quarantine-listener")
+            self._syncer = asyncio.create_task(self._sync_loop(), name="quarantine-sync")
+
+    async def sync(self) -> bool:
+        """Mirror every quarantine Redis holds, so an outage later lifts none of them.
+
+        A replica that starts (or reconnects) after a quarantine was made learns it here,
+        not only from the channel.  Entries this replica made while Redis was down are kept.
+        """
+        if self.shared is None:
+            return False
+        shared = self.shared
+        prefix = shared.key("q", "")
+
+        async def op(c: Any) -> list[tuple[bytes, Any]]:
+            keys = [k async for k in c.scan_iter(match=prefix + "*", count=500)]
+            return list(zip(keys, await c.mget(keys), strict=True)) if keys else []
+
+        rows = await shared.call(op, deadline_s=2.0)
+        if rows is None:
+            return False
+        now = time.time()
+        mirror = {pair: q for pair, q in self._local.items() if pair in self._unshared and q.until > now}
+        for key, raw in rows:
+            scope, _, value = key.decode()[len(prefix) :].partition(":")
+            if raw is not None and scope in SCOPES:
+                mirror[(scope, value)] = _load(scope, value, raw, now)
+        self._local = mirror
+        return True
+
+    async def _sync_loop(self) -> None:
+        while True:
+            await asyncio.sleep(SYNC_S)
+            await self.sync()
 
     async def stop(self) -> None:
-        if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
+        for task in (self._listener, self._syncer):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     def _key(self, scope: str, value: str) -> str:
         assert self.shared is not None
@@ -121,10 +159,15 @@ class Containment:
             return await pipe.execute()
 
         done = await shared.call(op)
+        if done is None:
+            self._unshared.add((scope, value))
+        else:
+            self._unshared.discard((scope, value))
         return q, done is not None
 
     async def lift(self, scope: str, value: str) -> bool:
         self._local.pop((scope, value), None)
+        self._unshared.discard((scope, value))
         if self.shared is None:
             return True
         shared, key = self.shared, self._key(scope, value)
