@@ -49,6 +49,7 @@ _ALG_KTY: dict[str, tuple[str, str | None]] = {
     "ES256": ("EC", "P-256"), "ES384": ("EC", "P-384"), "ES512": ("EC", "P-521"),
     "EdDSA": ("OKP", None),
 }  # fmt: skip
+_STALE_RETRY_S = 1.0
 _MAX_AGE = re.compile(r"(?:^|,)\s*max-age\s*=\s*(\d+)", re.IGNORECASE)
 
 
@@ -119,6 +120,7 @@ class KeySet:
         self._fetched_at: float | None = None
         self._expires_at = 0.0
         self._last_kid_refetch = -1e18
+        self._last_stale_attempt = -1e18
         self._inflight: asyncio.Task[bool] | None = None
         self._task: asyncio.Task[None] | None = None
         self.fetches = 0
@@ -203,8 +205,10 @@ class KeySet:
 
     async def key_for(self, kid: str | None, alg: str) -> Key:
         """The key to verify a token with this ``kid`` and ``alg``, or PepError."""
-        if not self.fresh_enough():
-            # Stale past the limit (or never fetched): one attempt now, then fail closed.
+        if not self.fresh_enough() and self.clock() - self._last_stale_attempt >= _STALE_RETRY_S:
+            # Stale past the limit (or never fetched): one attempt now — and at most one per
+            # second, so a dead IdP does not cost every request a fetch timeout — then fail closed.
+            self._last_stale_attempt = self.clock()
             await self.refresh()
         if not self.fresh_enough():
             raise PepError("authn.keys_unavailable", "the issuer's signing keys are unavailable")
