@@ -102,6 +102,15 @@ async def idp() -> AsyncIterator[Issuer]:
 
 
 @pytest.fixture(scope="session")
+async def devices() -> AsyncIterator[Issuer]:
+    """A device trust service: signs posture assertions with its own keys."""
+    issuer = Issuer()
+    await issuer.start()
+    yield issuer
+    await issuer.stop()
+
+
+@pytest.fixture(scope="session")
 async def trap() -> AsyncIterator[Trap]:
     t = Trap()
     await t.start()

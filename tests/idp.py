@@ -107,6 +107,20 @@ class Issuer:
         return jwt.encode(self.claims(**claims), key, algorithm=alg, headers=hdr)
 
 
+def posture_assertion(devices: Issuer, *, sub: str = "alice", key: str = "ec-1", **over: Any) -> str:
+    """A device trust service's signed posture assertion for ``sub`` (a compliant device unless overridden)."""
+    now = int(time.time())
+    claims = {
+        "iss": devices.url, "aud": "vvault-pep", "sub": sub, "iat": now, "exp": now + 120,
+        "device_id": "dev-7f3a", "managed": True, "platform": "macOS", "os_version": "15.4", "patch_age_days": 3,
+        "disk_encryption": True, "screen_lock": True, "edr_running": True, "compliance_score": 92, **over,
+    }  # fmt: skip
+    signing_key, alg = devices.keys[key]
+    return jwt.encode(
+        {k: v for k, v in claims.items() if v is not None}, signing_key, algorithm=alg, headers={"kid": key}
+    )
+
+
 def unsigned(header: dict[str, Any], payload: dict[str, Any], signature: bytes = b"") -> str:
     """A token assembled by hand (for shapes pyjwt would refuse to produce)."""
     return ".".join((b64(json.dumps(header).encode()), b64(json.dumps(payload).encode()), b64(signature)))

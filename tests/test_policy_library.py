@@ -11,11 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import jwt
 import pytest
 from examples.vvault_api.app import STORE
 from tests.conftest import RedisServer, Upstream
-from tests.idp import Issuer
+from tests.idp import Issuer, posture_assertion
 from tests.support import ROUTES, OpaProcess, client_context, config_doc, start_opa
 
 from vvault_pep.config import Config
@@ -36,14 +35,6 @@ def lib_opa() -> Iterator[OpaProcess]:
     proc = start_opa()  # its own: these tests push grants and thresholds
     yield proc
     proc.stop()
-
-
-@pytest.fixture(scope="module")
-async def devices() -> AsyncIterator[Issuer]:
-    issuer = Issuer()
-    await issuer.start()
-    yield issuer
-    await issuer.stop()
 
 
 @pytest.fixture(scope="module")
@@ -73,21 +64,7 @@ async def pep(
 
 
 def device(devices: Issuer, sub: str, **over: Any) -> str:
-    now = int(time.time())
-    claims = {
-        "iss": devices.url,
-        "aud": "vvault-pep",
-        "sub": sub,
-        "iat": now,
-        "exp": now + 120,
-        "device_id": "d1",
-        "managed": True,
-        "disk_encryption": True,
-        "patch_age_days": 2,
-        **over,
-    }
-    key, alg = devices.keys["ec-1"]
-    return jwt.encode(claims, key, algorithm=alg, headers={"kid": "ec-1"})
+    return posture_assertion(devices, sub=sub, **over)
 
 
 async def call(

@@ -10,10 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import jwt
 import pytest
 from tests.conftest import RedisServer, Upstream
-from tests.idp import Issuer
+from tests.idp import Issuer, posture_assertion
 from tests.support import ROUTES, OpaProcess, client_context, config_doc
 
 from vvault_pep.config import Config, Risk
@@ -21,15 +20,6 @@ from vvault_pep.risk import network_of, off_hours, score
 from vvault_pep.runtime import PepRuntime
 
 QUERY = "/v1/tenants/acme/collections/customers/query"  # class pii: needs a compliant device
-
-
-@pytest.fixture(scope="module")
-async def devices() -> AsyncIterator[Issuer]:
-    """The device trust service: signs posture assertions with its own keys."""
-    issuer = Issuer()
-    await issuer.start()
-    yield issuer
-    await issuer.stop()
 
 
 def pep_doc(pki: Path, opa: OpaProcess, upstream: Upstream, idp: Issuer, devices: Issuer, redis_url: str) -> dict:  # type: ignore[type-arg]
@@ -63,28 +53,7 @@ async def pair(
 
 
 def assertion(devices: Issuer, *, sub: str = "alice", key: str = "ec-1", **over: Any) -> str:
-    now = int(time.time())
-    claims = {
-        "iss": devices.url,
-        "aud": "vvault-pep",
-        "sub": sub,
-        "iat": now,
-        "exp": now + 120,
-        "device_id": "dev-7f3a",
-        "managed": True,
-        "platform": "macOS",
-        "os_version": "15.4",
-        "patch_age_days": 3,
-        "disk_encryption": True,
-        "screen_lock": True,
-        "edr_running": True,
-        "compliance_score": 92,
-        **over,
-    }
-    signing_key, alg = devices.keys[key]
-    return jwt.encode(
-        {k: v for k, v in claims.items() if v is not None}, signing_key, algorithm=alg, headers={"kid": key}
-    )
+    return posture_assertion(devices, sub=sub, key=key, **over)
 
 
 async def query(
