@@ -15,8 +15,22 @@ caller := input.tls.client_cert.spiffe_id if {
 
 grants := object.get(data.vvault.admins, caller, [])
 
+# JIT grants may hand out only these roles, and never for longer than the API allows:
+# an admin who may grant cannot make anyone (themselves included) a standing admin.
+default grantable_roles := ["reader", "lister", "writer", "pii-analyst", "key-admin"]
+
+grantable_roles := data.vvault.grantable_roles
+
+limits_respected if input.admin.action != "grant.add"
+
+limits_respected if {
+	input.admin.action == "grant.add"
+	input.admin.body.role in grantable_roles
+}
+
 decision := {"allow": true, "code": "admin.allowed"} if {
 	input.tls.client_cert.issuer in data.vvault.trusted_issuers
 	some granted in grants
 	granted in {"*", input.admin.action}
+	limits_respected
 }

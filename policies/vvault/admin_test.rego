@@ -25,3 +25,19 @@ test_untrusted_issuer_may_not if {
 	d := admin.decision with input as {"admin": {"action": "cache.read"}, "tls": {"client_cert": c}}
 	d.allow == false
 }
+
+test_ops_may_grant_a_grantable_role if {
+	d := admin.decision with input as {
+		"admin": {"action": "grant.add", "body": {"role": "key-admin", "subject": "kim"}},
+		"tls": {"client_cert": cert("spiffe://demo.vvault/client/ops")},
+	}
+	d.allow == true
+}
+
+test_nobody_may_grant_standing_admin if {
+	d := admin.decision with input as {
+		"admin": {"action": "grant.add", "body": {"role": "vvault-admin", "subject": "kim"}},
+		"tls": {"client_cert": cert("spiffe://demo.vvault/client/ops")},
+	}
+	d.allow == false
+}

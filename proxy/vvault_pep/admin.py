@@ -66,8 +66,10 @@ class AdminApi:
         app.router.add_post("/admin/grants", self._add_grant)
         app.router.add_delete("/admin/grants/{ticket}", self._remove_grant)
 
-    async def _authorise(self, request: web.Request, action: str) -> str:
-        """Who may do ``action``: an admin certificate the admin policy allows, or the token."""
+    async def _authorise(self, request: web.Request, action: str, body: Any = None) -> str:
+        """Who may do ``action`` (with this ``body``): an admin certificate the admin policy
+        allows, or the token.  The policy sees the body, so it can limit *what* an admin may
+        grant or quarantine, not only whether they may."""
         cfg = self.runtime.config.admin
         if cfg.policy is not None:
             peer = _peer(request)
@@ -76,7 +78,7 @@ class AdminApi:
                 raise web.HTTPUnauthorized(text="a valid admin client certificate is required")
             doc = {
                 "version": {"schema": "vvault-pep/admin-input/v1"},
-                "admin": {"action": action, "method": request.method, "path": request.path},
+                "admin": {"action": action, "method": request.method, "path": request.path, "body": body},
                 "tls": {"client_cert": peer.as_input()},
             }
             assert self.runtime.pdp is not None
@@ -122,8 +124,8 @@ class AdminApi:
             raise web.HTTPBadRequest(text="body is not JSON") from exc
 
     async def _invalidate(self, request: web.Request) -> web.Response:
-        admin = await self._authorise(request, "cache.invalidate")
         doc = await self._json(request)
+        admin = await self._authorise(request, "cache.invalidate", doc)
         scope = doc.get("scope") if isinstance(doc, dict) else None
         value = doc.get("value") if isinstance(doc, dict) else None
         if not isinstance(scope, str) or not isinstance(value, str) or not value:
@@ -189,8 +191,8 @@ class AdminApi:
         return web.json_response({"quarantines": await self.runtime.containment.list()})
 
     async def _add_quarantine(self, request: web.Request) -> web.Response:
-        admin = await self._authorise(request, "quarantine.add")
         doc = await self._json(request)
+        admin = await self._authorise(request, "quarantine.add", doc)
         from .containment import MAX_TTL_S
 
         if not isinstance(doc, dict):
@@ -231,8 +233,8 @@ class AdminApi:
         return web.json_response({"scope": scope, "value": value, "lifted": True, "shared": shared})
 
     async def _revoke_token(self, request: web.Request) -> web.Response:
-        admin = await self._authorise(request, "token.revoke")
         doc = await self._json(request)
+        admin = await self._authorise(request, "token.revoke", doc)
         jti, exp = (doc.get("jti"), doc.get("exp")) if isinstance(doc, dict) else (None, None)
         if not isinstance(jti, str) or not jti or isinstance(exp, bool) or not isinstance(exp, int | float):
             raise web.HTTPBadRequest(text='expected {"jti": "...", "exp": <unix time>}')
@@ -248,8 +250,8 @@ class AdminApi:
 
     async def _add_grant(self, request: web.Request) -> web.Response:
         """JIT elevation: a role for a subject in a tenant until not_after (data.vvault.grants)."""
-        admin = await self._authorise(request, "grant.add")
         doc = await self._json(request)
+        admin = await self._authorise(request, "grant.add", doc)
         fields = ("subject", "role", "tenant", "not_after", "ticket")
         if not isinstance(doc, dict) or not all(isinstance(doc.get(f), str) and doc.get(f) for f in fields):
             raise web.HTTPBadRequest(text=f"expected strings {', '.join(fields)}")
