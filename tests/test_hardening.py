@@ -191,16 +191,19 @@ async def test_a_trickling_body_is_cut_off(pki: Path, opa: OpaProcess, upstream:
         await runtime.stop()
 
 
-async def test_a_bad_chunk_after_good_ones_ends_the_request(pep: PepRuntime, pki: Path) -> None:
+async def test_a_bad_chunk_after_good_ones_ends_the_request(pep: PepRuntime, pki: Path, upstream: Upstream) -> None:
     ctx = client_context(pki, "reader")
+    before = len(upstream.seen_path("/v1/tenants/acme/blobs/badchunk"))
     reader, writer = await asyncio.open_connection("127.0.0.1", pep.port, ssl=ctx, server_hostname="localhost")
     writer.write(
         b"PUT /v1/tenants/acme/blobs/badchunk HTTP/1.1\r\nHost: localhost\r\n"
         b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n"
     )
     await writer.drain()
-    await asyncio.sleep(0.3)  # the good chunk is on its way upstream before the bad one arrives
-    writer.write(b"zz\r\nhello\r\n0\r\n\r\n")
+    async with asyncio.timeout(10):  # the request (and its good chunk) is already upstream …
+        while len(upstream.seen_path("/v1/tenants/acme/blobs/badchunk")) == before:
+            await asyncio.sleep(0.01)
+    writer.write(b"zz\r\nhello\r\n0\r\n\r\n")  # … when the bad chunk arrives
     await writer.drain()
     async with asyncio.timeout(10):
         head = await reader.readuntil(b"\r\n\r\n")
