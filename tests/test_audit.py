@@ -398,3 +398,22 @@ async def test_otlp_http_exporters_ship_traces_and_decision_logs(
     logs.ParseFromString(b"".join(received["/v1/logs"][:1]))
     bodies = [lr.body.string_value for rl in logs.resource_logs for sl in rl.scope_logs for lr in sl.log_records]
     assert any(request_id in body for body in bodies)
+
+
+def test_redaction_never_touches_the_policy_input() -> None:
+    import copy
+
+    from vvault_pep.audit import redact
+
+    doc = {
+        "request": {"headers": {"cookie": ["s=1"], "accept": ["*/*"]}, "query": {"k": ["secret"]}},
+        "identity": {"claims": {"email": "a@example.com", "dept": "x"}},
+    }
+    original = copy.deepcopy(doc)
+    out, done = redact(doc, ("request.headers.accept",), ("identity.claims.email",))
+    assert doc == original  # the input the policy saw is unchanged
+    assert out["request"]["headers"] == {}
+    assert out["request"]["query"]["k"][0].startswith("masked:sha256:")
+    assert out["identity"]["claims"]["email"].startswith("masked:sha256:")
+    assert out["identity"]["claims"]["dept"] == "x"
+    assert set(done["erased"]) == {"request.headers.cookie", "request.headers.accept"}

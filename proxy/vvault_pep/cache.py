@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import hashlib
 import logging
 import time
@@ -81,14 +80,25 @@ def project(doc: dict[str, Any], paths: tuple[str, ...]) -> list[Any]:
 
 
 def whole_input(doc: dict[str, Any]) -> dict[str, Any]:
-    material = copy.deepcopy(doc)
-    for path in VOLATILE:
-        parent: Any = material
+    """The input without :data:`VOLATILE` fields; copies only the dicts on those paths."""
+    return without(doc, VOLATILE)
+
+
+def without(doc: dict[str, Any], paths: tuple[tuple[str, ...], ...]) -> dict[str, Any]:
+    out = dict(doc)
+    for path in paths:
+        parent: Any = out
         for part in path[:-1]:
-            parent = parent.get(part) if isinstance(parent, dict) else None
+            child = parent.get(part) if isinstance(parent, dict) else None
+            if not isinstance(child, dict):
+                parent = None
+                break
+            child = dict(child)  # copy on write: the caller's document stays untouched
+            parent[part] = child
+            parent = child
         if isinstance(parent, dict):
             parent.pop(path[-1], None)
-    return material
+    return out
 
 
 def scopes_of(doc: dict[str, Any]) -> list[tuple[str, str]]:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import INVALID_SPAN, Span, SpanKind, Status, StatusCode
 
 from . import __version__, enforce, ratelimit, sanitize
 from .audit import AuditLog, now_rfc3339, redact
@@ -137,13 +137,16 @@ class Pipeline:
     @contextlib.contextmanager
     def _stage(self, trail: _Trail, name: str, kind: SpanKind = SpanKind.INTERNAL) -> Iterator[Span]:
         started = time.perf_counter()
-        with self.tel.tracer.start_as_current_span(name, kind=kind) as span:
-            try:
-                yield span
-            finally:
-                elapsed = time.perf_counter() - started
-                trail.stages_ms[name] = round(elapsed * 1000, 3)
-                self.tel.stage_duration.record(elapsed, {"stage": name})
+        try:
+            if self.tel.stage_spans:
+                with self.tel.tracer.start_as_current_span(name, kind=kind) as span:
+                    yield span
+            else:
+                yield INVALID_SPAN  # timed and measured, not traced: no span exporter configured
+        finally:
+            elapsed = time.perf_counter() - started
+            trail.stages_ms[name] = round(elapsed * 1000, 3)
+            self.tel.stage_duration.labels(name).observe(elapsed)
 
     async def _walk(self, request: web.BaseRequest, trail: _Trail, span: Span) -> web.StreamResponse:
         config = self.config
