@@ -32,9 +32,9 @@ from typing import Any
 
 import aiohttp
 import yaml
+from examples.pki import make_pki
 
 from bench.cache_bench import free_port, opa_binary, wait_http
-from examples.pki import make_pki
 
 ROOT = Path(__file__).resolve().parent.parent
 PATH = "/v1/tenants/acme/secrets/db-password"
