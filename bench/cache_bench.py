@@ -54,6 +54,25 @@ def opa_binary() -> str:
     sys.exit("OPA not found: run `make tools`")
 
 
+def start_opa(port: int) -> subprocess.Popen[bytes]:
+    """The real OPA server on loopback with the repo's policies."""
+    return subprocess.Popen(
+        [
+            opa_binary(),
+            "run",
+            "--server",
+            "--addr",
+            f"127.0.0.1:{port}",
+            "--skip-version-check",
+            "--log-level",
+            "error",
+            str(ROOT / "policies"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
 async def wait_http(url: str, timeout: float = 30) -> None:
     async with aiohttp.ClientSession() as http:
         deadline = time.monotonic() + timeout
@@ -121,23 +140,7 @@ async def main(requests: int, rounds: int) -> None:
     procs: list[subprocess.Popen[bytes]] = []
     try:
         opa_port, up_port, redis_port = free_port(), free_port(), free_port()
-        procs.append(
-            subprocess.Popen(
-                [
-                    opa_binary(),
-                    "run",
-                    "--server",
-                    "--addr",
-                    f"127.0.0.1:{opa_port}",
-                    "--skip-version-check",
-                    "--log-level",
-                    "error",
-                    str(ROOT / "policies"),
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-        )
+        procs.append(start_opa(opa_port))
         procs.append(
             subprocess.Popen(
                 ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],

@@ -34,7 +34,7 @@ import aiohttp
 import yaml
 from examples.pki import make_pki
 
-from bench.cache_bench import free_port, opa_binary, wait_http
+from bench.cache_bench import free_port, start_opa, wait_http
 
 ROOT = Path(__file__).resolve().parent.parent
 PATH = "/v1/tenants/acme/secrets/db-password"
@@ -87,21 +87,7 @@ async def main(seconds: float, rounds: int, concurrency: int) -> None:
     procs: dict[str, subprocess.Popen[bytes]] = {}
     try:
         opa_port, up_port, pt_port = free_port(), free_port(), free_port()
-        procs["opa"] = subprocess.Popen(
-            [
-                opa_binary(),
-                "run",
-                "--server",
-                "--addr",
-                f"127.0.0.1:{opa_port}",
-                "--skip-version-check",
-                "--log-level",
-                "error",
-                str(ROOT / "policies"),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        procs["opa"] = start_opa(opa_port)
         procs["upstream"] = subprocess.Popen(
             [sys.executable, "-m", "examples.vvault_api.app", "--port", str(up_port)],
             cwd=ROOT,
