@@ -1,13 +1,13 @@
 """Audit: one structured record per request, allowed or denied, on every sink.
 
-A record is a plain dict handed to this runtime's audit logger (a child of
-``vvault_pep.audit``) as ``extra={"audit": record}``; tests read
-``LogRecord.audit`` instead of parsing text.  Each sink (stdout, a rotating
-file, OTLP logs) sits behind its own bounded queue and its own thread:
-putting a record on the queue never blocks, serialisation happens in the
-sink's thread, and a full queue drops the record and counts it
+A record is a plain dict.  Each sink (stdout, a rotating file, OTLP logs)
+sits behind its own bounded queue and its own thread: putting a record on
+the queue never blocks, serialisation and writing happen in the sink's
+thread, in batches, and a full queue drops the record and counts it
 (``vvault_pep_audit_dropped_total{sink}``).  A slow or stuck sink therefore
-costs records, never request latency.
+costs records, never request latency.  When something listens on the
+``vvault_pep.audit`` logger (tests, an embedding application), the record is
+also handed to it as ``LogRecord.audit``.
 
 Field names follow OPA's decision-log format where the meaning is the same
 (``decision_id``, ``path``, ``bundles``, ``input``, ``result``,
@@ -19,11 +19,12 @@ a record.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import itertools
 import logging
-import logging.handlers
+import os
 import queue
 import sys
 import threading
@@ -128,11 +129,128 @@ class JsonLines(logging.Formatter):
         return orjson.dumps(doc).decode()
 
 
-class _OtlpHandler(logging.Handler):
+_BATCH = 256  # records written (and flushed) at once by a sink's thread
+
+
+class _Sink(threading.Thread):
+    """One sink behind its own bounded queue and thread.
+
+    :meth:`offer` never blocks the event loop: a full queue drops the record and counts it.
+    The thread takes whatever is queued (up to ``_BATCH``), serialises it and writes it at
+    once, so a busy PEP pays one write and one flush per batch, not per record.
+    """
+
+    def __init__(self, name: str, buffer_records: int) -> None:
+        super().__init__(name=f"audit-sink-{name}", daemon=True)  # a stuck sink must not hold up exit
+        self.sink = name
+        self.q: queue.Queue[dict[str, Any] | None] = queue.Queue(maxsize=buffer_records)
+        self.dropped = 0
+        self.failures = 0
+
+    def offer(self, record: dict[str, Any]) -> None:
+        try:
+            self.q.put_nowait(record)
+        except queue.Full:
+            self.dropped += 1
+
+    def run(self) -> None:
+        while True:
+            first = self.q.get()
+            if first is None:
+                return
+            batch = [first]
+            stop = False
+            while len(batch) < _BATCH:
+                try:
+                    more = self.q.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stop = True
+                    break
+                batch.append(more)
+            try:
+                self.write(batch)
+            except Exception as exc:  # disk full, broken pipe: count, never a traceback per record
+                self._failed(len(batch), exc)
+            if stop:
+                return
+
+    def _failed(self, n: int, exc: Exception) -> None:
+        before, self.failures = self.failures, self.failures + n
+        if before == 0 or before // 1000 != self.failures // 1000:
+            logging.getLogger("vvault_pep.audit.sink").warning(
+                "audit sink %s failing (%d records): %s", self.sink, self.failures, type(exc).__name__
+            )
+
+    def write(self, batch: list[dict[str, Any]]) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+def _lines(batch: list[dict[str, Any]]) -> bytes:
+    return b"".join(orjson.dumps(r, default=str, option=orjson.OPT_APPEND_NEWLINE) for r in batch)
+
+
+class _StdoutSink(_Sink):
+    def __init__(self, name: str, buffer_records: int) -> None:
+        super().__init__(name, buffer_records)
+        self.stream = sys.stdout
+
+    def write(self, batch: list[dict[str, Any]]) -> None:
+        self.stream.write(_lines(batch).decode())
+        self.stream.flush()
+
+
+class _FileSink(_Sink):
+    """JSON lines appended to a file, rotated past ``max_bytes`` keeping ``backups`` files."""
+
+    def __init__(self, name: str, sink: AuditSink) -> None:
+        super().__init__(name, sink.buffer_records)
+        assert sink.path is not None
+        self.path = str(sink.path)
+        self.max_bytes = sink.max_bytes
+        self.backups = sink.backups
+        self._file: Any = None
+        self._size = 0
+
+    def write(self, batch: list[dict[str, Any]]) -> None:
+        data = _lines(batch)
+        if self._file is None:
+            self._open()
+        if self.backups > 0 and self._size > 0 and self._size + len(data) > self.max_bytes:
+            self._rotate()
+        self._file.write(data)
+        self._file.flush()
+        self._size += len(data)
+
+    def _open(self) -> None:
+        self._file = open(self.path, "ab")  # noqa: SIM115 - kept open across batches
+        try:
+            self._size = os.fstat(self._file.fileno()).st_size
+        except OSError:
+            self._size = 0
+
+    def _rotate(self) -> None:
+        self._file.close()
+        for i in range(self.backups - 1, 0, -1):
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(f"{self.path}.{i}", f"{self.path}.{i + 1}")
+        os.replace(self.path, f"{self.path}.1")
+        self._open()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+class _OtlpSink(_Sink):
     """Audit records as OTLP log records (body = the record, a few indexable attributes)."""
 
-    def __init__(self, sink: AuditSink) -> None:
-        super().__init__()
+    def __init__(self, name: str, sink: AuditSink) -> None:
+        super().__init__(name, sink.buffer_records)
         from opentelemetry.sdk._logs import LoggerProvider
         from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
 
@@ -151,116 +269,57 @@ class _OtlpHandler(logging.Handler):
         self.provider.add_log_record_processor(BatchLogRecordProcessor(exporter))
         self.otel = self.provider.get_logger("vvault_pep.audit")
 
-    def emit(self, record: logging.LogRecord) -> None:
-        audit = getattr(record, "audit", None)
-        if not isinstance(audit, dict):
-            return
-        attributes = {k: str(audit[k]) for k in ("decision_id", "request_id", "trace_id", "route") if audit.get(k)}
-        self.otel.emit(body=orjson.dumps(audit, default=str).decode(), attributes=attributes)
+    def write(self, batch: list[dict[str, Any]]) -> None:
+        for audit in batch:
+            attributes = {k: str(audit[k]) for k in ("decision_id", "request_id", "trace_id", "route") if audit.get(k)}
+            self.otel.emit(body=orjson.dumps(audit, default=str).decode(), attributes=attributes)
 
     def close(self) -> None:
         self.provider.shutdown()
-        super().close()
-
-
-class _SinkQueue(logging.handlers.QueueHandler):
-    """Hands records to a sink's thread; never blocks, counts what it drops."""
-
-    def __init__(self, q: queue.Queue[logging.LogRecord | None], name: str) -> None:
-        super().__init__(q)
-        self.sink = name
-        self.dropped = 0
-
-    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
-        return record  # formatting happens in the sink's thread, off the request path
-
-    def enqueue(self, record: logging.LogRecord) -> None:
-        try:
-            self.queue.put_nowait(record)
-        except queue.Full:
-            self.dropped += 1
-
-
-class _SinkWorker(threading.Thread):
-    def __init__(self, q: queue.Queue[logging.LogRecord | None], target: logging.Handler, name: str) -> None:
-        super().__init__(name=f"audit-sink-{name}", daemon=True)  # a stuck sink must not hold up exit
-        self.q = q
-        self.target = target
-        self.failures = 0
-        # A sink that fails (disk full, broken pipe) counts, rather than printing a
-        # traceback per record to stderr.
-        target.handleError = self._failed  # type: ignore[method-assign]
-
-    def _failed(self, record: logging.LogRecord) -> None:
-        self.failures += 1
-        if self.failures == 1 or self.failures % 1000 == 0:
-            logging.getLogger("vvault_pep.audit.sink").warning(
-                "audit sink %s failing (%d records)", self.name, self.failures
-            )
-
-    def run(self) -> None:
-        while True:
-            record = self.q.get()
-            if record is None:
-                return
-            try:
-                self.target.handle(record)
-            except Exception:
-                self._failed(record)
 
 
 class AuditLog:
     def __init__(self, cfg: AuditConfig) -> None:
         self.cfg = cfg
-        # A child of vvault_pep.audit per runtime: records propagate to the parent (tests,
-        # embedding), while this runtime's sinks see only this runtime's records.
+        # A child of vvault_pep.audit per runtime: when someone listens there (tests,
+        # embedding), records are also handed to it as LogRecord.audit.
         self.logger = logging.getLogger(f"vvault_pep.audit.{next(_counter)}")
         self.logger.setLevel(logging.INFO)
-        self.queues: list[_SinkQueue] = []
-        self._workers: list[tuple[_SinkWorker, queue.Queue[logging.LogRecord | None], logging.Handler]] = []
+        self.sinks: list[_Sink] = []
 
     def start(self) -> None:
-        for i, sink in enumerate(self.cfg.sinks):
-            target = _target(sink)
-            target.setFormatter(JsonLines())
-            name = f"{sink.type}-{i}"
-            q: queue.Queue[logging.LogRecord | None] = queue.Queue(maxsize=sink.buffer_records)
-            handler = _SinkQueue(q, name)
-            worker = _SinkWorker(q, target, name)
-            worker.start()
-            self.logger.addHandler(handler)
-            self.queues.append(handler)
-            self._workers.append((worker, q, target))
+        for i, cfg in enumerate(self.cfg.sinks):
+            name = f"{cfg.type}-{i}"
+            sink: _Sink
+            if cfg.type == "stdout":
+                sink = _StdoutSink(name, cfg.buffer_records)
+            elif cfg.type == "file":
+                sink = _FileSink(name, cfg)
+            else:
+                sink = _OtlpSink(name, cfg)
+            sink.start()
+            self.sinks.append(sink)
 
     def dropped(self) -> dict[str, int]:
         """Records lost per sink: dropped on a full queue, or failed to write."""
-        return {h.sink: h.dropped + w.failures for h, (w, _, _) in zip(self.queues, self._workers, strict=True)}
+        return {s.sink: s.dropped + s.failures for s in self.sinks}
 
     def emit(self, record: dict[str, Any]) -> None:
-        self.logger.info("decision", extra={"audit": record})
+        for sink in self.sinks:
+            sink.offer(record)
+        if self.logger.hasHandlers():
+            self.logger.info("decision", extra={"audit": record})
 
     def stop(self, timeout_s: float = 2.0) -> None:
-        for handler in self.queues:
-            self.logger.removeHandler(handler)
-        for worker, q, target in self._workers:
+        sinks, self.sinks = self.sinks, []
+        for sink in sinks:
             try:
-                q.put(None, timeout=timeout_s)
+                sink.q.put(None, timeout=timeout_s)
             except queue.Full:
                 continue  # stuck sink: its daemon thread is abandoned
-            worker.join(timeout_s)
-            if not worker.is_alive():
-                target.close()
-
-
-def _target(sink: AuditSink) -> logging.Handler:
-    if sink.type == "stdout":
-        return logging.StreamHandler(sys.stdout)
-    if sink.type == "file":
-        assert sink.path is not None
-        return logging.handlers.RotatingFileHandler(
-            sink.path, maxBytes=sink.max_bytes, backupCount=sink.backups, encoding="utf-8", delay=True
-        )
-    return _OtlpHandler(sink)
+            sink.join(timeout_s)
+            if not sink.is_alive():
+                sink.close()
 
 
 def configure_logging(level: str = "INFO") -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import signal
 import sys
 from collections.abc import Coroutine
@@ -37,6 +38,20 @@ def _run(main: Coroutine[Any, Any, int]) -> int:
     return uvloop.run(main)
 
 
+def _tune_gc() -> None:
+    """Fewer, cheaper collections on a long-running server.
+
+    Everything loaded at start (config, keys, routes, modules) is moved out of the
+    collector's sight with ``gc.freeze``, and the young generation is collected every
+    20,000 allocations instead of 700: a request allocates a few hundred objects that
+    almost all die by reference counting, so frequent young collections cost CPU
+    (several % under load) and find little.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
+
+
 async def _serve(config: Config) -> int:
     runtime = PepRuntime(config)
     stop = asyncio.Event()
@@ -49,6 +64,7 @@ async def _serve(config: Config) -> int:
         print(f"vvault-pep: cannot start: {exc}", file=sys.stderr)
         await runtime.stop()
         return 1
+    _tune_gc()
     print(
         f"vvault-pep {__version__}: mTLS on {config.listener.host}:{runtime.port}, "
         f"admin on {config.admin.host}:{runtime.admin_port}",

@@ -57,6 +57,7 @@ class _Trail:
     request_id: str
     decision_id: str
     started: float
+    span: Span = INVALID_SPAN
     trace_id: str = ""
     stages_ms: dict[str, float] = field(default_factory=dict)
     fields: dict[str, Any] = field(default_factory=dict)
@@ -102,21 +103,16 @@ class Pipeline:
         )
         refusal: Refusal | None = None
         response: web.StreamResponse | None = None
-        with self.tel.tracer.start_as_current_span(
-            request.method,
-            context=parent,
-            kind=SpanKind.SERVER,
-            attributes={
-                "http.request.method": request.method,
-                "url.scheme": "https",
-                "network.protocol.version": f"{request.version.major}.{request.version.minor}",
-                "client.address": source_ip or "",
-                "vvault_pep.request_id": trail.request_id,
-                "vvault_pep.decision_id": trail.decision_id,
-            },
-            record_exception=False,
-            set_status_on_exception=False,
-        ) as span:
+        attributes = {
+            "http.request.method": request.method,
+            "url.scheme": "https",
+            "network.protocol.version": f"{request.version.major}.{request.version.minor}",
+            "client.address": source_ip or "",
+            "vvault_pep.request_id": trail.request_id,
+            "vvault_pep.decision_id": trail.decision_id,
+        }
+        with self.tel.server_span(request.method, parent, attributes) as span:
+            trail.span = span
             trail.trace_id = format(span.get_span_context().trace_id, "032x")
             try:
                 response = await self._walk(request, trail, span)
@@ -138,11 +134,11 @@ class Pipeline:
     def _stage(self, trail: _Trail, name: str, kind: SpanKind = SpanKind.INTERNAL) -> Iterator[Span]:
         started = time.perf_counter()
         try:
-            if self.tel.stage_spans:
+            if self.tel.recording:
                 with self.tel.tracer.start_as_current_span(name, kind=kind) as span:
                     yield span
             else:
-                yield INVALID_SPAN  # timed and measured, not traced: no span exporter configured
+                yield trail.span  # timed and measured, not traced: nothing receives spans
         finally:
             elapsed = time.perf_counter() - started
             trail.stages_ms[name] = round(elapsed * 1000, 3)
@@ -233,17 +229,17 @@ class Pipeline:
             cached, layer, revision, epochs = await self.cache.lookup(route, policy_input, context)
         trail.fields["cache"] = layer
         trail.fields["bundles"] = {"revision": revision or self.cache.opa_revision}
-        self.tel.cache_lookups.add(1, {"layer": layer})
+        self.tel.cache_lookups.labels(layer).inc()
         if layer in ("l1", "l2"):
             decision = enforce.interpret(cached, defined=True)
         else:
-            with self._stage(trail, "pdp", SpanKind.CLIENT):
+            with self._stage(trail, "pdp", SpanKind.CLIENT) as pdp_span:
                 try:
                     answer = await self.pdp.decide(
-                        route.policy, policy_input, provenance=layer == "miss", headers=self.tel.inject()
+                        route.policy, policy_input, provenance=layer == "miss", headers=self.tel.inject(pdp_span)
                     )
                 except PepError as err:
-                    self.tel.pdp_errors.add(1, {"code": err.code})
+                    self.tel.pdp_errors.labels(err.code).inc()
                     raise
             trail.fields["opa_decision_id"] = answer.opa_decision_id
             decision = enforce.interpret(answer.result, defined=answer.defined)
@@ -287,14 +283,14 @@ class Pipeline:
             if enforced:
                 return self._deny(request, decision, trail)
             trail.fields["would_have"] = {"status": decision.status, "code": decision.code}
-            self.tel.would_deny.add(1, {"route": route.name, "code": decision.code})
+            self.tel.would_deny.labels(route.name, decision.code).inc()
         # forward
         if headers.expect_continue and request.version >= (1, 1):
             # Only now that the request is allowed may the client send its body.
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         with self._stage(trail, "upstream", SpanKind.CLIENT) as up_span:
             upstream_headers = self._upstream_headers(request, facts, headers, decision, trail)
-            upstream_headers.extend(self.tel.inject().items())
+            upstream_headers.extend(self.tel.inject(up_span).items())
             started = time.perf_counter()
             response, outcome = await self.upstreams.forward(
                 route.upstream,
@@ -309,9 +305,8 @@ class Pipeline:
                 redact_max_bytes=config.limits.max_redact_bytes,
             )
             up_span.set_attribute("http.response.status_code", outcome.status)
-            self.tel.upstream_duration.record(
-                time.perf_counter() - started,
-                {"upstream": route.upstream, "status_class": f"{outcome.status // 100}xx"},
+            self.tel.upstream_duration.labels(route.upstream, f"{outcome.status // 100}xx").observe(
+                time.perf_counter() - started
             )
         trail.fields["upstream_status"] = outcome.status
         trail.fields["bytes_in"] = outcome.bytes_in
@@ -393,20 +388,17 @@ class Pipeline:
         if status >= 500:
             span.set_status(Status(StatusCode.ERROR))
         method_class = "read" if request.method in _READ_METHODS else "write"
-        self.tel.requests.add(1, {"route": route, "method_class": method_class, "status": str(status)})
-        self.tel.decisions.add(
-            1,
-            {
-                "result": "allow" if result.get("allow") else "deny",
-                "code": str(result.get("code", "none")),
-                "enforced": str(trail.fields.get("enforced", True)).lower(),
-            },
-        )
+        self.tel.requests.labels(route, method_class, str(status)).inc()
+        self.tel.decisions.labels(
+            "allow" if result.get("allow") else "deny",
+            str(result.get("code", "none")),
+            "true" if trail.fields.get("enforced", True) else "false",
+        ).inc()
         self.audit.emit(self._record(request, trail, status))
 
     def record_parser_refusal(self, fields: dict[str, Any]) -> None:
         """A request aiohttp's parser refused before the walk: one record all the same."""
-        self.tel.requests.add(1, {"route": "none", "method_class": "unknown", "status": str(fields["status"])})
+        self.tel.requests.labels("none", "unknown", str(fields["status"])).inc()
         self.audit.emit({"timestamp": now_rfc3339(), "decision_id": str(uuid.uuid4()), "route": None, **fields})
 
     def _record(self, request: web.BaseRequest, trail: _Trail, status: int) -> dict[str, Any]:
