@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import shutil
-import socket
 import ssl
 import statistics
 import subprocess
@@ -36,55 +34,7 @@ import aiohttp
 import yaml
 from examples.pki import make_pki
 
-ROOT = Path(__file__).resolve().parent.parent
-ADMIN_TOKEN = "bench-admin-token-0123456789abcdef-0123"
-PATH = "/v1/tenants/acme/secrets/db-password"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def opa_binary() -> str:
-    for candidate in (os.environ.get("OPA_BIN"), str(ROOT / ".tools/bin/opa"), shutil.which("opa")):
-        if candidate and Path(candidate).is_file():
-            return candidate
-    sys.exit("OPA not found: run `make tools`")
-
-
-def start_opa(port: int) -> subprocess.Popen[bytes]:
-    """The real OPA server on loopback with the repo's policies."""
-    return subprocess.Popen(
-        [
-            opa_binary(),
-            "run",
-            "--server",
-            "--addr",
-            f"127.0.0.1:{port}",
-            "--skip-version-check",
-            "--log-level",
-            "error",
-            str(ROOT / "policies"),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-
-async def wait_http(url: str, timeout: float = 30) -> None:
-    async with aiohttp.ClientSession() as http:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                async with http.get(url) as resp:
-                    if resp.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.05)
-    raise RuntimeError(f"{url} never became ready")
+from bench.common import ADMIN_TOKEN, PATH, ROOT, free_port, start_opa, wait_http
 
 
 def pep_config(pki: Path, opa_port: int, up_port: int, redis_port: int, l1: bool) -> dict[str, Any]:
