@@ -1,0 +1,313 @@
+"""The benchmark's world on loopback: upstream, OPA, Redis, the proxies under test, the peer.
+
+:class:`Lab` owns a work directory (PKI, the issuer's JWKS, configs, audit files, logs,
+vegeta's results) and a :class:`~bench.stack.Stack`; :meth:`Lab.close` stops everything and
+deletes the directory.  Each ``add_*`` starts one scenario's server, waits until it is
+ready and checks that the benchmark's request gets a 200 through it before anything is
+measured.
+
+The PEP runs as in production, every stage on: the mTLS listener (client certificate
+required), bearer tokens from an ES256 issuer (keys from a ``jwks_file``) with the route
+requiring a user, SPIFFE workload identity from the client certificate, Redis for risk
+signals, containment and the L2 decision cache, and the audit log written to a real file.
+Device posture is not configured: the request reads a ``config``-class secret, for which
+the policy asks no posture.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import shutil
+import ssl
+import subprocess
+import sys
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from examples.pki import make_pki
+
+from bench.common import (
+    ADMIN_TOKEN,
+    PATH,
+    ROOT,
+    free_port,
+    free_port_pair,
+    opa_argv,
+    redis_ping,
+    wait_http_sync,
+    wait_tcp,
+)
+from bench.issuer import AUDIENCE, BenchIssuer
+from bench.stack import Pinning, Side, Stack
+from bench.vegeta import ClientTls
+
+CacheMode = Literal["l1", "l2", "off"]
+AUDIT_MAX_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    name: str
+    url: str
+    proc: str | None  # the Stack process whose tree is the proxy (None: no proxy)
+    admin_ports: tuple[int, ...] = ()  # a PEP's admin listeners, one per worker
+    cold_tokens: bool = False  # a new token on every request
+    verifies_tokens: bool = False  # a forged token must not get through
+
+
+class Lab:
+    def __init__(self, pinning: Pinning, *, prefix: str = "vvault-bench-") -> None:
+        self.work = Path(tempfile.mkdtemp(prefix=prefix))
+        self.stack = Stack(self.work, pinning)
+        self.pki = make_pki(self.work / "pki")
+        self.tls = ClientTls(
+            root=self.pki / "ca.pem", cert=self.pki / "client-reader.pem", key=self.pki / "client-reader-key.pem"
+        )
+        self.issuer = BenchIssuer()
+        self.issuer.serve()
+        self.jwks = self.issuer.write_jwks(self.work / "jwks.json")
+        self.token = self.issuer.token("bench-fixed")
+        self.upstream_port = free_port()
+        self.opa_port = free_port()
+        self.redis_port = free_port()
+        self.endpoints: dict[str, Endpoint] = {}
+
+    # --- the shared services -------------------------------------------------------------
+
+    def start_services(self) -> None:
+        upstream = self.stack.start(
+            "upstream",
+            [sys.executable, "-m", "examples.vvault_api.app", "--port", str(self.upstream_port)],
+            "driver",
+            cwd=ROOT,
+        )
+        opa = self.stack.start("opa", opa_argv(self.opa_port), "sut")
+        redis_dir = self.work / "redis"
+        redis_dir.mkdir()
+        redis = self.stack.start(
+            "redis",
+            [
+                "redis-server",
+                "--port",
+                str(self.redis_port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(redis_dir),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            "sut",
+        )
+        wait_http_sync(f"http://127.0.0.1:{self.upstream_port}/v1/tenants/acme/collections", alive=upstream)
+        wait_http_sync(f"http://127.0.0.1:{self.opa_port}/health", alive=opa)
+        redis_ping(self.redis_port, alive=redis)
+
+    # --- scenarios -----------------------------------------------------------------------
+
+    def add_direct(self) -> Endpoint:
+        return self._add(Endpoint("direct", f"http://127.0.0.1:{self.upstream_port}{PATH}", None))
+
+    def add_passthrough(self) -> Endpoint:
+        port = free_port()
+        proc = self.stack.start(
+            "passthrough",
+            [
+                sys.executable,
+                "-m",
+                "bench.passthrough",
+                "--port",
+                str(port),
+                "--upstream",
+                f"http://127.0.0.1:{self.upstream_port}",
+                "--pki",
+                str(self.pki),
+            ],
+            "sut",
+            cwd=ROOT,
+        )
+        wait_tcp(port, alive=proc)
+        return self._add(Endpoint("passthrough", f"https://127.0.0.1:{port}{PATH}", "passthrough"))
+
+    def add_pep(
+        self,
+        name: str,
+        cache: CacheMode,
+        *,
+        workers: int | None = None,
+        cold_tokens: bool = False,
+        side: Side = "sut",
+    ) -> Endpoint:
+        config = self.pep_config(name, cache)
+        path = self.work / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        argv = [sys.executable, "-m", "vvault_pep.cli", "serve", "--config", str(path), "--log-level", "ERROR"]
+        if workers is not None:
+            argv += ["--workers", str(workers)]
+        proc = self.stack.start(name, argv, side, cwd=ROOT)
+        admin_ports = tuple(config["admin"]["port"] + k for k in range(workers or 1))
+        try:
+            for port in admin_ports:
+                wait_http_sync(f"http://127.0.0.1:{port}/readyz", alive=proc)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{name} did not start: {exc}\n{self.stack.log_tail(name)}") from exc
+        url = f"https://127.0.0.1:{config['listener']['port']}{PATH}"
+        return self._add(Endpoint(name, url, name, admin_ports, cold_tokens, verifies_tokens=True))
+
+    def pep_config(self, name: str, cache: CacheMode) -> dict[str, Any]:
+        pki = self.pki
+        route_cache: dict[str, Any] | str = "off" if cache == "off" else {"ttl_s": 300}
+        return {
+            "listener": {
+                "host": "127.0.0.1",
+                "port": free_port(),
+                "drain_s": 0,
+                "tls": {
+                    "cert_file": str(pki / "server.pem"),
+                    "key_file": str(pki / "server-key.pem"),
+                    "client_ca_file": str(pki / "ca.pem"),
+                    "client_auth": "required",
+                },
+            },
+            "admin": {"host": "127.0.0.1", "port": free_port_pair(), "token": ADMIN_TOKEN},
+            "opa": {"url": f"http://127.0.0.1:{self.opa_port}"},
+            "redis": {"url": f"redis://127.0.0.1:{self.redis_port}/0"},
+            "identity": {
+                "issuers": [
+                    {
+                        "name": "bench",
+                        "issuer": self.issuer.url,
+                        "audiences": [AUDIENCE],
+                        "algorithms": ["ES256"],
+                        "discovery": False,
+                        "jwks_file": str(self.jwks),
+                        "allow_http": True,  # the issuer helper is plain HTTP on loopback
+                        "required_claims": ["sub", "tenant"],
+                    }
+                ],
+                "workload": {"trust_domains": ["demo.vvault"]},
+            },
+            "cache": {"l1_max_entries": 0 if cache == "l2" else 10_000, "default_ttl_s": 300, "max_ttl_s": 300},
+            "audit": {
+                "sinks": [
+                    {"type": "file", "path": str(self.work / f"audit-{name}.jsonl"), "max_bytes": AUDIT_MAX_BYTES}
+                ]
+            },
+            "upstreams": {"vvault": {"url": f"http://127.0.0.1:{self.upstream_port}"}},
+            "routes": [
+                {
+                    "name": "secrets",
+                    "path": "/v1/tenants/{tenant}/secrets/{path*}",
+                    "methods": ["GET"],
+                    "upstream": "vvault",
+                    "policy": "vvault/authz/decision",
+                    "authn": {"require": "user"},
+                    "cache": route_cache,
+                }
+            ],
+        }
+
+    def add_peer(self, binary: str) -> Endpoint:
+        """oauth2-proxy validating the same tokens (OIDC discovery of the issuer helper) and forwarding.
+
+        It terminates TLS but does not ask for client certificates: less work per connection
+        than the PEP and the passthrough, which verify one.
+        """
+        port = free_port()
+        pki = self.pki
+        proc = self.stack.start(
+            "peer",
+            [
+                binary,
+                "--provider=oidc",
+                f"--oidc-issuer-url={self.issuer.url}",
+                f"--client-id={AUDIENCE}",
+                "--client-secret=bench-client-secret",
+                "--cookie-secret=0123456789abcdef0123456789abcdef",
+                "--email-domain=*",
+                "--skip-jwt-bearer-tokens",
+                f"--upstream=http://127.0.0.1:{self.upstream_port}/",
+                f"--http-address=127.0.0.1:{free_port()}",
+                f"--https-address=127.0.0.1:{port}",
+                f"--tls-cert-file={pki / 'server.pem'}",
+                f"--tls-key-file={pki / 'server-key.pem'}",
+                f"--redirect-url=https://127.0.0.1:{port}/oauth2/callback",
+                # its request log to a file, like the PEP's audit log
+                f"--logging-filename={self.work / 'peer-requests.log'}",
+                "--silence-ping-logging",
+            ],
+            "sut",
+        )
+        try:
+            wait_tcp(port, alive=proc)
+        except RuntimeError as exc:
+            raise RuntimeError(f"peer did not start: {exc}\n{self.stack.log_tail('peer')}") from exc
+        return self._add(Endpoint("peer", f"https://127.0.0.1:{port}{PATH}", "peer", verifies_tokens=True))
+
+    def _add(self, endpoint: Endpoint) -> Endpoint:
+        self.check(endpoint)
+        self.endpoints[endpoint.name] = endpoint
+        return endpoint
+
+    def check(self, endpoint: Endpoint) -> None:
+        """The benchmark's request must get a 200, and a forged token must not, or nothing is measured."""
+        status, body = self.request(endpoint.url, self.token)
+        if status != 200:
+            log = self.stack.log_tail(endpoint.proc) if endpoint.proc else ""
+            raise RuntimeError(f"{endpoint.name}: HTTP {status} for the benchmark's request: {body[:500]!r}\n{log}")
+        if endpoint.verifies_tokens:
+            header, payload, signature = self.token.split(".")
+            forged = f"{header}.{payload}.{signature[::-1]}"
+            status, body = self.request(endpoint.url, forged)
+            if status == 200:
+                raise RuntimeError(f"{endpoint.name}: a token with a bad signature got HTTP 200: it checks nothing")
+
+    def request(self, url: str, token: str) -> tuple[int, bytes]:
+        scheme, _, rest = url.partition("://")
+        hostport, _, path = rest.partition("/")
+        host, _, port = hostport.partition(":")
+        conn: http.client.HTTPConnection
+        if scheme == "https":
+            ctx = ssl.create_default_context(cafile=str(self.tls.root))
+            ctx.load_cert_chain(str(self.tls.cert), str(self.tls.key))
+            conn = http.client.HTTPSConnection(host, int(port), context=ctx, timeout=10)
+        else:
+            conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        try:
+            conn.request("GET", "/" + path, headers={"Authorization": f"Bearer {token}"})
+            resp = conn.getresponse()
+            return resp.status, resp.read()
+        finally:
+            conn.close()
+
+    def admin_get(self, endpoint: Endpoint, path: str) -> Any:
+        out = []
+        for port in endpoint.admin_ports:
+            req = urllib.request.Request(
+                f"http://127.0.0.1:{port}{path}", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
+            )
+            with urllib.request.urlopen(req, timeout=5) as resp:
+                out.append(json.loads(resp.read()))
+        return out
+
+    def close(self) -> None:
+        try:
+            self.stack.stop_all()
+        finally:
+            self.issuer.stop()
+            shutil.rmtree(self.work, ignore_errors=True)
+
+
+def version_of(argv: list[str]) -> str:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=20, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return (done.stdout or done.stderr).strip()
