@@ -153,6 +153,10 @@ def lifetime(
     return max(0.0, min(candidates))
 
 
+_INDEX_MEMO_S = 5.0  # how long a replica trusts what Redis said of a route's key paths
+_INDEX_MAX = 4096  # (route, revision) pairs remembered
+
+
 @dataclass(slots=True)
 class _Entry:
     result: bytes
@@ -184,7 +188,7 @@ class DecisionCache:
         scopes = scopes_of(doc)
         if self.shared is not None:
             keys = [self.shared.key("rev")] + [self.shared.key("epoch", s, v) for s, v in scopes]
-            values = await self.shared.call(lambda c: c.mget(keys))
+            values = await self.shared.one(lambda p: p.mget(keys))
             if values is not None:
                 self._revision_counter = _int(values[0])
                 for pair, raw in zip(scopes, values[1:], strict=True):
@@ -209,20 +213,37 @@ class DecisionCache:
         return digest("index", route.policy, route.name, revision)
 
     async def _vary(self, route: Route, revision: str) -> tuple[str, ...] | None:
+        """The key paths the policy asked for on this route and revision (None: the default key).
+
+        Remembered locally: an L1 hit must not wait for Redis to learn what it already
+        knows.  What Redis says (an index, or none) is remembered for ``_INDEX_MEMO_S``: a
+        stale answer can only cost a miss, never a wrong hit, since the paths are part of
+        the entry's key.
+        """
         ikey = self._index_key(route, revision)
+        now = time.time()
         local = self._index.get(ikey)
-        if local is not None and local[1] > time.time():
+        if local is not None and local[1] > now:
             return local[0]
+        vary: tuple[str, ...] | None = None
         if self.shared is not None:
-            raw = await self.shared.call(lambda c: c.get(self.shared.key("idx", ikey)))  # type: ignore[union-attr]
+            raw = await self.shared.one(lambda p: p.get(self.shared.key("idx", ikey)))  # type: ignore[union-attr]
             if raw is not None:
                 try:
-                    vary = orjson.loads(raw)
-                    if vary is None or (isinstance(vary, list) and all(isinstance(v, str) for v in vary)):
-                        return tuple(vary) if vary is not None else None
+                    doc = orjson.loads(raw)
+                    if isinstance(doc, list) and all(isinstance(v, str) for v in doc):
+                        vary = tuple(doc)
                 except orjson.JSONDecodeError:
                     pass
-        return None
+            self._remember_index(ikey, vary, now + _INDEX_MEMO_S)
+        return vary
+
+    def _remember_index(self, ikey: str, vary: tuple[str, ...] | None, until: float) -> None:
+        if ikey not in self._index and len(self._index) >= _INDEX_MAX:
+            now = time.time()
+            for k in [k for k, (_, t) in self._index.items() if t <= now] or [next(iter(self._index))]:
+                del self._index[k]
+        self._index[ikey] = (vary, until)
 
     async def lookup(
         self, route: Route, doc: dict[str, Any], context: tuple[str, list[Any]] | None = None
@@ -250,7 +271,7 @@ class DecisionCache:
                     return result, "l1", revision, epochs
             self._drop(key)
         if self.shared is not None:
-            raw = await self.shared.call(lambda c: c.get(self.shared.key("dec", key)))  # type: ignore[union-attr]
+            raw = await self.shared.one(lambda p: p.get(self.shared.key("dec", key)))  # type: ignore[union-attr]
             if raw is not None:
                 stored = _load(raw)
                 if (
@@ -278,8 +299,7 @@ class DecisionCache:
     ) -> None:
         if ttl_s <= 0 or not route.cache.enabled:
             return
-        if hints.vary is not None or self._index.get(self._index_key(route, revision)):
-            self._index[self._index_key(route, revision)] = (hints.vary, time.time() + ttl_s)
+        self._remember_index(self._index_key(route, revision), hints.vary, time.time() + ttl_s)
         key = digest("entry", route.policy, route.name, revision, epochs, self._material(route, doc, hints.vary))
         expires = time.time() + ttl_s
         payload = orjson.dumps(result)

@@ -108,7 +108,6 @@ class RiskSignals:
     def __init__(self, cfg: RiskConfig, shared: SharedState | None) -> None:
         self.cfg = cfg
         self.shared = shared
-        self._script: Any = shared.client.register_script(_SCRIPT) if shared is not None else None
 
     async def assess(self, doc: dict[str, Any], device: dict[str, Any], now: dt.datetime) -> dict[str, Any]:
         subject = subject_of(doc)
@@ -127,9 +126,9 @@ class RiskSignals:
         ]
         network = network_of((doc.get("source") or {}).get("ip"))
         device_id = device.get("id") if device.get("verified") and isinstance(device.get("id"), str) else ""
-        script = self._script
-        res = await shared.call(
-            lambda c: script(keys=keys, args=[window, network, device_id]), deadline_s=self.cfg.timeout_ms / 1000
+        res = await shared.one(
+            lambda p: p.eval(_SCRIPT, len(keys), *keys, window, network, device_id),
+            deadline_s=self.cfg.timeout_ms / 1000,
         )
         if res is None:
             return unavailable()

@@ -243,6 +243,18 @@ class PepRuntime:
             lambda: {(): float(self.shared.errors)} if self.shared else {},
         )  # fmt: skip
         tel.observe(
+            "vvault_pep.redis.late", "Redis replies a caller stopped waiting for (risk.timeout_ms)",
+            lambda: {(): float(self.shared.late)} if self.shared else {},
+        )  # fmt: skip
+        tel.observe(
+            "vvault_pep.redis.round_trips", "pipelines sent on the request path (commands are batched)",
+            lambda: {(): float(self.shared.batches)} if self.shared else {},
+        )  # fmt: skip
+        tel.observe(
+            "vvault_pep.redis.commands", "commands sent on the request path",
+            lambda: {(): float(self.shared.batched_commands)} if self.shared else {},
+        )  # fmt: skip
+        tel.observe(
             "vvault_pep.audit.dropped", "audit records dropped by a full sink",
             lambda: {(("sink", k),): float(v) for k, v in (self.audit.dropped() if self.audit else {}).items()},
         )  # fmt: skip

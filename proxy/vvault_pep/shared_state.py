@@ -6,6 +6,12 @@ under ``redis.timeout_ms`` and turns every failure into ``None`` — the caller
 decides what "Redis could not answer" means for it, and it is never "allow".
 After a failure Redis is skipped for ``retry_after_failure_s`` so a dead Redis
 costs one deadline, not one per request.
+
+:meth:`SharedState.one` is the request path's way in: single commands queued
+in the same turn of the event loop — a request's risk script, quarantine
+check and cache epochs, and those of every other request in flight — go to
+Redis as one pipeline, one round trip, with the same deadline and the same
+``None`` on failure.
 """
 
 from __future__ import annotations
@@ -54,6 +60,9 @@ def make_client(cfg: RedisConfig) -> Any:
     return aioredis.from_url(cfg.url, **common)
 
 
+_MAX_BATCH = 512  # commands per pipeline
+
+
 class SharedState:
     def __init__(self, cfg: RedisConfig, client: Any | None = None) -> None:
         self.cfg = cfg
@@ -61,6 +70,11 @@ class SharedState:
         self.prefix = cfg.key_prefix
         self._down_until = 0.0
         self.errors = 0
+        self.batches = 0  # pipelines sent by one(): commands per round trip = commands / batches
+        self.batched_commands = 0
+        self._pending: list[tuple[Callable[[Any], object], asyncio.Future[Any]]] = []
+        self.late = 0  # callers that stopped waiting at their own, shorter deadline
+        self._flushes: set[asyncio.Task[None]] = set()
 
     @property
     def available(self) -> bool:
@@ -81,6 +95,68 @@ class SharedState:
             self._down_until = time.monotonic() + self.cfg.retry_after_failure_s
             log.warning("redis unavailable: %s", type(exc).__name__)
             return None
+
+    async def one(self, add: Callable[[Any], object], *, deadline_s: float | None = None) -> Any:
+        """One command, queued with the others of this loop turn; its reply, or ``None``.
+
+        ``add(pipe)`` queues exactly one command on a Redis pipeline (``pipe.mget(keys)``,
+        ``pipe.eval(script, n, *keys_and_args)``).  The round trip has ``redis.timeout_ms``;
+        a caller with a shorter ``deadline_s`` stops waiting at its own deadline and gets
+        ``None`` without failing the others.  A reply that is an error (a wrong type, a
+        script error) is ``None`` for its caller alone; a failed round trip is ``None``
+        for every caller in it and opens the circuit like :meth:`call`.
+        """
+        if not self.available:
+            return None
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        if not self._pending:
+            loop.call_soon(self._flush)
+        self._pending.append((add, fut))
+        if deadline_s is None or deadline_s >= self.cfg.timeout_ms / 1000:
+            return await fut
+        try:
+            async with asyncio.timeout(deadline_s):
+                return await fut
+        except TimeoutError:
+            self.late += 1
+            return None
+
+    def _flush(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending[:_MAX_BATCH], self._pending[_MAX_BATCH:]
+            task = asyncio.get_running_loop().create_task(self._send(batch))
+            self._flushes.add(task)
+            task.add_done_callback(self._flushes.discard)
+
+    async def _send(self, batch: list[tuple[Callable[[Any], object], asyncio.Future[Any]]]) -> None:
+        replies: list[Any] = []
+        try:
+            async with asyncio.timeout(self.cfg.timeout_ms / 1000):
+                pipe = self.client.pipeline(transaction=False)
+                for add, _ in batch:
+                    add(pipe)
+                replies = await pipe.execute(raise_on_error=False)
+            self.batches += 1
+            self.batched_commands += len(batch)
+        except (TimeoutError, RedisError, OSError) as exc:
+            self.errors += 1
+            self._down_until = time.monotonic() + self.cfg.retry_after_failure_s
+            log.warning("redis unavailable: %s", type(exc).__name__)
+        except BaseException:
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_result(None)
+            raise
+        for i, (_, fut) in enumerate(batch):
+            if fut.done():  # the request went away meanwhile
+                continue
+            reply = replies[i] if i < len(replies) else None
+            if isinstance(reply, Exception):
+                self.errors += 1
+                log.warning("redis command failed: %s", type(reply).__name__)
+                reply = None
+            fut.set_result(reply)
 
     async def close(self) -> None:
         with contextlib.suppress(RedisError, OSError):
