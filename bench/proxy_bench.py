@@ -1,176 +1,589 @@
-"""Side by side: the PEP against a bare proxy of the same stack, in one run.
+"""Side by side: the PEP against a bare proxy of the same stack and a well-known peer, in one run.
 
-    python -m bench.proxy_bench [--seconds 3] [--rounds 5] [--concurrency 16]
+    python -m bench.proxy_bench                 # make bench: 5 rounds of 5 s, 1 vs 2 workers
+    python -m bench.proxy_bench --quick         # make bench-quick: under 2 minutes
+    python -m bench.proxy_bench --no-pin --concurrency 32 --scenarios passthrough,pep-l1
 
-Scenarios, interleaved round by round so machine drift hits them alike:
+Everything starts on loopback (bench/lab.py): the example upstream, OPA with the repo's
+policies, redis-server, the proxies, the peer.  Load comes from vegeta over mTLS.  Scenarios
+(each sends ``GET /v1/tenants/acme/secrets/db-password`` with a bearer token):
 
-    direct        client → example upstream (plain HTTP, no proxy)
-    passthrough   bare aiohttp reverse proxy with the same mTLS, pooling and streaming
-    pep-l1        vvault-pep, every stage on, decision from its in-process cache
-    pep-opa       vvault-pep with `cache: off`: OPA asked on every request
+    direct          client → upstream, plain HTTP, no proxy
+    passthrough     bench/passthrough.py: bare aiohttp reverse proxy, same mTLS, keep-alive,
+                    streaming, nothing else — the limit of this stack
+    pep-l1          the PEP, every stage on, decision from its in-process cache
+    pep-l2          the same with L1 off (cache.l1_max_entries: 0): decisions from Redis
+    pep-opa         the same with the route's cache off: OPA asked on every request
+    pep-cold-token  cache on, a token never seen before on every request (signature checked
+                    each time; the token's jti is part of the default decision-cache key, so
+                    OPA is asked too)
+    peer            oauth2-proxy validating the same JWTs and forwarding (TLS without
+                    client-certificate verification: it does less)
 
-Closed loop at fixed concurrency.  Prints, per scenario, the median throughput over the
-rounds, p50/p99 latency, the ratio to passthrough, and the CPU seconds the proxy process
-spent per 1,000 requests.  The load generator is Python on the same machine (a first
-harness; the full one with an external generator and more scenarios is issue 8): read the
-ratios, not the absolute numbers.
+Phases, each interleaved round by round (the starting scenario rotates) so drift hits all
+alike: warm-up; throughput at saturation (closed loop, ``--concurrency`` connections);
+latency at a fixed rate of half the passthrough's saturation (open loop); and, in the full
+run, pep-l1 with ``--workers 1`` against ``--workers 2``.  Any non-2xx answer fails the
+scenario: its answers are printed and no figures are shown for it.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import itertools
 import os
-import ssl
+import re
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-import yaml
-from examples.pki import make_pki
+from bench import report
+from bench.common import tool
+from bench.lab import Endpoint, Lab
+from bench.procfs import cpu_seconds, peak_rss_per_process, tree_cpu_seconds
+from bench.report import Column, Target
+from bench.stack import Pinning, Side, exit_on_sigterm
+from bench.vegeta import Load, Report, Vegeta, write_targets
 
-from bench.cache_bench import free_port, start_opa, wait_http
-
-ROOT = Path(__file__).resolve().parent.parent
-PATH = "/v1/tenants/acme/secrets/db-password"
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK  # utime + stime
-
-
-def pep_config(pki: Path, opa_port: int, up_port: int, cache: bool) -> dict[str, Any]:
-    return {
-        "listener": {"host": "127.0.0.1", "port": free_port(), "tls": {
-            "cert_file": str(pki / "server.pem"), "key_file": str(pki / "server-key.pem"),
-            "client_ca_file": str(pki / "ca.pem")}},
-        "admin": {"host": "127.0.0.1", "port": free_port()},
-        "opa": {"url": f"http://127.0.0.1:{opa_port}", "timeout_ms": 1000},
-        "audit": {"sinks": [{"type": "file", "path": os.devnull}]},
-        "cache": {"default_ttl_s": 300, "max_ttl_s": 300},
-        "upstreams": {"vvault": {"url": f"http://127.0.0.1:{up_port}"}},
-        "routes": [{"name": "secrets", "path": "/v1/tenants/{tenant}/secrets/{path*}", "methods": ["GET"],
-                    "upstream": "vvault", "policy": "vvault/authz/decision",
-                    "cache": {"ttl_s": 300} if cache else "off"}],
-    }  # fmt: skip
-
-
-async def load(url: str, ctx: ssl.SSLContext | None, seconds: float, concurrency: int) -> tuple[int, list[float]]:
-    latencies: list[float] = []
-    deadline = time.perf_counter() + seconds
-    connector = aiohttp.TCPConnector(ssl=ctx if ctx is not None else False, limit=concurrency)
-    async with aiohttp.ClientSession(connector=connector) as http:
-
-        async def worker() -> None:
-            while time.perf_counter() < deadline:
-                started = time.perf_counter()
-                async with http.get(url) as resp:
-                    await resp.read()
-                    if resp.status != 200:
-                        raise RuntimeError(f"{url}: HTTP {resp.status}")
-                latencies.append((time.perf_counter() - started) * 1000)
-
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return len(latencies), latencies
+SCENARIOS: dict[str, str] = {
+    "direct": "client → upstream, plain HTTP, no proxy",
+    "passthrough": "bare aiohttp reverse proxy, same mTLS, keep-alive and streaming, nothing else",
+    "pep-l1": "the PEP, every stage on, decision from the in-process cache",
+    "pep-l2": "the PEP with L1 off: decisions from Redis",
+    "pep-opa": "the PEP with the route's cache off: OPA on every request",
+    "pep-cold-token": "cache on, a new token on every request (signature + OPA each time)",
+    "peer": "oauth2-proxy v7 validating the same JWTs (no client-certificate verification)",
+}
+PEER_NOTE = (
+    "peer: oauth2-proxy terminates TLS but cannot verify client certificates, so its handshakes "
+    "and requests carry less work than the passthrough's and the PEP's; it verifies the token's "
+    "signature on every request (no verified-token cache) and does no policy decision, no risk, "
+    "no Redis, no audit record (its request log goes to a file)."
+)
+COLD_NOTE = (
+    "pep-cold-token: every request carries a token never seen before; the PEP checks its "
+    "signature and, since the token's jti and exp are part of the default whole-input "
+    "decision-cache key, asks OPA and stores a new cache entry as well."
+)
+COLUMNS = (
+    Column("scenario", "scenario", "", 14),
+    Column("req/s", "throughput_rps", ".0f", 7),
+    Column("× pass", "ratio", ".2f", 6),
+    Column("p50 ms", "p50_ms", ".2f", 7),
+    Column("p90 ms", "p90_ms", ".2f", 7),
+    Column("p99 ms", "p99_ms", ".2f", 7),
+    Column("+p50 ms", "added_p50_ms", "+.2f", 7),
+    Column("+p99 ms", "added_p99_ms", "+.2f", 7),
+    Column("proxy CPU s/1k", "proxy_cpu_s_per_1k", ".3f", 14),
+    Column("OPA CPU s/1k", "opa_cpu_s_per_1k", ".3f", 12),
+    Column("peak RSS MB", "peak_rss_mb", ".1f", 11),
+)
+WORKER_COLUMNS = (
+    Column("PEP", "scenario", "", 14),
+    Column("req/s", "throughput_rps", ".0f", 7),
+    Column("× 1 worker", "ratio", ".2f", 10),
+    Column("proxy CPU s/1k", "proxy_cpu_s_per_1k", ".3f", 14),
+    Column("peak RSS MB/worker", "peak_rss_mb", ".1f", 18),
+)
+RSS_LIMIT_MB = 100.0
 
 
-async def main(seconds: float, rounds: int, concurrency: int) -> None:
-    work = Path(tempfile.mkdtemp(prefix="vvault-proxy-bench-"))
-    pki = make_pki(work / "pki")
-    procs: dict[str, subprocess.Popen[bytes]] = {}
-    try:
-        opa_port, up_port, pt_port = free_port(), free_port(), free_port()
-        procs["opa"] = start_opa(opa_port)
-        procs["upstream"] = subprocess.Popen(
-            [sys.executable, "-m", "examples.vvault_api.app", "--port", str(up_port)],
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+@dataclass(frozen=True)
+class Sample:
+    report: Report
+    proxy_cpu_s: float | None
+    opa_cpu_s: float
+    redis_cpu_s: float
+
+    def per_1k(self, seconds: float | None) -> float | None:
+        if seconds is None or self.report.requests == 0:
+            return None
+        return seconds / self.report.requests * 1000
+
+
+@dataclass
+class Bench:
+    """Runs attacks against the lab's endpoints and keeps what each one measured."""
+
+    lab: Lab
+    vegeta: Vegeta
+    failures: dict[str, list[str]] = field(default_factory=dict)
+    best_rate: dict[str, float] = field(default_factory=dict)
+    _fixed: dict[str, Path] = field(default_factory=dict)
+    _serial: itertools.count[int] = field(default_factory=itertools.count)
+
+    def measure(self, ep: Endpoint, load: Load, side: Side = "driver") -> Sample:
+        n = next(self._serial)
+        out = self.lab.work / f"{ep.name}-{n}.bin"
+        supply = self._supply(ep, load)
+        for _attempt in range(3):
+            targets = self._targets(ep, n, supply)
+            before = self._cpu(ep)
+            result = self.vegeta.attack(targets, load, out, lazy=ep.cold_tokens, side=side)
+            after = self._cpu(ep)
+            if ep.cold_tokens:
+                targets.unlink()
+            if not result.ran_out_of_targets:
+                break
+            supply *= 3  # too few fresh tokens for this rate: never reuse one, attack again
+        else:
+            raise RuntimeError(f"{ep.name}: could not pre-sign enough tokens ({supply})")
+        self.best_rate[ep.name] = max(self.best_rate.get(ep.name, 0.0), result.throughput)
+        if not result.all_2xx:
+            self._fail(ep, result)
+        return Sample(
+            result,
+            None if before[0] is None or after[0] is None else after[0] - before[0],
+            after[1] - before[1],
+            after[2] - before[2],
         )
-        procs["passthrough"] = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "bench.passthrough",
-                "--port",
-                str(pt_port),
-                "--upstream",
-                f"http://127.0.0.1:{up_port}",
-                "--pki",
-                str(pki),
-            ],
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-        )
-        ports = {"passthrough": pt_port}
-        for name, cache in (("pep-l1", True), ("pep-opa", False)):
-            cfg = pep_config(pki, opa_port, up_port, cache)
-            path = work / f"{name}.yaml"
-            path.write_text(yaml.safe_dump(cfg))
-            procs[name] = subprocess.Popen(
-                [sys.executable, "-m", "vvault_pep.cli", "serve", "--config", str(path), "--log-level", "ERROR"],
-                cwd=ROOT,
-                stdout=subprocess.DEVNULL,
-            )
-            ports[name] = cfg["listener"]["port"]
-            await wait_http(f"http://127.0.0.1:{cfg['admin']['port']}/readyz")
-        await wait_http(f"http://127.0.0.1:{up_port}/v1/tenants/acme/collections")
-        ctx = ssl.create_default_context(cafile=str(pki / "ca.pem"))
-        ctx.load_cert_chain(str(pki / "client-reader.pem"), str(pki / "client-reader-key.pem"))
-        scenarios: dict[str, tuple[str, ssl.SSLContext | None, str | None]] = {
-            "direct": (f"http://127.0.0.1:{up_port}{PATH}", None, None),
-            "passthrough": (f"https://localhost:{ports['passthrough']}{PATH}", ctx, "passthrough"),
-            "pep-l1": (f"https://localhost:{ports['pep-l1']}{PATH}", ctx, "pep-l1"),
-            "pep-opa": (f"https://localhost:{ports['pep-opa']}{PATH}", ctx, "pep-opa"),
+
+    def _supply(self, ep: Endpoint, load: Load) -> int:
+        if not ep.cold_tokens:
+            return 1
+        if load.rate:
+            return int(load.rate * load.seconds * 1.1) + 100
+        return int(self.best_rate.get(ep.name, 3000.0) * load.seconds * 2) + 500
+
+    def _targets(self, ep: Endpoint, n: int, supply: int) -> Path:
+        if ep.cold_tokens:
+            path = self.lab.work / f"targets-{ep.name}-{n}.txt"
+            return write_targets(path, ep.url, self.lab.issuer.fresh_tokens(supply))
+        if ep.name not in self._fixed:
+            path = self.lab.work / f"targets-{ep.name}.txt"
+            self._fixed[ep.name] = write_targets(path, ep.url, [self.lab.token])
+        return self._fixed[ep.name]
+
+    def _cpu(self, ep: Endpoint) -> tuple[float | None, float, float]:
+        procs = self.lab.stack.procs
+        proxy = tree_cpu_seconds(procs[ep.proc].pid) if ep.proc else None
+        return proxy, cpu_seconds(procs["opa"].pid), cpu_seconds(procs["redis"].pid)
+
+    def _fail(self, ep: Endpoint, result: Report) -> None:
+        details = self.vegeta.failures(list(result.files))
+        self.failures.setdefault(ep.name, []).extend(details)
+        print(f"\n!!! {ep.name}: non-2xx answers {result.status_codes} — the scenario FAILS", file=sys.stderr)
+        for line in details:
+            print(f"!!!   {line}", file=sys.stderr)
+        for error in result.errors[:5]:
+            print(f"!!!   vegeta: {error}", file=sys.stderr)
+
+
+def rounds_of(endpoints: Sequence[Endpoint], rounds: int) -> list[list[Endpoint]]:
+    """Each round visits every endpoint once; the first one rotates so none is always first."""
+    k = len(endpoints)
+    return [[endpoints[(r + i) % k] for i in range(k)] for r in range(rounds)]
+
+
+def run_phase(
+    bench: Bench,
+    endpoints: Sequence[Endpoint],
+    label: str,
+    rounds: int,
+    load: Load,
+    side: Side = "driver",
+) -> dict[str, list[Sample]]:
+    samples: dict[str, list[Sample]] = {ep.name: [] for ep in endpoints}
+    for r, order in enumerate(rounds_of(endpoints, rounds), 1):
+        parts = []
+        for ep in order:
+            sample = bench.measure(ep, load, side)
+            samples[ep.name].append(sample)
+            parts.append(f"{ep.name} {sample.report.throughput:.0f}/s")
+        print(f"  {label} {r}/{rounds}: " + ", ".join(parts), flush=True)
+    return samples
+
+
+def median(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def peak_rss(lab: Lab, ep: Endpoint) -> tuple[float | None, dict[str, float]]:
+    """The largest peak RSS among the proxy's processes (a worker's, with --workers), and each one's."""
+    if ep.proc is None or ep.proc not in lab.stack.procs:
+        return None, {}
+    per = peak_rss_per_process(lab.stack.procs[ep.proc].pid)
+    return (max(per.values()) if per else None), {str(pid): round(mb, 1) for pid, mb in per.items()}
+
+
+def summarise(
+    bench: Bench,
+    endpoints: Sequence[Endpoint],
+    saturation: dict[str, list[Sample]],
+    latency: dict[str, list[Sample]],
+    rate: int,
+) -> list[dict[str, Any]]:
+    rows = []
+    for ep in endpoints:
+        sat, lat = saturation[ep.name], latency.get(ep.name, [])
+        pooled = bench.vegeta.report([f for s in lat for f in s.report.files]) if lat else None
+        rss, rss_per = peak_rss(bench.lab, ep)
+        row: dict[str, Any] = {
+            "scenario": ep.name,
+            "description": SCENARIOS.get(ep.name, ""),
+            "status": "FAILED" if ep.name in bench.failures else "ok",
+            "throughput_rps": median([s.report.throughput for s in sat]),
+            "throughput_rps_rounds": [round(s.report.throughput, 1) for s in sat],
+            "saturation_p50_ms": median([s.report.p50_ms for s in sat]),
+            "saturation_p99_ms": median([s.report.p99_ms for s in sat]),
+            "latency_rate_rps": rate,
+            "latency_achieved_rps": median([s.report.throughput for s in lat]),
+            "p50_ms": pooled.p50_ms if pooled else None,
+            "p90_ms": pooled.p90_ms if pooled else None,
+            "p99_ms": pooled.p99_ms if pooled else None,
+            "max_ms": pooled.max_ms if pooled else None,
+            "proxy_cpu_s_per_1k": median([s.per_1k(s.proxy_cpu_s) for s in sat]),
+            "opa_cpu_s_per_1k": median([s.per_1k(s.opa_cpu_s) for s in sat]),
+            "redis_cpu_s_per_1k": median([s.per_1k(s.redis_cpu_s) for s in sat]),
+            "peak_rss_mb": rss,
+            "peak_rss_mb_per_process": rss_per,
+            "requests": sum(s.report.requests for s in sat) + sum(s.report.requests for s in lat),
+            "failures": bench.failures.get(ep.name, []),
         }
-        for url, c, _ in scenarios.values():  # warm-up
-            await load(url, c, 0.5, concurrency)
-        rates: dict[str, list[float]] = {n: [] for n in scenarios}
-        lats: dict[str, list[float]] = {n: [] for n in scenarios}
-        cpu: dict[str, list[float]] = {n: [] for n in scenarios}
-        for _ in range(rounds):
-            for name, (url, c, proc) in scenarios.items():
-                before = cpu_seconds(procs[proc].pid) if proc else 0.0
-                count, latencies = await load(url, c, seconds, concurrency)
-                if proc:
-                    cpu[name].append((cpu_seconds(procs[proc].pid) - before) / count * 1000)
-                rates[name].append(count / seconds)
-                lats[name].extend(latencies)
-        base = statistics.median(rates["passthrough"])
-        print(
-            f"\n{rounds} interleaved rounds of {seconds:g} s per scenario, concurrency {concurrency}, "
-            f"{os.cpu_count()} cores (load generator on the same machine)"
+        rows.append(row)
+    by = {r["scenario"]: r for r in rows}
+    base = by.get("passthrough")
+    for row in rows:
+        if base and base["throughput_rps"] and row["throughput_rps"] is not None:
+            row["ratio"] = row["throughput_rps"] / base["throughput_rps"]
+        if base and base["p50_ms"] is not None and row["p50_ms"] is not None and row["scenario"] != "direct":
+            row["added_p50_ms"] = row["p50_ms"] - base["p50_ms"]
+            row["added_p99_ms"] = row["p99_ms"] - base["p99_ms"]
+        achieved = row["latency_achieved_rps"]
+        row["sustained_half_load"] = achieved is not None and achieved >= 0.95 * rate
+    for row in rows:  # a failed scenario shows no figures
+        if row["status"] == "FAILED":
+            for col in COLUMNS[1:]:
+                row[col.key] = "FAILED" if col.key == "throughput_rps" else None
+    return rows
+
+
+def targets_of(rows: Sequence[dict[str, Any]], workers: dict[str, Any]) -> list[Target]:
+    by = {r["scenario"]: r for r in rows if r["status"] == "ok"}
+
+    def get(name: str, key: str) -> float | None:
+        value = by.get(name, {}).get(key)
+        return value if isinstance(value, float | int) else None
+
+    pep_rss = [get(name, "peak_rss_mb") for name in by if name.startswith("pep-")]
+    pep_rss += [w.get("peak_rss_mb") for w in workers.get("rows", [])]
+    known = [v for v in pep_rss if v is not None]
+    return [
+        Target("pep-l1 throughput / passthrough", get("pep-l1", "ratio"), 0.80, "×", at_most=False),
+        Target("pep-opa throughput / passthrough", get("pep-opa", "ratio"), 0.50, "×", at_most=False),
+        Target("pep-l1 added p50 at half load", get("pep-l1", "added_p50_ms"), 0.5, " ms", at_most=True),
+        Target("pep-l1 added p99 at half load", get("pep-l1", "added_p99_ms"), 2.0, " ms", at_most=True),
+        Target("peak RSS per PEP process (largest)", max(known) if known else None, RSS_LIMIT_MB, " MB", at_most=True),
+        Target("pep-l1 2 workers / 1 worker", workers.get("ratio"), 1.0, "×", at_most=False),
+    ]
+
+
+def workers_supported() -> bool:
+    done = subprocess.run(
+        [sys.executable, "-m", "vvault_pep.cli", "serve", "--help"], capture_output=True, text=True, check=False
+    )
+    return "--workers" in done.stdout
+
+
+def compare_workers(bench: Bench, rounds: int, load: Load) -> dict[str, Any]:
+    if not workers_supported():
+        reason = "`vvault-pep serve --workers` does not exist yet in this checkout: 1 vs 2 workers not measured"
+        print(f"\nworkers: skipped — {reason}")
+        return {"skipped": reason}
+    lab = bench.lab
+    # Both PEPs and the load generator float over every CPU: two workers pinned to one CPU
+    # would measure nothing.  OPA and Redis stay where they are.
+    w1 = lab.add_pep("pep-l1-w1", "l1", workers=1, side="any")
+    w2 = lab.add_pep("pep-l1-w2", "l1", workers=2, side="any")
+    print(f"\nworkers: pep-l1 with --workers 1 and 2, PEP and vegeta unpinned, {rounds} rounds")
+    for ep in (w1, w2):
+        bench.measure(ep, Load(0, load.concurrency, 1), side="any")
+    samples = run_phase(bench, [w1, w2], "workers", rounds, load, side="any")
+    rows = []
+    for ep in (w1, w2):
+        sat = samples[ep.name]
+        rss, rss_per = peak_rss(lab, ep)
+        rows.append(
+            {
+                "scenario": ep.name,
+                "status": "FAILED" if ep.name in bench.failures else "ok",
+                "throughput_rps": median([s.report.throughput for s in sat]),
+                "proxy_cpu_s_per_1k": median([s.per_1k(s.proxy_cpu_s) for s in sat]),
+                "peak_rss_mb": rss,
+                "peak_rss_mb_per_process": rss_per,
+            }
         )
-        print(f"{'scenario':<12} {'req/s':>8} {'× pass':>7} {'p50 ms':>8} {'p99 ms':>8} {'proxy CPU s/1k':>15}")
-        for name in scenarios:
-            ordered = sorted(lats[name])
-            p50, p99 = ordered[len(ordered) // 2], ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
-            c = f"{statistics.median(cpu[name]):.3f}" if cpu[name] else "-"
-            print(
-                f"{name:<12} {statistics.median(rates[name]):8.0f} {statistics.median(rates[name]) / base:7.2f} "
-                f"{p50:8.2f} {p99:8.2f} {c:>15}"
-            )
-    finally:
-        for proc in procs.values():
-            proc.terminate()
-        for proc in procs.values():
+    base = rows[0]["throughput_rps"]
+    for row in rows:
+        row["ratio"] = row["throughput_rps"] / base if base else None
+    failed = any(r["status"] == "FAILED" for r in rows)
+    return {
+        "pinning": "PEP workers and load generator unpinned (all CPUs); OPA and redis as in the main run",
+        "rows": rows,
+        "ratio": None if failed else rows[1]["ratio"],
+    }
+
+
+def counters(lab: Lab, endpoints: Sequence[Endpoint]) -> dict[str, Any]:
+    """Where each PEP's decisions came from (/admin/cache), summed over its workers."""
+    out: dict[str, Any] = {}
+    for ep in endpoints:
+        if not ep.admin_ports:
+            continue
+        total: dict[str, int] = {}
+        try:
+            for doc in lab.admin_get(ep, "/admin/cache"):
+                for k, v in doc.get("cache", {}).items():
+                    if isinstance(v, int):
+                        total[k] = total.get(k, 0) + v
+        except OSError as exc:
+            total = {"error": str(exc)}  # type: ignore[dict-item]
+        out[ep.name] = total
+    return out
+
+
+def odd_metrics(lab: Lab, endpoints: Sequence[Endpoint]) -> dict[str, list[str]]:
+    """Non-zero error, failure and drop counters from each PEP's /metrics: what went wrong quietly."""
+    import urllib.request
+
+    out: dict[str, list[str]] = {}
+    for ep in endpoints:
+        lines = []
+        for port in ep.admin_ports:
             try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+                    text = resp.read().decode()
+            except OSError:
+                continue
+            for line in text.splitlines():
+                if line.startswith("#") or not any(w in line for w in ("error", "fail", "drop", "timeout")):
+                    continue
+                name, _, value = line.rpartition(" ")
+                if name.endswith("_created"):
+                    continue
+                try:
+                    if float(value) > 0:
+                        lines.append(re.sub(r'otel_scope_\w+="[^"]*",?', "", line).replace("{}", ""))
+                except ValueError:
+                    continue
+        if lines:
+            out[ep.name] = lines
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="2 rounds of 2 s, no workers comparison (< 2 min)")
+    parser.add_argument("--seconds", type=float, help="length of each attack (default 5, quick 2)")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds per phase (default 5, quick 2)")
+    parser.add_argument("--concurrency", type=int, default=16, help="closed-loop connections (default 16)")
+    parser.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin processes to CPUs")
+    parser.add_argument(
+        "--workers-compare",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="measure pep-l1 with --workers 1 and 2 (default: on, off with --quick)",
+    )
+    parser.add_argument("--no-peer", dest="peer", action="store_false", help="leave oauth2-proxy out")
+    parser.add_argument("--scenarios", help="comma-separated subset (passthrough is always measured)")
+    parser.add_argument("--no-write", dest="write", action="store_false", help="do not write bench/results/")
+    args = parser.parse_args(argv)
+    seconds = args.seconds or (2.0 if args.quick else 5.0)
+    rounds = args.rounds or (2 if args.quick else 5)
+    compare = args.workers_compare if args.workers_compare is not None else not args.quick
+    wanted = list(SCENARIOS) if not args.scenarios else ["passthrough", *args.scenarios.split(",")]
+    unknown = set(wanted) - set(SCENARIOS)
+    if unknown:
+        parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
+
+    tools = {"opa": tool("opa", "OPA_BIN"), "vegeta": tool("vegeta", "VEGETA_BIN")}
+    tools["oauth2-proxy"] = tool("oauth2-proxy", "OAUTH2_PROXY_BIN")
+    if tools["opa"] is None or tools["vegeta"] is None:
+        print("OPA or vegeta not found: run `make tools bench-tools`", file=sys.stderr)
+        return 2
+    exit_on_sigterm()
+    pinning = Pinning.for_machine(args.pin)
+    if pinning.driver is not None:
+        os.sched_setaffinity(0, pinning.driver)  # the harness itself drives: token signing, reports
+    started = report.utc_now()
+    lab = Lab(pinning)
+    try:
+        return run(lab, tools, args, seconds, rounds, compare, wanted, started)
+    finally:
+        lab.close()
+
+
+def run(
+    lab: Lab,
+    tools: dict[str, str | None],
+    args: argparse.Namespace,
+    seconds: float,
+    rounds: int,
+    compare: bool,
+    wanted: list[str],
+    started: str,
+) -> int:
+    t0 = time.monotonic()
+    assert tools["vegeta"] is not None
+    bench = Bench(lab, Vegeta(tools["vegeta"], lab.stack, lab.tls))
+    lab.start_services()
+    makers = {
+        "direct": lab.add_direct,
+        "passthrough": lab.add_passthrough,
+        "pep-l1": lambda: lab.add_pep("pep-l1", "l1"),
+        "pep-l2": lambda: lab.add_pep("pep-l2", "l2"),
+        "pep-opa": lambda: lab.add_pep("pep-opa", "off"),
+        "pep-cold-token": lambda: lab.add_pep("pep-cold-token", "l1", cold_tokens=True),
+    }
+    endpoints = [makers[name]() for name in SCENARIOS if name in wanted and name in makers]
+    peer: dict[str, Any] = {"note": PEER_NOTE}
+    if "peer" in wanted:
+        if not args.peer:
+            peer["skipped"] = "left out (--no-peer)"
+        elif tools["oauth2-proxy"] is None:
+            peer["skipped"] = "oauth2-proxy not found: run `make bench-tools`"
+        else:
+            try:
+                endpoints.append(lab.add_peer(tools["oauth2-proxy"]))
+            except RuntimeError as exc:
+                peer["skipped"] = f"oauth2-proxy did not work: {exc}"
+        if "skipped" in peer:
+            print(f"peer: SKIPPED — {peer['skipped']}")
+    placement = lab.stack.placement()
+    print(f"pinning: {lab.stack.pinning.describe()}")
+    print("  " + ", ".join(f"{name} → {where}" for name, where in placement.items()))
+
+    warmup = Load(0, args.concurrency, 1.0)
+    print(f"warm-up: 1 s per scenario, concurrency {args.concurrency}", flush=True)
+    for ep in endpoints:
+        bench.measure(ep, warmup)
+    saturation = run_phase(bench, endpoints, "saturation", rounds, Load(0, args.concurrency, seconds))
+    pt = median([s.report.throughput for s in saturation["passthrough"]]) or 2.0
+    rate = max(1, int(pt / 2))
+    print(f"latency at {rate} req/s (half the passthrough's {pt:.0f} req/s), open loop", flush=True)
+    latency = run_phase(bench, endpoints, "half load", rounds, Load(rate, args.concurrency, seconds))
+    workers: dict[str, Any] = {"skipped": "not requested (--quick or --no-workers-compare)"}
+    if compare:
+        workers = compare_workers(bench, rounds, Load(0, args.concurrency, seconds))
+
+    rows = summarise(bench, endpoints, saturation, latency, rate)
+    targets = targets_of(rows, workers)
+    cache = counters(lab, [ep for ep in lab.endpoints.values() if ep.admin_ports])
+    odd = odd_metrics(lab, [ep for ep in lab.endpoints.values() if ep.admin_ports])
+    m = report.machine(tools)
+    params = {
+        "seconds": seconds,
+        "rounds": rounds,
+        "concurrency": args.concurrency,
+        "half_load_rate_rps": rate,
+        "quick": args.quick,
+        "pinning": lab.stack.pinning.describe(),
+        "placement": placement,
+        "wall_s": round(time.monotonic() - t0, 1),
+    }
+    doc = {
+        "kind": "vvault-pep proxy benchmark",
+        "started": started,
+        "finished": report.utc_now(),
+        "machine": m,
+        "parameters": params,
+        "scenarios": rows,
+        "targets": [t.as_dict() for t in targets],
+        "workers": workers,
+        "peer": peer,
+        "cache_counters": cache,
+        "pep_error_metrics": odd,
+        "notes": [PEER_NOTE, COLD_NOTE],
+    }
+    text = render_text(doc, rows, targets, workers)
+    print("\n" + "\n".join(text))
+    if args.write:
+        latest_json, latest_md = report.write_results("", doc, render_markdown(doc, rows, targets, workers))
+        print(f"\nwritten: {latest_json.relative_to(report.ROOT)}, {latest_md.relative_to(report.ROOT)}")
+    if bench.failures:
+        print(f"\nFAILED scenarios: {', '.join(bench.failures)} (non-2xx answers, printed above)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _headline(doc: dict[str, Any]) -> list[str]:
+    p = doc["parameters"]
+    return [
+        f"{p['rounds']} interleaved rounds of {p['seconds']:g} s per scenario; saturation: closed loop, "
+        f"{p['concurrency']} connections; latency: open loop at {p['half_load_rate_rps']} req/s "
+        f"(half the passthrough's saturation)",
+        f"machine: {report.machine_line(doc['machine'])}",
+        f"pinning: {p['pinning']}",
+    ]
+
+
+def _notes(doc: dict[str, Any], rows: Sequence[dict[str, Any]]) -> list[str]:
+    lines = []
+    rate = doc["parameters"]["half_load_rate_rps"]
+    for row in rows:
+        if row["status"] == "ok" and not row["sustained_half_load"] and row["latency_achieved_rps"] is not None:
+            lines.append(
+                f"{row['scenario']}: could not sustain {rate} req/s (achieved {row['latency_achieved_rps']:.0f}): "
+                "its half-load latencies include queueing"
+            )
+    if "skipped" in doc["peer"]:
+        lines.append(f"peer skipped: {doc['peer']['skipped']}")
+    lines += doc["notes"]
+    for name, counts in doc["cache_counters"].items():
+        lines.append(f"{name} decisions: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    for name, metrics in doc["pep_error_metrics"].items():
+        lines.append(f"{name} error counters: " + "; ".join(metrics[:6]))
+    return lines
+
+
+def render_text(
+    doc: dict[str, Any], rows: Sequence[dict[str, Any]], targets: Sequence[Target], workers: dict[str, Any]
+) -> list[str]:
+    out = _headline(doc)
+    out += ["", *report.text_table(rows, COLUMNS)]
+    out += [
+        "(req/s and CPU: saturation, median of rounds; p50/p90/p99: at half load, all rounds pooled; "
+        "+p50/+p99: over passthrough; RSS: VmHWM, largest process)"
+    ]
+    if "rows" in workers:
+        out += ["", f"workers ({workers['pinning']}):", *report.text_table(workers["rows"], WORKER_COLUMNS)]
+    else:
+        out += ["", f"workers: skipped — {workers['skipped']}"]
+    out += ["", *report.target_lines(targets), ""]
+    out += [f"- {line}" for line in _notes(doc, rows)]
+    return out
+
+
+def render_markdown(
+    doc: dict[str, Any], rows: Sequence[dict[str, Any]], targets: Sequence[Target], workers: dict[str, Any]
+) -> str:
+    out = [f"# vvault-pep proxy benchmark — {doc['finished']}", ""]
+    out += [f"- {line}" for line in _headline(doc)]
+    out += ["- placement: " + ", ".join(f"{k} → {v}" for k, v in doc["parameters"]["placement"].items()), ""]
+    out += ["## Scenarios", "", *report.markdown_table(rows, COLUMNS), ""]
+    out += [
+        "req/s and CPU seconds per 1,000 requests: throughput at saturation, median of the rounds. "
+        "p50/p90/p99: latency at half the passthrough's saturation rate, open loop, all rounds pooled; "
+        "+p50/+p99: added over the passthrough at that rate. Peak RSS: VmHWM of the largest process.",
+        "",
+    ]
+    out += ["| scenario | what it is |", "|---|---|"]
+    out += [f"| {r['scenario']} | {r['description']} |" for r in rows]
+    out += ["", "## Workers", ""]
+    if "rows" in workers:
+        out += [workers["pinning"], "", *report.markdown_table(workers["rows"], WORKER_COLUMNS)]
+    else:
+        out += [f"Skipped: {workers['skipped']}"]
+    out += ["", "## Targets (issue 8)", "", "```text", *report.target_lines(targets), "```", ""]
+    out += ["## Notes", "", *[f"- {line}" for line in _notes(doc, rows)], ""]
+    return "\n".join(out)
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=3)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--concurrency", type=int, default=16)
-    args = parser.parse_args()
-    asyncio.run(main(args.seconds, args.rounds, args.concurrency))
+    sys.exit(main())

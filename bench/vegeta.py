@@ -101,6 +101,10 @@ class Vegeta:
         self.tls = tls
 
     def attack(self, targets: Path, load: Load, out: Path, *, lazy: bool = False, side: Side = "driver") -> Report:
+        self.stack.run(self.attack_argv(targets, load, out, lazy=lazy), side)
+        return self.report([out])
+
+    def attack_argv(self, targets: Path, load: Load, out: Path, *, lazy: bool = False) -> list[str]:
         argv = [
             self.binary,
             "attack",
@@ -123,9 +127,8 @@ class Vegeta:
             f"-key={self.tls.key}",
         ]
         if lazy:
-            argv.append("-lazy")
-        self.stack.run(argv, side)
-        return self.report([out])
+            argv.append("-lazy")  # read as needed: a run that outlasts the tokens stops, never reuses one
+        return argv
 
     def report(self, files: Sequence[Path]) -> Report:
         done = self.stack.run([self.binary, "report", "-type=json", *map(str, files)], "driver", stdout=subprocess.PIPE)
