@@ -1,0 +1,77 @@
+"""The benchmark harness's pure parts: round order, least-squares slope, vegeta's report, targets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from bench.lab import Endpoint
+from bench.proxy_bench import rounds_of
+from bench.report import Target
+from bench.soak import slope_per_minute
+from bench.vegeta import Report, write_targets
+
+VEGETA_JSON = {
+    "latencies": {
+        "total": 0,
+        "mean": 0,
+        "50th": 1_500_000,
+        "90th": 2_000_000,
+        "95th": 0,
+        "99th": 9_000_000,
+        "max": 12_000_000,
+        "min": 0,
+    },
+    "requests": 1000,
+    "rate": 200.0,
+    "throughput": 199.5,
+    "success": 0.99,
+    "duration": 5_000_000_000,
+    "wait": 1_000_000,
+    "status_codes": {"200": 990, "503": 10},
+    "errors": ["503 Service Unavailable"],
+}
+
+
+def test_every_round_visits_every_scenario_and_the_first_rotates() -> None:
+    eps = [Endpoint(name, "http://x", None) for name in ("a", "b", "c")]
+    order = [[ep.name for ep in r] for r in rounds_of(eps, 4)]
+    assert order == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
+
+
+@pytest.mark.parametrize(
+    ("points", "slope"),
+    [
+        ([(0, 50.0), (60, 50.0), (120, 50.0)], 0.0),
+        ([(0, 50.0), (60, 52.0), (120, 54.0)], 2.0),
+        ([(0, 60.0), (30, 59.5), (60, 59.0)], -1.0),
+        ([(0, 50.0), (5, 51.0)], None),
+    ],
+)
+def test_slope_is_megabytes_per_minute(points: list[tuple[float, float]], slope: float | None) -> None:
+    got = slope_per_minute(points)
+    assert got == slope if slope is None else got == pytest.approx(slope)
+
+
+def test_vegeta_report_in_milliseconds_and_any_non_2xx_is_a_failure() -> None:
+    report = Report.parse(VEGETA_JSON, [Path("x.bin")])
+    assert (report.p50_ms, report.p90_ms, report.p99_ms) == (1.5, 2.0, 9.0)
+    assert report.duration_s == pytest.approx(5.001)
+    assert not report.all_2xx
+    assert not report.ran_out_of_targets
+    assert Report.parse({**VEGETA_JSON, "status_codes": {"200": 1000}}, []).all_2xx
+
+
+def test_targets_file_has_one_target_per_token(tmp_path: Path) -> None:
+    path = write_targets(tmp_path / "t.txt", "https://127.0.0.1:1/p", ["t1", "t2"])
+    assert path.read_text() == (
+        "GET https://127.0.0.1:1/p\nAuthorization: Bearer t1\n\nGET https://127.0.0.1:1/p\nAuthorization: Bearer t2\n\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("measured", "at_most", "met"),
+    [(0.9, False, True), (0.7, False, False), (0.4, True, True), (0.6, True, False), (None, True, None)],
+)
+def test_a_target_says_whether_it_is_met(measured: float | None, at_most: bool, met: bool | None) -> None:
+    assert Target("t", measured, 0.5 if at_most else 0.8, "", at_most=at_most).met is met
