@@ -47,7 +47,7 @@ from bench.common import tool
 from bench.lab import Endpoint, Lab
 from bench.procfs import cpu_seconds, peak_rss_per_process, tree_cpu_seconds
 from bench.report import Column, Target
-from bench.stack import Pinning, Side, exit_on_sigterm
+from bench.stack import Pinning, Side, unwind_on_signals
 from bench.vegeta import Load, Report, Vegeta, write_targets
 
 SCENARIOS: dict[str, str] = {
@@ -409,7 +409,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if tools["opa"] is None or tools["vegeta"] is None:
         print("OPA or vegeta not found: run `make tools bench-tools`", file=sys.stderr)
         return 2
-    exit_on_sigterm()
+    unwind_on_signals()
     pinning = Pinning.for_machine(args.pin)
     if pinning.driver is not None:
         os.sched_setaffinity(0, pinning.driver)  # the harness itself drives: token signing, reports
@@ -417,6 +417,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     lab = Lab(pinning)
     try:
         return run(lab, tools, args, seconds, rounds, compare, wanted, started)
+    except KeyboardInterrupt as exc:
+        print(f"\ninterrupted ({exc}): stopping every process", file=sys.stderr)
+        return 130
     finally:
         lab.close()
 

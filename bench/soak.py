@@ -28,7 +28,7 @@ from bench.common import tool
 from bench.lab import Lab
 from bench.procfs import peak_rss_per_process, status_mb, tree
 from bench.report import Target
-from bench.stack import Pinning, exit_on_sigterm
+from bench.stack import Pinning, unwind_on_signals
 from bench.vegeta import Load, Vegeta, write_targets
 
 SAMPLE_S = 5.0
@@ -64,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if tools["opa"] is None or tools["vegeta"] is None:
         print("OPA or vegeta not found: run `make tools bench-tools`", file=sys.stderr)
         return 2
-    exit_on_sigterm()
+    unwind_on_signals()
     pinning = Pinning.for_machine(args.pin)
     if pinning.driver is not None:
         os.sched_setaffinity(0, pinning.driver)
@@ -72,6 +72,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     lab = Lab(pinning, prefix="vvault-soak-")
     try:
         return soak(lab, tools, args, started)
+    except KeyboardInterrupt as exc:
+        print(f"\ninterrupted ({exc}): stopping every process", file=sys.stderr)
+        return 130
     finally:
         lab.close()
 

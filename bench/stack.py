@@ -164,10 +164,15 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def exit_on_sigterm() -> None:
-    """SIGTERM unwinds like Ctrl-C, so every ``finally`` stops its processes."""
+def unwind_on_signals() -> None:
+    """SIGTERM and SIGINT unwind as KeyboardInterrupt, so every ``finally`` stops its processes.
+
+    SIGINT too: a shell without job control starts background commands with SIGINT ignored,
+    and Python keeps it ignored.
+    """
 
     def handler(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
