@@ -414,9 +414,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if pinning.driver is not None:
         os.sched_setaffinity(0, pinning.driver)  # the harness itself drives: token signing, reports
     started = report.utc_now()
+    busy = os.getloadavg()[0]
+    if busy > 0.5:
+        print(f"warning: the machine is not idle (load average {busy:.2f}): other work skews the figures")
     lab = Lab(pinning)
     try:
-        return run(lab, tools, args, seconds, rounds, compare, wanted, started)
+        return run(lab, tools, args, seconds, rounds, compare, wanted, started, busy)
     except KeyboardInterrupt as exc:
         print(f"\ninterrupted ({exc}): stopping every process", file=sys.stderr)
         return 130
@@ -433,6 +436,7 @@ def run(
     compare: bool,
     wanted: list[str],
     started: str,
+    busy: float,
 ) -> int:
     t0 = time.monotonic()
     assert tools["vegeta"] is not None
@@ -490,6 +494,7 @@ def run(
         "quick": args.quick,
         "pinning": lab.stack.pinning.describe(),
         "placement": placement,
+        "load_average_at_start": round(busy, 2),
         "wall_s": round(time.monotonic() - t0, 1),
     }
     doc = {
@@ -524,7 +529,7 @@ def _headline(doc: dict[str, Any]) -> list[str]:
         f"{p['concurrency']} connections; latency: open loop at {p['half_load_rate_rps']} req/s "
         f"(half the passthrough's saturation)",
         f"machine: {report.machine_line(doc['machine'])}",
-        f"pinning: {p['pinning']}",
+        f"pinning: {p['pinning']}; load average at start {p['load_average_at_start']}",
     ]
 
 
