@@ -273,10 +273,11 @@ class ServeProcess:
     port: int
     admin_port: int
     drain: asyncio.Task[bytes]
+    admin_ports: tuple[int, ...] = ()
 
 
-async def start_serve(config_path: Path, *, timeout: float = 30) -> ServeProcess:
-    """`vvault-pep serve` as a user starts it; returns once it says where it listens."""
+async def start_serve(config_path: Path, *, timeout: float = 30, workers: int = 1) -> ServeProcess:
+    """`vvault-pep serve` as a user starts it; returns once it (every worker) says where it listens."""
     import re
     import sys
 
@@ -289,17 +290,22 @@ async def start_serve(config_path: Path, *, timeout: float = 30) -> ServeProcess
         str(config_path),
         "--log-level",
         "WARNING",
+        *(("--workers", str(workers)) if workers > 1 else ()),
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
     )
     assert proc.stderr is not None
+    found: list[re.Match[str]] = []
+    said: list[str] = []
     async with asyncio.timeout(timeout):
-        while True:
+        while len(found) < workers:
             line = (await proc.stderr.readline()).decode()
             if not line:
-                raise RuntimeError("vvault-pep exited before listening")
+                raise RuntimeError("vvault-pep exited before listening:\n" + "".join(said))
+            said.append(line)
             if m := re.search(r"mTLS on [^:]+:(\d+), admin on [^:]+:(\d+)", line):
-                break
+                found.append(m)
     # keep reading stderr so the child never blocks on a full pipe
     drain = asyncio.create_task(proc.stderr.read(), name="drain-pep-stderr")
-    return ServeProcess(proc, int(m.group(1)), int(m.group(2)), drain)
+    admin_ports = tuple(sorted(int(m.group(2)) for m in found))
+    return ServeProcess(proc, int(found[0].group(1)), admin_ports[0], drain, admin_ports)

@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
 import gc
+import os
 import signal
 import sys
 from collections.abc import Coroutine
@@ -52,8 +54,8 @@ def _tune_gc() -> None:
     gc.set_threshold(20_000, 20, 20)
 
 
-async def _serve(config: Config) -> int:
-    runtime = PepRuntime(config)
+async def _serve(config: Config, worker: int = 0, workers: int = 1) -> int:
+    runtime = PepRuntime(config, worker=worker, workers=workers)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -65,11 +67,15 @@ async def _serve(config: Config) -> int:
         await runtime.stop()
         return 1
     _tune_gc()
-    print(
-        f"vvault-pep {__version__}: mTLS on {config.listener.host}:{runtime.port}, "
-        f"admin on {config.admin.host}:{runtime.admin_port}",
-        file=sys.stderr,
-        flush=True,
+    # One write(2) per line: workers share stderr, and tools read it line by line.
+    os.write(
+        2,
+        (
+            f"vvault-pep {__version__}: mTLS on {config.listener.host}:{runtime.port}, "
+            f"admin on {config.admin.host}:{runtime.admin_port}"
+            + (f" (worker {worker + 1}/{workers})" if workers > 1 else "")
+            + "\n"
+        ).encode(),
     )
     await stop.wait()
     # Drain: /readyz turns 503 at once, requests are still served for drain_s,
@@ -78,6 +84,68 @@ async def _serve(config: Config) -> int:
     await asyncio.sleep(config.listener.drain_s)
     await runtime.stop()
     return 0
+
+
+def _serve_workers(config: Config, workers: int, log_level: str) -> int:
+    """``serve --workers N``: N processes, one event loop each, sharing the listener.
+
+    The kernel spreads new connections over the workers (SO_REUSEPORT).  This process
+    only supervises: SIGTERM/SIGINT are passed on (each worker drains as a single one
+    would), and a worker that dies takes the others down with a non-zero exit, so the
+    orchestrator restarts the whole PEP rather than running it short of a worker.
+    """
+    if config.opa.managed:
+        print("vvault-pep: --workers > 1 needs an OPA sidecar (opa.managed: false)", file=sys.stderr)
+        return 2
+    if config.listener.port == 0:
+        print("vvault-pep: --workers > 1 needs a fixed listener.port", file=sys.stderr)
+        return 2
+    children: dict[int, int] = {}
+    for k in range(workers):
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = 1
+            try:
+                _die_with_parent()
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                configure_logging(log_level)
+                code = _run(_serve(config, worker=k, workers=workers))
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        children[pid] = k
+    stopping = False
+
+    def stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    status = 0
+    while children:
+        pid, wait_status = os.wait()
+        k = children.pop(pid, -1)
+        code = os.waitstatus_to_exitcode(wait_status)
+        if not stopping:
+            print(f"vvault-pep: worker {k + 1} exited ({code}): stopping the others", file=sys.stderr, flush=True)
+            status = 1
+            stop(signal.SIGTERM, None)
+        elif code != 0:
+            status = 1
+    return status
+
+
+def _die_with_parent() -> None:
+    """Linux: a worker gets SIGTERM when the supervisor dies, so no orphan keeps the port."""
+    if sys.platform == "linux":
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 async def _check(config: Config) -> int:
@@ -165,6 +233,12 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=text)
         p.add_argument("--config", "-c", required=True, help="YAML config file")
         p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+        if name == "serve":
+            p.add_argument(
+                "--workers", type=int, default=1, metavar="N",
+                help="N processes sharing the listener (SO_REUSEPORT), one event loop each; "
+                "worker k serves admin on admin.port + k",
+            )  # fmt: skip
         if name == "check":
             p.add_argument("--offline", action="store_true", help="validate the config only: no files, no dependencies")
     ex = sub.add_parser("explain", help="show the input, decision and reasons for one described request")
@@ -192,6 +266,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
     if args.command == "serve":
+        if args.workers < 1:
+            print("vvault-pep: --workers must be at least 1", file=sys.stderr)
+            return 2
+        if args.workers > 1:
+            return _serve_workers(config, args.workers, args.log_level)
         configure_logging(args.log_level)
         return _run(_serve(config))
     if args.command == "explain":

@@ -40,8 +40,14 @@ log = logging.getLogger("vvault_pep.runtime")
 
 
 class PepRuntime:
-    def __init__(self, config: Config, *, telemetry: Telemetry | None = None) -> None:
+    def __init__(
+        self, config: Config, *, telemetry: Telemetry | None = None, worker: int = 0, workers: int = 1
+    ) -> None:
         self.config = config
+        # One of several processes sharing the listener (SO_REUSEPORT); worker k serves
+        # its admin listener on admin.port + k.
+        self.worker = worker
+        self.workers = workers
         self.telemetry = telemetry or Telemetry(config.telemetry)
         self.audit: AuditLog | None = None
         self.pdp: PdpClient | None = None
@@ -115,7 +121,8 @@ class PepRuntime:
         self._admin_runner = web.AppRunner(admin, access_log=None)
         await self._admin_runner.setup()
         admin_ssl = server_context(config.admin.tls) if config.admin.tls is not None else None
-        site = web.TCPSite(self._admin_runner, config.admin.host, config.admin.port, ssl_context=admin_ssl)
+        admin_port = config.admin.port + self.worker if config.admin.port else 0
+        site = web.TCPSite(self._admin_runner, config.admin.host, admin_port, ssl_context=admin_ssl)
         await site.start()
         self.admin_port = _bound_port(site)
 
@@ -139,6 +146,7 @@ class PepRuntime:
             ssl=ssl_ctx,
             ssl_handshake_timeout=10,
             reuse_address=True,
+            reuse_port=self.workers > 1,  # the kernel spreads connections over the workers
         )
         self.port = self._data_server.sockets[0].getsockname()[1]
         self._tls_task = asyncio.create_task(self._tls_reloader(), name="tls-reload")
