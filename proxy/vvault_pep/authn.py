@@ -349,11 +349,13 @@ class Authenticator:
 
     async def verify(self, token: str) -> UserToken:
         """Verify a bearer JWT; return the mapped claims or raise PepError(authn.*)."""
-        issuer, alg, kid = self.jwt.precheck(token)
+        # A token in the verified cache passed every check below (the config is fixed for
+        # the process's life); the cache re-checks exp and the signing key on each hit.
         digest = hashlib.sha256(token.encode()).digest()
         cached = self._cached(digest)
         if cached is not None:
             return cached
+        issuer, alg, kid = self.jwt.precheck(token)
         user = self._map(issuer, await self.jwt.claims(token, issuer, alg, kid))
         self._remember(digest, user, issuer.issuer, kid)
         return user

@@ -23,6 +23,7 @@ an unknown risk allows.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import ipaddress
 import time
 import zoneinfo
@@ -64,7 +65,9 @@ def unavailable() -> dict[str, Any]:
     return {"available": False, "score": None, "band": "unknown", "signals": {}}
 
 
+@functools.lru_cache(maxsize=8192)
 def network_of(ip: str | None) -> str:
+    """The caller's /24 (IPv4) or /64 (IPv6), as text; "" when there is none."""
     if not ip:
         return ""
     try:

@@ -80,6 +80,7 @@ class Telemetry:
         self.tracer: Tracer = self.tracer_provider.get_tracer("vvault_pep", __version__)
         self._sample_bound = round(min(max(cfg.traces.sample_ratio, 0.0), 1.0) * (1 << 64))
 
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.registry = registry = CollectorRegistry()
         reader = PrometheusMetricReader(registry=registry, disable_target_info=True)
         self.meter_provider = MeterProvider(resource=resource, metric_readers=[reader])
@@ -107,6 +108,14 @@ class Telemetry:
         trusted = cfg.trusted_trace_sources
         self._trusted_nets = [ipaddress.ip_network(c, strict=False) for c in trusted.cidrs]
         self._trusted_ids = frozenset(trusted.spiffe_ids)
+
+    def labelled(self, metric: Any, *values: str) -> Any:
+        """``metric.labels(*values)``, remembered: label lookup is most of an update's cost."""
+        key = (id(metric), values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
 
     def observe(
         self,
