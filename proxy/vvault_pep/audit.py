@@ -1,9 +1,9 @@
 """Audit: one structured record per request, allowed or denied, on every sink.
 
 A record is a plain dict.  Each sink (stdout, a rotating file, OTLP logs)
-sits behind its own bounded queue and its own thread: putting a record on
-the queue never blocks, serialisation and writing happen in the sink's
-thread, in batches, and a full queue drops the record and counts it
+sits behind its own bounded buffer and its own thread: putting a record on
+the buffer never blocks, serialisation and writing happen in the sink's
+thread, in batches, and a full buffer drops the record and counts it
 (``vvault_pep_audit_dropped_total{sink}``).  A slow or stuck sink therefore
 costs records, never request latency.  When something listens on the
 ``vvault_pep.audit`` logger (tests, an embedding application), the record is
@@ -19,13 +19,13 @@ a record.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime as dt
 import hashlib
 import itertools
 import logging
 import os
-import queue
 import sys
 import threading
 from typing import Any
@@ -130,51 +130,62 @@ class JsonLines(logging.Formatter):
 
 
 _BATCH = 256  # records written (and flushed) at once by a sink's thread
+_FLUSH_S = 0.05  # a quiet PEP's records reach the sink within this
 
 
 class _Sink(threading.Thread):
-    """One sink behind its own bounded queue and thread.
+    """One sink behind its own bounded buffer and thread.
 
-    :meth:`offer` never blocks the event loop: a full queue drops the record and counts it.
-    The thread takes whatever is queued (up to ``_BATCH``), serialises it and writes it at
-    once, so a busy PEP pays one write and one flush per batch, not per record.
+    :meth:`offer` never blocks the event loop and wakes nobody: it appends to a deque
+    (a full buffer drops the record and counts it).  The thread wakes every
+    ``_FLUSH_S``, or at once when a batch's worth is waiting, and writes what it finds
+    in batches: one write and one flush per batch, not per record, and no lock handed
+    between threads per request.
     """
 
     def __init__(self, name: str, buffer_records: int) -> None:
         super().__init__(name=f"audit-sink-{name}", daemon=True)  # a stuck sink must not hold up exit
         self.sink = name
-        self.q: queue.Queue[dict[str, Any] | None] = queue.Queue(maxsize=buffer_records)
+        self.capacity = buffer_records
         self.dropped = 0
         self.failures = 0
+        self.in_flight = 0  # records taken by the thread and not yet written
+        self._buffer: collections.deque[dict[str, Any]] = collections.deque()
+        self._wake = threading.Event()
+        self._stopping = False
 
     def offer(self, record: dict[str, Any]) -> None:
-        try:
-            self.q.put_nowait(record)
-        except queue.Full:
+        buffer = self._buffer
+        if len(buffer) >= self.capacity:
             self.dropped += 1
+            return
+        buffer.append(record)
+        if len(buffer) == _BATCH:
+            self._wake.set()
 
     def run(self) -> None:
+        buffer = self._buffer
         while True:
-            first = self.q.get()
-            if first is None:
-                return
-            batch = [first]
-            stop = False
-            while len(batch) < _BATCH:
+            self._wake.wait(_FLUSH_S)
+            self._wake.clear()
+            while buffer:
+                batch = [buffer.popleft() for _ in range(min(_BATCH, len(buffer)))]
+                self.in_flight = len(batch)
                 try:
-                    more = self.q.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    stop = True
-                    break
-                batch.append(more)
-            try:
-                self.write(batch)
-            except Exception as exc:  # disk full, broken pipe: count, never a traceback per record
-                self._failed(len(batch), exc)
-            if stop:
+                    self.write(batch)
+                except Exception as exc:  # disk full, broken pipe: count, never a traceback per record
+                    self._failed(len(batch), exc)
+                self.in_flight = 0
+            if self._stopping:
                 return
+
+    def stop(self, timeout_s: float) -> None:
+        """Write what is buffered, then end; a stuck sink's thread is abandoned after ``timeout_s``."""
+        self._stopping = True
+        self._wake.set()
+        self.join(timeout_s)
+        if not self.is_alive():
+            self.close()
 
     def _failed(self, n: int, exc: Exception) -> None:
         before, self.failures = self.failures, self.failures + n
@@ -301,7 +312,7 @@ class AuditLog:
             self.sinks.append(sink)
 
     def dropped(self) -> dict[str, int]:
-        """Records lost per sink: dropped on a full queue, or failed to write."""
+        """Records lost per sink: dropped on a full buffer, or failed to write."""
         return {s.sink: s.dropped + s.failures for s in self.sinks}
 
     def emit(self, record: dict[str, Any]) -> None:
@@ -313,13 +324,7 @@ class AuditLog:
     def stop(self, timeout_s: float = 2.0) -> None:
         sinks, self.sinks = self.sinks, []
         for sink in sinks:
-            try:
-                sink.q.put(None, timeout=timeout_s)
-            except queue.Full:
-                continue  # stuck sink: its daemon thread is abandoned
-            sink.join(timeout_s)
-            if not sink.is_alive():
-                sink.close()
+            sink.stop(timeout_s)
 
 
 def configure_logging(level: str = "INFO") -> None:
