@@ -33,6 +33,7 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -161,6 +162,7 @@ _INDEX_MAX = 4096  # (route, revision) pairs remembered
 class _Entry:
     result: bytes
     expires_at: float  # wall clock
+    interpreted: Any = None  # what the caller made of result, made once per entry
 
 
 class DecisionCache:
@@ -246,11 +248,18 @@ class DecisionCache:
         self._index[ikey] = (vary, until)
 
     async def lookup(
-        self, route: Route, doc: dict[str, Any], context: tuple[str, list[Any]] | None = None
+        self,
+        route: Route,
+        doc: dict[str, Any],
+        context: tuple[str, list[Any]] | None = None,
+        interpret: Callable[[Any], Any] | None = None,
     ) -> tuple[Any, str, str, list[Any]]:
         """(result or None, layer, revision, epochs).  Layer: l1, l2, miss or bypass.
 
         ``context`` is :meth:`context` for this request when the caller already fetched it.
+        With ``interpret``, a hit returns ``interpret(result)`` instead of the result, and
+        an L1 entry keeps it: a hot entry is decoded and interpreted once, not per request
+        (what ``interpret`` returns must not be changed by its users).
         """
         if not route.cache.enabled:
             self.stats["bypass"] += 1
@@ -265,9 +274,14 @@ class DecisionCache:
         if entry is not None:
             if entry.expires_at > now:
                 self._l1.move_to_end(key)
+                if interpret is not None and entry.interpreted is not None:
+                    self.stats["l1"] += 1
+                    return entry.interpreted, "l1", revision, epochs
                 result = _load(entry.result)
                 if result is not _CORRUPT:
                     self.stats["l1"] += 1
+                    if interpret is not None:
+                        result = entry.interpreted = interpret(result)
                     return result, "l1", revision, epochs
             self._drop(key)
         if self.shared is not None:
@@ -282,7 +296,7 @@ class DecisionCache:
                 ):
                     self._put_l1(key, orjson.dumps(stored["r"]), float(stored["exp"]))
                     self.stats["l2"] += 1
-                    return stored["r"], "l2", revision, epochs
+                    return (interpret(stored["r"]) if interpret else stored["r"]), "l2", revision, epochs
         self.stats["miss"] += 1
         return None, "miss", revision, epochs
 

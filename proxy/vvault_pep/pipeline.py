@@ -202,8 +202,9 @@ class Pipeline:
                 self.cache.context(draft) if route.cache.enabled else _no_context(),
             )
         trail.fields["risk_score"] = risk.get("score")
-        facts = dataclasses.replace(facts, risk=risk)
-        policy_input = build_input(facts, pep_version=__version__)
+        # build_input is pure and risk is the only fact that changed: the same document
+        # as build_input(facts with risk), without building it twice.
+        policy_input = {**draft, "risk": risk}
         trail.policy_input = policy_input
         if route.rate_limit is not None:
             verdict = await self.limiter.check(
@@ -213,12 +214,14 @@ class Pipeline:
                 raise ratelimit.refuse(verdict)
         # decide: L1 → L2 → OPA; only a definite answer is stored
         with self._stage(trail, "cache"):
-            cached, layer, revision, epochs = await self.cache.lookup(route, policy_input, context)
+            cached, layer, revision, epochs = await self.cache.lookup(
+                route, policy_input, context, interpret=_interpret_cached
+            )
         trail.fields["cache"] = layer
         trail.fields["bundles"] = {"revision": revision or self.cache.opa_revision}
         self.tel.labelled(self.tel.cache_lookups, layer).inc()
         if layer in ("l1", "l2"):
-            decision = enforce.interpret(cached, defined=True)
+            decision = cached
         else:
             with self._stage(trail, "pdp", SpanKind.CLIENT) as pdp_span:
                 try:
@@ -463,6 +466,10 @@ class _Stage:
 
 async def _no_context() -> None:
     return None
+
+
+def _interpret_cached(result: Any) -> Decision:
+    return enforce.interpret(result, defined=True)
 
 
 def _uuid4() -> str:
