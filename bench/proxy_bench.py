@@ -92,6 +92,7 @@ WORKER_COLUMNS = (
 )
 RSS_LIMIT_MB = 100.0
 WORKERS_SCALE = 1.5
+STALL_MS = 1000.0  # an answer this slow is a stall worth showing as it happens
 
 
 @dataclass(frozen=True)
@@ -195,7 +196,8 @@ def run_phase(
         for ep in order:
             sample = bench.measure(ep, load, side)
             samples[ep.name].append(sample)
-            parts.append(f"{ep.name} {sample.report.throughput:.0f}/s")
+            stall = f" (slowest {sample.report.max_ms:.0f} ms)" if sample.report.max_ms > STALL_MS else ""
+            parts.append(f"{ep.name} {sample.report.throughput:.0f}/s{stall}")
         print(f"  {label} {r}/{rounds}: " + ", ".join(parts), flush=True)
     return samples
 
@@ -233,6 +235,9 @@ def summarise(
             "throughput_rps_rounds": [round(s.report.throughput, 1) for s in sat],
             "saturation_p50_ms": median([s.report.p50_ms for s in sat]),
             "saturation_p99_ms": median([s.report.p99_ms for s in sat]),
+            "saturation_max_ms_rounds": [round(s.report.max_ms, 1) for s in sat],
+            "latency_max_ms_rounds": [round(s.report.max_ms, 1) for s in lat],
+            "latency_achieved_rps_rounds": [round(s.report.throughput, 1) for s in lat],
             "latency_rate_rps": rate,
             "latency_achieved_rps": median([s.report.throughput for s in lat]),
             "p50_ms": pooled.p50_ms if pooled else None,
@@ -514,7 +519,9 @@ def run(
     text = render_text(doc, rows, targets, workers)
     print("\n" + "\n".join(text))
     if args.write:
-        latest_json, latest_md = report.write_results("", doc, render_markdown(doc, rows, targets, workers))
+        # a quick run never replaces the full run's latest.*
+        prefix = "quick-" if args.quick else ""
+        latest_json, latest_md = report.write_results(prefix, doc, render_markdown(doc, rows, targets, workers))
         print(f"\nwritten: {latest_json.relative_to(report.ROOT)}, {latest_md.relative_to(report.ROOT)}")
     if bench.failures:
         print(f"\nFAILED scenarios: {', '.join(bench.failures)} (non-2xx answers, printed above)", file=sys.stderr)
