@@ -44,6 +44,9 @@ _SUB_DELIMS = frozenset("!$&'()*+,;=")
 _PCHAR_RAW = _UNRESERVED | _SUB_DELIMS | frozenset(":@%")
 _PATH_RAW = _PCHAR_RAW | frozenset("/")
 _QUERY_RAW = _PCHAR_RAW | frozenset("/?")
+# A path of allowed characters with no '%' and no ';' is already in canonical
+# encoding: most requests take this fast path through _decode_unreserved.
+_PLAIN_PATH = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,=:@/]*")
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _HOST = re.compile(
     r"^(?:[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*\.?|\[[0-9a-f:.]+\])(?::[0-9]{1,5})?$"
@@ -111,6 +114,8 @@ def canonical_target(raw: str, rules: Sanitize) -> Target:
 
 
 def _decode_unreserved(raw_path: str, rules: Sanitize) -> str:
+    if _PLAIN_PATH.fullmatch(raw_path):
+        return raw_path
     out: list[str] = []
     i, n = 0, len(raw_path)
     while i < n:
@@ -184,6 +189,8 @@ def _percent_decode(text: str) -> bytes:
 
 
 def _decode_segment(segment: str) -> str:
+    if "%" not in segment:
+        return segment  # checked to be plain ASCII path characters already
     try:
         return _percent_decode(segment).decode("utf-8")
     except UnicodeDecodeError as exc:
