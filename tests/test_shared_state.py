@@ -43,6 +43,22 @@ async def test_reads_of_one_loop_turn_share_a_round_trip(shared: SharedState) ->
     assert shared.batches - before == 2
 
 
+async def test_mgets_of_one_turn_are_one_command_and_each_gets_its_own_values(shared: SharedState) -> None:
+    before = shared.batches
+    calls = await shared.call(lambda c: c.info("commandstats"))
+    mgets_before = (calls or {}).get("cmdstat_mget", {}).get("calls", 0)
+    replies = await asyncio.gather(
+        shared.mget(["t-shared:a", "t-shared:missing"]),
+        shared.mget(["t-shared:b"]),
+        shared.one(lambda p: p.get("t-shared:b")),
+        shared.mget(["t-shared:missing", "t-shared:a", "t-shared:b"]),
+    )
+    assert replies == [[b"1", None], [b"2"], b"2", [None, b"1", b"2"]]
+    assert shared.batches - before == 1
+    calls = await shared.call(lambda c: c.info("commandstats"))
+    assert calls is not None and calls["cmdstat_mget"]["calls"] - mgets_before == 1
+
+
 async def test_a_bad_command_fails_only_its_caller(shared: SharedState) -> None:
     errors = shared.errors
     good, bad, script_error = await asyncio.gather(

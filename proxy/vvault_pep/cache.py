@@ -190,7 +190,7 @@ class DecisionCache:
         scopes = scopes_of(doc)
         if self.shared is not None:
             keys = [self.shared.key("rev")] + [self.shared.key("epoch", s, v) for s, v in scopes]
-            values = await self.shared.one(lambda p: p.mget(keys))
+            values = await self.shared.mget(keys)
             if values is not None:
                 self._revision_counter = _int(values[0])
                 for pair, raw in zip(scopes, values[1:], strict=True):

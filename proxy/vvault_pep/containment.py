@@ -127,7 +127,7 @@ class Containment:
         hits: list[Quarantine] = []
         if self.shared is not None:
             keys = [self._key(s, v) for s, v in pairs]
-            values = await self.shared.one(lambda p: p.mget(keys))
+            values = await self.shared.mget(keys)
             for (scope, value), raw in zip(pairs, values or [], strict=False):
                 if raw is not None:
                     hits.append(_load(scope, value, raw, now))

@@ -63,6 +63,18 @@ def make_client(cfg: RedisConfig) -> Any:
 _MAX_BATCH = 512  # commands per pipeline
 
 
+class _MGet:
+    """An MGET waiting for its round trip (merged with the turn's other MGETs)."""
+
+    __slots__ = ("keys",)
+
+    def __init__(self, keys: list[str]) -> None:
+        self.keys = keys
+
+    def add(self, pipe: Any) -> None:
+        pipe.mget(self.keys)
+
+
 class SharedState:
     def __init__(self, cfg: RedisConfig, client: Any | None = None) -> None:
         self.cfg = cfg
@@ -72,7 +84,7 @@ class SharedState:
         self.errors = 0
         self.batches = 0  # pipelines sent by one(): commands per round trip = commands / batches
         self.batched_commands = 0
-        self._pending: list[tuple[Callable[[Any], object], asyncio.Future[Any]]] = []
+        self._pending: list[tuple[Callable[[Any], object] | _MGet, asyncio.Future[Any]]] = []
         self.late = 0  # callers that stopped waiting at their own, shorter deadline
         self._flushes: set[asyncio.Task[None]] = set()
 
@@ -99,13 +111,20 @@ class SharedState:
     async def one(self, add: Callable[[Any], object], *, deadline_s: float | None = None) -> Any:
         """One command, queued with the others of this loop turn; its reply, or ``None``.
 
-        ``add(pipe)`` queues exactly one command on a Redis pipeline (``pipe.mget(keys)``,
+        ``add(pipe)`` queues exactly one command on a Redis pipeline (``pipe.get(key)``,
         ``pipe.eval(script, n, *keys_and_args)``).  The round trip has ``redis.timeout_ms``;
         a caller with a shorter ``deadline_s`` stops waiting at its own deadline and gets
         ``None`` without failing the others.  A reply that is an error (a wrong type, a
         script error) is ``None`` for its caller alone; a failed round trip is ``None``
         for every caller in it and opens the circuit like :meth:`call`.
         """
+        return await self._queue(add, deadline_s)
+
+    async def mget(self, keys: list[str], *, deadline_s: float | None = None) -> list[Any] | None:
+        """``MGET keys`` as :meth:`one` does it; every MGET of a loop turn is one command."""
+        return await self._queue(_MGet(keys), deadline_s)  # type: ignore[no-any-return]
+
+    async def _queue(self, add: Callable[[Any], object] | _MGet, deadline_s: float | None) -> Any:
         if not self.available:
             return None
         loop = asyncio.get_running_loop()
@@ -129,13 +148,22 @@ class SharedState:
             self._flushes.add(task)
             task.add_done_callback(self._flushes.discard)
 
-    async def _send(self, batch: list[tuple[Callable[[Any], object], asyncio.Future[Any]]]) -> None:
+    async def _send(self, batch: list[tuple[Callable[[Any], object] | _MGet, asyncio.Future[Any]]]) -> None:
+        # MGETs of the batch become one MGET (its keys in order), sent first; on Cluster
+        # each stays its own command: keys of one MGET must share a slot there.
+        merged = [(add, fut) for add, fut in batch if isinstance(add, _MGet)] if self.cfg.mode != "cluster" else []
+        rest = [(add, fut) for add, fut in batch if not (merged and isinstance(add, _MGet))]
         replies: list[Any] = []
         try:
             async with asyncio.timeout(self.cfg.timeout_ms / 1000):
                 pipe = self.client.pipeline(transaction=False)
-                for add, _ in batch:
-                    add(pipe)
+                if merged:
+                    pipe.mget([key for add, _ in merged for key in add.keys])
+                for add, _ in rest:
+                    if isinstance(add, _MGet):
+                        add.add(pipe)
+                    else:
+                        add(pipe)
                 replies = await pipe.execute(raise_on_error=False)
             self.batches += 1
             self.batched_commands += len(batch)
@@ -148,15 +176,25 @@ class SharedState:
                 if not fut.done():
                     fut.set_result(None)
             raise
-        for i, (_, fut) in enumerate(batch):
-            if fut.done():  # the request went away meanwhile
-                continue
-            reply = replies[i] if i < len(replies) else None
-            if isinstance(reply, Exception):
-                self.errors += 1
-                log.warning("redis command failed: %s", type(reply).__name__)
-                reply = None
-            fut.set_result(reply)
+        if merged:
+            values = self._checked(replies[0] if replies else None)
+            at = 0
+            for add, fut in merged:
+                n = len(add.keys)
+                if not fut.done():  # the request went away meanwhile
+                    fut.set_result(values[at : at + n] if isinstance(values, list) else None)
+                at += n
+            replies = replies[1:]
+        for i, (_, fut) in enumerate(rest):
+            if not fut.done():
+                fut.set_result(self._checked(replies[i] if i < len(replies) else None))
+
+    def _checked(self, reply: Any) -> Any:
+        if isinstance(reply, Exception):
+            self.errors += 1
+            log.warning("redis command failed: %s", type(reply).__name__)
+            return None
+        return reply
 
     async def close(self) -> None:
         with contextlib.suppress(RedisError, OSError):
