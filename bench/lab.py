@@ -20,7 +20,6 @@ import http.client
 import json
 import shutil
 import ssl
-import subprocess
 import sys
 import tempfile
 import urllib.request
@@ -303,11 +302,3 @@ class Lab:
         finally:
             self.issuer.stop()
             shutil.rmtree(self.work, ignore_errors=True)
-
-
-def version_of(argv: list[str]) -> str:
-    try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=20, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return (done.stdout or done.stderr).strip()
