@@ -326,15 +326,13 @@ class DecisionCache:
 
             async def write() -> None:
                 blob = orjson.dumps({"r": result, "exp": expires})
+                index = orjson.dumps(list(vary) if vary is not None else None)
                 ms = max(1, int(ttl_s * 1000))
-
-                async def op(c: Any) -> None:
-                    pipe = c.pipeline(transaction=False)
-                    pipe.set(shared.key("dec", key), blob, px=ms)
-                    pipe.set(shared.key("idx", ikey), orjson.dumps(list(vary) if vary is not None else None), px=ms)
-                    await pipe.execute()
-
-                await shared.call(op)
+                # Both ride in the round trip of this loop turn's other Redis reads and writes.
+                await asyncio.gather(
+                    shared.one(lambda p: p.set(shared.key("dec", key), blob, px=ms)),
+                    shared.one(lambda p: p.set(shared.key("idx", ikey), index, px=ms)),
+                )
 
             self._spawn(write(), "cache-l2-write")
 
