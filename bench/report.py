@@ -21,8 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+
 from bench.common import ROOT
 from bench.procfs import cpu_model
+from vvault_pep import __version__ as pep_version
 
 RESULTS = ROOT / "bench" / "results"
 
@@ -43,20 +46,17 @@ def go_module_version(binary: str | None, module: str) -> str:
         m = re.search(rf"^\s*mod\s+{re.escape(module)}\s+(\S+)", _run(["go", "version", "-m", binary]), re.M)
         if m:
             return m.group(1)
-    return _run([binary, "--version"]).splitlines()[0] if _run([binary, "--version"]) else "unknown"
+    said = _run([binary, "--version"])
+    return said.splitlines()[0] if said else "unknown"
 
 
 def machine(tools: dict[str, str | None]) -> dict[str, Any]:
-    import aiohttp
-
     try:
         import uvloop
 
         uvloop_version = uvloop.__version__
-    except ImportError:
+    except ImportError:  # optional, as in the PEP
         uvloop_version = "not installed"
-    from vvault_pep import __version__ as pep_version
-
     opa = _run([tools["opa"], "version"]).splitlines()[0] if tools.get("opa") else "not installed"
     redis = _run(["redis-server", "--version"])
     redis_version = m.group(1) if (m := re.search(r"v=(\S+)", redis)) else redis
