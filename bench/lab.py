@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import shutil
 import ssl
 import sys
@@ -143,14 +144,17 @@ class Lab:
         workers: int | None = None,
         cold_tokens: bool = False,
         side: Side = "sut",
+        code: Path | None = None,
     ) -> Endpoint:
+        """A PEP; ``code``: a directory holding another ``vvault_pep`` package to run instead."""
         config = self.pep_config(name, cache)
         path = self.work / f"{name}.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         argv = [sys.executable, "-m", "vvault_pep.cli", "serve", "--config", str(path), "--log-level", "ERROR"]
         if workers is not None:
             argv += ["--workers", str(workers)]
-        proc = self.stack.start(name, argv, side, cwd=ROOT)
+        env = {**os.environ, "PYTHONPATH": str(code)} if code is not None else None
+        proc = self.stack.start(name, argv, side, cwd=ROOT, env=env)
         admin_ports = tuple(config["admin"]["port"] + k for k in range(workers or 1))
         try:
             for port in admin_ports:
