@@ -219,7 +219,7 @@ class Pipeline:
             )
         trail.fields["cache"] = layer
         trail.fields["bundles"] = {"revision": revision or self.cache.opa_revision}
-        self.tel.labelled(self.tel.cache_lookups, layer).inc()
+        self.tel.cache_lookups.inc(layer)
         if layer in ("l1", "l2"):
             decision = cached
         else:
@@ -229,7 +229,7 @@ class Pipeline:
                         route.policy, policy_input, provenance=layer == "miss", headers=self.tel.inject(pdp_span)
                     )
                 except PepError as err:
-                    self.tel.pdp_errors.labels(err.code).inc()
+                    self.tel.pdp_errors.inc(err.code)
                     raise
             trail.fields["opa_decision_id"] = answer.opa_decision_id
             decision = enforce.interpret(answer.result, defined=answer.defined)
@@ -273,7 +273,7 @@ class Pipeline:
             if enforced:
                 return self._deny(request, decision, trail)
             trail.fields["would_have"] = {"status": decision.status, "code": decision.code}
-            self.tel.would_deny.labels(route.name, decision.code).inc()
+            self.tel.would_deny.inc(route.name, decision.code)
         # forward
         if headers.expect_continue and request.version >= (1, 1):
             # Only now that the request is allowed may the client send its body.
@@ -295,8 +295,8 @@ class Pipeline:
                 redact_max_bytes=config.limits.max_redact_bytes,
             )
             up_span.set_attribute("http.response.status_code", outcome.status)
-            self.tel.labelled(self.tel.upstream_duration, route.upstream, f"{outcome.status // 100}xx").observe(
-                time.perf_counter() - started
+            self.tel.upstream_duration.observe(
+                time.perf_counter() - started, route.upstream, f"{outcome.status // 100}xx"
             )
         trail.fields["upstream_status"] = outcome.status
         trail.fields["bytes_in"] = outcome.bytes_in
@@ -378,18 +378,17 @@ class Pipeline:
         if status >= 500:
             span.set_status(Status(StatusCode.ERROR))
         method_class = "read" if request.method in _READ_METHODS else "write"
-        self.tel.labelled(self.tel.requests, route, method_class, str(status)).inc()
-        self.tel.labelled(
-            self.tel.decisions,
+        self.tel.requests.inc(route, method_class, str(status))
+        self.tel.decisions.inc(
             "allow" if result.get("allow") else "deny",
             str(result.get("code", "none")),
             "true" if trail.fields.get("enforced", True) else "false",
-        ).inc()
+        )
         self.audit.emit(self._record(request, trail, status))
 
     def record_parser_refusal(self, fields: dict[str, Any]) -> None:
         """A request aiohttp's parser refused before the walk: one record all the same."""
-        self.tel.requests.labels("none", "unknown", str(fields["status"])).inc()
+        self.tel.requests.inc("none", "unknown", str(fields["status"]))
         self.audit.emit({"timestamp": now_rfc3339(), "decision_id": _uuid4(), "route": None, **fields})
 
     def _record(self, request: web.BaseRequest, trail: _Trail, status: int) -> dict[str, Any]:
@@ -460,8 +459,7 @@ class _Stage:
         finally:
             elapsed = time.perf_counter() - self._started
             self._trail.stages_ms[self._name] = round(elapsed * 1000, 3)
-            tel = self._pipeline.tel
-            tel.labelled(tel.stage_duration, self._name).observe(elapsed)
+            self._pipeline.tel.stage_duration.observe(elapsed, self._name)
 
 
 async def _no_context() -> None:
