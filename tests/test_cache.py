@@ -385,6 +385,17 @@ async def test_cached_deny_stays_a_deny(pair: tuple[PepRuntime, PepRuntime], pki
         assert (status, layer) == (403, expected_layer)
 
 
+async def test_a_cached_answer_costs_one_redis_round_trip(pair: tuple[PepRuntime, PepRuntime], pki: Path) -> None:
+    """Quarantines and epochs (and risk, when on) are read together: an L1 hit waits for Redis once."""
+    a, _ = pair
+    assert a.shared is not None
+    assert (await ask(a, pki, "authz.cache.test"))[0] == 200
+    trips, reads = a.shared.batches, a.shared.batched_commands
+    assert (await ask(a, pki, "authz.cache.test"))[:2] == (200, "l1")
+    # the quarantine MGET and the revision/epochs MGET (one command), one pipeline
+    assert (a.shared.batches - trips, a.shared.batched_commands - reads) == (1, 2)
+
+
 async def test_data_pushed_through_admin_changes_the_answer_on_both_instances(
     pair: tuple[PepRuntime, PepRuntime], pki: Path
 ) -> None:

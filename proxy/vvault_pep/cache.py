@@ -33,7 +33,7 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -186,12 +186,20 @@ class DecisionCache:
 
     # ------------------------------------------------------------ context
 
-    async def context(self, doc: dict[str, Any]) -> tuple[str, list[Any]]:
-        """The revision and epochs for this request: one Redis round trip."""
+    def context(self, doc: dict[str, Any]) -> Coroutine[Any, Any, tuple[str, list[Any]]]:
+        """The revision and epochs for this request: the read is queued now, await the answer."""
         scopes = scopes_of(doc)
+        reply = None
         if self.shared is not None:
             keys = [self.shared.key("rev")] + [self.shared.key("epoch", s, v) for s, v in scopes]
-            values = await self.shared.mget(keys)
+            reply = self.shared.mget(keys)
+        return self._context(scopes, reply)
+
+    async def _context(
+        self, scopes: list[tuple[str, str]], reply: Awaitable[list[Any] | None] | None
+    ) -> tuple[str, list[Any]]:
+        if reply is not None:
+            values = await reply
             if values is not None:
                 self._revision_counter = _int(values[0])
                 for pair, raw in zip(scopes, values[1:], strict=True):

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,16 +119,22 @@ class Containment:
         assert self.shared is not None
         return self.shared.key("q", scope, value)
 
-    async def check(self, doc: dict[str, Any]) -> None:
-        """Raise PepError(containment.quarantined) if any scope of the request is contained."""
+    def check(self, doc: dict[str, Any]) -> Coroutine[Any, Any, None]:
+        """Raise PepError(containment.quarantined) if any scope of the request is contained.
+
+        The Redis read is queued now; awaiting the result raises.
+        """
         pairs = scope_values(doc)
+        reply = self.shared.mget([self._key(s, v) for s, v in pairs]) if self.shared is not None and pairs else None
+        return self._check(pairs, reply)
+
+    async def _check(self, pairs: list[tuple[str, str]], reply: Awaitable[list[Any] | None] | None) -> None:
         if not pairs:
             return
         now = time.time()
         hits: list[Quarantine] = []
-        if self.shared is not None:
-            keys = [self._key(s, v) for s, v in pairs]
-            values = await self.shared.mget(keys)
+        if reply is not None:
+            values = await reply
             for (scope, value), raw in zip(pairs, values or [], strict=False):
                 if raw is not None:
                     hits.append(_load(scope, value, raw, now))

@@ -13,7 +13,6 @@ through on an error: the decision starts as denied.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import datetime as dt
 import logging
@@ -191,16 +190,23 @@ class Pipeline:
             device=device,
             now=_now(),
         )
-        # risk, containment and the cache's revision/epochs all read Redis: ask at once,
-        # so a request pays the slowest of the three round trips, not their sum.
+        # risk, containment and the cache's revision/epochs all read Redis: the three reads
+        # are queued now and share one round trip (with those of other requests in flight).
         draft = build_input(facts, pep_version=__version__)
         with self._stage(trail, "context"):
-            risk, _, context = await asyncio.gather(
+            pending = (
                 self.risk.assess(draft, device, facts.now),
                 # contain: quarantines and revocations hold before any cached allow or OPA
                 self.containment.check(draft),
                 self.cache.context(draft) if route.cache.enabled else _no_context(),
             )
+            try:
+                risk = await pending[0]
+                await pending[1]
+                context = await pending[2]
+            finally:
+                for waiting in pending:
+                    waiting.close()  # those not awaited after a refusal (a no-op for the others)
         trail.fields["risk_score"] = risk.get("score")
         # build_input is pure and risk is the only fact that changed: the same document
         # as build_input(facts with risk), without building it twice.

@@ -27,6 +27,7 @@ import functools
 import ipaddress
 import time
 import zoneinfo
+from collections.abc import Awaitable, Coroutine
 from typing import Any
 
 from .config import Risk as RiskConfig
@@ -63,6 +64,10 @@ return {cur, base, known, added, denials, previous}
 
 def unavailable() -> dict[str, Any]:
     return {"available": False, "score": None, "band": "unknown", "signals": {}}
+
+
+async def _ready(value: dict[str, Any]) -> dict[str, Any]:
+    return value
 
 
 @functools.lru_cache(maxsize=8192)
@@ -112,10 +117,13 @@ class RiskSignals:
         self.cfg = cfg
         self.shared = shared
 
-    async def assess(self, doc: dict[str, Any], device: dict[str, Any], now: dt.datetime) -> dict[str, Any]:
+    def assess(
+        self, doc: dict[str, Any], device: dict[str, Any], now: dt.datetime
+    ) -> Coroutine[Any, Any, dict[str, Any]]:
+        """The subject's risk block; the Redis script is queued now, await the block."""
         subject = subject_of(doc)
         if not self.cfg.enabled or self.shared is None or subject is None:
-            return unavailable()
+            return _ready(unavailable())
         shared, window = self.shared, self.cfg.window_s
         bucket = int(time.time()) // window
         base = shared.key("risk", subject)
@@ -128,11 +136,18 @@ class RiskSignals:
             f"{base}:device",
         ]
         network = network_of((doc.get("source") or {}).get("ip"))
-        device_id = device.get("id") if device.get("verified") and isinstance(device.get("id"), str) else ""
-        res = await shared.one(
+        raw_id = device.get("id")
+        device_id = raw_id if device.get("verified") and isinstance(raw_id, str) else ""
+        reply = shared.one(
             lambda p: p.eval(_SCRIPT, len(keys), *keys, window, network, device_id),
             deadline_s=self.cfg.timeout_ms / 1000,
         )
+        return self._block(doc, device_id, now, reply)
+
+    async def _block(
+        self, doc: dict[str, Any], device_id: str, now: dt.datetime, reply: Awaitable[Any]
+    ) -> dict[str, Any]:
+        res = await reply
         if res is None:
             return unavailable()
         current, baseline, known, added, denials, previous = res

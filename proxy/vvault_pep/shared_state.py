@@ -21,7 +21,7 @@ import contextlib
 import logging
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Generator
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
@@ -61,6 +61,18 @@ def make_client(cfg: RedisConfig) -> Any:
 
 
 _MAX_BATCH = 512  # commands per pipeline
+
+
+class _Reply:
+    """A queued command's reply: await it (or don't: nothing is left hanging)."""
+
+    __slots__ = ("_deadline_s", "_fut", "_shared")
+
+    def __init__(self, shared: SharedState, fut: asyncio.Future[Any] | None, deadline_s: float | None) -> None:
+        self._shared, self._fut, self._deadline_s = shared, fut, deadline_s
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return self._shared._wait(self._fut, self._deadline_s).__await__()
 
 
 class _MGet:
@@ -108,23 +120,25 @@ class SharedState:
             log.warning("redis unavailable: %s", type(exc).__name__)
             return None
 
-    async def one(self, add: Callable[[Any], object], *, deadline_s: float | None = None) -> Any:
-        """One command, queued with the others of this loop turn; its reply, or ``None``.
+    def one(self, add: Callable[[Any], object], *, deadline_s: float | None = None) -> Awaitable[Any]:
+        """One command, queued now with the others of this loop turn; await its reply or ``None``.
 
         ``add(pipe)`` queues exactly one command on a Redis pipeline (``pipe.get(key)``,
-        ``pipe.eval(script, n, *keys_and_args)``).  The round trip has ``redis.timeout_ms``;
-        a caller with a shorter ``deadline_s`` stops waiting at its own deadline and gets
-        ``None`` without failing the others.  A reply that is an error (a wrong type, a
-        script error) is ``None`` for its caller alone; a failed round trip is ``None``
-        for every caller in it and opens the circuit like :meth:`call`.
+        ``pipe.eval(script, n, *keys_and_args)``).  The command is queued when ``one`` is
+        called, not when it is awaited: a request can queue several reads and then await
+        them, and they share one round trip without a task each.  The round trip has
+        ``redis.timeout_ms``; a caller with a shorter ``deadline_s`` stops waiting at its
+        own deadline and gets ``None`` without failing the others.  A reply that is an
+        error (a wrong type, a script error) is ``None`` for its caller alone; a failed
+        round trip is ``None`` for every caller in it and opens the circuit like :meth:`call`.
         """
-        return await self._queue(add, deadline_s)
+        return _Reply(self, self._enqueue(add), deadline_s)
 
-    async def mget(self, keys: list[str], *, deadline_s: float | None = None) -> list[Any] | None:
+    def mget(self, keys: list[str], *, deadline_s: float | None = None) -> Awaitable[list[Any] | None]:
         """``MGET keys`` as :meth:`one` does it; every MGET of a loop turn is one command."""
-        return await self._queue(_MGet(keys), deadline_s)  # type: ignore[no-any-return]
+        return _Reply(self, self._enqueue(_MGet(keys)), deadline_s)
 
-    async def _queue(self, add: Callable[[Any], object] | _MGet, deadline_s: float | None) -> Any:
+    def _enqueue(self, add: Callable[[Any], object] | _MGet) -> asyncio.Future[Any] | None:
         if not self.available:
             return None
         loop = asyncio.get_running_loop()
@@ -132,6 +146,11 @@ class SharedState:
         if not self._pending:
             loop.call_soon(self._flush)
         self._pending.append((add, fut))
+        return fut
+
+    async def _wait(self, fut: asyncio.Future[Any] | None, deadline_s: float | None) -> Any:
+        if fut is None:
+            return None
         if deadline_s is None or deadline_s >= self.cfg.timeout_ms / 1000:
             return await fut
         try:
