@@ -48,7 +48,7 @@ from bench.common import tool
 from bench.lab import Endpoint, Lab
 from bench.procfs import cpu_seconds, peak_rss_per_process, tree_cpu_seconds
 from bench.report import Column, Target
-from bench.stack import Pinning, Side, unwind_on_signals
+from bench.stack import Side, start_harness
 from bench.vegeta import Load, Report, Vegeta, write_targets
 
 SCENARIOS: dict[str, str] = {
@@ -408,15 +408,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
 
-    tools = {"opa": tool("opa", "OPA_BIN"), "vegeta": tool("vegeta", "VEGETA_BIN")}
-    tools["oauth2-proxy"] = tool("oauth2-proxy", "OAUTH2_PROXY_BIN")
-    if tools["opa"] is None or tools["vegeta"] is None:
-        print("OPA or vegeta not found: run `make tools bench-tools`", file=sys.stderr)
+    harness = start_harness(args.pin, tool)
+    if harness is None:
         return 2
-    unwind_on_signals()
-    pinning = Pinning.for_machine(args.pin)
-    if pinning.driver is not None:
-        os.sched_setaffinity(0, pinning.driver)  # the harness itself drives: token signing, reports
+    tools, pinning = harness
     started = report.utc_now()
     busy = os.getloadavg()[0]
     if busy > 0.5:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import statistics
 import subprocess
 import sys
@@ -28,7 +27,7 @@ from bench import report
 from bench.common import ROOT, tool
 from bench.lab import CacheMode, Endpoint, Lab
 from bench.proxy_bench import Bench, rounds_of
-from bench.stack import Pinning, unwind_on_signals
+from bench.stack import start_harness
 from bench.vegeta import Load, Vegeta
 
 WORKTREE = "WORKTREE"
@@ -60,22 +59,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cache", choices=["l1", "l2", "off"], default="l1", help="the route's decision cache")
     parser.add_argument("--no-pin", dest="pin", action="store_false")
     args = parser.parse_args(argv)
-    opa, vegeta = tool("opa", "OPA_BIN"), tool("vegeta", "VEGETA_BIN")
-    if opa is None or vegeta is None:
-        print("OPA or vegeta not found: run `make tools bench-tools`", file=sys.stderr)
+    harness = start_harness(args.pin, tool)
+    if harness is None:
         return 2
-    unwind_on_signals()
-    pinning = Pinning.for_machine(args.pin)
-    if pinning.driver is not None:
-        os.sched_setaffinity(0, pinning.driver)
+    tools, pinning = harness
+    assert tools["vegeta"] is not None
     lab = Lab(pinning, prefix="vvault-revisions-")
     try:
-        return run(
-            lab,
-            Vegeta(vegeta, lab.stack, lab.tls),
-            args,
-            {"opa": opa, "vegeta": vegeta, "oauth2-proxy": tool("oauth2-proxy", "OAUTH2_PROXY_BIN")},
-        )
+        return run(lab, Vegeta(tools["vegeta"], lab.stack, lab.tls), args, tools)
     except KeyboardInterrupt:
         return 130
     finally:

@@ -17,7 +17,6 @@ bench/results/soak-latest.{json,md}.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -28,7 +27,7 @@ from bench.common import tool
 from bench.lab import Lab
 from bench.procfs import peak_rss_per_process, status_mb, tree
 from bench.report import Target
-from bench.stack import Pinning, unwind_on_signals
+from bench.stack import start_harness
 from bench.vegeta import Load, Vegeta, write_targets
 
 SAMPLE_S = 5.0
@@ -59,15 +58,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-pin", dest="pin", action="store_false")
     parser.add_argument("--no-write", dest="write", action="store_false")
     args = parser.parse_args(argv)
-    tools = {"opa": tool("opa", "OPA_BIN"), "vegeta": tool("vegeta", "VEGETA_BIN")}
-    tools["oauth2-proxy"] = tool("oauth2-proxy", "OAUTH2_PROXY_BIN")
-    if tools["opa"] is None or tools["vegeta"] is None:
-        print("OPA or vegeta not found: run `make tools bench-tools`", file=sys.stderr)
+    harness = start_harness(args.pin, tool)
+    if harness is None:
         return 2
-    unwind_on_signals()
-    pinning = Pinning.for_machine(args.pin)
-    if pinning.driver is not None:
-        os.sched_setaffinity(0, pinning.driver)
+    tools, pinning = harness
     started = report.utc_now()
     lab = Lab(pinning, prefix="vvault-soak-")
     try:

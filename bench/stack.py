@@ -12,8 +12,9 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -176,3 +177,24 @@ def unwind_on_signals() -> None:
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
+
+
+def start_harness(pin: bool, tool: Callable[[str, str], str | None]) -> tuple[dict[str, str | None], Pinning] | None:
+    """What every benchmark does first: find its tools, unwind on signals, pin itself.
+
+    Returns the tools (OPA, vegeta, oauth2-proxy; None where missing) and the pinning, or
+    None (after saying why) when OPA or vegeta is missing.
+    """
+    tools = {
+        "opa": tool("opa", "OPA_BIN"),
+        "vegeta": tool("vegeta", "VEGETA_BIN"),
+        "oauth2-proxy": tool("oauth2-proxy", "OAUTH2_PROXY_BIN"),
+    }
+    if tools["opa"] is None or tools["vegeta"] is None:
+        print("OPA or vegeta not found: run `make tools bench-tools`", file=sys.stderr)
+        return None
+    unwind_on_signals()
+    pinning = Pinning.for_machine(pin)
+    if pinning.driver is not None:
+        os.sched_setaffinity(0, pinning.driver)  # the harness itself drives: token signing, reports
+    return tools, pinning
