@@ -271,7 +271,9 @@ def summarise(
     return rows
 
 
-def targets_of(rows: Sequence[dict[str, Any]], workers: dict[str, Any]) -> list[Target]:
+def targets_of(
+    rows: Sequence[dict[str, Any]], workers: dict[str, Any], pep_load: dict[str, Any] | None = None
+) -> list[Target]:
     by = {r["scenario"]: r for r in rows if r["status"] == "ok"}
 
     def get(name: str, key: str) -> float | None:
@@ -286,10 +288,78 @@ def targets_of(rows: Sequence[dict[str, Any]], workers: dict[str, Any]) -> list[
         Target("pep-opa throughput / passthrough", get("pep-opa", "ratio"), 0.50, "×", at_most=False),
         Target("pep-l1 added p50 at half load", get("pep-l1", "added_p50_ms"), 0.5, " ms", at_most=True),
         Target("pep-l1 added p99 at half load", get("pep-l1", "added_p99_ms"), 2.0, " ms", at_most=True),
+        *_own_half_load_targets(pep_load),
         Target("peak RSS per PEP process (largest)", max(known) if known else None, RSS_LIMIT_MB, " MB", at_most=True),
         # "scales": taken as at least 1.5× with twice the workers
         Target("pep-l1 2 workers / 1 worker", workers.get("ratio"), WORKERS_SCALE, "×", at_most=False),
     ]
+
+
+def _own_half_load_targets(pep_load: dict[str, Any] | None) -> list[Target]:
+    row = next((r for r in (pep_load or {}).get("rows", []) if r["scenario"] == "pep-l1"), None)
+    if row is None:
+        return []
+    return [
+        Target("pep-l1 added p50 at half ITS saturation", row.get("added_p50_ms"), 0.5, " ms", at_most=True),
+        Target("pep-l1 added p99 at half ITS saturation", row.get("added_p99_ms"), 2.0, " ms", at_most=True),
+    ]
+
+
+def pep_half_load(
+    bench: Bench,
+    endpoints: Sequence[Endpoint],
+    saturation: dict[str, list[Sample]],
+    rounds: int,
+    concurrency: int,
+    seconds: float,
+) -> dict[str, Any]:
+    """Latency at half of pep-l1's own saturation, where the PEP is not queueing.
+
+    The issue's half load is half the passthrough's saturation, a rate no PEP scenario
+    carries on this stack, so its latencies there are mostly queueing.  Here the rate is
+    one pep-l1 does carry, and every scenario that saturates well above it is measured
+    at it too: what the PEP adds to a request when it has the CPU to spare.
+    """
+    l1 = median([s.report.throughput for s in saturation.get("pep-l1", [])])
+    if not l1:
+        return {"skipped": "no pep-l1 saturation figure"}
+    rate = max(1, int(l1 / 2))
+    chosen = [
+        ep
+        for ep in endpoints
+        if ep.name != "direct" and (median([s.report.throughput for s in saturation[ep.name]]) or 0) >= 1.5 * rate
+    ]
+    print(f"latency at {rate} req/s (half pep-l1's {l1:.0f} req/s), open loop: {', '.join(e.name for e in chosen)}")
+    samples = run_phase(bench, chosen, "pep half load", rounds, Load(rate, concurrency, seconds))
+    rows = []
+    for ep in chosen:
+        pooled = bench.vegeta.report([f for s in samples[ep.name] for f in s.report.files])
+        rows.append(
+            {
+                "scenario": ep.name,
+                "achieved_rps": median([s.report.throughput for s in samples[ep.name]]),
+                "p50_ms": pooled.p50_ms,
+                "p90_ms": pooled.p90_ms,
+                "p99_ms": pooled.p99_ms,
+            }
+        )
+    base = next((r for r in rows if r["scenario"] == "passthrough"), None)
+    for row in rows:
+        if base is not None:
+            row["added_p50_ms"] = row["p50_ms"] - base["p50_ms"]
+            row["added_p99_ms"] = row["p99_ms"] - base["p99_ms"]
+    return {"rate_rps": rate, "rows": rows}
+
+
+PEP_LOAD_COLUMNS = (
+    Column("scenario", "scenario", "", 14),
+    Column("req/s", "achieved_rps", ".0f", 7),
+    Column("p50 ms", "p50_ms", ".2f", 7),
+    Column("p90 ms", "p90_ms", ".2f", 7),
+    Column("p99 ms", "p99_ms", ".2f", 7),
+    Column("+p50 ms", "added_p50_ms", "+.2f", 7),
+    Column("+p99 ms", "added_p99_ms", "+.2f", 7),
+)
 
 
 def workers_supported() -> bool:
@@ -476,12 +546,13 @@ def run(
     rate = max(1, int(pt / 2))
     print(f"latency at {rate} req/s (half the passthrough's {pt:.0f} req/s), open loop", flush=True)
     latency = run_phase(bench, endpoints, "half load", rounds, Load(rate, args.concurrency, seconds))
+    pep_load = pep_half_load(bench, endpoints, saturation, rounds, args.concurrency, seconds)
     workers: dict[str, Any] = {"skipped": "not requested (--quick or --no-workers-compare)"}
     if compare:
         workers = compare_workers(bench, rounds, Load(0, args.concurrency, seconds))
 
     rows = summarise(bench, endpoints, saturation, latency, rate)
-    targets = targets_of(rows, workers)
+    targets = targets_of(rows, workers, pep_load)
     cache = counters(lab, [ep for ep in lab.endpoints.values() if ep.admin_ports])
     odd = odd_metrics(lab, [ep for ep in lab.endpoints.values() if ep.admin_ports])
     m = report.machine(tools)
@@ -505,6 +576,7 @@ def run(
         "scenarios": rows,
         "targets": [t.as_dict() for t in targets],
         "workers": workers,
+        "pep_half_load": pep_load,
         "peer": peer,
         "cache_counters": cache,
         "pep_error_metrics": odd,
@@ -562,6 +634,13 @@ def render_text(
         "(req/s and CPU: saturation, median of rounds; p50/p90/p99: at half load, all rounds pooled; "
         "+p50/+p99: over passthrough; RSS: VmHWM, largest process)"
     ]
+    pep_load = doc.get("pep_half_load") or {}
+    if "rows" in pep_load:
+        out += [
+            "",
+            f"latency at half pep-l1's saturation ({pep_load['rate_rps']} req/s, open loop, all rounds pooled):",
+        ]
+        out += report.text_table(pep_load["rows"], PEP_LOAD_COLUMNS)
     if "rows" in workers:
         out += ["", f"workers ({workers['pinning']}):", *report.text_table(workers["rows"], WORKER_COLUMNS)]
     else:
@@ -586,6 +665,11 @@ def render_markdown(
     ]
     out += ["| scenario | what it is |", "|---|---|"]
     out += [f"| {r['scenario']} | {r['description']} |" for r in rows]
+    pep_load = doc.get("pep_half_load") or {}
+    if "rows" in pep_load:
+        out += ["## Latency at half pep-l1's saturation", ""]
+        out += [f"Open loop at {pep_load['rate_rps']} req/s, a rate pep-l1 carries; all rounds pooled.", ""]
+        out += [*report.markdown_table(pep_load["rows"], PEP_LOAD_COLUMNS), ""]
     out += ["", "## Workers", ""]
     if "rows" in workers:
         out += [workers["pinning"], "", *report.markdown_table(workers["rows"], WORKER_COLUMNS)]

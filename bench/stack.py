@@ -173,6 +173,10 @@ def unwind_on_signals() -> None:
     """
 
     def handler(signum: int, frame: FrameType | None) -> None:
+        # Once: a second signal (make passing one on, an impatient Ctrl-C) must not cut
+        # the clean-up short and leave servers running.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, handler)

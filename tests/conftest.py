@@ -23,9 +23,20 @@ from aiohttp import web
 from examples.pki import make_pki
 from examples.vvault_api.app import SEEN, make_app
 from tests.idp import Issuer, Trap
-from tests.support import OpaProcess, client_context, free_port, make_config, start_opa
+from tests.support import STARTED, OpaProcess, client_context, free_port, make_config, start_opa
 
 from vvault_pep.runtime import PepRuntime
+
+
+@pytest.fixture(autouse=True)
+async def _no_pep_left_running() -> AsyncIterator[None]:
+    """A `vvault-pep serve` a test started is gone after it, whatever the test did."""
+    yield
+    while STARTED:
+        proc = STARTED.pop()
+        if proc.returncode is None:
+            proc.kill()  # its workers follow their supervisor
+            await proc.wait()
 
 
 @pytest.fixture(scope="session")

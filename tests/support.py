@@ -276,6 +276,9 @@ class ServeProcess:
     admin_ports: tuple[int, ...] = ()
 
 
+STARTED: list[asyncio.subprocess.Process] = []  # killed after each test if still running (conftest)
+
+
 async def start_serve(config_path: Path, *, timeout: float = 30, workers: int = 1) -> ServeProcess:
     """`vvault-pep serve` as a user starts it; returns once it (every worker) says where it listens."""
     import re
@@ -294,17 +297,25 @@ async def start_serve(config_path: Path, *, timeout: float = 30, workers: int = 
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
     )
+    STARTED.append(proc)
     assert proc.stderr is not None
     found: list[re.Match[str]] = []
     said: list[str] = []
-    async with asyncio.timeout(timeout):
-        while len(found) < workers:
-            line = (await proc.stderr.readline()).decode()
-            if not line:
-                raise RuntimeError("vvault-pep exited before listening:\n" + "".join(said))
-            said.append(line)
-            if m := re.search(r"mTLS on [^:]+:(\d+), admin on [^:]+:(\d+)", line):
-                found.append(m)
+    try:
+        async with asyncio.timeout(timeout):
+            while len(found) < workers:
+                line = (await proc.stderr.readline()).decode()
+                if not line:
+                    raise RuntimeError("vvault-pep exited before listening:\n" + "".join(said))
+                said.append(line)
+                if m := re.search(r"mTLS on [^:]+:(\d+), admin on [^:]+:(\d+)", line):
+                    found.append(m)
+    except BaseException:
+        # Never leave a PEP behind (its workers follow their supervisor).
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        raise
     # keep reading stderr so the child never blocks on a full pipe
     drain = asyncio.create_task(proc.stderr.read(), name="drain-pep-stderr")
     admin_ports = tuple(sorted(int(m.group(2)) for m in found))
