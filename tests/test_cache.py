@@ -426,6 +426,16 @@ async def test_data_pushed_through_admin_changes_the_answer_on_both_instances(
     assert (await ask(a, pki, "authz.cache.test"))[:2] == (200, "miss")
 
 
+async def test_tokens_seen_leave_no_state_behind(pair: tuple[PepRuntime, PepRuntime], pki: Path, idp: Issuer) -> None:
+    """Epochs are remembered only for scopes that were invalidated, not per token or subject seen."""
+    a, _ = pair
+    assert a.cache is not None
+    before = dict(a.cache._epochs)
+    for i in range(20):
+        await ask(a, pki, "gate.cache.test", token=idp.token(sub=f"passer-by-{i}"))
+    assert a.cache._epochs == before
+
+
 async def test_invalidating_a_subject_flips_its_cached_allow_everywhere(
     pair: tuple[PepRuntime, PepRuntime], pki: Path, idp: Issuer, cache_opa: OpaProcess
 ) -> None:

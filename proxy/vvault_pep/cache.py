@@ -173,7 +173,7 @@ class DecisionCache:
         self._l1_bytes = 0
         self._index: dict[str, tuple[tuple[str, ...] | None, float]] = {}
         self._interpreted: dict[bytes, Any] = {}  # stored result → interpret(result)
-        self._epochs: dict[tuple[str, str], int] = {}  # last known, used when Redis is down
+        self._epochs: dict[tuple[str, str], int] = {}  # last known non-zero ones, used when Redis is down
         self._local_bumps: dict[tuple[str, str], int] = {}
         self._revision_counter = 0
         self._local_revision_bumps = 0
@@ -203,7 +203,13 @@ class DecisionCache:
             if values is not None:
                 self._revision_counter = _int(values[0])
                 for pair, raw in zip(scopes, values[1:], strict=True):
-                    self._epochs[pair] = _int(raw)
+                    # Only bumped scopes are remembered (for when Redis is down): a zero
+                    # per token or subject ever seen would grow without end.
+                    epoch = _int(raw)
+                    if epoch:
+                        self._epochs[pair] = epoch
+                    else:
+                        self._epochs.pop(pair, None)
         epochs = [[s, v, self._epochs.get((s, v), 0), self._local_bumps.get((s, v), 0)] for s, v in scopes]
         revision = f"{self.opa_revision}#{self._revision_counter}#{self._local_revision_bumps}"
         if not self.opa_revision.startswith("b:"):
