@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import ssl
@@ -246,22 +247,17 @@ class PepRuntime:
 
         tel.observe("vvault_pep.jwks.fetches", "JWKS fetches per issuer", lambda: jwks("fetches"))
         tel.observe("vvault_pep.jwks.failures", "failed JWKS fetches per issuer", lambda: jwks("failures"))
-        tel.observe(
-            "vvault_pep.redis.errors", "Redis calls that failed or timed out",
-            lambda: {(): float(self.shared.errors)} if self.shared else {},
-        )  # fmt: skip
-        tel.observe(
-            "vvault_pep.redis.late", "Redis replies a caller stopped waiting for (risk.timeout_ms)",
-            lambda: {(): float(self.shared.late)} if self.shared else {},
-        )  # fmt: skip
-        tel.observe(
-            "vvault_pep.redis.round_trips", "pipelines sent on the request path (commands are batched)",
-            lambda: {(): float(self.shared.batches)} if self.shared else {},
-        )  # fmt: skip
-        tel.observe(
-            "vvault_pep.redis.commands", "commands sent on the request path",
-            lambda: {(): float(self.shared.batched_commands)} if self.shared else {},
-        )  # fmt: skip
+
+        def redis(counter: str) -> dict[tuple[tuple[str, str], ...], float]:
+            return {(): float(getattr(self.shared, counter))} if self.shared else {}
+
+        for name, counter, description in (
+            ("errors", "errors", "Redis calls that failed or timed out"),
+            ("late", "late", "Redis replies a caller stopped waiting for (risk.timeout_ms)"),
+            ("round_trips", "batches", "pipelines sent on the request path (reads are batched)"),
+            ("commands", "batched_commands", "reads and writes queued on the request path"),
+        ):
+            tel.observe(f"vvault_pep.redis.{name}", description, functools.partial(redis, counter))
         tel.observe(
             "vvault_pep.audit.dropped", "audit records dropped by a full sink",
             lambda: {(("sink", k),): float(v) for k, v in (self.audit.dropped() if self.audit else {}).items()},
