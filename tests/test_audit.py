@@ -421,3 +421,22 @@ def test_redaction_never_touches_the_policy_input() -> None:
     assert out["identity"]["claims"]["email"].startswith("masked:sha256:")
     assert out["identity"]["claims"]["dept"] == "x"
     assert set(done["erased"]) == {"request.headers.cookie", "request.headers.accept"}
+
+
+def test_a_file_moved_away_does_not_stop_the_file_sink(tmp_path: Path) -> None:
+    """logrotate (or an operator) moved the file: rotation starts a new one and records go on."""
+    from vvault_pep.audit import _FileSink
+    from vvault_pep.config import AuditSink
+
+    path = tmp_path / "decisions.log"
+    sink = _FileSink("file-0", AuditSink(type="file", path=path, max_bytes=200, backups=2))
+    sink.write([{"n": i, "pad": "x" * 40} for i in range(3)])
+    path.rename(tmp_path / "moved.log")  # the sink still holds it open, and it is over max_bytes
+    for i in range(3, 9):
+        sink.write([{"n": i, "pad": "x" * 40}])
+    sink.close()
+    written = [
+        json.loads(line)["n"] for f in sorted(tmp_path.glob("decisions.log*")) for line in f.read_text().splitlines()
+    ]
+    assert sorted(written)[-3:] == [6, 7, 8] and sink.failures == 0
+    assert (tmp_path / "decisions.log.1").exists()  # rotation went on as usual afterwards

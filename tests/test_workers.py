@@ -13,16 +13,18 @@ from typing import Any
 
 import aiohttp
 import yaml
-from tests.conftest import Upstream
+from tests.conftest import RedisServer, Upstream
 from tests.support import OpaProcess, client_context, config_doc, free_port, start_serve
 
 SECRET = "/v1/tenants/acme/secrets/db-password"
 
 
-def workers_config(tmp_path: Path, pki: Path, opa: OpaProcess, upstream: Upstream) -> Path:
+def workers_config(tmp_path: Path, pki: Path, opa: OpaProcess, upstream: Upstream, redis: RedisServer | None) -> Path:
     doc: dict[str, Any] = config_doc(
         pki, opa_url=opa.url, upstream_port=upstream.port, listener={"port": free_port(), "drain_s": 0}
     )
+    if redis is not None:
+        doc["redis"] = {"url": redis.url, "key_prefix": "workers-test:"}
     doc["admin"]["port"] = two_free_ports()
     doc["routes"] = [r for r in doc["routes"] if "nonexistent" not in r["policy"]]
     path = tmp_path / "pep.yaml"
@@ -51,9 +53,9 @@ async def served_by(admin_port: int) -> float:
 
 
 async def test_two_workers_share_the_listener_and_stop_together(
-    tmp_path: Path, pki: Path, opa: OpaProcess, upstream: Upstream
+    tmp_path: Path, pki: Path, opa: OpaProcess, upstream: Upstream, redis_server: RedisServer
 ) -> None:
-    served = await start_serve(workers_config(tmp_path, pki, opa, upstream), workers=2)
+    served = await start_serve(workers_config(tmp_path, pki, opa, upstream, redis_server), workers=2)
     assert len(served.admin_ports) == 2 and served.admin_ports[1] == served.admin_ports[0] + 1
     try:
         # New connections are spread by the kernel: 40 of them reach both workers
@@ -74,9 +76,9 @@ async def test_two_workers_share_the_listener_and_stop_together(
 
 
 async def test_a_dead_worker_stops_the_pep_with_an_error(
-    tmp_path: Path, pki: Path, opa: OpaProcess, upstream: Upstream
+    tmp_path: Path, pki: Path, opa: OpaProcess, upstream: Upstream, redis_server: RedisServer
 ) -> None:
-    served = await start_serve(workers_config(tmp_path, pki, opa, upstream), workers=2)
+    served = await start_serve(workers_config(tmp_path, pki, opa, upstream, redis_server), workers=2)
     children = [int(p) for p in _children(served.proc.pid)]
     assert len(children) == 2
     os.kill(children[0], signal.SIGKILL)
@@ -113,3 +115,50 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+async def test_workers_refuse_to_run_without_redis(
+    tmp_path: Path, pki: Path, opa: OpaProcess, upstream: Upstream
+) -> None:
+    """Without Redis a quarantine sent to one worker would never reach the others."""
+    path = workers_config(tmp_path, pki, opa, upstream, None)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "vvault_pep.cli", "serve", "--config", str(path), "--workers", "2",
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await proc.communicate()
+    assert proc.returncode == 2
+    assert b"--workers > 1 needs redis" in err
+
+
+async def test_a_quarantine_sent_to_one_worker_holds_on_all(
+    tmp_path: Path, pki: Path, opa: OpaProcess, upstream: Upstream, redis_server: RedisServer
+) -> None:
+    admin_token = "workers-admin-token-0123456789abcdef0123"
+    path = workers_config(tmp_path, pki, opa, upstream, redis_server)
+    doc = yaml.safe_load(path.read_text())
+    doc["admin"]["token"] = admin_token
+    doc["redis"]["key_prefix"] = "workers-quarantine:"
+    path.write_text(yaml.safe_dump(doc))
+    served = await start_serve(path, workers=2)
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.post(
+                f"http://127.0.0.1:{served.admin_ports[0]}/admin/quarantines",
+                json={"scope": "tenant", "value": "acme", "ttl_s": 600, "reason": "incident"},
+                headers={"Authorization": f"Bearer {admin_token}"},
+            ) as resp:
+                assert resp.status in (200, 201)
+        statuses = []
+        for _ in range(30):  # new connections: the kernel spreads them over both workers
+            connector = aiohttp.TCPConnector(ssl=client_context(pki, "reader"), force_close=True)
+            async with aiohttp.ClientSession(connector=connector) as http:
+                async with http.get(f"https://localhost:{served.port}{SECRET}") as resp:
+                    statuses.append(resp.status)
+        assert set(statuses) == {403}, statuses
+        assert [await served_by(port) for port in served.admin_ports] == [0, 0]  # nothing got through anywhere
+    finally:
+        served.proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(30):
+            await served.proc.wait()
+        await served.drain

@@ -168,6 +168,7 @@ class _Sink(threading.Thread):
         while True:
             self._wake.wait(_FLUSH_S)
             self._wake.clear()
+            stopping = self._stopping  # read before draining: what came before stop() is written
             while buffer:
                 batch = [buffer.popleft() for _ in range(min(_BATCH, len(buffer)))]
                 self.in_flight = len(batch)
@@ -176,7 +177,7 @@ class _Sink(threading.Thread):
                 except Exception as exc:  # disk full, broken pipe: count, never a traceback per record
                     self._failed(len(batch), exc)
                 self.in_flight = 0
-            if self._stopping:
+            if stopping:
                 return
 
     def stop(self, timeout_s: float) -> None:
@@ -245,12 +246,17 @@ class _FileSink(_Sink):
             self._size = 0
 
     def _rotate(self) -> None:
-        self._file.close()
-        for i in range(self.backups - 1, 0, -1):
-            with contextlib.suppress(FileNotFoundError):
-                os.replace(f"{self.path}.{i}", f"{self.path}.{i + 1}")
-        os.replace(self.path, f"{self.path}.1")
-        self._open()
+        """Shift the backups and start a new file; a file moved away meanwhile is no error."""
+        file, self._file = self._file, None
+        try:
+            file.close()
+            for i in range(self.backups - 1, 0, -1):
+                with contextlib.suppress(FileNotFoundError):
+                    os.replace(f"{self.path}.{i}", f"{self.path}.{i + 1}")
+            with contextlib.suppress(FileNotFoundError):  # logrotate or an operator moved it
+                os.replace(self.path, f"{self.path}.1")
+        finally:
+            self._open()
 
     def close(self) -> None:
         if self._file is not None:

@@ -16,6 +16,7 @@ import gc
 import os
 import signal
 import sys
+import traceback
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
@@ -100,17 +101,27 @@ def _serve_workers(config: Config, workers: int, log_level: str) -> int:
     if config.listener.port == 0:
         print("vvault-pep: --workers > 1 needs a fixed listener.port", file=sys.stderr)
         return 2
+    if config.redis is None:
+        # Quarantines, revocations, cache invalidations and rate limits reach the other
+        # workers through Redis: without it an admin call would hold on one worker only.
+        print(
+            "vvault-pep: --workers > 1 needs redis (what one worker is told, the others learn there)", file=sys.stderr
+        )
+        return 2
     children: dict[int, int] = {}
+    supervisor = os.getpid()
     for k in range(workers):
         pid = os.fork()
         if pid == 0:  # the worker
             code = 1
             try:
-                _die_with_parent()
+                _die_with_parent(supervisor)
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
                 configure_logging(log_level)
                 code = _run(_serve(config, worker=k, workers=workers))
+            except BaseException:
+                traceback.print_exc()  # os._exit below would swallow it
             finally:
                 sys.stdout.flush()
                 sys.stderr.flush()
@@ -141,11 +152,13 @@ def _serve_workers(config: Config, workers: int, log_level: str) -> int:
     return status
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(supervisor: int) -> None:
     """Linux: a worker gets SIGTERM when the supervisor dies, so no orphan keeps the port."""
     if sys.platform == "linux":
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != supervisor:  # it died before the line above took effect
+        raise SystemExit(1)
 
 
 async def _check(config: Config) -> int:

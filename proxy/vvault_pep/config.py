@@ -354,6 +354,11 @@ class Redis(_Model):
             raise ValueError("url must be redis://, rediss:// or unix://")
         if self.mode == "sentinel" and (not self.sentinels or not self.service_name):
             raise ValueError("mode: sentinel needs sentinels and service_name")
+        if self.mode == "cluster":
+            # Quarantines are shared with MULTI and the risk script reads keys of several
+            # slots: on a Cluster they would silently stay local.  Refused rather than
+            # half-working; a Sentinel-managed primary is supported.
+            raise ValueError("mode: cluster is not supported yet (use standalone or sentinel)")
         return self
 
 

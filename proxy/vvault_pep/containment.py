@@ -89,7 +89,9 @@ class Containment:
 
         async def op(c: Any) -> list[tuple[bytes, Any]]:
             keys = [k async for k in c.scan_iter(match=prefix + "*", count=500)]
-            return list(zip(keys, await c.mget(keys), strict=True)) if keys else []
+            # A Cluster client reads keys of different slots with mget_nonatomic.
+            mget = getattr(c, "mget_nonatomic", None) or c.mget
+            return list(zip(keys, await mget(keys), strict=True)) if keys else []
 
         rows = await shared.call(op, deadline_s=2.0)
         if rows is None:

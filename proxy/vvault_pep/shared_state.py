@@ -83,9 +83,6 @@ class _MGet:
     def __init__(self, keys: list[str]) -> None:
         self.keys = keys
 
-    def add(self, pipe: Any) -> None:
-        pipe.mget(self.keys)
-
 
 class SharedState:
     def __init__(self, cfg: RedisConfig, client: Any | None = None) -> None:
@@ -114,10 +111,8 @@ class SharedState:
         try:
             async with asyncio.timeout(deadline_s if deadline_s is not None else self.cfg.timeout_ms / 1000):
                 return await op(self.client)
-        except (TimeoutError, RedisError, OSError) as exc:
-            self.errors += 1
-            self._down_until = time.monotonic() + self.cfg.retry_after_failure_s
-            log.warning("redis unavailable: %s", type(exc).__name__)
+        except Exception as exc:  # timeouts, Redis and cluster errors, sockets: Redis did not answer
+            self._failed(exc)
             return None
 
     def one(self, add: Callable[[Any], object], *, deadline_s: float | None = None) -> Awaitable[Any]:
@@ -168,45 +163,63 @@ class SharedState:
             task.add_done_callback(self._flushes.discard)
 
     async def _send(self, batch: list[tuple[Callable[[Any], object] | _MGet, asyncio.Future[Any]]]) -> None:
-        # MGETs of the batch become one MGET (its keys in order), sent first; on Cluster
-        # each stays its own command: keys of one MGET must share a slot there.
-        merged = [(add, fut) for add, fut in batch if isinstance(add, _MGet)] if self.cfg.mode != "cluster" else []
-        rest = [(add, fut) for add, fut in batch if not (merged and isinstance(add, _MGet))]
+        # The MGETs of the batch become one MGET (their keys in order), sent first.  On
+        # Cluster the keys go as one GET each: the keys of one MGET must share a slot there.
+        cluster = self.cfg.mode == "cluster"
+        mgets: list[tuple[_MGet, asyncio.Future[Any]]] = []
+        others: list[tuple[Callable[[Any], object], asyncio.Future[Any]]] = []
+        for add, fut in batch:
+            if isinstance(add, _MGet):
+                mgets.append((add, fut))
+            else:
+                others.append((add, fut))
+        keys = [key for add, _ in mgets for key in add.keys]
         replies: list[Any] = []
         try:
             async with asyncio.timeout(self.cfg.timeout_ms / 1000):
                 pipe = self.client.pipeline(transaction=False)
-                if merged:
-                    pipe.mget([key for add, _ in merged for key in add.keys])
-                for add, _ in rest:
-                    if isinstance(add, _MGet):
-                        add.add(pipe)
-                    else:
-                        add(pipe)
+                if keys and cluster:
+                    for key in keys:
+                        pipe.get(key)
+                elif keys:
+                    pipe.mget(keys)
+                for add, _ in others:
+                    add(pipe)
                 replies = await pipe.execute(raise_on_error=False)
             self.batches += 1
             self.batched_commands += len(batch)
-        except (TimeoutError, RedisError, OSError) as exc:
-            self.errors += 1
-            self._down_until = time.monotonic() + self.cfg.retry_after_failure_s
-            log.warning("redis unavailable: %s", type(exc).__name__)
-        except BaseException:
+        except Exception as exc:  # any failure of the round trip (cluster errors are not RedisError)
+            self._failed(exc)
+            replies = []
+        except BaseException:  # cancelled: nobody may be left waiting
             for _, fut in batch:
                 if not fut.done():
                     fut.set_result(None)
             raise
-        if merged:
-            values = self._checked(replies[0] if replies else None)
+        if keys:
+            head, replies = (replies[: len(keys)], replies[len(keys) :]) if cluster else (replies[:1], replies[1:])
+            values: list[Any] | None = None
+            if cluster and len(head) == len(keys):
+                values = head
+            elif not cluster and head:
+                values = head[0] if isinstance(head[0], list) else self._checked(head[0])
             at = 0
-            for add, fut in merged:
+            for add, fut in mgets:
                 n = len(add.keys)
-                if not fut.done():  # the request went away meanwhile
-                    fut.set_result(values[at : at + n] if isinstance(values, list) else None)
+                part = values[at : at + n] if isinstance(values, list) and len(values) >= at + n else None
                 at += n
-            replies = replies[1:]
-        for i, (_, fut) in enumerate(rest):
+                if part is not None and any(isinstance(r, Exception) for r in part):
+                    part = self._checked(next(r for r in part if isinstance(r, Exception)))
+                if not fut.done():  # the request went away meanwhile
+                    fut.set_result(part)
+        for i, (_, fut) in enumerate(others):
             if not fut.done():
                 fut.set_result(self._checked(replies[i] if i < len(replies) else None))
+
+    def _failed(self, exc: BaseException) -> None:
+        self.errors += 1
+        self._down_until = time.monotonic() + self.cfg.retry_after_failure_s
+        log.warning("redis unavailable: %s", type(exc).__name__)
 
     def _checked(self, reply: Any) -> Any:
         if isinstance(reply, Exception):
