@@ -100,13 +100,19 @@ async def test_workers_refuse_a_managed_opa(tmp_path: Path, pki: Path, upstream:
     doc["opa"] = {"managed": True, "binary": "opa", "url": "http://127.0.0.1:18181", "policy_dir": str(tmp_path)}
     path = tmp_path / "pep.yaml"
     path.write_text(yaml.safe_dump(doc))
+    code, err = await serve_two_workers(path)
+    assert code == 2
+    assert b"needs an OPA sidecar (opa.managed: false)" in err
+
+
+async def serve_two_workers(path: Path) -> tuple[int | None, bytes]:
+    """`serve --workers 2` for a config it must refuse: (exit status, stderr)."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "vvault_pep.cli", "serve", "--config", str(path), "--workers", "2",
         stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     _, err = await proc.communicate()
-    assert proc.returncode == 2
-    assert b"needs an OPA sidecar (opa.managed: false)" in err
+    return proc.returncode, err
 
 
 def _alive(pid: int) -> bool:
@@ -122,12 +128,8 @@ async def test_workers_refuse_to_run_without_redis(
 ) -> None:
     """Without Redis a quarantine sent to one worker would never reach the others."""
     path = workers_config(tmp_path, pki, opa, upstream, None)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "vvault_pep.cli", "serve", "--config", str(path), "--workers", "2",
-        stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    _, err = await proc.communicate()
-    assert proc.returncode == 2
+    code, err = await serve_two_workers(path)
+    assert code == 2
     assert b"--workers > 1 needs redis" in err
 
 
