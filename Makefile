@@ -22,6 +22,10 @@ VEGETA := $(TOOLS)/vegeta
 OAUTH2_PROXY_VERSION := v7.15.6
 OAUTH2_PROXY_MODULE := github.com/oauth2-proxy/oauth2-proxy/v7
 OAUTH2_PROXY := $(TOOLS)/oauth2-proxy
+# The Go bare-proxy anchor: Caddy as an mTLS reverse proxy to the same upstream.
+CADDY_VERSION := v2.11.9
+CADDY_MODULE := github.com/caddyserver/caddy/v2
+CADDY := $(TOOLS)/caddy
 
 KUSTOMIZE_VERSION := v5.7.1
 KUSTOMIZE := $(TOOLS)/kustomize
@@ -54,8 +58,9 @@ $(OPA):
 	fi
 	@"$(OPA)" version | head -1
 
-# $(call go_tool,BINARY,MODULE,VERSION): the machine cache's copy when `go version -m` says it
-# was built from MODULE@VERSION, else `go install` and fill the cache.
+# $(call go_tool,BINARY,MODULE,VERSION[,PACKAGE]): the machine cache's copy when `go version -m`
+# says it was built from MODULE@VERSION, else `go install PACKAGE@VERSION` (PACKAGE defaults to
+# MODULE) and fill the cache.
 define go_tool
 	@mkdir -p $(TOOLS)
 	@cached="$(GO_CACHE)/$(notdir $(1))-$(3)"; \
@@ -64,17 +69,20 @@ define go_tool
 		cp "$$cached" "$(1)"; \
 	else \
 		echo ">> building $(notdir $(1)) $(3) from its Go module (a few minutes on 2 cores)…"; \
-		GOBIN="$(TOOLS)" go install $(2)@$(3) && mkdir -p "$(GO_CACHE)" && cp "$(1)" "$$cached"; \
+		GOBIN="$(TOOLS)" go install $(or $(4),$(2))@$(3) && mkdir -p "$(GO_CACHE)" && cp "$(1)" "$$cached"; \
 	fi
 endef
 
-bench-tools: $(VEGETA) $(OAUTH2_PROXY)
+bench-tools: $(VEGETA) $(OAUTH2_PROXY) $(CADDY)
 
 $(VEGETA):
 	$(call go_tool,$(VEGETA),$(VEGETA_MODULE),$(VEGETA_VERSION))
 
 $(OAUTH2_PROXY):
 	$(call go_tool,$(OAUTH2_PROXY),$(OAUTH2_PROXY_MODULE),$(OAUTH2_PROXY_VERSION))
+
+$(CADDY):
+	$(call go_tool,$(CADDY),$(CADDY_MODULE),$(CADDY_VERSION),$(CADDY_MODULE)/cmd/caddy)
 
 redis:
 	@command -v redis-server >/dev/null 2>&1 || { \

@@ -217,6 +217,76 @@ class Lab:
             ],
         }
 
+    def add_caddy(self, binary: str) -> Endpoint:
+        """Caddy as a bare mTLS reverse proxy: the best-known proxy of another stack.
+
+        The same server certificate, client certificates required and verified against the
+        same CA, HTTP/1.1 only, keep-alive to the upstream, no access log, no admin endpoint.
+        vegeta sends no SNI to an IP address, so ``strict_sni_host`` is off and the one
+        certificate is every connection's default.
+        """
+        port = free_port()
+        pki = self.pki
+        config = {
+            "admin": {"disabled": True},
+            "logging": {"logs": {"default": {"level": "ERROR"}}},
+            "storage": {"module": "file_system", "root": str(self.work / "caddy-data")},
+            "apps": {
+                "tls": {
+                    "certificates": {
+                        "load_files": [
+                            {
+                                "certificate": str(pki / "server.pem"),
+                                "key": str(pki / "server-key.pem"),
+                                "tags": ["bench"],
+                            }
+                        ]
+                    },
+                    "disable_ocsp_stapling": True,
+                },
+                "http": {
+                    "servers": {
+                        "bench": {
+                            "listen": [f"127.0.0.1:{port}"],
+                            "protocols": ["h1"],
+                            "strict_sni_host": False,
+                            "automatic_https": {"disable": True},
+                            "tls_connection_policies": [
+                                {
+                                    "certificate_selection": {"any_tag": ["bench"]},
+                                    "protocol_min": "tls1.2",
+                                    "client_authentication": {
+                                        "ca": {"provider": "file", "pem_files": [str(pki / "ca.pem")]},
+                                        "mode": "require_and_verify",
+                                    },
+                                }
+                            ],
+                            "routes": [
+                                {
+                                    "handle": [
+                                        {
+                                            "handler": "reverse_proxy",
+                                            "upstreams": [{"dial": f"127.0.0.1:{self.upstream_port}"}],
+                                        }
+                                    ]
+                                }
+                            ],
+                        }
+                    }
+                },
+            },
+        }
+        path = self.work / "caddy.json"
+        path.write_text(json.dumps(config))
+        proc = self.stack.start(
+            "caddy", [binary, "run", "--config", str(path)], "sut", env={**os.environ, "HOME": str(self.work)}
+        )
+        try:
+            wait_tcp(port, alive=proc)
+        except RuntimeError as exc:
+            raise RuntimeError(f"caddy did not start: {exc}\n{self.stack.log_tail('caddy')}") from exc
+        return self._add(Endpoint("caddy", f"https://127.0.0.1:{port}{PATH}", "caddy"))
+
     def add_peer(self, binary: str) -> Endpoint:
         """oauth2-proxy validating the same tokens (OIDC discovery of the issuer helper) and forwarding.
 

@@ -11,6 +11,8 @@ policies, redis-server, the proxies, the peer.  Load comes from vegeta over mTLS
     direct          client → upstream, plain HTTP, no proxy
     passthrough     bench/passthrough.py: bare aiohttp reverse proxy, same mTLS, keep-alive,
                     streaming, nothing else — the limit of this stack
+    caddy           Caddy v2.11.9 doing the same (client certificates required and verified,
+                    HTTP/1.1, keep-alive upstream, no access log) — the anchor of another stack
     pep-l1          the PEP, every stage on, decision from its in-process cache
     pep-l2          the same with L1 off (cache.l1_max_entries: 0): decisions from Redis
     pep-opa         the same with the route's cache off: OPA asked on every request
@@ -54,6 +56,7 @@ from bench.vegeta import Load, Report, Vegeta, write_targets
 SCENARIOS: dict[str, str] = {
     "direct": "client → upstream, plain HTTP, no proxy",
     "passthrough": "bare aiohttp reverse proxy, same mTLS, keep-alive and streaming, nothing else",
+    "caddy": "Caddy v2 (Go) as a bare mTLS reverse proxy: the best-known proxy of another stack",
     "pep-l1": "the PEP, every stage on, decision from the in-process cache",
     "pep-l2": "the PEP with L1 off: decisions from Redis",
     "pep-opa": "the PEP with the route's cache off: OPA on every request",
@@ -280,11 +283,17 @@ def targets_of(
         value = by.get(name, {}).get(key)
         return value if isinstance(value, float | int) else None
 
+    def cpu_ratio(name: str, base: str) -> float | None:
+        a, b = get(name, "proxy_cpu_s_per_1k"), get(base, "proxy_cpu_s_per_1k")
+        return round(a / b, 3) if a is not None and b else None
+
     pep_rss = [get(name, "peak_rss_mb") for name in by if name.startswith("pep-")]
     pep_rss += [w.get("peak_rss_mb") for w in workers.get("rows", [])]
     known = [v for v in pep_rss if v is not None]
     return [
         Target("pep-l1 throughput / passthrough", get("pep-l1", "ratio"), 0.80, "×", at_most=False),
+        Target("pep-l1 CPU per request / passthrough's", cpu_ratio("pep-l1", "passthrough"), 1.25, "×", at_most=True),
+        Target("pep-l1 CPU per request / oauth2-proxy's", cpu_ratio("pep-l1", "peer"), 1.0, "×", at_most=True),
         Target("pep-opa throughput / passthrough", get("pep-opa", "ratio"), 0.50, "×", at_most=False),
         Target("pep-l1 added p50 at half load", get("pep-l1", "added_p50_ms"), 0.5, " ms", at_most=True),
         Target("pep-l1 added p99 at half load", get("pep-l1", "added_p99_ms"), 2.0, " ms", at_most=True),
@@ -519,6 +528,11 @@ def run(
         "pep-opa": lambda: lab.add_pep("pep-opa", "off"),
         "pep-cold-token": lambda: lab.add_pep("pep-cold-token", "l1", cold_tokens=True),
     }
+    caddy = tools.get("caddy")
+    if caddy is not None:
+        makers["caddy"] = lambda: lab.add_caddy(caddy)
+    elif "caddy" in wanted:
+        print("caddy: SKIPPED — caddy not found: run `make bench-tools`")
     endpoints = [makers[name]() for name in SCENARIOS if name in wanted and name in makers]
     peer: dict[str, Any] = {"note": PEER_NOTE}
     if "peer" in wanted:
@@ -675,7 +689,7 @@ def render_markdown(
         out += [workers["pinning"], "", *report.markdown_table(workers["rows"], WORKER_COLUMNS)]
     else:
         out += [f"Skipped: {workers['skipped']}"]
-    out += ["", "## Targets (issue 8)", "", "```text", *report.target_lines(targets), "```", ""]
+    out += ["", "## Targets", "", "```text", *report.target_lines(targets), "```", ""]
     out += ["## Notes", "", *[f"- {line}" for line in _notes(doc, rows)], ""]
     return "\n".join(out)
 

@@ -74,6 +74,7 @@ def machine(tools: dict[str, str | None]) -> dict[str, Any]:
         "redis_server": redis_version,
         "vegeta": go_module_version(tools.get("vegeta"), "github.com/tsenart/vegeta/v12"),
         "oauth2_proxy": go_module_version(tools.get("oauth2-proxy"), "github.com/oauth2-proxy/oauth2-proxy/v7"),
+        "caddy": go_module_version(tools.get("caddy"), "github.com/caddyserver/caddy/v2"),
     }
 
 
@@ -81,7 +82,7 @@ def machine_line(m: dict[str, Any]) -> str:
     return (
         f"{m['cpu_model']}, {m['cores']} cores, Linux {m['kernel']}; Python {m['python']}, aiohttp {m['aiohttp']}, "
         f"uvloop {m['uvloop']}; OPA {m['opa']}, redis {m['redis_server']}, vegeta {m['vegeta']}, "
-        f"oauth2-proxy {m['oauth2_proxy']}; vvault-pep {m['vvault_pep']} ({m['git']})"
+        f"oauth2-proxy {m['oauth2_proxy']}, caddy {m.get('caddy')}; vvault-pep {m['vvault_pep']} ({m['git']})"
     )
 
 
@@ -145,7 +146,7 @@ class Target:
 
 
 def target_lines(targets: Sequence[Target]) -> list[str]:
-    lines = [f"{'target (issue 8)':<44} {'measured':>12} {'wanted':>12}  met"]
+    lines = [f"{'target':<44} {'measured':>12} {'wanted':>12}  met"]
     for t in targets:
         measured = "-" if t.measured is None else f"{t.measured:.2f}{t.unit}"
         wanted = f"{'≤' if t.at_most else '≥'} {t.limit:g}{t.unit}"

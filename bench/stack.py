@@ -186,13 +186,14 @@ def unwind_on_signals() -> None:
 def start_harness(pin: bool, tool: Callable[[str, str], str | None]) -> tuple[dict[str, str | None], Pinning] | None:
     """What every benchmark does first: find its tools, unwind on signals, pin itself.
 
-    Returns the tools (OPA, vegeta, oauth2-proxy; None where missing) and the pinning, or
+    Returns the tools (OPA, vegeta, oauth2-proxy, caddy; None where missing) and the pinning, or
     None (after saying why) when OPA or vegeta is missing.
     """
     tools = {
         "opa": tool("opa", "OPA_BIN"),
         "vegeta": tool("vegeta", "VEGETA_BIN"),
         "oauth2-proxy": tool("oauth2-proxy", "OAUTH2_PROXY_BIN"),
+        "caddy": tool("caddy", "CADDY_BIN"),
     }
     if tools["opa"] is None or tools["vegeta"] is None:
         print("OPA or vegeta not found: run `make tools bench-tools`", file=sys.stderr)
