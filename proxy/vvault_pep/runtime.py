@@ -87,6 +87,7 @@ class PepRuntime:
             config.upstreams,
             max_body_bytes=config.limits.max_body_bytes,
             body_idle_timeout_s=config.limits.body_idle_timeout_s,
+            buffer_body_bytes=config.limits.buffer_body_bytes,
         )
         self.authn = Authenticator(config.identity)
         await self.authn.start()
