@@ -58,12 +58,25 @@ async def hold(request: web.Request) -> web.Response:
     return web.json_response({"held": True})
 
 
+async def big(request: web.Request) -> web.StreamResponse:
+    SEEN.append(request.path)
+    response = web.StreamResponse()
+    response.content_length = 64 << 20
+    await response.prepare(request)
+    chunk = b"b" * (1 << 20)
+    with contextlib.suppress(ConnectionError):
+        for _ in range(64):
+            await response.write(chunk)
+    return response
+
+
 @pytest.fixture(scope="module")
 async def slow_upstream() -> AsyncIterator[int]:
     app = web.Application(client_max_size=1 << 24)
     app.router.add_put("/blobs/{name}", blob)
     app.router.add_get("/ping", ping)
     app.router.add_get("/hold", hold)
+    app.router.add_get("/big", big)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -84,6 +97,7 @@ async def pep(pki: Path, opa: OpaProcess, slow_upstream: int) -> AsyncIterator[P
         },
         {"name": "ping", "path": "/ping", "methods": ["GET"], "upstream": "small", "policy": "faults/plain_true"},
         {"name": "hold", "path": "/hold", "methods": ["GET"], "upstream": "small", "policy": "faults/plain_true"},
+        {"name": "big", "path": "/big", "methods": ["GET"], "upstream": "small", "policy": "faults/plain_true"},
     ]
     doc = config_doc(
         pki,
@@ -94,6 +108,7 @@ async def pep(pki: Path, opa: OpaProcess, slow_upstream: int) -> AsyncIterator[P
             "body_deadline_s": DEADLINE_S,
             "body_idle_timeout_s": 10,  # the idle gap alone would never cut a byte a tenth of a second
             "max_in_flight_per_client": PER_CLIENT,
+            "send_idle_timeout_s": 0.5,
         },
     )
     doc["upstreams"] = {
@@ -156,6 +171,7 @@ async def test_slow_small_bodies_hold_no_pooled_connection_and_are_cut_at_the_de
         await _wait_for(lambda: pep.pipeline.inflight.count(ops) == PER_CLIENT, "every slow client in flight")
         assert pep.upstreams.in_use("small") == 0  # trickling into the PEP, not into the pool
         connector = aiohttp.TCPConnector(ssl=ctx)
+        latencies = []
         async with aiohttp.ClientSession(connector=connector) as http:
             for i in range(5):
                 started = time.monotonic()
@@ -164,7 +180,9 @@ async def test_slow_small_bodies_hold_no_pooled_connection_and_are_cut_at_the_de
                 async with http.put(f"https://localhost:{pep.port}/blobs/fast-{i}", data=b"y" * 1000) as resp:
                     assert resp.status == 201
                     assert (await resp.json())["bytes"] == 1000
-                assert time.monotonic() - started < 1.0  # served at once, not after the slow ones
+                latencies.append(time.monotonic() - started)
+                assert latencies[-1] < 1.0  # served at once, not after the slow ones
+        print(f"GET + 1 kB PUT during the attack: max {max(latencies) * 1000:.1f} ms")
         # The same client over its in-flight limit is refused at once, before its body.
         over = await _trickle(pep.port, slow_ctx, "/blobs/one-too-many", length=100)
         assert over["status"] == 429 and over["elapsed"] < 1.0
@@ -227,6 +245,30 @@ async def test_a_full_pool_answers_503_with_retry_after_at_once(pep: PepRuntime,
         assert await asyncio.gather(*holders) == [200] * POOL
         async with http.get(f"{base}/ping") as resp:
             assert resp.status == 200
+
+
+async def test_a_client_that_stops_reading_the_answer_is_cut_off(
+    pep: PepRuntime, pki: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert pep.upstreams is not None
+    with caplog.at_level(logging.INFO, logger="vvault_pep.audit"):
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", pep.port, ssl=client_context(pki, "reader"), server_hostname="localhost"
+        )
+        writer.write(b"GET /big HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        async with asyncio.timeout(10):
+            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+        assert head.startswith("HTTP/1.1 200")
+        request_id = next(
+            line.split(":", 1)[1].strip() for line in head.split("\r\n") if line.startswith("X-Request-Id")
+        )
+        # ... and then never reads again: 64 MiB cannot fit in the socket buffers.
+        await _wait_for(lambda: pep.upstreams is not None and pep.upstreams.in_use("small") == 0, "the connection back")
+        await _wait_for(lambda: bool(_records(caplog, {request_id})), "the record")
+        writer.close()
+    [record] = _records(caplog, {request_id})
+    assert record["aborted"] == "client_stalled"
+    assert 0 < record["bytes_out"] < 64 << 20
 
 
 def _thumbprint(pki: Path, name: str) -> str:

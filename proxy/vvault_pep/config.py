@@ -636,6 +636,9 @@ class Limits(_Model):
     # Bodies up to this size are received whole before an upstream connection is
     # taken, so a client trickling a small body holds no pooled connection.
     buffer_body_bytes: int = Field(64 << 10, ge=0)
+    # Longest a client may leave a streamed answer unread before it is cut off
+    # (a stalled reader holds the pooled upstream connection).
+    send_idle_timeout_s: float = Field(30.0, gt=0)
     # Requests in flight at once per client certificate and per subject (per process).
     max_in_flight_per_client: int = Field(32, ge=1)
     max_in_flight_per_subject: int = Field(32, ge=1)

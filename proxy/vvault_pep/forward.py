@@ -6,7 +6,8 @@
 * Bodies stream both ways in chunks; nothing large is buffered whole.  The
   request body is counted against ``limits.max_body_bytes`` as it passes, each
   piece must come within ``limits.body_idle_timeout_s`` and the whole body
-  within the route's body deadline (408 otherwise).  A body up to
+  within the route's body deadline (408 otherwise).  A client that stops
+  reading the answer for ``limits.send_idle_timeout_s`` is cut off.  A body up to
   ``limits.buffer_body_bytes`` is received whole *before* an upstream
   connection is taken: a client trickling a small body holds none.
 * One keep-alive pool per upstream, with connect and read timeouts split.  A
@@ -51,7 +52,7 @@ class Outcome:
     status: int
     bytes_in: int
     bytes_out: int
-    aborted: str | None = None  # "client_gone" or "upstream_failed" after the response started
+    aborted: str | None = None  # "client_gone", "client_stalled" or "upstream_failed" after the response started
 
 
 def _strip(doc: Any, fields: frozenset[str]) -> Any:
@@ -90,11 +91,13 @@ class Upstreams:
         max_body_bytes: int,
         body_idle_timeout_s: float,
         buffer_body_bytes: int = 64 << 10,
+        send_idle_timeout_s: float = 30.0,
     ) -> None:
         self._config = upstreams
         self._max_body = max_body_bytes
         self._body_idle = body_idle_timeout_s
         self._buffer = buffer_body_bytes
+        self._send_idle = send_idle_timeout_s
         self._sessions: dict[str, aiohttp.ClientSession] = {}
         # The PEP's own count of pooled connections in use: a full pool is known
         # without waiting in aiohttp's queue.
@@ -255,7 +258,15 @@ class Upstreams:
             try:
                 async for chunk in upstream.content.iter_chunked(CHUNK):
                     try:
-                        await out.write(chunk)
+                        # A client that stops reading holds the pooled connection as surely
+                        # as one that trickles its body.
+                        async with asyncio.timeout(self._send_idle):
+                            await out.write(chunk)
+                    except TimeoutError:
+                        log.info("client stopped reading the answer from %s", name)
+                        if request.transport is not None:
+                            request.transport.abort()
+                        return out, Outcome(upstream.status, budget.count, sent, "client_stalled")
                     except (ConnectionError, aiohttp.ClientConnectionResetError):
                         # The client went away: stop reading the upstream, keep the record.
                         return out, Outcome(upstream.status, budget.count, sent, "client_gone")

@@ -88,6 +88,7 @@ class PepRuntime:
             max_body_bytes=config.limits.max_body_bytes,
             body_idle_timeout_s=config.limits.body_idle_timeout_s,
             buffer_body_bytes=config.limits.buffer_body_bytes,
+            send_idle_timeout_s=config.limits.send_idle_timeout_s,
         )
         self.authn = Authenticator(config.identity)
         await self.authn.start()
