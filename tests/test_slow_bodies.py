@@ -23,6 +23,7 @@ import pytest
 from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
+from tests.idp import Issuer
 from tests.support import OpaProcess, client_context, config_doc
 
 from vvault_pep.authn import Identity, UserToken, Workload
@@ -269,6 +270,56 @@ async def test_a_client_that_stops_reading_the_answer_is_cut_off(
     [record] = _records(caplog, {request_id})
     assert record["aborted"] == "client_stalled"
     assert 0 < record["bytes_out"] < 64 << 20
+
+
+async def test_one_subject_is_limited_across_its_certificates(
+    pki: Path, opa: OpaProcess, slow_upstream: int, idp: Issuer
+) -> None:
+    routes = [
+        {"name": n, "path": f"/{n}", "methods": ["GET"], "upstream": "small", "policy": "faults/plain_true",
+         "authn": {"require": "user"}}
+        for n in ("ping", "hold")
+    ]  # fmt: skip
+    doc = config_doc(
+        pki,
+        opa_url=opa.url,
+        upstream_port=slow_upstream,
+        routes=routes,
+        identity={"issuers": [{"name": "corp", "issuer": idp.url, "audiences": ["vvault"], "allow_http": True}]},
+        limits={"max_in_flight_per_subject": 1},
+    )
+    doc["upstreams"] = {"small": {"url": f"http://127.0.0.1:{slow_upstream}"}}
+    runtime = PepRuntime(Config.model_validate(doc))
+    await runtime.start()
+    RELEASE["hold"] = asyncio.Event()
+    base = f"https://localhost:{runtime.port}"
+    try:
+        async with (
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=client_context(pki, "reader"))) as on_reader,
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=client_context(pki, "ops"))) as on_ops,
+        ):
+
+            def bearer(sub: str) -> dict[str, str]:
+                return {"Authorization": f"Bearer {idp.token(sub=sub)}"}
+
+            async def held() -> int:
+                async with on_reader.get(f"{base}/hold", headers=bearer("alice")) as resp:
+                    return resp.status
+
+            holding = asyncio.create_task(held())
+            await _wait_for(lambda: runtime.upstreams is not None and runtime.upstreams.in_use("small") == 1, "alice")
+            async with on_ops.get(f"{base}/ping", headers=bearer("alice")) as resp:
+                assert resp.status == 429  # alice again, from another certificate
+                assert (await resp.json())["code"] == "ratelimit.concurrency"
+            async with on_ops.get(f"{base}/ping", headers=bearer("bob")) as resp:
+                assert resp.status == 200  # the same certificate, another subject
+            RELEASE["hold"].set()
+            assert await holding == 200
+            async with on_ops.get(f"{base}/ping", headers=bearer("alice")) as resp:
+                assert resp.status == 200  # the slot came back
+    finally:
+        RELEASE["hold"].set()
+        await runtime.stop()
 
 
 def _thumbprint(pki: Path, name: str) -> str:
