@@ -23,6 +23,7 @@ import pytest
 from aiohttp import web
 from tests.support import OpaProcess, client_context, config_doc
 
+from vvault_pep import responses
 from vvault_pep.config import Config
 from vvault_pep.runtime import PepRuntime
 
@@ -354,3 +355,49 @@ async def test_per_route_drops_allow_list_and_cookie_rules(pep: PepRuntime, http
     _, got, _ = await _ask(http, pep.port, "GET", "/cp/noisy")
     assert len(got.getall("Set-Cookie")) == 4
     assert "X-Decision-Cache" not in got  # PEP-owned headers go whatever the cookie rule
+
+
+@pytest.mark.parametrize(
+    ("cookie", "passes"),
+    [
+        ("s=1; Secure", True),
+        ("s=1; Path=/; secure; HttpOnly; SameSite=Lax", True),
+        ("__Host-s=1; Secure; Path=/", True),
+        ("s=1", False),  # cleartext
+        ("s=1; Path=/", False),
+        ("s=1; Domain=example.com; Secure", False),  # every sibling host
+        ("s=1; domain=.example.com; Secure", False),
+        ("s=1; Domain=example.com; Domain=; Secure", False),  # browsers ignore the empty one
+        ("s=1; Domain=; Secure", False),  # any Domain at all
+        ("s=1; Secure=no; Domain =x", False),
+        ("Secure", False),  # no name=value pair: browsers ignore it
+        ("=1; Secure", False),
+    ],
+)
+def test_host_only_secure_reads_cookies_as_a_browser_does(cookie: str, passes: bool) -> None:
+    assert responses.cookie_passes(cookie, "host_only_secure") is passes
+    assert responses.cookie_passes(cookie, "pass") is True
+    assert responses.cookie_passes(cookie, "drop") is False
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "partial"),
+    [
+        (200, [("Content-Type", "application/json")], False),
+        (404, [("Content-Type", "application/problem+json")], False),
+        (206, [("Content-Type", "application/json")], True),
+        (304, [], True),
+        (200, [("content-range", "bytes 0-9/10")], True),
+        (200, [("Content-Type", "Multipart/ByteRanges; boundary=x")], True),
+    ],
+)
+def test_partial_answers_are_recognised(status: int, headers: list[tuple[str, str]], partial: bool) -> None:
+    assert (responses.partial_reason(status, headers) is not None) is partial
+
+
+def test_pep_owned_headers_go_even_from_an_allow_list() -> None:
+    policy = responses.HeaderPolicy(frozenset(), (), frozenset({"x-vvault-redacted", "x-request-id", "x-app"}), "drop")
+    kept = responses.pass_headers(
+        [("X-Vvault-Redacted", "no"), ("X-Request-Id", "forged"), ("X-App", "1"), ("X-Other", "2")], policy
+    )
+    assert kept == [("X-App", "1")]

@@ -333,11 +333,13 @@ class Upstreams:
     async def _read(self, request: web.BaseRequest, budget: _Body) -> bytes:
         """The next piece of the request body (b"" at its end), within both time limits."""
         left = budget.deadline - asyncio.get_running_loop().time()
+        if left <= 0:
+            raise PepError("sanitize.body_deadline", "the request body took too long")
         try:
             # A client that trickles its body would hold a pooled upstream
             # connection for ever: each piece must come within the idle gap,
             # and the whole body within the deadline.
-            async with asyncio.timeout(max(0.0, min(budget.idle_s, left))):
+            async with asyncio.timeout(min(budget.idle_s, left)):
                 chunk = await request.content.readany()
         except TimeoutError as exc:
             if budget.idle_s < left:
