@@ -15,7 +15,7 @@ this process, like the connections they protect.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from .authn import Identity
@@ -46,9 +46,8 @@ class InFlight:
     def count(self, key: str) -> int:
         return self._counts.get(key, 0)
 
-    @contextmanager
-    def hold(self, client: str, subject: str | None) -> Iterator[None]:
-        """One slot for this caller for the duration of the block, or PepError(429)."""
+    def take(self, client: str, subject: str | None) -> Callable[[], None]:
+        """One slot for this caller, or PepError(429); returns the (idempotent) release."""
         keys = [(f"client:{client}", self.per_client)]
         if subject is not None:
             keys.append((f"subject:{subject}", self.per_subject))
@@ -62,12 +61,28 @@ class InFlight:
                 )
         for key, _ in keys:
             self._counts[key] = self._counts.get(key, 0) + 1
-        try:
-            yield
-        finally:
-            for key, _ in keys:
+        held = [key for key, _ in keys]
+
+        def release() -> None:
+            while held:
+                key = held.pop()
                 left = self._counts[key] - 1
                 if left:
                     self._counts[key] = left
                 else:
                     del self._counts[key]
+
+        return release
+
+    @contextmanager
+    def hold(self, client: str, subject: str | None) -> Iterator[None]:
+        """:meth:`take` for the duration of a block."""
+        release = self.take(client, subject)
+        try:
+            yield
+        finally:
+            release()
+
+
+def nothing_held() -> None:
+    """The release of a slot never taken."""

@@ -18,6 +18,7 @@ import datetime as dt
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +60,7 @@ class _Trail:
     stages_ms: dict[str, float] = field(default_factory=dict)
     fields: dict[str, Any] = field(default_factory=dict)
     policy_input: dict[str, Any] | None = None
+    release: Callable[[], None] = inflight.nothing_held  # the caller's in-flight slot, once taken
 
 
 class Pipeline:
@@ -129,6 +131,7 @@ class Pipeline:
                 log.exception("unexpected error in the request walk")
                 refusal = PepError("internal.error").refusal()
             finally:
+                trail.release()
                 if refusal is not None:
                     trail.fields.setdefault("result", _result_of(refusal))
                     response = self._refuse(request, refusal, trail)
@@ -288,35 +291,36 @@ class Pipeline:
                 return self._deny(request, decision, trail)
             trail.fields["would_have"] = {"status": decision.status, "code": decision.code}
             self.tel.would_deny.inc(route.name, decision.code)
-        # forward: one slot for this caller while the request is in flight (and before
-        # 100 Continue: a caller over its limit is refused without sending its body)
-        caller = inflight.client_of(conn.peer if conn else None, facts.source_ip)
-        with self.inflight.hold(caller, inflight.subject_of(identity)):
-            if headers.expect_continue and request.version >= (1, 1):
-                # Only now that the request is allowed may the client send its body.
-                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            with self._stage(trail, "upstream", SpanKind.CLIENT) as up_span:
-                upstream_headers = self._upstream_headers(request, facts, headers, decision, trail)
-                upstream_headers.extend(self.tel.inject(up_span).items())
-                started = time.perf_counter()
-                response, outcome = await self.upstreams.forward(
-                    route.upstream,
-                    request,
-                    path=target.path,
-                    query=target.query,
-                    headers=upstream_headers,
-                    content_length=headers.content_length,
-                    chunked=headers.chunked,
-                    response_headers=[("X-Request-Id", trail.request_id), *decision.response_headers],
-                    redact=decision.redact,
-                    redact_max_bytes=config.limits.max_redact_bytes,
-                    header_policy=self.header_policies[route.name],
-                    body_deadline_s=route.body_deadline_s or config.limits.body_deadline_s,
-                )
-                up_span.set_attribute("http.response.status_code", outcome.status)
-                self.tel.upstream_duration.observe(
-                    time.perf_counter() - started, route.upstream, f"{outcome.status // 100}xx"
-                )
+        # forward: one slot for this caller while the request is in flight, taken before
+        # 100 Continue so that a caller over its limit is refused without sending its body
+        trail.release = self.inflight.take(
+            inflight.client_of(conn.peer if conn else None, facts.source_ip), inflight.subject_of(identity)
+        )
+        if headers.expect_continue and request.version >= (1, 1):
+            # Only now that the request is allowed may the client send its body.
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        with self._stage(trail, "upstream", SpanKind.CLIENT) as up_span:
+            upstream_headers = self._upstream_headers(request, facts, headers, decision, trail)
+            upstream_headers.extend(self.tel.inject(up_span).items())
+            started = time.perf_counter()
+            response, outcome = await self.upstreams.forward(
+                route.upstream,
+                request,
+                path=target.path,
+                query=target.query,
+                headers=upstream_headers,
+                content_length=headers.content_length,
+                chunked=headers.chunked,
+                response_headers=[("X-Request-Id", trail.request_id), *decision.response_headers],
+                redact=decision.redact,
+                redact_max_bytes=config.limits.max_redact_bytes,
+                header_policy=self.header_policies[route.name],
+                body_deadline_s=route.body_deadline_s or config.limits.body_deadline_s,
+            )
+            up_span.set_attribute("http.response.status_code", outcome.status)
+            self.tel.upstream_duration.observe(
+                time.perf_counter() - started, route.upstream, f"{outcome.status // 100}xx"
+            )
         trail.fields["upstream_status"] = outcome.status
         trail.fields["bytes_in"] = outcome.bytes_in
         trail.fields["bytes_out"] = outcome.bytes_out
