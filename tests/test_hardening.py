@@ -195,9 +195,10 @@ async def test_a_bad_chunk_after_good_ones_ends_the_request(pep: PepRuntime, pki
     ctx = client_context(pki, "reader")
     before = len(upstream.seen_path("/v1/tenants/acme/blobs/badchunk"))
     reader, writer = await asyncio.open_connection("127.0.0.1", pep.port, ssl=ctx, server_hostname="localhost")
+    big = b"a" * (70 << 10)  # past limits.buffer_body_bytes: streamed, not received whole first
     writer.write(
         b"PUT /v1/tenants/acme/blobs/badchunk HTTP/1.1\r\nHost: localhost\r\n"
-        b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n" + f"{len(big):x}".encode() + b"\r\n" + big + b"\r\n"
     )
     await writer.drain()
     async with asyncio.timeout(10):  # the request (and its good chunk) is already upstream …

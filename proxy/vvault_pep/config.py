@@ -79,6 +79,37 @@ DEFAULT_STRIP_PREFIXES: tuple[str, ...] = (
     "x-envoy-",
     "x-amzn-",
 )
+# Upstream response headers dropped by default: they fingerprint the stack behind
+# the PEP (product and version) or expose its debugging internals.
+DEFAULT_RESPONSE_DROP: tuple[str, ...] = (
+    "server",
+    "x-powered-by",
+    "x-aspnet-version",
+    "x-aspnetmvc-version",
+    "x-runtime",
+    "x-version",
+    "x-generator",
+    "x-backend-server",
+    "x-served-by",
+    "x-upstream",
+    "x-sourcefiles",
+    "x-turbo-charged-by",
+    "x-drupal-cache",
+    "x-drupal-dynamic-cache",
+    "x-varnish",
+    "x-cache",
+    "x-cache-hits",
+    "x-amz-request-id",
+    "x-amz-id-2",
+    "via",
+    "set-cookie2",
+)
+DEFAULT_RESPONSE_DROP_PREFIXES: tuple[str, ...] = (
+    "x-debug",  # X-Debug, X-Debug-Token, X-Debug-Token-Link (Symfony profiler) …
+    "x-envoy-",
+    "x-amzn-",
+    "x-internal-",
+)
 # Headers the policy sees in input.request.headers (lower-case).  Others are
 # left out so the input stays small and free of secrets.
 DEFAULT_POLICY_HEADERS: tuple[str, ...] = (
@@ -205,8 +236,8 @@ class Upstream(_Model):
     url: str
     connect_timeout_s: float = Field(2.0, gt=0)
     read_timeout_s: float = Field(30.0, gt=0)
-    # Longest wait for a free pooled connection plus connecting: a full pool answers 504.
-    pool_timeout_s: float = Field(5.0, gt=0)
+    # Longest wait for a free pooled connection; then a fast 503 with Retry-After.
+    pool_timeout_s: float = Field(1.0, gt=0)
     max_connections: int = Field(100, gt=0)
     tls: UpstreamTls | None = None
 
@@ -494,6 +525,41 @@ class RouteAuthn(_Model):
     bound_token: bool = False
 
 
+_SetCookie = Literal["pass", "drop", "host_only_secure"]
+
+
+def _header_names(v: tuple[str, ...] | None) -> tuple[str, ...] | None:
+    for name in v or ():
+        if not _HEADER_NAME.fullmatch(name):
+            raise ValueError(f"{name!r} is not a header name")
+    return tuple(n.lower() for n in v) if v is not None else None
+
+
+class Responses(_Model):
+    """What of the upstream's answer headers may reach clients (all routes)."""
+
+    drop: tuple[str, ...] = DEFAULT_RESPONSE_DROP
+    drop_prefixes: tuple[str, ...] = DEFAULT_RESPONSE_DROP_PREFIXES
+    # pass | drop | host_only_secure: only cookies without Domain and with Secure
+    set_cookie: _SetCookie = "host_only_secure"
+
+    @field_validator("drop", "drop_prefixes")
+    @classmethod
+    def _names(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return _header_names(v) or ()
+
+
+class RouteResponses(_Model):
+    drop: tuple[str, ...] = ()  # dropped besides the global list
+    allow: tuple[str, ...] | None = None  # allow-list mode: only these (and the framing headers) pass
+    set_cookie: _SetCookie | None = None  # None: the global rule
+
+    @field_validator("drop", "allow")
+    @classmethod
+    def _names(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        return _header_names(v)
+
+
 class Route(_Model):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     host: str | None = None
@@ -505,6 +571,9 @@ class Route(_Model):
     authn: RouteAuthn = RouteAuthn()
     cache: RouteCache = RouteCache()
     rate_limit: RateLimit | None = None
+    responses: RouteResponses = RouteResponses()
+    # Longest time to receive the whole request body; None: limits.body_deadline_s.
+    body_deadline_s: float | None = Field(None, gt=0)
 
     @field_validator("cache", mode="before")
     @classmethod
@@ -562,6 +631,17 @@ class Limits(_Model):
     # Longest wait for the next piece of a request body (slow-body attacks hold
     # an upstream connection otherwise).
     body_idle_timeout_s: float = Field(30.0, gt=0)
+    # Longest time to receive a whole request body (routes may set their own).
+    body_deadline_s: float = Field(60.0, gt=0)
+    # Bodies up to this size are received whole before an upstream connection is
+    # taken, so a client trickling a small body holds no pooled connection.
+    buffer_body_bytes: int = Field(64 << 10, ge=0)
+    # Longest a client may leave a streamed answer unread before it is cut off
+    # (a stalled reader holds the pooled upstream connection).
+    send_idle_timeout_s: float = Field(30.0, gt=0)
+    # Requests in flight at once per client certificate and per subject (per process).
+    max_in_flight_per_client: int = Field(32, ge=1)
+    max_in_flight_per_subject: int = Field(32, ge=1)
     # Largest JSON response the PEP will redact fields from; larger ones are withheld (502).
     max_redact_bytes: int = Field(1 << 20, ge=1024)
 
@@ -574,6 +654,7 @@ class Config(_Model):
     routes: tuple[Route, ...]
     sanitize: Sanitize = Sanitize()
     limits: Limits = Limits()
+    responses: Responses = Responses()
     identity: Identity = Identity()
     redis: Redis | None = None
     cache: Cache = Cache()

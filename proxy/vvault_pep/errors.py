@@ -34,6 +34,7 @@ STATUS: dict[str, tuple[int, str]] = {
     "sanitize.headers_too_large": (431, "Request headers too large"),
     "sanitize.body_too_large": (413, "Request body too large"),
     "sanitize.body_timeout": (408, "Request body too slow"),
+    "sanitize.body_deadline": (408, "Request body took too long"),
     "sanitize.unknown_host": (421, "Misdirected request"),
     # routing
     "route.not_found": (404, "No route"),
@@ -65,6 +66,7 @@ STATUS: dict[str, tuple[int, str]] = {
     # containment: quarantines, revocations, rate limits
     "containment.quarantined": (403, "Quarantined"),
     "ratelimit.exceeded": (429, "Too many requests"),
+    "ratelimit.concurrency": (429, "Too many concurrent requests"),
     # policy said no (the policy may name another 4xx/5xx status)
     "policy.denied": (403, "Forbidden"),
     "pdp.undefined": (403, "Forbidden"),
@@ -76,9 +78,12 @@ STATUS: dict[str, tuple[int, str]] = {
     "pdp.error": (503, "Policy decision point error"),
     # upstream
     "enforce.redaction_impossible": (502, "Response withheld"),
+    "enforce.partial_answer": (502, "Response withheld"),
+    "enforce.conditional_refused": (400, "Conditional request refused"),
     "upstream.unavailable": (502, "Upstream unavailable"),
     "upstream.error": (502, "Bad gateway"),
     "upstream.timeout": (504, "Upstream timed out"),
+    "upstream.saturated": (503, "Upstream busy"),
     # the PEP itself
     "internal.error": (500, "Internal error"),
 }

@@ -3,12 +3,20 @@
 * The URL is built from the canonical path and marked *already encoded*
   (``yarl.URL(..., encoded=True)``) so the client library cannot re-normalise
   or re-encode it: the upstream receives byte-for-byte the path the policy saw.
-* Bodies stream both ways in chunks; nothing is buffered whole.  The request
-  body is counted against ``limits.max_body_bytes`` as it passes.
-* One keep-alive pool per upstream, with connect and read timeouts split.
+* Bodies stream both ways in chunks; nothing large is buffered whole.  The
+  request body is counted against ``limits.max_body_bytes`` as it passes, each
+  piece must come within ``limits.body_idle_timeout_s`` and the whole body
+  within the route's body deadline (408 otherwise).  A client that stops
+  reading the answer for ``limits.send_idle_timeout_s`` is cut off.  A body up to
+  ``limits.buffer_body_bytes`` is received whole *before* an upstream
+  connection is taken: a client trickling a small body holds none.
+* One keep-alive pool per upstream, with connect and read timeouts split.  A
+  request waits at most ``pool_timeout_s`` for a free connection, then gets a
+  fast 503 ``upstream.saturated`` with ``Retry-After``.
 * The PEP sets ``X-Forwarded-For/-Proto/-Host`` and ``X-Request-Id`` itself
   (the client's copies were stripped by sanitize) and adds the decision's
-  ``upstream_headers``.
+  ``upstream_headers``.  The answer's headers pass the route's header policy
+  (:mod:`.responses`) before the PEP adds its own.
 * Refused connection → 502 ``upstream.unavailable``; connect or read timeout
   → 504 ``upstream.timeout``.  A fault after the response has started cannot
   change the status any more: the client connection is aborted instead.
@@ -29,24 +37,14 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
+from . import responses
 from .config import Upstream
 from .errors import PepError
 
 log = logging.getLogger("vvault_pep.forward")
 
 CHUNK = 64 * 1024
-_RESPONSE_HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authenticate",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
+_SERVER = "vvault-pep"  # not the framework and its version
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +52,7 @@ class Outcome:
     status: int
     bytes_in: int
     bytes_out: int
-    aborted: str | None = None  # "client_gone" or "upstream_failed" after the response started
+    aborted: str | None = None  # "client_gone", "client_stalled" or "upstream_failed" after the response started
 
 
 def _strip(doc: Any, fields: frozenset[str]) -> Any:
@@ -65,9 +63,13 @@ def _strip(doc: Any, fields: frozenset[str]) -> Any:
     return doc
 
 
-class _Counter:
-    def __init__(self, limit: int) -> None:
+class _Body:
+    """The request body's budget: size, idle gap and total deadline."""
+
+    def __init__(self, limit: int, idle_s: float, deadline: float) -> None:
         self.limit = limit
+        self.idle_s = idle_s
+        self.deadline = deadline  # loop time
         self.count = 0
 
 
@@ -82,12 +84,27 @@ def upstream_ssl(up: Upstream) -> ssl.SSLContext | bool:
 
 
 class Upstreams:
-    def __init__(self, upstreams: dict[str, Upstream], *, max_body_bytes: int, body_idle_timeout_s: float) -> None:
+    def __init__(
+        self,
+        upstreams: dict[str, Upstream],
+        *,
+        max_body_bytes: int,
+        body_idle_timeout_s: float,
+        buffer_body_bytes: int = 64 << 10,
+        send_idle_timeout_s: float = 30.0,
+    ) -> None:
         self._config = upstreams
         self._max_body = max_body_bytes
         self._body_idle = body_idle_timeout_s
+        self._buffer = buffer_body_bytes
+        self._send_idle = send_idle_timeout_s
         self._sessions: dict[str, aiohttp.ClientSession] = {}
+        # The PEP's own count of pooled connections in use: a full pool is known
+        # without waiting in aiohttp's queue.
+        self._slots: dict[str, asyncio.Semaphore] = {}
+        self._in_use: dict[str, int] = dict.fromkeys(upstreams, 0)
         for name, up in upstreams.items():
+            self._slots[name] = asyncio.Semaphore(up.max_connections)
             connector = aiohttp.TCPConnector(
                 limit=up.max_connections, keepalive_timeout=30, ssl=upstream_ssl(up), ttl_dns_cache=30
             )
@@ -95,7 +112,7 @@ class Upstreams:
                 connector=connector,
                 timeout=aiohttp.ClientTimeout(
                     total=None,
-                    connect=up.pool_timeout_s,  # waiting for a pooled connection, then connecting
+                    connect=up.pool_timeout_s + up.connect_timeout_s,
                     sock_connect=up.connect_timeout_s,
                     sock_read=up.read_timeout_s,
                 ),
@@ -107,6 +124,10 @@ class Upstreams:
     async def close(self) -> None:
         for session in self._sessions.values():
             await session.close()
+
+    def in_use(self, name: str) -> int:
+        """Pooled connections of ``name`` held by requests now."""
+        return self._in_use[name]
 
     async def forward(
         self,
@@ -121,26 +142,82 @@ class Upstreams:
         response_headers: list[tuple[str, str]],
         redact: tuple[str, ...] = (),
         redact_max_bytes: int = 1 << 20,
+        header_policy: responses.HeaderPolicy = responses.DEFAULT_POLICY,
+        body_deadline_s: float = 60.0,
     ) -> tuple[web.StreamResponse, Outcome]:
         """Forward and stream the answer back; PepError if nothing was sent yet."""
         up = self._config[name]
         url = URL(up.url + path + (f"?{query}" if query else ""), encoded=True)
+        method = request.method
+        if redact:
+            # The obligation reads the whole answer: no partial content, no conditionals.
+            headers = responses.whole_answer_request(headers)
+            if method == "HEAD":
+                # The upstream's HEAD would describe the unredacted body (its length, its
+                # validators): ask for the body, redact it, send its headers only.
+                method = "GET"
         send = CIMultiDict(headers)
         if redact:
             send["Accept-Encoding"] = "identity"  # the PEP must read what it redacts
         if up.tls and up.tls.server_hostname:
             send["Host"] = up.tls.server_hostname
-        counter = _Counter(self._max_body)
-        body: AsyncIterator[bytes] | None = None
-        if content_length:
-            send["Content-Length"] = str(content_length)
-            body = self._body(request, counter)
-        elif chunked:
-            body = self._body(request, counter)
+        budget = _Body(self._max_body, self._body_idle, asyncio.get_running_loop().time() + body_deadline_s)
+        body: AsyncIterator[bytes] | bytes | None = None
+        if content_length or chunked:
+            # Received before a pooled connection is taken, up to the buffer size.
+            first, done = await self._prefix(request, budget)
+            if done:
+                body = first
+            else:
+                body = self._rest(request, budget, first)
+                if content_length:
+                    send["Content-Length"] = str(content_length)
+        slots = self._slots[name]
+        try:
+            async with asyncio.timeout(up.pool_timeout_s):
+                await slots.acquire()
+        except TimeoutError as exc:
+            raise PepError(
+                "upstream.saturated", "the upstream is busy, retry later", headers=(("Retry-After", "1"),)
+            ) from exc
+        self._in_use[name] += 1
+        try:
+            return await self._exchange(
+                name,
+                request,
+                method,
+                url,
+                send,
+                body,
+                budget,
+                response_headers,
+                redact,
+                redact_max_bytes,
+                header_policy,
+            )
+        finally:
+            self._in_use[name] -= 1
+            slots.release()
+
+    async def _exchange(
+        self,
+        name: str,
+        request: web.BaseRequest,
+        method: str,
+        url: URL,
+        send: CIMultiDict[str],
+        body: AsyncIterator[bytes] | bytes | None,
+        budget: _Body,
+        response_headers: list[tuple[str, str]],
+        redact: tuple[str, ...],
+        redact_max_bytes: int,
+        policy: responses.HeaderPolicy,
+    ) -> tuple[web.StreamResponse, Outcome]:
+        up = self._config[name]
         session = self._sessions[name]
         try:
             upstream = await session.request(
-                request.method,
+                method,
                 url,
                 headers=send,
                 data=body,
@@ -162,31 +239,37 @@ class Upstreams:
             log.warning("upstream %s failed: %s", name, type(exc).__name__)
             raise PepError("upstream.error", "the upstream connection failed") from exc
         async with upstream:
+            passed = responses.pass_headers(upstream.headers.items(), policy)
             if redact:
-                return await self._redacted(request, upstream, redact, redact_max_bytes, response_headers, counter)
+                return await self._redacted(
+                    request, upstream, redact, redact_max_bytes, passed, response_headers, budget
+                )
             out = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-            connection_named = {
-                t.strip().lower() for v in upstream.headers.getall("Connection", []) for t in v.split(",")
-            }
-            for key, value in upstream.headers.items():
-                low = key.lower()
-                if low in _RESPONSE_HOP_BY_HOP or low in connection_named:
-                    continue
+            for key, value in passed:
                 out.headers.add(key, value)
+            out.headers.setdefault("Server", _SERVER)
             for key, value in response_headers:
                 out.headers[key] = value
             try:
                 await out.prepare(request)
             except (ConnectionError, aiohttp.ClientConnectionResetError):
-                return out, Outcome(upstream.status, counter.count, 0, "client_gone")
+                return out, Outcome(upstream.status, budget.count, 0, "client_gone")
             sent = 0
             try:
                 async for chunk in upstream.content.iter_chunked(CHUNK):
                     try:
-                        await out.write(chunk)
+                        # A client that stops reading holds the pooled connection as surely
+                        # as one that trickles its body.
+                        async with asyncio.timeout(self._send_idle):
+                            await out.write(chunk)
+                    except TimeoutError:
+                        log.info("client stopped reading the answer from %s", name)
+                        if request.transport is not None:
+                            request.transport.abort()
+                        return out, Outcome(upstream.status, budget.count, sent, "client_stalled")
                     except (ConnectionError, aiohttp.ClientConnectionResetError):
                         # The client went away: stop reading the upstream, keep the record.
-                        return out, Outcome(upstream.status, counter.count, sent, "client_gone")
+                        return out, Outcome(upstream.status, budget.count, sent, "client_gone")
                     sent += len(chunk)
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 # The status line is gone already; a truncated, aborted
@@ -194,9 +277,9 @@ class Upstreams:
                 log.warning("upstream %s failed mid-response: %s", name, type(exc).__name__)
                 if request.transport is not None:
                     request.transport.abort()
-                return out, Outcome(upstream.status, counter.count, sent, "upstream_failed")
+                return out, Outcome(upstream.status, budget.count, sent, "upstream_failed")
             await out.write_eof()
-            return out, Outcome(upstream.status, counter.count, sent)
+            return out, Outcome(upstream.status, budget.count, sent)
 
     async def _redacted(
         self,
@@ -204,10 +287,32 @@ class Upstreams:
         upstream: aiohttp.ClientResponse,
         fields: tuple[str, ...],
         limit: int,
+        passed: list[tuple[str, str]],
         response_headers: list[tuple[str, str]],
-        counter: _Counter,
+        budget: _Body,
     ) -> tuple[web.StreamResponse, Outcome]:
-        """Field-level least privilege: remove ``fields`` from a JSON answer, or withhold it."""
+        """Field-level least privilege: remove ``fields`` from a whole JSON answer, or withhold it."""
+        partial = responses.partial_reason(upstream.status, upstream.headers.items())
+        if partial is not None:
+            raise PepError("enforce.partial_answer", partial)
+        kept = [(k, v) for k, v in passed if k.lower() not in responses.BODY_BOUND]
+        if upstream.status == 204:
+            out = web.Response(status=204)
+            body = b""
+        else:
+            body = await self._redact_body(upstream, fields, limit)
+            out = web.Response(status=upstream.status, body=body, content_type="application/json")
+        for key, value in kept:
+            out.headers.add(key, value)
+        out.headers.setdefault("Server", _SERVER)
+        out.headers["Accept-Ranges"] = "none"  # the PEP answers only whole representations here
+        for key, value in response_headers:
+            out.headers[key] = value
+        out.headers["X-Vvault-Redacted"] = ",".join(fields)
+        sent = 0 if request.method == "HEAD" else len(body)
+        return out, Outcome(upstream.status, budget.count, sent)
+
+    async def _redact_body(self, upstream: aiohttp.ClientResponse, fields: tuple[str, ...], limit: int) -> bytes:
         ctype = upstream.headers.get("Content-Type", "").split(";")[0].strip().lower()
         declared = upstream.content_length
         if not (ctype == "application/json" or ctype.endswith("+json")) or upstream.headers.get(
@@ -223,31 +328,43 @@ class Upstreams:
             doc = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
             raise PepError("enforce.redaction_impossible", "the response is not valid JSON") from exc
-        body = orjson.dumps(_strip(doc, frozenset(fields)))
-        out = web.Response(status=upstream.status, body=body, content_type="application/json")
-        for key, value in upstream.headers.items():
-            if key.lower() in ("etag", "cache-control", "last-modified", "vary"):
-                out.headers[key] = value
-        for key, value in response_headers:
-            out.headers[key] = value
-        out.headers["X-Vvault-Redacted"] = ",".join(fields)
-        return out, Outcome(upstream.status, counter.count, len(body))
+        return orjson.dumps(_strip(doc, frozenset(fields)))
 
-    async def _body(self, request: web.BaseRequest, counter: _Counter) -> AsyncIterator[bytes]:
-        content = request.content
-        while True:
-            try:
-                # A client that trickles its body would hold a pooled upstream
-                # connection for ever: each piece must come within the idle timeout.
-                async with asyncio.timeout(self._body_idle):
-                    chunk = await content.readany()
-            except TimeoutError as exc:
+    async def _read(self, request: web.BaseRequest, budget: _Body) -> bytes:
+        """The next piece of the request body (b"" at its end), within both time limits."""
+        left = budget.deadline - asyncio.get_running_loop().time()
+        if left <= 0:
+            raise PepError("sanitize.body_deadline", "the request body took too long")
+        try:
+            # A client that trickles its body would hold a pooled upstream
+            # connection for ever: each piece must come within the idle gap,
+            # and the whole body within the deadline.
+            async with asyncio.timeout(min(budget.idle_s, left)):
+                chunk = await request.content.readany()
+        except TimeoutError as exc:
+            if budget.idle_s < left:
                 raise PepError("sanitize.body_timeout", "the request body stalled") from exc
-            except (ValueError, aiohttp.ClientPayloadError, web.HTTPException) as exc:
-                raise PepError("sanitize.malformed", "malformed request body") from exc
+            raise PepError("sanitize.body_deadline", "the request body took too long") from exc
+        except (ValueError, aiohttp.ClientPayloadError, web.HTTPException) as exc:
+            raise PepError("sanitize.malformed", "malformed request body") from exc
+        budget.count += len(chunk)
+        if budget.count > budget.limit:
+            raise PepError("sanitize.body_too_large", "request body exceeds the limit")
+        return chunk
+
+    async def _prefix(self, request: web.BaseRequest, budget: _Body) -> tuple[bytes, bool]:
+        """Up to the buffer size of the body; True when that is all of it."""
+        pieces: list[bytes] = []
+        size = 0
+        while size <= self._buffer:
+            chunk = await self._read(request, budget)
             if not chunk:
-                return
-            counter.count += len(chunk)
-            if counter.count > counter.limit:
-                raise PepError("sanitize.body_too_large", "request body exceeds the limit")
+                return b"".join(pieces), True
+            pieces.append(chunk)
+            size += len(chunk)
+        return b"".join(pieces), False
+
+    async def _rest(self, request: web.BaseRequest, budget: _Body, first: bytes) -> AsyncIterator[bytes]:
+        yield first
+        while chunk := await self._read(request, budget):
             yield chunk

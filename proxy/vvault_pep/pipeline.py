@@ -18,13 +18,14 @@ import datetime as dt
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 from opentelemetry.trace import INVALID_SPAN, Span, SpanKind, Status, StatusCode
 
-from . import __version__, enforce, ratelimit, sanitize
+from . import __version__, enforce, inflight, ratelimit, responses, sanitize
 from .audit import AuditLog, now_rfc3339, redact
 from .authn import Authenticator, Identity
 from .cache import DecisionCache, hints_of, lifetime
@@ -59,6 +60,7 @@ class _Trail:
     stages_ms: dict[str, float] = field(default_factory=dict)
     fields: dict[str, Any] = field(default_factory=dict)
     policy_input: dict[str, Any] | None = None
+    release: Callable[[], None] = inflight.nothing_held  # the caller's in-flight slot, once taken
 
 
 class Pipeline:
@@ -88,6 +90,10 @@ class Pipeline:
         self.tel = telemetry
         self.audit = audit_log
         self.routes = RouteTable(config.routes)
+        self.inflight = inflight.InFlight(
+            per_client=config.limits.max_in_flight_per_client, per_subject=config.limits.max_in_flight_per_subject
+        )
+        self.header_policies = {r.name: responses.policy_for(config.responses, r.responses) for r in config.routes}
         self.server: MtlsServer | None = None  # set by the runtime once listening
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -116,11 +122,16 @@ class Pipeline:
                 return response
             except PepError as err:
                 refusal = err.refusal()
+                if "result" in trail.fields:
+                    # Refused after the policy allowed (body too slow, answer withheld …):
+                    # the record keeps the decision and says what happened next.
+                    trail.fields["error"] = {"code": err.code, "status": err.status, "reason": err.detail}
             except Exception:
                 # Never a traceback to the client; the type goes to the log.
                 log.exception("unexpected error in the request walk")
                 refusal = PepError("internal.error").refusal()
             finally:
+                trail.release()
                 if refusal is not None:
                     trail.fields.setdefault("result", _result_of(refusal))
                     response = self._refuse(request, refusal, trail)
@@ -280,7 +291,11 @@ class Pipeline:
                 return self._deny(request, decision, trail)
             trail.fields["would_have"] = {"status": decision.status, "code": decision.code}
             self.tel.would_deny.inc(route.name, decision.code)
-        # forward
+        # forward: one slot for this caller while the request is in flight, taken before
+        # 100 Continue so that a caller over its limit is refused without sending its body
+        trail.release = self.inflight.take(
+            inflight.client_of(conn.peer if conn else None, facts.source_ip), inflight.subject_of(identity)
+        )
         if headers.expect_continue and request.version >= (1, 1):
             # Only now that the request is allowed may the client send its body.
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -299,6 +314,8 @@ class Pipeline:
                 response_headers=[("X-Request-Id", trail.request_id), *decision.response_headers],
                 redact=decision.redact,
                 redact_max_bytes=config.limits.max_redact_bytes,
+                header_policy=self.header_policies[route.name],
+                body_deadline_s=route.body_deadline_s or config.limits.body_deadline_s,
             )
             up_span.set_attribute("http.response.status_code", outcome.status)
             self.tel.upstream_duration.observe(

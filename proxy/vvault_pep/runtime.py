@@ -87,6 +87,8 @@ class PepRuntime:
             config.upstreams,
             max_body_bytes=config.limits.max_body_bytes,
             body_idle_timeout_s=config.limits.body_idle_timeout_s,
+            buffer_body_bytes=config.limits.buffer_body_bytes,
+            send_idle_timeout_s=config.limits.send_idle_timeout_s,
         )
         self.authn = Authenticator(config.identity)
         await self.authn.start()
