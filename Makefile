@@ -1,5 +1,6 @@
 # vvault-pep — every target sets itself up on a fresh machine.
 #   make test        all tests: opa test policies/, lint, types, pytest (real OPA, TLS, upstream)
+#   make schema      regenerate docs/pep.schema.json after changing the config models
 #   make demo        example upstream + OPA + PEP; prints curl commands; Ctrl-C stops
 #   make demo-check  the same, sends an allowed and a denied request itself; exit 0 if both behave
 #   make bench       the PEP against a bare proxy and oauth2-proxy (vegeta, mTLS): bench/README.md
