@@ -130,7 +130,7 @@ $(LINT_VENV)/.installed:
 deploy-tools: $(KUSTOMIZE) $(HELM) $(LINT_VENV)/.installed tools
 
 deploy-check: setup deploy-tools
-	@echo ">> validating deploy/ (kustomize, kubernetes-validate, checkov, hadolint, compose, configs, bundle)"
+	@echo ">> validating deploy/ (kustomize, helm, kubernetes-validate, checkov, hadolint, compose, configs, bundle)"
 	$(PY) -m deploy.validate
 
 compose-certs: setup
