@@ -201,6 +201,7 @@ async def main(check: bool) -> int:
         upstream = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "examples.vvault_api.app", "--port", str(ports["UPSTREAM_PORT"]),
             cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,
         )  # fmt: skip
         procs.append(upstream)
         assert upstream.stdout is not None
@@ -209,6 +210,9 @@ async def main(check: bool) -> int:
         pep = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "vvault_pep.cli", "serve", "--config", str(CONFIG), "--log-level", "WARNING",
             cwd=ROOT, env=env, stdout=asyncio.subprocess.DEVNULL if check else None, stderr=asyncio.subprocess.PIPE,
+            # its own session: a terminal's Ctrl-C reaches the demo only, which stops the PEP
+            # with SIGTERM, and the PEP stops its OPA in turn (nothing is killed mid-drain)
+            start_new_session=True,
         )  # fmt: skip
         procs.append(pep)
         assert pep.stderr is not None
@@ -233,23 +237,26 @@ async def main(check: bool) -> int:
         print("\nAudit records (one JSON line per request) appear below. Ctrl-C stops everything.\n", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.add_signal_handler(sig, stop.set)
         waiters = [asyncio.create_task(stop.wait(), name="demo-stop")]
         waiters += [asyncio.create_task(p.wait(), name=f"demo-child-{p.pid}") for p in procs]
         await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        # Ctrl-C in a terminal reaches the children too: one may exit before our handler runs.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 1.0)
         for task in waiters:
             task.cancel()
         if not stop.is_set():
             raise DemoError("a demo process exited on its own: stopping the others")
+        print("\nstopping: vvault-pep drains, then stops OPA; the upstream last …", file=sys.stderr, flush=True)
         return 0
     finally:
-        for proc in procs:
+        for proc in reversed(procs):  # the PEP first: it drains with its upstream still there
             if proc.returncode is None:
-                proc.terminate()
-        for proc in procs:
-            with contextlib.suppress(ProcessLookupError):
-                await proc.wait()
+                with contextlib.suppress(ProcessLookupError):
+                    proc.terminate()
+            await proc.wait()
         for task in pumps:
             task.cancel()
         if check:
