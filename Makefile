@@ -25,6 +25,7 @@ OAUTH2_PROXY_MODULE := github.com/oauth2-proxy/oauth2-proxy/v7
 OAUTH2_PROXY := $(TOOLS)/oauth2-proxy
 
 KUSTOMIZE_VERSION := v5.7.1
+KUSTOMIZE_MODULE := sigs.k8s.io/kustomize/kustomize/v5
 KUSTOMIZE := $(TOOLS)/kustomize
 HELM_VERSION := v3.22.0
 HELM_MODULE := helm.sh/helm/v3
@@ -113,9 +114,7 @@ schema: $(VENV)/.installed
 	$(PY) -m vvault_pep.schema --output docs/pep.schema.json
 
 $(KUSTOMIZE):
-	@mkdir -p $(TOOLS)
-	@echo ">> building kustomize $(KUSTOMIZE_VERSION) from its Go module…"
-	GOBIN="$(TOOLS)" go install sigs.k8s.io/kustomize/kustomize/v5@$(KUSTOMIZE_VERSION)
+	$(call go_tool,$(KUSTOMIZE),$(KUSTOMIZE_MODULE),$(KUSTOMIZE_VERSION))
 
 $(HELM):
 	$(call go_tool,$(HELM),$(HELM_MODULE),$(HELM_VERSION),$(HELM_MODULE)/cmd/helm)
