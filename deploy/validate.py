@@ -2,15 +2,18 @@
 
     python -m deploy.validate          # run by `make deploy-check`, part of `make test`
 
-1. Kustomize renders base, dev and prod; every object is checked against the Kubernetes
-   OpenAPI schemas of a pinned version (kubernetes-validate, strict: unknown fields fail).
-   cert-manager's Certificate has no schema there; it is the one kind allowed to be unknown.
+1. Kustomize renders base, dev and prod, and the Helm chart (deploy/helm/vvault-pep) passes
+   `helm lint --strict` and renders with its ci/ values (dev and prod); every object is
+   checked against the Kubernetes OpenAPI schemas of a pinned version (kubernetes-validate,
+   strict: unknown fields fail).  cert-manager's Certificate has no schema there; it is the
+   one kind allowed to be unknown.
 2. checkov scans the rendered manifests and the Dockerfiles; every skipped check is listed
    in deploy/.checkov.yaml with its reason.  Zero failures.
 3. hadolint lints the Dockerfiles.  Zero findings.
 4. The compose file is validated against the Compose specification (compose-spec models,
    plus a strict check of top-level and service keys), and its images are pinned.
-5. The PEP configs embedded in the manifests pass `vvault-pep check --offline`; the policies
+5. The PEP configs embedded in the manifests (the chart's rendered ones too) pass
+   `vvault-pep check --offline`; the policies
    pass `opa check`; the signed bundle builds and verifies with its public key.
 """
 
@@ -30,6 +33,8 @@ DEPLOY = ROOT / "deploy"
 K8S_VERSION = "1.31.0"
 LINT = ROOT / ".tools" / "lint-venv" / "bin"
 KUSTOMIZE = ROOT / ".tools" / "bin" / "kustomize"
+HELM = ROOT / ".tools" / "bin" / "helm"
+CHART = DEPLOY / "helm" / "vvault-pep"
 ALLOWED_UNKNOWN_KINDS = {"Certificate"}  # cert-manager CRD
 
 
@@ -83,12 +88,82 @@ def render(tmp: Path) -> dict[str, Path]:
     return out
 
 
+def render_helm(tmp: Path) -> dict[str, Path]:
+    """`helm lint --strict` and `helm template` of the chart with each of its ci/ values files."""
+    out = {}
+    for values in sorted((CHART / "ci").glob("*-values.yaml")):
+        name = "helm-" + values.name.removesuffix("-values.yaml")
+        common = ["--values", str(values), "--kube-version", K8S_VERSION]
+        res = run([str(HELM), "lint", "--strict", str(CHART), *common])
+        if not step(f"helm lint --strict ({values.name})", res.returncode == 0, res.stdout + res.stderr):
+            sys.exit(1)
+        res = run([str(HELM), "template", "vvault", str(CHART), "--namespace", "vvault", *common])
+        if res.returncode != 0:
+            step(f"helm template ({values.name})", False, res.stderr)
+            sys.exit(1)
+        target = tmp / f"{name}.yaml"
+        target.write_text(res.stdout)
+        out[name] = target
+    if not out:
+        step("helm chart has ci/*-values.yaml to render", False)
+        sys.exit(1)
+    return out
+
+
+def check_chart_pod(rendered: Path) -> bool:
+    """The pod shape the chart promises, read from what it rendered."""
+    docs = [d for d in yaml.safe_load_all(rendered.read_text()) if d]
+    problems: list[str] = []
+    pod = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+    sidecars = [c["name"] for c in pod.get("initContainers", []) if c.get("restartPolicy") == "Always"]
+    if sidecars != ["opa", "pep"]:
+        problems.append(f"native sidecars (initContainers, restartPolicy: Always) are {sidecars}, not [opa, pep]")
+    (app,) = pod["containers"]
+    config = yaml.safe_load(next(d for d in docs if "pep.yaml" in (d.get("data") or {}))["data"]["pep.yaml"])
+    drain = float(config["listener"]["drain_s"])
+    hold = float(app.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0))
+    if hold <= drain:
+        problems.append(f"the app's preStop ({hold}s) does not outlive the PEP's drain ({drain}s)")
+    if pod["terminationGracePeriodSeconds"] <= hold + drain:
+        problems.append("terminationGracePeriodSeconds does not cover the app's preStop plus the PEP's drain")
+    if not any(str(e.get("value", "")).startswith("127.0.0.1:") for e in app.get("env", [])):
+        problems.append("the app is not told to listen on loopback")
+    policy = next((d for d in docs if d["kind"] == "NetworkPolicy"), None)
+    if policy is None:
+        problems.append("no NetworkPolicy")
+    else:
+        ports = {p["port"] for rule in policy["spec"]["ingress"] for p in rule.get("ports", [])}
+        if ports != {8443, 9901} or any(not rule.get("ports") for rule in policy["spec"]["ingress"]):
+            problems.append(f"the NetworkPolicy admits ports {sorted(ports)}, not only the PEP's 8443 and 9901")
+    return step(
+        f"{rendered.stem}: OPA and PEP as native sidecars, app outlives the drain, only the PEP admitted",
+        not problems,
+        "\n".join(problems),
+    )
+
+
+def embedded_pep_configs(rendered: Path, tmp: Path) -> list[Path]:
+    """The pep.yaml of every ConfigMap in a rendered manifest, written out to check it."""
+    found = []
+    for doc in yaml.safe_load_all(rendered.read_text()):
+        if doc and doc.get("kind") == "ConfigMap" and "pep.yaml" in (doc.get("data") or {}):
+            target = tmp / f"{rendered.stem}-{doc['metadata']['name']}.pep.yaml"
+            target.write_text(doc["data"]["pep.yaml"])
+            found.append(target)
+    return found
+
+
 def main() -> int:
     good = True
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
         rendered = render(tmp)
         good &= step("kustomize renders base, dev and prod", True)
+        charts = render_helm(tmp)
+        good &= step(f"helm renders the chart ({', '.join(charts)})", True)
+        rendered.update(charts)
+        for path in charts.values():
+            good &= check_chart_pod(path)
 
         for name, path in rendered.items():
             res = run([str(LINT / "kubernetes-validate"), "-k", K8S_VERSION, "--strict", "--quiet", str(path)])
@@ -105,7 +180,7 @@ def main() -> int:
 
         for name, path in rendered.items():
             # base and dev name images by tag for readability; prod must pin digests.
-            skips = [] if name == "prod" else ["--skip-check", "CKV_K8S_43"]
+            skips = [] if name.endswith("prod") else ["--skip-check", "CKV_K8S_43"]
             res = checkov("kubernetes", *skips, "-f", str(path))
             good &= step(
                 f"checkov kubernetes {name}: 0 failed checks",
@@ -122,14 +197,15 @@ def main() -> int:
 
         good &= check_compose()
 
-        for cfg in (DEPLOY / "k8s/base/pep.yaml", DEPLOY / "compose/config/pep.yaml"):
+        helm_configs = [cfg for name in charts for cfg in embedded_pep_configs(rendered[name], tmp)]
+        good &= step("the chart renders a pep.yaml for each values file", len(helm_configs) == len(charts))
+        for cfg in (DEPLOY / "k8s/base/pep.yaml", DEPLOY / "compose/config/pep.yaml", *helm_configs):
+            shown = cfg.relative_to(ROOT) if cfg.is_relative_to(ROOT) else f"{cfg.name} (rendered by helm)"
             res = run(
                 [sys.executable, "-m", "vvault_pep.cli", "check", "--offline", "--config", str(cfg)],
                 env={**os.environ, "PEP_ADMIN_TOKEN": "x" * 40, "REDIS_PASSWORD": "placeholder"},
             )
-            good &= step(
-                f"vvault-pep check --offline {cfg.relative_to(ROOT)}", res.returncode == 0, res.stdout + res.stderr
-            )
+            good &= step(f"vvault-pep check --offline {shown}", res.returncode == 0, res.stdout + res.stderr)
         res = run([opa(), "check", "--strict", str(ROOT / "policies")])
         good &= step("opa check --strict policies/", res.returncode == 0, res.stdout + res.stderr)
         good &= check_signed_bundle(tmp)

@@ -210,7 +210,9 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
     args = parser.parse_args()
-    web.run_app(make_app(), host=args.host, port=args.port, access_log=None)
+    # One line once the port is bound: `make demo` waits for it (it proves this process holds the port).
+    banner = f"vvault example API: listening on {args.host}:{args.port}"
+    web.run_app(make_app(), host=args.host, port=args.port, access_log=None, print=lambda _: print(banner, flush=True))
 
 
 if __name__ == "__main__":

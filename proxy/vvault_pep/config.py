@@ -13,6 +13,7 @@ never from a request.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from collections.abc import Mapping
@@ -134,6 +135,35 @@ def _existing_file(value: Path, info: ValidationInfo) -> Path:
     if not value.is_file():
         raise ValueError(f"file not found: {value}")
     return value
+
+
+# The OTLP exporters ship as extras (pip install "vvault-pep[otlp-grpc]"): the base
+# install stays small, and a config naming an exporter that is not installed fails at
+# load, saying which extra brings it, rather than at the first export.
+OTLP_EXTRAS: dict[str, tuple[str, str]] = {
+    "grpc": ("otlp-grpc", "opentelemetry.exporter.otlp.proto.grpc"),
+    "http": ("otlp-http", "opentelemetry.exporter.otlp.proto.http"),
+}
+
+
+def otlp_missing(protocol: str) -> str | None:
+    """The message for an OTLP exporter that is not installed, else None."""
+    extra, module = OTLP_EXTRAS[protocol]
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    if found:
+        return None
+    return f"the OTLP {protocol} exporter is not installed: pip install 'vvault-pep[{extra}]'"
+
+
+def _require_otlp(protocol: str, info: ValidationInfo) -> None:
+    if (info.context or {}).get("offline"):
+        return  # a config checked for another machine (a container image carries its extras)
+    message = otlp_missing(protocol)
+    if message is not None:
+        raise ValueError(message)
 
 
 ConfigPath = Annotated[Path, AfterValidator(_resolve_path)]
@@ -428,11 +458,13 @@ class AuditSink(_Model):
     buffer_records: int = Field(10_000, gt=0)
 
     @model_validator(mode="after")
-    def _needs(self) -> AuditSink:
+    def _needs(self, info: ValidationInfo) -> AuditSink:
         if self.type == "file" and self.path is None:
             raise ValueError("a file sink needs path")
         if self.type == "otlp" and not self.endpoint:
             raise ValueError("an otlp sink needs endpoint")
+        if self.type == "otlp":
+            _require_otlp(self.protocol, info)
         return self
 
 
@@ -473,6 +505,13 @@ class Traces(_Model):
     endpoint: str | None = None
     insecure: bool = False  # otlp-grpc without TLS (a collector on localhost)
     sample_ratio: float = Field(1.0, ge=0, le=1)
+
+    @field_validator("exporter")
+    @classmethod
+    def _installed(cls, v: str, info: ValidationInfo) -> str:
+        if v != "none":
+            _require_otlp(v.removeprefix("otlp-"), info)
+        return v
 
     @model_validator(mode="after")
     def _endpoint(self) -> Traces:
