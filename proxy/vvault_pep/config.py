@@ -37,6 +37,7 @@ from .errors import ConfigError
 _ENV_REF = re.compile(r"\$\{(?:file:([^}]+)|([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?)\}")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _METHOD = re.compile(r"^[A-Z]+$")
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
 _DECISION_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(/[A-Za-z_][A-Za-z0-9_]*)*$")
 
 # Headers the PEP owns: a client must never be able to name them, or it could
@@ -388,13 +389,23 @@ class RouteCache(_Model):
 
 
 class AuditSink(_Model):
-    type: Literal["stdout", "file", "otlp"]
+    type: Literal["stdout", "file", "otlp", "http"]
     path: ConfigPath | None = None  # file
     max_bytes: int = Field(100 << 20, gt=0)  # file: rotate past this size
     backups: int = Field(5, ge=0)  # file: rotated files kept
     protocol: Literal["grpc", "http"] = "grpc"  # otlp
     endpoint: str | None = None  # otlp, e.g. http://otel-collector:4317
     buffer_records: int = Field(10_000, gt=0)
+    # http: POST batches to a decision-log service in OPA's wire format (gzip JSON array)
+    url: str | None = None  # e.g. https://logs.example/logs
+    ca_file: ExistingFile | None = None  # https: the CA that signs the service's certificate
+    token: str | None = Field(None, repr=False)  # http: sent as a bearer token
+    timeout_s: float = Field(5.0, gt=0, le=120)
+    max_attempts: int = Field(5, ge=1, le=100)  # per batch, then the batch is counted as dropped
+    backoff_s: float = Field(0.2, gt=0)  # first retry delay, doubled per attempt (with jitter)
+    max_backoff_s: float = Field(10.0, gt=0)
+    flush_interval_s: float = Field(1.0, gt=0, le=600)  # http: a quiet PEP's records leave within this
+    batch_records: int = Field(256, ge=1, le=10_000)  # http: records per POST
 
     @model_validator(mode="after")
     def _needs(self) -> AuditSink:
@@ -402,6 +413,12 @@ class AuditSink(_Model):
             raise ValueError("a file sink needs path")
         if self.type == "otlp" and not self.endpoint:
             raise ValueError("an otlp sink needs endpoint")
+        if self.type == "http":
+            parts = urlsplit(self.url or "")
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError("an http sink needs url: http:// or https:// with a host")
+            if parts.scheme == "http" and self.token is not None and parts.hostname not in _LOOPBACK:
+                raise ValueError("an http sink sends its token over https only (or to loopback)")
         return self
 
 
@@ -418,6 +435,14 @@ class Audit(_Model):
     sinks: tuple[AuditSink, ...] = (AuditSink(type="stdout"),)
     include_input: bool = True
     redact: Redact = Redact()
+    # pep: the PEP's own record (docs/observability.md).  opa: each record is an OPA
+    # decision-log event, read unchanged by OPA's consumers (docs/decision-logs.md).
+    format: Literal["pep", "opa"] = "pep"
+    # opa: extra labels beside id and version (OPA's decision_logs labels)
+    labels: dict[str, str] = {}
+    # opa: PEP-only facts (status, cache, upstream, latency…) in a `vvault_pep` block;
+    # false for a consumer that refuses fields OPA does not define.
+    extension: bool = True
 
 
 class TraceSources(_Model):

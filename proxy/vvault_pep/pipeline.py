@@ -59,6 +59,8 @@ class _Trail:
     stages_ms: dict[str, float] = field(default_factory=dict)
     fields: dict[str, Any] = field(default_factory=dict)
     policy_input: dict[str, Any] | None = None
+    raw_result: Any = None  # the policy's own answer, for OPA-format decision logs
+    has_result: bool = False
 
 
 class Pipeline:
@@ -228,6 +230,7 @@ class Pipeline:
         self.tel.cache_lookups.inc(layer)
         if layer in ("l1", "l2"):
             decision = cached
+            trail.raw_result, trail.has_result = decision.raw, True
         else:
             with self._stage(trail, "pdp", SpanKind.CLIENT) as pdp_span:
                 try:
@@ -238,6 +241,7 @@ class Pipeline:
                     self.tel.pdp_errors.inc(err.code)
                     raise
             trail.fields["opa_decision_id"] = answer.opa_decision_id
+            trail.raw_result, trail.has_result = answer.result, answer.defined
             decision = enforce.interpret(answer.result, defined=answer.defined)
             fresh = self.cache.note_bundles(answer.bundles)
             if layer == "miss" and fresh and answer.defined and decision.code not in _NEVER_CACHED:
@@ -390,7 +394,7 @@ class Pipeline:
             str(result.get("code", "none")),
             "true" if trail.fields.get("enforced", True) else "false",
         )
-        self.audit.emit(self._record(request, trail, status))
+        self.audit.emit(self._record(request, trail, status), result=trail.raw_result, has_result=trail.has_result)
 
     def record_parser_refusal(self, fields: dict[str, Any]) -> None:
         """A request aiohttp's parser refused before the walk: one record all the same."""
@@ -473,7 +477,7 @@ async def _no_context() -> None:
 
 
 def _interpret_cached(result: Any) -> Decision:
-    return enforce.interpret(result, defined=True)
+    return dataclasses.replace(enforce.interpret(result, defined=True), raw=result)
 
 
 def _uuid4() -> str:
