@@ -519,6 +519,18 @@ class RouteAuthn(_Model):
     bound_token: bool = False
 
 
+class RouteBody(_Model):
+    """Let the policy read the request's JSON body (``input.request.body``), opt-in per route."""
+
+    inspect: Literal["json"] = "json"
+    # Inspection limit: a longer body is forwarded untouched, the policy sees
+    # body null and body_truncated true (and should deny).
+    max_bytes: int = Field(65_536, ge=1, le=1 << 20)
+    # Whether the body is part of the decision cache key.  Without it the route's
+    # decisions are not cached: a cached answer must never be served for another body.
+    cache_key: bool = False
+
+
 class Route(_Model):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     host: str | None = None
@@ -530,6 +542,18 @@ class Route(_Model):
     authn: RouteAuthn = RouteAuthn()
     cache: RouteCache = RouteCache()
     rate_limit: RateLimit | None = None
+    body: RouteBody | None = None  # the policy reads the JSON body (docs/policy-input.md)
+
+    @model_validator(mode="after")
+    def _body_in_cache_key(self) -> Route:
+        if self.body is None or not self.cache.enabled:
+            return self
+        if not self.body.cache_key:
+            return self.model_copy(update={"cache": self.cache.model_copy(update={"enabled": False})})
+        if self.cache.key is not None:
+            key = (*self.cache.key, "request.body", "request.body_truncated")
+            return self.model_copy(update={"cache": self.cache.model_copy(update={"key": key})})
+        return self
 
     @field_validator("cache", mode="before")
     @classmethod

@@ -34,6 +34,8 @@ STATUS: dict[str, tuple[int, str]] = {
     "sanitize.headers_too_large": (431, "Request headers too large"),
     "sanitize.body_too_large": (413, "Request body too large"),
     "sanitize.body_timeout": (408, "Request body too slow"),
+    "sanitize.invalid_json": (400, "Request body is not valid JSON"),
+    "sanitize.unsupported_media_type": (415, "Unsupported media type"),
     "sanitize.unknown_host": (421, "Misdirected request"),
     # routing
     "route.not_found": (404, "No route"),

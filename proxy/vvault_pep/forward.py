@@ -121,6 +121,7 @@ class Upstreams:
         response_headers: list[tuple[str, str]],
         redact: tuple[str, ...] = (),
         redact_max_bytes: int = 1 << 20,
+        prefix: bytes = b"",
     ) -> tuple[web.StreamResponse, Outcome]:
         """Forward and stream the answer back; PepError if nothing was sent yet."""
         up = self._config[name]
@@ -134,9 +135,9 @@ class Upstreams:
         body: AsyncIterator[bytes] | None = None
         if content_length:
             send["Content-Length"] = str(content_length)
-            body = self._body(request, counter)
+            body = self._body(request, counter, prefix)
         elif chunked:
-            body = self._body(request, counter)
+            body = self._body(request, counter, prefix)
         session = self._sessions[name]
         try:
             upstream = await session.request(
@@ -233,7 +234,11 @@ class Upstreams:
         out.headers["X-Vvault-Redacted"] = ",".join(fields)
         return out, Outcome(upstream.status, counter.count, len(body))
 
-    async def _body(self, request: web.BaseRequest, counter: _Counter) -> AsyncIterator[bytes]:
+    async def _body(self, request: web.BaseRequest, counter: _Counter, prefix: bytes = b"") -> AsyncIterator[bytes]:
+        if prefix:
+            # What the policy already read (and judged) goes first, byte for byte.
+            counter.count += len(prefix)
+            yield prefix
         content = request.content
         while True:
             try:

@@ -24,7 +24,7 @@ from typing import Any
 from aiohttp import web
 from opentelemetry.trace import INVALID_SPAN, Span, SpanKind, Status, StatusCode
 
-from . import __version__, enforce, ratelimit, sanitize
+from . import __version__, body, enforce, ratelimit, sanitize
 from .audit import AuditLog, now_rfc3339, redact
 from .authn import Authenticator, Identity
 from .cache import DecisionCache, hints_of, lifetime
@@ -177,6 +177,11 @@ class Pipeline:
             assertions = [v.decode("utf-8", "replace") for k, v in request.raw_headers if k.lower() == wanted]
             device = await self.posture.assess(assertions, identity, conn.peer if conn else None)
         trail.fields["device_id"] = device.get("id")
+        # body: read before the decision only where the route lets the policy see it
+        inspected = None
+        if route.body is not None:
+            with self._stage(trail, "body"):
+                inspected = await body.inspect(request, route.body, headers, config.limits.body_idle_timeout_s)
         peer = request.transport.get_extra_info("peername") if request.transport else None
         facts = Facts(
             request_id=trail.request_id,
@@ -191,6 +196,7 @@ class Pipeline:
             identity=identity,
             device=device,
             now=_now(),
+            body=inspected,
         )
         # risk, containment and the cache's revision/epochs all read Redis: the three reads
         # are queued now and share one round trip (with those of other requests in flight).
@@ -285,7 +291,7 @@ class Pipeline:
             trail.fields["would_have"] = {"status": decision.status, "code": decision.code}
             self.tel.would_deny.inc(route.name, decision.code)
         # forward
-        if headers.expect_continue and request.version >= (1, 1):
+        if headers.expect_continue and request.version >= (1, 1) and not (inspected and inspected.continued):
             # Only now that the request is allowed may the client send its body.
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         with self._stage(trail, "upstream", SpanKind.CLIENT) as up_span:
@@ -303,6 +309,7 @@ class Pipeline:
                 response_headers=[("X-Request-Id", trail.request_id), *decision.response_headers],
                 redact=decision.redact,
                 redact_max_bytes=config.limits.max_redact_bytes,
+                prefix=inspected.raw if inspected else b"",
             )
             up_span.set_attribute("http.response.status_code", outcome.status)
             self.tel.upstream_duration.observe(
