@@ -176,7 +176,9 @@ async def test_expect_continue_is_answered_before_the_body_is_read(
 
 
 async def test_the_documented_example_drives_the_shipped_policy(opa: OpaProcess) -> None:
-    doc = json.loads((Path(__file__).parent.parent / "examples" / "policy-input" / "vector-query-body.json").read_text())
+    doc = json.loads(
+        (Path(__file__).parent.parent / "examples" / "policy-input" / "vector-query-body.json").read_text()
+    )
     greedy = json.loads(json.dumps(doc))
     greedy["request"]["body"]["top_k"] = 10_000
     async with aiohttp.ClientSession() as http:

@@ -204,6 +204,8 @@ class UpstreamTls(_Model):
 
 class Upstream(_Model):
     url: str
+    # Send Envoy's x-forwarded-client-cert describing the identified client (docs/identity.md).
+    xfcc: bool = False
     connect_timeout_s: float = Field(2.0, gt=0)
     read_timeout_s: float = Field(30.0, gt=0)
     # Longest wait for a free pooled connection plus connecting: a full pool answers 504.
@@ -333,6 +335,29 @@ class Identity(_Model):
                 raise ValueError(f"issuer {issuer.issuer!r} is configured twice")
             seen.add(issuer.issuer)
         return self
+
+
+class FrontProxy(_Model):
+    """A front proxy identified by its own verified client certificate: one of the two."""
+
+    spiffe_id: str | None = None
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")  # hex thumbprint of its certificate
+
+    @model_validator(mode="after")
+    def _one(self) -> FrontProxy:
+        if (self.spiffe_id is None) == (self.sha256 is None):
+            raise ValueError("name a front proxy by exactly one of spiffe_id or sha256")
+        if self.spiffe_id is not None and not self.spiffe_id.startswith("spiffe://"):
+            raise ValueError("spiffe_id is a spiffe:// URI")
+        return self
+
+
+class Xfcc(_Model):
+    # Front proxies (Envoy, an ingress) whose x-forwarded-client-cert is believed; from
+    # anyone else the header is stripped unread.
+    trusted_proxies: tuple[FrontProxy, ...] = ()
+    # The By= value the PEP emits: its own URI (e.g. its SPIFFE ID); omitted if unset.
+    by: str | None = None
 
 
 class Redis(_Model):
@@ -624,6 +649,7 @@ class Config(_Model):
     sanitize: Sanitize = Sanitize()
     limits: Limits = Limits()
     identity: Identity = Identity()
+    xfcc: Xfcc = Xfcc()
     redis: Redis | None = None
     cache: Cache = Cache()
     audit: Audit = Audit()

@@ -24,7 +24,7 @@ from typing import Any
 from aiohttp import web
 from opentelemetry.trace import INVALID_SPAN, Span, SpanKind, Status, StatusCode
 
-from . import __version__, body, enforce, ratelimit, sanitize
+from . import __version__, body, enforce, ratelimit, sanitize, xfcc
 from .audit import AuditLog, now_rfc3339, redact
 from .authn import Authenticator, Identity
 from .cache import DecisionCache, hints_of, lifetime
@@ -136,6 +136,16 @@ class Pipeline:
         config = self.config
         # listener: the verified client certificate, as data
         conn = self.server.connection_of(request) if self.server else None
+        if conn is not None and config.xfcc.trusted_proxies:
+            # Only a front proxy's own verified certificate makes its XFCC believed.
+            conn = xfcc.accept(
+                config.xfcc,
+                conn,
+                request.raw_headers,
+                require_client_auth_eku=config.listener.tls.require_client_auth_eku,
+            )
+            if conn.forwarded_by is not None:
+                trail.fields["forwarded_by"] = conn.forwarded_by.spiffe_id or conn.forwarded_by.sha256
         if config.listener.tls.client_auth == "required" and (conn is None or conn.peer is None):
             raise PepError("tls.client_cert_required", "a client certificate is required")
         if conn and conn.peer:
@@ -296,6 +306,8 @@ class Pipeline:
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         with self._stage(trail, "upstream", SpanKind.CLIENT) as up_span:
             upstream_headers = self._upstream_headers(request, facts, headers, decision, trail)
+            if config.upstreams[route.upstream].xfcc and facts.connection and facts.connection.peer:
+                upstream_headers.append(("X-Forwarded-Client-Cert", xfcc.emit(facts.connection.peer, config.xfcc.by)))
             upstream_headers.extend(self.tel.inject(up_span).items())
             started = time.perf_counter()
             response, outcome = await self.upstreams.forward(
@@ -358,7 +370,8 @@ class Pipeline:
         pep.extend(decision.upstream_headers)
         # What the PEP or the policy sets replaces the client's header of that name,
         # never sits beside it: frameworks read the first of duplicate headers.
-        owned = {name.lower() for name, _ in pep}
+        # x-forwarded-client-cert is the PEP's to set (xfcc.emit), whatever sanitize is configured to strip.
+        owned = {name.lower() for name, _ in pep} | {xfcc.HEADER}
         return [(k, v) for k, v in headers.forward if k.lower() not in owned] + pep
 
     def _deny(self, request: web.BaseRequest, decision: Decision, trail: _Trail) -> web.StreamResponse:

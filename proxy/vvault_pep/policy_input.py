@@ -47,6 +47,9 @@ def build_input(facts: Facts, *, pep_version: str) -> dict[str, Any]:
     doc = _build(facts, pep_version)
     if facts.body is not None:
         doc["request"].update(facts.body.as_input())
+    via = facts.connection.forwarded_by if facts.connection is not None else None
+    if via is not None:
+        doc["tls"]["forwarded_by"] = {"spiffe_id": via.spiffe_id, "sha256": via.sha256, "subject": via.subject}
     return doc
 
 
