@@ -163,6 +163,9 @@ class Admin(_Model):
 
 class Opa(_Model):
     url: str = "http://127.0.0.1:8181"
+    # OPA run with --authentication=token: sent as a bearer token on every call.
+    token: str | None = Field(None, repr=False, min_length=1)
+    ca_file: ExistingFile | None = None  # https:// OPA: the CA of its server certificate
     timeout_ms: int = Field(250, gt=0, le=60_000)
     max_connections: int = Field(64, gt=0)
     managed: bool = False
@@ -183,6 +186,15 @@ class Opa(_Model):
         else:
             raise ValueError("scheme must be http, https or unix")
         return v.rstrip("/")
+
+    @model_validator(mode="after")
+    def _transport(self) -> Opa:
+        parts = urlsplit(self.url)
+        if self.ca_file is not None and parts.scheme != "https":
+            raise ValueError("ca_file is for an https:// OPA")
+        if self.token is not None and parts.scheme == "http" and parts.hostname not in _LOOPBACK:
+            raise ValueError("an OPA token is sent over https, a Unix socket or loopback only")
+        return self
 
     @model_validator(mode="after")
     def _managed_needs_policies(self) -> Opa:
@@ -395,6 +407,10 @@ class Cache(_Model):
     deny_ttl_s: float = Field(2, ge=0)
     max_ttl_s: float = Field(300, gt=0)
     revision_check_s: float = Field(2.0, gt=0)
+    # Without bundles the revision is a hash of OPA's modules, which means fetching every
+    # module's source: done at most this often (0: only at start and after an OPA restart;
+    # right when the PEP is OPA's only writer, e.g. a managed OPA).
+    policy_check_s: float = Field(30.0, ge=0)
     debug_headers: bool = False
 
 

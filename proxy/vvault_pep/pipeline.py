@@ -20,6 +20,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiohttp import web
 from opentelemetry.trace import INVALID_SPAN, Span, SpanKind, Status, StatusCode
@@ -41,7 +42,7 @@ from .ratelimit import RateLimiter
 from .risk import RiskSignals
 from .routing import Match, RouteTable
 from .scopes import scope_values
-from .telemetry import Telemetry
+from .telemetry import KNOWN_METHODS, Telemetry, method_of
 
 log = logging.getLogger("vvault_pep.pipeline")
 _READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -60,6 +61,8 @@ class _Trail:
     fields: dict[str, Any] = field(default_factory=dict)
     policy_input: dict[str, Any] | None = None
     raw_result: Any = None  # the policy's own answer, for OPA-format decision logs
+    http_route: str = ""  # the matched route's template (http.route)
+    error_code: str | None = None  # the PEP's refusal code, when it refused (error.type)
     has_result: bool = False
 
 
@@ -102,15 +105,21 @@ class Pipeline:
         )
         refusal: Refusal | None = None
         response: web.StreamResponse | None = None
+        method = method_of(request.method)
         attributes = {
-            "http.request.method": request.method,
+            "http.request.method": method,
             "url.scheme": "https",
             "network.protocol.version": f"{request.version.major}.{request.version.minor}",
             "client.address": source_ip or "",
             "vvault_pep.request_id": trail.request_id,
             "vvault_pep.decision_id": trail.decision_id,
         }
-        with self.tel.server_span(request.method, parent, attributes) as span:
+        if method == "_OTHER":
+            attributes["http.request.method_original"] = request.method
+        user_agent = request.headers.get("User-Agent")
+        if user_agent:
+            attributes["user_agent.original"] = user_agent[:256]
+        with self.tel.server_span(method if method != "_OTHER" else "HTTP", parent, attributes) as span:
             trail.span = span
             trail.trace_id = format(span.get_span_context().trace_id, "032x")
             try:
@@ -124,6 +133,7 @@ class Pipeline:
                 refusal = PepError("internal.error").refusal()
             finally:
                 if refusal is not None:
+                    trail.error_code = refusal.code
                     trail.fields.setdefault("result", _result_of(refusal))
                     response = self._refuse(request, refusal, trail)
                 self._finish(request, trail, response, span)
@@ -162,6 +172,8 @@ class Pipeline:
             headers = sanitize.check_headers(
                 request.raw_headers, config.sanitize, config.limits, frozenset({config.posture.header})
             )
+            span.set_attribute("server.address", headers.host)
+            span.set_attribute("server.port", headers.port or 443)
             if config.listener.hosts and headers.host not in config.listener.hosts:
                 raise PepError("sanitize.unknown_host", "this listener does not serve that host")
             if headers.content_length is not None and headers.content_length > config.limits.max_body_bytes:
@@ -172,7 +184,8 @@ class Pipeline:
         route = match.route
         trail.fields["route"] = route.name
         trail.fields["decision_path"] = route.policy
-        span.update_name(f"{request.method} {route.path}")
+        trail.http_route = route.path
+        span.update_name(f"{request.method if request.method in KNOWN_METHODS else 'HTTP'} {route.path}")
         span.set_attribute("http.route", route.path)
         span.set_attribute("vvault_pep.route", route.name)
         # authenticate: a token the PEP verified itself, and/or a workload certificate
@@ -243,7 +256,7 @@ class Pipeline:
             )
         trail.fields["cache"] = layer
         trail.fields["bundles"] = {"revision": revision or self.cache.opa_revision}
-        self.tel.cache_lookups.inc(layer)
+        self.tel.cache_lookup(layer)
         if layer in ("l1", "l2"):
             decision = cached
             trail.raw_result, trail.has_result = decision.raw, True
@@ -309,6 +322,8 @@ class Pipeline:
             if config.upstreams[route.upstream].xfcc and facts.connection and facts.connection.peer:
                 upstream_headers.append(("X-Forwarded-Client-Cert", xfcc.emit(facts.connection.peer, config.xfcc.by)))
             upstream_headers.extend(self.tel.inject(up_span).items())
+            if self.tel.recording:
+                _client_span(up_span, request.method, config.upstreams[route.upstream].url, target, config)
             started = time.perf_counter()
             response, outcome = await self.upstreams.forward(
                 route.upstream,
@@ -405,8 +420,13 @@ class Pipeline:
         route = trail.fields.get("route", "none")
         result = trail.fields.get("result") or {}
         span.set_attribute("http.response.status_code", status)
-        if status >= 500:
+        if status >= 500 or status == 0:
+            # error.type: the PEP's stable code when it refused, the status when the upstream failed
+            span.set_attribute("error.type", trail.error_code or str(status or "_OTHER"))
             span.set_status(Status(StatusCode.ERROR))
+        self.tel.http_duration.observe(
+            time.perf_counter() - trail.started, method_of(request.method), trail.http_route, str(status), "https"
+        )
         method_class = "read" if request.method in _READ_METHODS else "write"
         self.tel.requests.inc(route, method_class, str(status))
         self.tel.decisions.inc(
@@ -490,6 +510,18 @@ class _Stage:
             elapsed = time.perf_counter() - self._started
             self._trail.stages_ms[self._name] = round(elapsed * 1000, 3)
             self._pipeline.tel.stage_duration.observe(elapsed, self._name)
+
+
+def _client_span(span: Span, method: str, base: str, target: sanitize.Target, config: Config) -> None:
+    """OTel HTTP client conventions on the upstream span (query values redacted unless kept in logs)."""
+    parts = urlsplit(base)
+    query = target.query
+    if query and config.audit.redact.query != "keep":
+        query = "&".join(f"{p.partition('=')[0]}=REDACTED" for p in query.split("&"))
+    span.set_attribute("http.request.method", method_of(method))
+    span.set_attribute("url.full", base + target.path + (f"?{query}" if query else ""))
+    span.set_attribute("server.address", parts.hostname or "")
+    span.set_attribute("server.port", parts.port or (443 if parts.scheme == "https" else 80))
 
 
 async def _no_context() -> None:
