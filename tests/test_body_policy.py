@@ -155,6 +155,10 @@ def test_the_body_is_in_the_cache_key_only_when_the_route_says_so() -> None:
     whole = Route.model_validate({**base, "body": {"cache_key": True}})
     assert whole.cache.enabled is True and whole.cache.key is None  # the whole input, body included
     assert Route.model_validate(base).cache.enabled is True
+    # caching asked for explicitly, without the body in the key: refused at load, never silently wrong
+    with pytest.raises(ValueError, match="cache_key"):
+        Route.model_validate({**base, "body": {}, "cache": {"ttl_s": 30}})
+    assert Route.model_validate({**base, "body": {}, "cache": "off"}).cache.enabled is False
 
 
 async def test_expect_continue_is_answered_before_the_body_is_read(

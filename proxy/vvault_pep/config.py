@@ -589,11 +589,16 @@ class Route(_Model):
     def _body_in_cache_key(self) -> Route:
         if self.body is None or not self.cache.enabled:
             return self
+        if not self.body.cache_key and "cache" in self.model_fields_set:
+            raise ValueError(
+                "this route's policy reads the body: set body.cache_key: true to cache by body, or cache: off"
+            )
+        # Set once, while validating (the model is frozen from then on).
         if not self.body.cache_key:
-            return self.model_copy(update={"cache": self.cache.model_copy(update={"enabled": False})})
-        if self.cache.key is not None:
+            object.__setattr__(self, "cache", self.cache.model_copy(update={"enabled": False}))
+        elif self.cache.key is not None:
             key = (*self.cache.key, "request.body", "request.body_truncated")
-            return self.model_copy(update={"cache": self.cache.model_copy(update={"key": key})})
+            object.__setattr__(self, "cache", self.cache.model_copy(update={"key": key}))
         return self
 
     @field_validator("cache", mode="before")

@@ -33,7 +33,7 @@ from urllib.parse import urlsplit
 import orjson
 
 from . import __version__
-from .audit import _Sink
+from .audit import _Sink, now_rfc3339
 from .config import AuditSink
 
 log = logging.getLogger("vvault_pep.audit.http")
@@ -75,7 +75,7 @@ def opa_event(
     """The OPA decision-log event for one PEP audit record (pure)."""
     event: dict[str, Any] = {
         "labels": {**(labels or {}), "id": INSTANCE_ID, "version": __version__},
-        "decision_id": record["decision_id"],
+        "decision_id": str(record.get("decision_id") or uuid.uuid4()),
     }
     if record.get("trace_id"):
         event["trace_id"] = record["trace_id"]
@@ -103,7 +103,7 @@ def opa_event(
     if source:
         host = f"[{source}]" if ":" in source else source
         event["requested_by"] = f"{host}:{port}" if port else str(source)
-    event["timestamp"] = record["timestamp"]
+    event["timestamp"] = record.get("timestamp") or now_rfc3339()
     metrics: dict[str, int] = {}
     if isinstance(record.get("latency_ms"), int | float):
         metrics["timer_server_handler_ns"] = int(record["latency_ms"] * 1_000_000)

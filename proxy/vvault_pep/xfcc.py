@@ -228,7 +228,7 @@ def accept(
     if proxy is None or not cfg.trusted_proxies or not trusted(cfg, proxy):
         return conn  # the header is stripped by sanitize, never read
     wanted = HEADER.encode()
-    values = [v.decode("latin-1") for k, v in raw_headers if k.lower() == wanted]
+    values = [v.decode("utf-8", "replace") for k, v in raw_headers if k.lower() == wanted]
     if not values:
         return dataclasses.replace(conn, peer=None, forwarded_by=proxy)
     try:
