@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gzip
 import json
+import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 
 import aiohttp
 import jsonschema
+import pytest
 from aiohttp import web
 from tests.conftest import Upstream
 from tests.support import client_context, config_doc, free_port, start_opa
@@ -66,14 +68,14 @@ class Receiver:
 
 
 @contextlib.asynccontextmanager
-async def receiver(answers: list[int] | None = None) -> AsyncIterator[Receiver]:
+async def receiver(answers: list[int] | None = None, tls: ssl.SSLContext | None = None) -> AsyncIterator[Receiver]:
     rec = Receiver(answers=list(answers or []))
     app = web.Application()
     app.router.add_post("/logs", rec.handle)
     # auto_decompress off: the test sees the bytes on the wire, not aiohttp's inflated copy
     runner = web.AppRunner(app, access_log=None, auto_decompress=False)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=tls)
     await site.start()
     rec.port = runner.addresses[0][1]
     try:
@@ -216,3 +218,30 @@ async def _wait(condition: Any) -> None:
     async with asyncio.timeout(15):
         while not condition():
             await asyncio.sleep(0.02)
+
+
+async def test_https_decision_log_service_is_verified_against_its_ca(pki: Path) -> None:
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(str(pki / "server.pem"), str(pki / "server-key.pem"))
+    async with receiver(tls=tls) as rec:
+        url = f"https://localhost:{rec.port}/logs"
+        good = AuditSink(type="http", url=url, ca_file=pki / "ca.pem", flush_interval_s=0.02, token="t" * 40)
+        unknown_ca = AuditSink(type="http", url=url, flush_interval_s=0.02, backoff_s=0.01, max_attempts=2)
+        log = AuditLog(Audit(sinks=(good, unknown_ca)))
+        log.start()
+        try:
+            log.emit({"timestamp": "2026-01-01T00:00:00Z", "decision_id": "over-tls"})
+            [event] = await rec.wait_for(1)
+            # the sink that cannot verify the service never sends it anything (nor its token)
+            await _wait(lambda: log.dropped() == {"http-0": 0, "http-1": 1})
+        finally:
+            await asyncio.to_thread(log.stop)
+    assert event["decision_id"] == "over-tls" and rec.posts == 1
+
+
+def test_a_sink_token_never_travels_in_clear_text_off_the_machine() -> None:
+    with pytest.raises(ValueError, match="https"):
+        AuditSink(type="http", url="http://logs.internal/logs", token="t" * 40)
+    with pytest.raises(ValueError, match="url"):
+        AuditSink(type="http")
+    assert "t" * 40 not in repr(AuditSink(type="http", url="https://logs.internal/logs", token="t" * 40))
