@@ -303,7 +303,7 @@ async def test_metrics_move_as_requests_flow(
         - total(before, "vvault_pep_stage_duration_seconds_count", stage="pdp")
         == 4
     )
-    assert total(after, "vvault_pep_cache_lookups_total", layer="bypass") >= 4
+    assert total(after, "vvault_pep_cache_lookups_total", result="bypass") >= 4
     assert total(after, "vvault_pep_upstream_duration_seconds_count", status_class="2xx") >= 3
     assert any(name == "vvault_pep_connections_open" for name, _ in after)
 

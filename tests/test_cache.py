@@ -115,6 +115,7 @@ def cache_config(pki: Path, opa: OpaProcess, upstream: Upstream, idp: Issuer, re
             ]
         },
     )
+    doc["cache"] = {"policy_check_s": 2}  # modules re-hashed on every revision check: changes behind the PEP's back
     return Config.model_validate(doc)
 
 

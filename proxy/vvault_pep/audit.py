@@ -143,6 +143,8 @@ class _Sink(threading.Thread):
     between threads per request.
     """
 
+    flush_s = _FLUSH_S
+
     def __init__(self, name: str, buffer_records: int) -> None:
         super().__init__(name=f"audit-sink-{name}", daemon=True)  # a stuck sink must not hold up exit
         self.sink = name
@@ -166,7 +168,7 @@ class _Sink(threading.Thread):
     def run(self) -> None:
         buffer = self._buffer
         while True:
-            self._wake.wait(_FLUSH_S)
+            self._wake.wait(self.flush_s)
             self._wake.clear()
             stopping = self._stopping  # read before draining: what came before stop() is written
             while buffer:
@@ -312,6 +314,10 @@ class AuditLog:
                 sink = _StdoutSink(name, cfg.buffer_records)
             elif cfg.type == "file":
                 sink = _FileSink(name, cfg)
+            elif cfg.type == "http":
+                from .decision_log import HttpSink
+
+                sink = HttpSink(name, cfg)
             else:
                 sink = _OtlpSink(name, cfg)
             sink.start()
@@ -321,7 +327,14 @@ class AuditLog:
         """Records lost per sink: dropped on a full buffer, or failed to write."""
         return {s.sink: s.dropped + s.failures for s in self.sinks}
 
-    def emit(self, record: dict[str, Any]) -> None:
+    def emit(self, record: dict[str, Any], *, result: Any = None, has_result: bool = False) -> None:
+        """Hand one record to every sink; ``result`` is the policy's raw answer (OPA format)."""
+        if self.cfg.format == "opa":
+            from .decision_log import opa_event
+
+            record = opa_event(
+                record, result=result, has_result=has_result, labels=self.cfg.labels, extension=self.cfg.extension
+            )
         for sink in self.sinks:
             sink.offer(record)
         if self.logger.hasHandlers():

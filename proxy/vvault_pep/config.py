@@ -38,6 +38,7 @@ from .errors import ConfigError
 _ENV_REF = re.compile(r"\$\{(?:file:([^}]+)|([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?)\}")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _METHOD = re.compile(r"^[A-Z]+$")
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
 _DECISION_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(/[A-Za-z_][A-Za-z0-9_]*)*$")
 
 # Headers the PEP owns: a client must never be able to name them, or it could
@@ -223,6 +224,9 @@ class Admin(_Model):
 
 class Opa(_Model):
     url: str = "http://127.0.0.1:8181"
+    # OPA run with --authentication=token: sent as a bearer token on every call.
+    token: str | None = Field(None, repr=False, min_length=1)
+    ca_file: ExistingFile | None = None  # https:// OPA: the CA of its server certificate
     timeout_ms: int = Field(250, gt=0, le=60_000)
     max_connections: int = Field(64, gt=0)
     managed: bool = False
@@ -245,6 +249,15 @@ class Opa(_Model):
         return v.rstrip("/")
 
     @model_validator(mode="after")
+    def _transport(self) -> Opa:
+        parts = urlsplit(self.url)
+        if self.ca_file is not None and parts.scheme != "https":
+            raise ValueError("ca_file is for an https:// OPA")
+        if self.token is not None and parts.scheme == "http" and parts.hostname not in _LOOPBACK:
+            raise ValueError("an OPA token is sent over https, a Unix socket or loopback only")
+        return self
+
+    @model_validator(mode="after")
     def _managed_needs_policies(self) -> Opa:
         if self.managed and self.policy_dir is None:
             raise ValueError("managed: true needs policy_dir (the folder OPA loads)")
@@ -264,6 +277,8 @@ class UpstreamTls(_Model):
 
 class Upstream(_Model):
     url: str
+    # Send Envoy's x-forwarded-client-cert describing the identified client (docs/identity.md).
+    xfcc: bool = False
     connect_timeout_s: float = Field(2.0, gt=0)
     read_timeout_s: float = Field(30.0, gt=0)
     # Longest wait for a free pooled connection; then a fast 503 with Retry-After.
@@ -395,6 +410,29 @@ class Identity(_Model):
         return self
 
 
+class FrontProxy(_Model):
+    """A front proxy identified by its own verified client certificate: one of the two."""
+
+    spiffe_id: str | None = None
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")  # hex thumbprint of its certificate
+
+    @model_validator(mode="after")
+    def _one(self) -> FrontProxy:
+        if (self.spiffe_id is None) == (self.sha256 is None):
+            raise ValueError("name a front proxy by exactly one of spiffe_id or sha256")
+        if self.spiffe_id is not None and not self.spiffe_id.startswith("spiffe://"):
+            raise ValueError("spiffe_id is a spiffe:// URI")
+        return self
+
+
+class Xfcc(_Model):
+    # Front proxies (Envoy, an ingress) whose x-forwarded-client-cert is believed; from
+    # anyone else the header is stripped unread.
+    trusted_proxies: tuple[FrontProxy, ...] = ()
+    # The By= value the PEP emits: its own URI (e.g. its SPIFFE ID); omitted if unset.
+    by: str | None = None
+
+
 class Redis(_Model):
     url: str = Field(..., repr=False)  # redis://, rediss:// (TLS) or unix://; may carry user:password
     mode: Literal["standalone", "sentinel", "cluster"] = "standalone"
@@ -430,6 +468,10 @@ class Cache(_Model):
     deny_ttl_s: float = Field(2, ge=0)
     max_ttl_s: float = Field(300, gt=0)
     revision_check_s: float = Field(2.0, gt=0)
+    # Without bundles the revision is a hash of OPA's modules, which means fetching every
+    # module's source: done at most this often (0: only at start and after an OPA restart;
+    # right when the PEP is OPA's only writer, e.g. a managed OPA).
+    policy_check_s: float = Field(30.0, ge=0)
     debug_headers: bool = False
 
 
@@ -449,13 +491,23 @@ class RouteCache(_Model):
 
 
 class AuditSink(_Model):
-    type: Literal["stdout", "file", "otlp"]
+    type: Literal["stdout", "file", "otlp", "http"]
     path: ConfigPath | None = None  # file
     max_bytes: int = Field(100 << 20, gt=0)  # file: rotate past this size
     backups: int = Field(5, ge=0)  # file: rotated files kept
     protocol: Literal["grpc", "http"] = "grpc"  # otlp
     endpoint: str | None = None  # otlp, e.g. http://otel-collector:4317
     buffer_records: int = Field(10_000, gt=0)
+    # http: POST batches to a decision-log service in OPA's wire format (gzip JSON array)
+    url: str | None = None  # e.g. https://logs.example/logs
+    ca_file: ExistingFile | None = None  # https: the CA that signs the service's certificate
+    token: str | None = Field(None, repr=False)  # http: sent as a bearer token
+    timeout_s: float = Field(5.0, gt=0, le=120)
+    max_attempts: int = Field(5, ge=1, le=100)  # per batch, then the batch is counted as dropped
+    backoff_s: float = Field(0.2, gt=0)  # first retry delay, doubled per attempt (with jitter)
+    max_backoff_s: float = Field(10.0, gt=0)
+    flush_interval_s: float = Field(1.0, gt=0, le=600)  # http: a quiet PEP's records leave within this
+    batch_records: int = Field(256, ge=1, le=10_000)  # http: records per POST
 
     @model_validator(mode="after")
     def _needs(self, info: ValidationInfo) -> AuditSink:
@@ -465,6 +517,12 @@ class AuditSink(_Model):
             raise ValueError("an otlp sink needs endpoint")
         if self.type == "otlp":
             _require_otlp(self.protocol, info)
+        if self.type == "http":
+            parts = urlsplit(self.url or "")
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError("an http sink needs url: http:// or https:// with a host")
+            if parts.scheme == "http" and self.token is not None and parts.hostname not in _LOOPBACK:
+                raise ValueError("an http sink sends its token over https only (or to loopback)")
         return self
 
 
@@ -481,6 +539,14 @@ class Audit(_Model):
     sinks: tuple[AuditSink, ...] = (AuditSink(type="stdout"),)
     include_input: bool = True
     redact: Redact = Redact()
+    # pep: the PEP's own record (docs/observability.md).  opa: each record is an OPA
+    # decision-log event, read unchanged by OPA's consumers (docs/decision-logs.md).
+    format: Literal["pep", "opa"] = "pep"
+    # opa: extra labels beside id and version (OPA's decision_logs labels)
+    labels: dict[str, str] = {}
+    # opa: PEP-only facts (status, cache, upstream, latency…) in a `vvault_pep` block;
+    # false for a consumer that refuses fields OPA does not define.
+    extension: bool = True
 
 
 class TraceSources(_Model):
@@ -599,6 +665,18 @@ class RouteResponses(_Model):
         return _header_names(v)
 
 
+class RouteBody(_Model):
+    """Let the policy read the request's JSON body (``input.request.body``), opt-in per route."""
+
+    inspect: Literal["json"] = "json"
+    # Inspection limit: a longer body is forwarded untouched, the policy sees
+    # body null and body_truncated true (and should deny).
+    max_bytes: int = Field(65_536, ge=1, le=1 << 20)
+    # Whether the body is part of the decision cache key.  Without it the route's
+    # decisions are not cached: a cached answer must never be served for another body.
+    cache_key: bool = False
+
+
 class Route(_Model):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     host: str | None = None
@@ -613,6 +691,23 @@ class Route(_Model):
     responses: RouteResponses = RouteResponses()
     # Longest time to receive the whole request body; None: limits.body_deadline_s.
     body_deadline_s: float | None = Field(None, gt=0)
+    body: RouteBody | None = None  # the policy reads the JSON body (docs/policy-input.md)
+
+    @model_validator(mode="after")
+    def _body_in_cache_key(self) -> Route:
+        if self.body is None or not self.cache.enabled:
+            return self
+        if not self.body.cache_key and "cache" in self.model_fields_set:
+            raise ValueError(
+                "this route's policy reads the body: set body.cache_key: true to cache by body, or cache: off"
+            )
+        # Set once, while validating (the model is frozen from then on).
+        if not self.body.cache_key:
+            object.__setattr__(self, "cache", self.cache.model_copy(update={"enabled": False}))
+        elif self.cache.key is not None:
+            key = (*self.cache.key, "request.body", "request.body_truncated")
+            object.__setattr__(self, "cache", self.cache.model_copy(update={"key": key}))
+        return self
 
     @field_validator("cache", mode="before")
     @classmethod
@@ -695,6 +790,7 @@ class Config(_Model):
     limits: Limits = Limits()
     responses: Responses = Responses()
     identity: Identity = Identity()
+    xfcc: Xfcc = Xfcc()
     redis: Redis | None = None
     cache: Cache = Cache()
     audit: Audit = Audit()

@@ -47,6 +47,7 @@ class Decision:
     monitor_only: bool = False  # a deny the policy wants logged, not enforced (rule roll-out)
     obligations: tuple[tuple[str, float, str], ...] = ()  # quarantines to carry out: (scope, ttl_s, reason)
     redact: tuple[str, ...] = ()  # JSON field names to remove from the response
+    raw: Any = field(default=None, compare=False, repr=False)  # the policy's answer as OPA gave it (decision logs)
 
 
 def _deny(code: str, reason: str, status: int | None = None) -> Decision:

@@ -35,6 +35,9 @@ STATUS: dict[str, tuple[int, str]] = {
     "sanitize.body_too_large": (413, "Request body too large"),
     "sanitize.body_timeout": (408, "Request body too slow"),
     "sanitize.body_deadline": (408, "Request body took too long"),
+    "sanitize.invalid_json": (400, "Request body is not valid JSON"),
+    "sanitize.bad_xfcc": (400, "Malformed forwarded client certificate"),
+    "sanitize.unsupported_media_type": (415, "Unsupported media type"),
     "sanitize.unknown_host": (421, "Misdirected request"),
     # routing
     "route.not_found": (404, "No route"),

@@ -144,6 +144,7 @@ class Upstreams:
         redact_max_bytes: int = 1 << 20,
         header_policy: responses.HeaderPolicy = responses.DEFAULT_POLICY,
         body_deadline_s: float = 60.0,
+        prefix: bytes = b"",
     ) -> tuple[web.StreamResponse, Outcome]:
         """Forward and stream the answer back; PepError if nothing was sent yet."""
         up = self._config[name]
@@ -165,7 +166,7 @@ class Upstreams:
         body: AsyncIterator[bytes] | bytes | None = None
         if content_length or chunked:
             # Received before a pooled connection is taken, up to the buffer size.
-            first, done = await self._prefix(request, budget)
+            first, done = await self._prefix(request, budget, prefix)
             if done:
                 body = first
             else:
@@ -352,10 +353,16 @@ class Upstreams:
             raise PepError("sanitize.body_too_large", "request body exceeds the limit")
         return chunk
 
-    async def _prefix(self, request: web.BaseRequest, budget: _Body) -> tuple[bytes, bool]:
-        """Up to the buffer size of the body; True when that is all of it."""
-        pieces: list[bytes] = []
-        size = 0
+    async def _prefix(self, request: web.BaseRequest, budget: _Body, read: bytes = b"") -> tuple[bytes, bool]:
+        """Up to the buffer size of the body; True when that is all of it.
+
+        ``read``: what the policy already read (and judged) of the body; it goes first, byte for byte.
+        """
+        pieces: list[bytes] = [read] if read else []
+        size = len(read)
+        budget.count += size
+        if budget.count > budget.limit:
+            raise PepError("sanitize.body_too_large", "request body exceeds the limit")
         while size <= self._buffer:
             chunk = await self._read(request, budget)
             if not chunk:

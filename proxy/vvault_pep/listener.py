@@ -156,6 +156,8 @@ class Connection:
     cipher: str | None
     alpn: str | None
     peer: PeerCertificate | None
+    # Set when ``peer`` came from a trusted front proxy's x-forwarded-client-cert: that proxy.
+    forwarded_by: PeerCertificate | None = None
 
 
 class _Handler(RequestHandler):

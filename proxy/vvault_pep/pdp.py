@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import ssl
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -46,19 +47,27 @@ class PdpClient:
     def __init__(self, opa: Opa) -> None:
         self._opa = opa
         self._deadline = opa.timeout_ms / 1000
+        self.revision_checks = 0
+        self.module_downloads = 0  # GET /v1/policies made for the revision (every module's source)
         parts = urlsplit(opa.url)
         connector: aiohttp.BaseConnector
         if parts.scheme == "unix":
             connector = aiohttp.UnixConnector(path=parts.path, limit=opa.max_connections, keepalive_timeout=30)
             self._base = "http://opa"
         else:
-            connector = aiohttp.TCPConnector(limit=opa.max_connections, keepalive_timeout=30, ttl_dns_cache=60)
+            tls: ssl.SSLContext | bool = True
+            if parts.scheme == "https":
+                tls = ssl.create_default_context(cafile=str(opa.ca_file) if opa.ca_file else None)
+            connector = aiohttp.TCPConnector(limit=opa.max_connections, keepalive_timeout=30, ttl_dns_cache=60, ssl=tls)
             self._base = opa.url
+        # OPA's --authentication=token: the token on every call, never in a log line.
+        auth = {"Authorization": f"Bearer {opa.token}"} if opa.token else None
         self._session = aiohttp.ClientSession(
             connector=connector,
             timeout=aiohttp.ClientTimeout(total=None),  # the deadline below rules
             auto_decompress=False,
             skip_auto_headers=("User-Agent",),
+            headers=auth,
         )
 
     @property
@@ -103,11 +112,15 @@ class PdpClient:
             _bundle_revisions(doc) if provenance else None,
         )
 
-    async def revision(self, timeout_s: float = 2.0) -> str:
+    async def revision(self, timeout_s: float = 2.0, *, modules: bool = True) -> str | None:
         """What identifies the policy OPA runs: bundle revisions, else a hash of its modules.
 
-        Raises PepError(pdp.*) when OPA cannot be asked.
+        The bundle revisions come with a one-line probe.  The module hash needs every
+        module's source (``GET /v1/policies``): with ``modules=False`` it is not fetched and
+        None means "no bundles; modules not checked".  Raises PepError(pdp.*) when OPA
+        cannot be asked.
         """
+        self.revision_checks += 1
         try:
             async with asyncio.timeout(timeout_s):
                 async with self._session.post(
@@ -116,16 +129,33 @@ class PdpClient:
                     bundles = _bundle_revisions(orjson.loads(await resp.read()))
                 if bundles != "{}":
                     return "b:" + bundles
+                if not modules:
+                    return None
+                self.module_downloads += 1
                 async with self._session.get(f"{self._base}/v1/policies") as resp:
                     doc = orjson.loads(await resp.read())
         except TimeoutError as exc:
             raise PepError("pdp.timeout", "OPA did not answer in time") from exc
         except (aiohttp.ClientError, OSError, orjson.JSONDecodeError) as exc:
             raise PepError("pdp.unavailable", f"OPA unreachable: {type(exc).__name__}") from exc
-        modules = sorted(
+        sources = sorted(
             (str(m.get("id")), str(m.get("raw"))) for m in (doc.get("result") or []) if isinstance(m, dict)
         )
-        return "p:" + hashlib.sha256(orjson.dumps(modules)).hexdigest()[:32]
+        return "p:" + hashlib.sha256(orjson.dumps(sources)).hexdigest()[:32]
+
+    async def version(self, timeout_s: float = 1.0) -> str | None:
+        """OPA's version, as its provenance reports it; None when OPA cannot be asked."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                async with self._session.post(
+                    f"{self._base}/v1/data/vvault_pep/revision_probe?provenance=true", data=b"{}"
+                ) as resp:
+                    doc = orjson.loads(await resp.read())
+        except (TimeoutError, aiohttp.ClientError, OSError, orjson.JSONDecodeError):
+            return None
+        prov = doc.get("provenance") if isinstance(doc, dict) else None
+        version = prov.get("version") if isinstance(prov, dict) else None
+        return version if isinstance(version, str) else None
 
     async def put_policy(self, policy_id: str, rego: bytes) -> int:
         """PUT a Rego module into OPA; returns OPA's HTTP status (400 on a compile error)."""

@@ -21,11 +21,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiohttp import web
 from opentelemetry.trace import INVALID_SPAN, Span, SpanKind, Status, StatusCode
 
-from . import __version__, enforce, inflight, ratelimit, responses, sanitize
+from . import __version__, body, enforce, inflight, ratelimit, responses, sanitize, xfcc
 from .audit import AuditLog, now_rfc3339, redact
 from .authn import Authenticator, Identity
 from .cache import DecisionCache, hints_of, lifetime
@@ -42,7 +43,7 @@ from .ratelimit import RateLimiter
 from .risk import RiskSignals
 from .routing import Match, RouteTable
 from .scopes import scope_values
-from .telemetry import Telemetry
+from .telemetry import KNOWN_METHODS, Telemetry, method_of
 
 log = logging.getLogger("vvault_pep.pipeline")
 _READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -61,6 +62,10 @@ class _Trail:
     fields: dict[str, Any] = field(default_factory=dict)
     policy_input: dict[str, Any] | None = None
     release: Callable[[], None] = inflight.nothing_held  # the caller's in-flight slot, once taken
+    raw_result: Any = None  # the policy's own answer, for OPA-format decision logs
+    http_route: str = ""  # the matched route's template (http.route)
+    error_code: str | None = None  # the PEP's refusal code, when it refused (error.type)
+    has_result: bool = False
 
 
 class Pipeline:
@@ -106,15 +111,21 @@ class Pipeline:
         )
         refusal: Refusal | None = None
         response: web.StreamResponse | None = None
+        method = method_of(request.method)
         attributes = {
-            "http.request.method": request.method,
+            "http.request.method": method,
             "url.scheme": "https",
             "network.protocol.version": f"{request.version.major}.{request.version.minor}",
             "client.address": source_ip or "",
             "vvault_pep.request_id": trail.request_id,
             "vvault_pep.decision_id": trail.decision_id,
         }
-        with self.tel.server_span(request.method, parent, attributes) as span:
+        if method == "_OTHER":
+            attributes["http.request.method_original"] = request.method
+        user_agent = request.headers.get("User-Agent")
+        if user_agent:
+            attributes["user_agent.original"] = user_agent[:256]
+        with self.tel.server_span(method if method != "_OTHER" else "HTTP", parent, attributes) as span:
             trail.span = span
             trail.trace_id = format(span.get_span_context().trace_id, "032x")
             try:
@@ -133,6 +144,7 @@ class Pipeline:
             finally:
                 trail.release()
                 if refusal is not None:
+                    trail.error_code = refusal.code
                     trail.fields.setdefault("result", _result_of(refusal))
                     response = self._refuse(request, refusal, trail)
                 self._finish(request, trail, response, span)
@@ -145,6 +157,16 @@ class Pipeline:
         config = self.config
         # listener: the verified client certificate, as data
         conn = self.server.connection_of(request) if self.server else None
+        if conn is not None and config.xfcc.trusted_proxies:
+            # Only a front proxy's own verified certificate makes its XFCC believed.
+            conn = xfcc.accept(
+                config.xfcc,
+                conn,
+                request.raw_headers,
+                require_client_auth_eku=config.listener.tls.require_client_auth_eku,
+            )
+            if conn.forwarded_by is not None:
+                trail.fields["forwarded_by"] = conn.forwarded_by.spiffe_id or conn.forwarded_by.sha256
         if config.listener.tls.client_auth == "required" and (conn is None or conn.peer is None):
             raise PepError("tls.client_cert_required", "a client certificate is required")
         if conn and conn.peer:
@@ -161,6 +183,8 @@ class Pipeline:
             headers = sanitize.check_headers(
                 request.raw_headers, config.sanitize, config.limits, frozenset({config.posture.header})
             )
+            span.set_attribute("server.address", headers.host)
+            span.set_attribute("server.port", headers.port or 443)
             if config.listener.hosts and headers.host not in config.listener.hosts:
                 raise PepError("sanitize.unknown_host", "this listener does not serve that host")
             if headers.content_length is not None and headers.content_length > config.limits.max_body_bytes:
@@ -171,7 +195,8 @@ class Pipeline:
         route = match.route
         trail.fields["route"] = route.name
         trail.fields["decision_path"] = route.policy
-        span.update_name(f"{request.method} {route.path}")
+        trail.http_route = route.path
+        span.update_name(f"{request.method if request.method in KNOWN_METHODS else 'HTTP'} {route.path}")
         span.set_attribute("http.route", route.path)
         span.set_attribute("vvault_pep.route", route.name)
         # authenticate: a token the PEP verified itself, and/or a workload certificate
@@ -186,6 +211,11 @@ class Pipeline:
             assertions = [v.decode("utf-8", "replace") for k, v in request.raw_headers if k.lower() == wanted]
             device = await self.posture.assess(assertions, identity, conn.peer if conn else None)
         trail.fields["device_id"] = device.get("id")
+        # body: read before the decision only where the route lets the policy see it
+        inspected = None
+        if route.body is not None:
+            with self._stage(trail, "body"):
+                inspected = await body.inspect(request, route.body, headers, config.limits.body_idle_timeout_s)
         peer = request.transport.get_extra_info("peername") if request.transport else None
         facts = Facts(
             request_id=trail.request_id,
@@ -200,6 +230,7 @@ class Pipeline:
             identity=identity,
             device=device,
             now=_now(),
+            body=inspected,
         )
         # risk, containment and the cache's revision/epochs all read Redis: the three reads
         # are queued now and share one round trip (with those of other requests in flight).
@@ -236,9 +267,10 @@ class Pipeline:
             )
         trail.fields["cache"] = layer
         trail.fields["bundles"] = {"revision": revision or self.cache.opa_revision}
-        self.tel.cache_lookups.inc(layer)
+        self.tel.cache_lookup(layer)
         if layer in ("l1", "l2"):
             decision = cached
+            trail.raw_result, trail.has_result = decision.raw, True
         else:
             with self._stage(trail, "pdp", SpanKind.CLIENT) as pdp_span:
                 try:
@@ -249,6 +281,7 @@ class Pipeline:
                     self.tel.pdp_errors.inc(err.code)
                     raise
             trail.fields["opa_decision_id"] = answer.opa_decision_id
+            trail.raw_result, trail.has_result = answer.result, answer.defined
             decision = enforce.interpret(answer.result, defined=answer.defined)
             fresh = self.cache.note_bundles(answer.bundles)
             if layer == "miss" and fresh and answer.defined and decision.code not in _NEVER_CACHED:
@@ -296,12 +329,16 @@ class Pipeline:
         trail.release = self.inflight.take(
             inflight.client_of(conn.peer if conn else None, facts.source_ip), inflight.subject_of(identity)
         )
-        if headers.expect_continue and request.version >= (1, 1):
+        if headers.expect_continue and request.version >= (1, 1) and not (inspected and inspected.continued):
             # Only now that the request is allowed may the client send its body.
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         with self._stage(trail, "upstream", SpanKind.CLIENT) as up_span:
             upstream_headers = self._upstream_headers(request, facts, headers, decision, trail)
+            if config.upstreams[route.upstream].xfcc and facts.connection and facts.connection.peer:
+                upstream_headers.append(("X-Forwarded-Client-Cert", xfcc.emit(facts.connection.peer, config.xfcc.by)))
             upstream_headers.extend(self.tel.inject(up_span).items())
+            if self.tel.recording:
+                _client_span(up_span, request.method, config.upstreams[route.upstream].url, target, config)
             started = time.perf_counter()
             response, outcome = await self.upstreams.forward(
                 route.upstream,
@@ -316,6 +353,7 @@ class Pipeline:
                 redact_max_bytes=config.limits.max_redact_bytes,
                 header_policy=self.header_policies[route.name],
                 body_deadline_s=route.body_deadline_s or config.limits.body_deadline_s,
+                prefix=inspected.raw if inspected else b"",
             )
             up_span.set_attribute("http.response.status_code", outcome.status)
             self.tel.upstream_duration.observe(
@@ -364,7 +402,8 @@ class Pipeline:
         pep.extend(decision.upstream_headers)
         # What the PEP or the policy sets replaces the client's header of that name,
         # never sits beside it: frameworks read the first of duplicate headers.
-        owned = {name.lower() for name, _ in pep}
+        # x-forwarded-client-cert is the PEP's to set (xfcc.emit), whatever sanitize is configured to strip.
+        owned = {name.lower() for name, _ in pep} | {xfcc.HEADER}
         return [(k, v) for k, v in headers.forward if k.lower() not in owned] + pep
 
     def _deny(self, request: web.BaseRequest, decision: Decision, trail: _Trail) -> web.StreamResponse:
@@ -398,8 +437,13 @@ class Pipeline:
         route = trail.fields.get("route", "none")
         result = trail.fields.get("result") or {}
         span.set_attribute("http.response.status_code", status)
-        if status >= 500:
+        if status >= 500 or status == 0:
+            # error.type: the PEP's stable code when it refused, the status when the upstream failed
+            span.set_attribute("error.type", trail.error_code or str(status or "_OTHER"))
             span.set_status(Status(StatusCode.ERROR))
+        self.tel.http_duration.observe(
+            time.perf_counter() - trail.started, method_of(request.method), trail.http_route, str(status), "https"
+        )
         method_class = "read" if request.method in _READ_METHODS else "write"
         self.tel.requests.inc(route, method_class, str(status))
         self.tel.decisions.inc(
@@ -407,7 +451,7 @@ class Pipeline:
             str(result.get("code", "none")),
             "true" if trail.fields.get("enforced", True) else "false",
         )
-        self.audit.emit(self._record(request, trail, status))
+        self.audit.emit(self._record(request, trail, status), result=trail.raw_result, has_result=trail.has_result)
 
     def record_parser_refusal(self, fields: dict[str, Any]) -> None:
         """A request aiohttp's parser refused before the walk: one record all the same."""
@@ -485,12 +529,24 @@ class _Stage:
             self._pipeline.tel.stage_duration.observe(elapsed, self._name)
 
 
+def _client_span(span: Span, method: str, base: str, target: sanitize.Target, config: Config) -> None:
+    """OTel HTTP client conventions on the upstream span (query values redacted unless kept in logs)."""
+    parts = urlsplit(base)
+    query = target.query
+    if query and config.audit.redact.query != "keep":
+        query = "&".join(f"{p.partition('=')[0]}=REDACTED" for p in query.split("&"))
+    span.set_attribute("http.request.method", method_of(method))
+    span.set_attribute("url.full", base + target.path + (f"?{query}" if query else ""))
+    span.set_attribute("server.address", parts.hostname or "")
+    span.set_attribute("server.port", parts.port or (443 if parts.scheme == "https" else 80))
+
+
 async def _no_context() -> None:
     return None
 
 
 def _interpret_cached(result: Any) -> Decision:
-    return enforce.interpret(result, defined=True)
+    return dataclasses.replace(enforce.interpret(result, defined=True), raw=result)
 
 
 def _uuid4() -> str:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .authn import ANONYMOUS, Identity
+from .body import Inspected
 from .listener import Connection
 from .routing import Match
 from .sanitize import Headers, Target
@@ -39,9 +40,20 @@ class Facts:
     identity: Identity = ANONYMOUS
     device: dict[str, Any] | None = None
     risk: dict[str, Any] | None = None
+    body: Inspected | None = None  # routes with body.inspect only
 
 
 def build_input(facts: Facts, *, pep_version: str) -> dict[str, Any]:
+    doc = _build(facts, pep_version)
+    if facts.body is not None:
+        doc["request"].update(facts.body.as_input())
+    via = facts.connection.forwarded_by if facts.connection is not None else None
+    if via is not None:
+        doc["tls"]["forwarded_by"] = {"spiffe_id": via.spiffe_id, "sha256": via.sha256, "subject": via.subject}
+    return doc
+
+
+def _build(facts: Facts, pep_version: str) -> dict[str, Any]:
     conn = facts.connection
     peer = conn.peer if conn is not None else None
     return {

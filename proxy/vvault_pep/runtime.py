@@ -13,12 +13,14 @@ import contextlib
 import functools
 import logging
 import os
+import platform
 import ssl
 from typing import Any
 
 import orjson
 from aiohttp import web
 
+from . import __version__
 from .admin import AdminApi
 from .audit import AuditLog
 from .authn import Authenticator
@@ -31,6 +33,7 @@ from .listener import MtlsServer, server_context
 from .opa_supervisor import OpaSupervisor
 from .pdp import PdpClient
 from .pipeline import Pipeline
+from .policy_input import SCHEMA
 from .posture import PostureVerifier
 from .ratelimit import RateLimiter
 from .risk import RiskSignals
@@ -120,6 +123,7 @@ class PepRuntime:
         admin.router.add_get("/healthz", self._healthz)
         admin.router.add_get("/readyz", self._readyz)
         admin.router.add_get("/metrics", self._metrics)
+        admin.router.add_get("/version", self._version)
         AdminApi(self).install(admin)
         self._admin_runner = web.AppRunner(admin, access_log=None)
         await self._admin_runner.setup()
@@ -221,23 +225,36 @@ class PepRuntime:
             self.tls_reloads += 1
             log.warning("TLS certificate files changed: reloaded")
 
-    async def _refresh_revision(self) -> None:
+    async def _refresh_revision(self, *, modules: bool = True) -> None:
         assert self.pdp is not None
         assert self.cache is not None
         try:
-            self.cache.opa_revision = await self.pdp.revision()
-            if not self.cache.opa_revision.startswith("b:"):
+            current = self.cache.opa_revision
+            # The module hash is fetched when asked, and whenever there is no module hash to keep.
+            revision = await self.pdp.revision(modules=modules or not current.startswith("p:"))
+            if revision is None or not revision.startswith("b:"):
                 # A restarted OPA has lost what was pushed to it: it gets a new name, and
                 # every key with it.
-                self.cache.opa_instance = await self.pdp.instance_id()
+                instance = await self.pdp.instance_id()
+                if revision is None and instance != self.cache.opa_instance:
+                    revision = await self.pdp.revision()  # and may run other modules: hash them again
+                self.cache.opa_instance = instance
+            if revision is not None:
+                self.cache.opa_revision = revision
         except PepError as err:
             # Unknown revision: keep the last one; decisions still go to OPA on a miss.
             log.warning("cannot read OPA's policy revision (%s)", err.code)
 
     async def _revision_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        cfg = self.config.cache
+        modules_at = loop.time()
         while True:
-            await asyncio.sleep(self.config.cache.revision_check_s)
-            await self._refresh_revision()
+            await asyncio.sleep(cfg.revision_check_s)
+            due = cfg.policy_check_s > 0 and loop.time() - modules_at >= cfg.policy_check_s
+            if due:
+                modules_at = loop.time()
+            await self._refresh_revision(modules=due)
 
     def _observe(self) -> None:
         """Values read at scrape time from the parts that own them."""
@@ -274,6 +291,17 @@ class PepRuntime:
         return web.Response(
             body=self.telemetry.metrics_text(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
         )
+
+    async def _version(self, request: web.Request) -> web.Response:
+        """What is running: the PEP, its Python, and the OPA it asks (when OPA answers)."""
+        assert self.pdp is not None
+        body = {
+            "version": __version__,
+            "python": platform.python_version(),
+            "input_schema": SCHEMA,
+            "opa": await self.pdp.version(),
+        }
+        return web.json_response(body)
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "alive"})

@@ -14,14 +14,17 @@ admin listener's ``/metrics``.  The per-request instruments are plain
 counters and histograms kept by the event loop's thread (:class:`LoopCounter`,
 :class:`LoopHistogram`: well under a µs per update, where the OTel SDK's view
 machinery costs tens and prometheus_client's locked metrics a few); values
-read at scrape time go through an OTel meter with a Prometheus reader into the
-same registry.
+read at scrape time are collected from the parts that own them at scrape time.
+No OTel meter sits in between: its Prometheus bridge added ``otel_scope_*``
+labels to every series and was the one beta dependency.
 
 * [vvault_pep_requests_total] — route, method class, status
 * [vvault_pep_decisions_total] — result, code, enforced
 * [vvault_pep_would_deny_total] — route, code (monitor mode)
 * [vvault_pep_stage_duration_seconds] — stage
-* [vvault_pep_cache_lookups_total] — layer
+* [vvault_pep_cache_lookups_total] — result (hit/miss/bypass), layer (l1/l2/opa)
+* [http_server_request_duration_seconds] — OTel's HTTP server duration, by method, route, status
+* [vvault_pep_build_info] — version, python; process_* (CPU, memory, open fds)
 * [vvault_pep_pdp_errors_total] — code
 * [vvault_pep_upstream_duration_seconds] — upstream, status class
 * observed on scrape: JWKS fetches and failures per issuer, Redis errors,
@@ -33,14 +36,12 @@ from __future__ import annotations
 import bisect
 import contextlib
 import ipaddress
+import platform
 import random
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from opentelemetry import context as otel_context
-from opentelemetry.exporter.prometheus import PrometheusMetricReader
-from opentelemetry.metrics import CallbackOptions, Observation
-from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
@@ -55,8 +56,8 @@ from opentelemetry.trace import (
     get_current_span,
 )
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-from prometheus_client import CollectorRegistry, disable_created_metrics, generate_latest
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client import CollectorRegistry, ProcessCollector, disable_created_metrics, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
@@ -66,6 +67,19 @@ from .config import Telemetry as TelemetryConfig
 PROPAGATOR = TraceContextTextMapPropagator()
 disable_created_metrics()  # type: ignore[no-untyped-call]  # no *_created series: the same exposition as before, less to scrape
 _STAGE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+# OTel HTTP semantic conventions: http.server.request.duration's advised boundaries.
+_HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+# http.request.method: the methods the conventions know; any other is reported as _OTHER.
+KNOWN_METHODS = frozenset({"CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "QUERY", "TRACE"})
+# Codes whose series exist from the first scrape (at 0), so rate() and alerts see them at once.
+PDP_ERROR_CODES = ("pdp.error", "pdp.timeout", "pdp.unavailable")
+CACHE_RESULTS = (("hit", "l1"), ("hit", "l2"), ("miss", "opa"), ("bypass", "opa"))
+_CACHE_LAYER = {"l1": ("hit", "l1"), "l2": ("hit", "l2"), "miss": ("miss", "opa"), "bypass": ("bypass", "opa")}
+
+
+def method_of(method: str) -> str:
+    """``http.request.method`` as the conventions want it: known methods as they are, else ``_OTHER``."""
+    return method if method in KNOWN_METHODS else "_OTHER"
 
 
 class Telemetry:
@@ -87,26 +101,40 @@ class Telemetry:
         self._sample_bound = round(min(max(cfg.traces.sample_ratio, 0.0), 1.0) * (1 << 64))
 
         self.registry = registry = CollectorRegistry()
-        reader = PrometheusMetricReader(registry=registry, disable_target_info=True)
-        self.meter_provider = MeterProvider(resource=resource, metric_readers=[reader])
-        self._meter = self.meter_provider.get_meter("vvault_pep", __version__)
+        self._observed: list[tuple[str, str, Callable[[], Mapping[tuple[tuple[str, str], ...], float]], bool]] = []
         self.requests = LoopCounter("vvault_pep_requests", "requests answered", ("route", "method_class", "status"))
         self.decisions = LoopCounter("vvault_pep_decisions", "decisions by result", ("result", "code", "enforced"))
         self.would_deny = LoopCounter("vvault_pep_would_deny", "denies not enforced (monitor mode)", ("route", "code"))
         self.stage_duration = LoopHistogram(
             "vvault_pep_stage_duration_seconds", "time per stage of the walk", ("stage",), _STAGE_BUCKETS
         )
-        self.cache_lookups = LoopCounter("vvault_pep_cache_lookups", "decision cache lookups by layer", ("layer",))
+        self.cache_lookups = LoopCounter(
+            "vvault_pep_cache_lookups",
+            "decision cache lookups: hit, miss or bypass, and the layer",
+            ("result", "layer"),
+        )
+        for result_layer in CACHE_RESULTS:
+            self.cache_lookups.values[result_layer] = 0.0
         self.pdp_errors = LoopCounter("vvault_pep_pdp_errors", "OPA faults by code", ("code",))
+        for code in PDP_ERROR_CODES:
+            self.pdp_errors.values[(code,)] = 0.0
         self.upstream_duration = LoopHistogram(
             "vvault_pep_upstream_duration_seconds", "upstream round trip", ("upstream", "status_class"), _STAGE_BUCKETS
+        )
+        self.http_duration = LoopHistogram(
+            "http_server_request_duration_seconds",
+            "Duration of HTTP server requests (OTel http.server.request.duration)",
+            ("http_request_method", "http_route", "http_response_status_code", "url_scheme"),
+            _HTTP_BUCKETS,
         )
         registry.register(
             _LoopCollector(
                 [self.requests, self.decisions, self.would_deny, self.cache_lookups, self.pdp_errors],
-                [self.stage_duration, self.upstream_duration],
+                [self.stage_duration, self.upstream_duration, self.http_duration],
             )
         )
+        registry.register(_ObservedCollector(self._observed))
+        ProcessCollector(registry=registry)  # process_cpu_seconds_total, process_resident_memory_bytes, …
         trusted = cfg.trusted_trace_sources
         self._trusted_nets = [ipaddress.ip_network(c, strict=False) for c in trusted.cidrs]
         self._trusted_ids = frozenset(trusted.spiffe_ids)
@@ -119,15 +147,15 @@ class Telemetry:
         *,
         gauge: bool = False,
     ) -> None:
-        """Register a value read at scrape time: ``read()`` → {label pairs: value}."""
+        """Register a value read at scrape time: ``read()`` → {label pairs: value}.
 
-        def callback(_options: CallbackOptions) -> Iterable[Observation]:
-            return [Observation(v, dict(labels)) for labels, v in read().items()]
+        ``vvault_pep.jwks.fetches`` is exposed as ``vvault_pep_jwks_fetches_total`` (a counter)
+        or ``vvault_pep_connections_open`` (a gauge).
+        """
+        self._observed.append((name.replace(".", "_"), description, read, gauge))
 
-        if gauge:
-            self._meter.create_observable_gauge(name, [callback], unit="{item}", description=description)
-        else:
-            self._meter.create_observable_counter(name, [callback], unit="1", description=description)
+    def cache_lookup(self, layer: str) -> None:
+        self.cache_lookups.inc(*_CACHE_LAYER.get(layer, ("miss", "opa")))
 
     def trusted_context(
         self, headers: Mapping[str, str], source_ip: str | None, spiffe_id: str | None
@@ -190,7 +218,6 @@ class Telemetry:
 
     def shutdown(self) -> None:
         self.tracer_provider.shutdown()
-        self.meter_provider.shutdown()
 
 
 class LoopCounter:
@@ -251,6 +278,34 @@ class _LoopCollector(Collector):
             yield counter.family()
         for histogram in self.histograms:
             yield histogram.family()
+
+
+class _ObservedCollector(Collector):
+    """Values owned elsewhere (JWKS, Redis, sinks, connections), read at scrape time."""
+
+    def __init__(
+        self, observed: list[tuple[str, str, Callable[[], Mapping[tuple[tuple[str, str], ...], float]], bool]]
+    ) -> None:
+        self.observed = observed
+
+    def collect(self) -> Iterable[Metric]:
+        info = GaugeMetricFamily(
+            "vvault_pep_build_info", "the running PEP's version (always 1)", labels=("version", "python")
+        )
+        info.add_metric([__version__, platform.python_version()], 1.0)
+        yield info
+        for name, description, read, gauge in self.observed:
+            values = read()
+            names = sorted({k for labels in values for k, _ in labels})
+            family: CounterMetricFamily | GaugeMetricFamily
+            if gauge:
+                family = GaugeMetricFamily(name, description, labels=names)
+            else:
+                family = CounterMetricFamily(name, description, labels=names)
+            for labels, value in values.items():
+                by_name = dict(labels)
+                family.add_metric([by_name.get(n, "") for n in names], value)
+            yield family
 
 
 def _span_exporter(cfg: TelemetryConfig) -> Any:
