@@ -1,0 +1,503 @@
+"""Containment that holds: every scope whatever credentials ride together, and through Redis loss.
+
+Two PEP replicas, a real OPA, a real redis-server, real certificates, really signed tokens
+and posture assertions.  What a user would check: the status and reason code on both
+replicas, what Redis holds, the audit record, and how long recovery takes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import redis.asyncio as aioredis
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from tests.conftest import RedisServer, Upstream
+from tests.idp import Issuer, posture_assertion
+from tests.support import ROUTES, OpaProcess, client_context, config_doc
+
+from vvault_pep.config import Config
+from vvault_pep.runtime import PepRuntime
+
+ADMIN = "containment-holds-admin-token-0123456789"
+READER = "spiffe://demo.vvault/client/reader"
+READER_TENANT = "registered-tenant"  # the tenant registered for the reader workload
+OPEN = "/v1/tenants/{tenant}/stream/{n}"
+CELL_ROUTES: list[dict[str, Any]] = [
+    {
+        "name": "h_open",
+        "host": "open.h.test",
+        "path": OPEN,
+        "methods": ["GET"],
+        "upstream": "vvault",
+        "policy": "faults/plain_true",
+        "cache": {"ttl_s": 60},
+    },
+    {
+        "name": "h_tenant_limited",
+        "host": "tenant-limited.h.test",
+        "path": OPEN,
+        "methods": ["GET"],
+        "upstream": "vvault",
+        "policy": "faults/plain_true",
+        "rate_limit": {"per": "tenant", "rate_per_s": 0.01, "burst": 3},
+    },
+    {
+        "name": "h_cert_limited",
+        "host": "cert-limited.h.test",
+        "path": OPEN,
+        "methods": ["GET"],
+        "upstream": "vvault",
+        "policy": "faults/plain_true",
+        "rate_limit": {"per": "certificate", "rate_per_s": 0.01, "burst": 2},
+    },
+]
+
+
+def doc_for(
+    pki: Path, opa: OpaProcess, upstream: Upstream, idp: Issuer, devices: Issuer, redis_url: str, prefix: str
+) -> dict[str, Any]:
+    doc = config_doc(
+        pki,
+        opa_url=opa.url,
+        upstream_port=upstream.port,
+        cache=True,
+        routes=CELL_ROUTES + ROUTES,
+        listener={"tls": {"client_auth": "optional"}},
+        redis={"url": redis_url, "timeout_ms": 200, "retry_after_failure_s": 0.2, "key_prefix": prefix},
+        admin={"host": "127.0.0.1", "port": 0, "token": ADMIN},
+        identity={
+            "issuers": [{"name": "corp", "issuer": idp.url, "audiences": ["vvault"], "allow_http": True}],
+            "workload": {"trust_domains": ["demo.vvault"], "tenants": {READER: READER_TENANT}},
+        },
+        posture={
+            "issuers": [{"name": "devices", "issuer": devices.url, "audiences": ["vvault-pep"], "allow_http": True}],
+            "max_age_s": 60,
+        },
+    )
+    doc["cache"] = {"debug_headers": True}  # X-Decision-Cache: which layer answered
+    return doc
+
+
+async def start_pair(doc: dict[str, Any]) -> tuple[PepRuntime, PepRuntime]:
+    peps = (PepRuntime(Config.model_validate(doc)), PepRuntime(Config.model_validate(doc)))
+    for pep in peps:
+        await pep.start()
+    return peps
+
+
+@dataclass
+class Answer:
+    status: int
+    code: str | None
+    cache: str | None
+    request_id: str
+
+
+async def call(
+    pep: PepRuntime,
+    pki: Path,
+    *,
+    cert: str | None = None,
+    token: str | None = None,
+    posture: str | None = None,
+    host: str = "open.h.test",
+    tenant: str = "acme",
+) -> Answer:
+    headers = {"Host": host}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    if posture is not None:
+        headers["X-Device-Posture"] = posture
+    connector = aiohttp.TCPConnector(ssl=client_context(pki, cert), force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as http:
+        async with http.get(f"https://localhost:{pep.port}/v1/tenants/{tenant}/stream/1", headers=headers) as resp:
+            problem = resp.content_type == "application/problem+json"
+            body = await resp.json(content_type=None) if problem else {}
+            return Answer(
+                resp.status, body.get("code"), resp.headers.get("X-Decision-Cache"), resp.headers["X-Request-Id"]
+            )
+
+
+async def admin(pep: PepRuntime, method: str, path: str, json: Any = None) -> tuple[int, Any]:
+    async with aiohttp.ClientSession() as http:
+        async with http.request(
+            method, f"http://127.0.0.1:{pep.admin_port}{path}", json=json, headers={"Authorization": f"Bearer {ADMIN}"}
+        ) as resp:
+            return resp.status, await resp.json(content_type=None)
+
+
+async def quarantine(pep: PepRuntime, scope: str, value: str, ttl_s: int = 300) -> bool:
+    status, doc = await admin(pep, "POST", "/admin/quarantines", {"scope": scope, "value": value, "ttl_s": ttl_s})
+    assert status == 201, doc
+    return bool(doc["shared"])
+
+
+async def until(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 15.0) -> float:
+    """Wait for a condition (never a fixed sleep); returns how long it took."""
+    started = time.monotonic()
+    while not await check():
+        assert time.monotonic() - started < timeout, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+    return time.monotonic() - started
+
+
+def thumbprint(pki: Path, name: str) -> str:
+    pem = (pki / f"client-{name}.pem").read_bytes()
+    der = x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER)
+    return hashlib.sha256(der).hexdigest()
+
+
+# ---------------------------------------------------------------- scope × credentials
+
+
+@dataclass(frozen=True)
+class Caller:
+    """One cell's credentials: fresh user, token id, device and tenant each time."""
+
+    cert: str | None
+    token: str | None
+    posture: str | None
+    user: str
+    jti: str
+    device: str
+    tenant: str
+
+
+CREDENTIALS = {
+    "certificate": (True, False, False),
+    "token": (False, True, False),
+    "certificate+token": (True, True, False),
+    "token+device": (False, True, True),
+    "certificate+token+device": (True, True, True),
+}
+# scope → (the value to quarantine, the credentials it applies to): docs/continuous-verification.md
+USER_CREDS = ("token", "certificate+token", "token+device", "certificate+token+device")
+CERT_CREDS = ("certificate", "certificate+token", "certificate+token+device")
+SCOPE_TABLE: dict[str, tuple[Callable[[Caller, Path, str], str], tuple[str, ...]]] = {
+    "subject (user)": (lambda c, p, i: f"{i}|{c.user}", USER_CREDS),
+    "subject (workload)": (lambda c, p, i: READER, CERT_CREDS),
+    "workload": (lambda c, p, i: READER, CERT_CREDS),
+    "certificate": (lambda c, p, i: thumbprint(p, "reader"), CERT_CREDS),
+    "token": (lambda c, p, i: c.jti, USER_CREDS),
+    "device": (lambda c, p, i: c.device, ("token+device", "certificate+token+device")),
+    "tenant (token)": (lambda c, p, i: c.tenant, USER_CREDS),
+    "tenant (workload)": (lambda c, p, i: READER_TENANT, CERT_CREDS),
+}  # fmt: skip
+CELLS = [(scope, creds) for scope, (_, applies) in SCOPE_TABLE.items() for creds in applies]
+
+
+@pytest.fixture(scope="module")
+async def pair(
+    pki: Path, opa: OpaProcess, upstream: Upstream, idp: Issuer, devices: Issuer, redis_server: RedisServer
+) -> AsyncIterator[tuple[PepRuntime, PepRuntime]]:
+    a, b = await start_pair(doc_for(pki, opa, upstream, idp, devices, redis_server.url, "holds-cells:"))
+    yield a, b
+    for pep in (a, b):
+        await pep.stop()
+
+
+@pytest.mark.parametrize(("scope", "credentials"), CELLS, ids=[f"{s}-{c}" for s, c in CELLS])
+async def test_every_scope_holds_whatever_credentials_ride_with_it(
+    pair: tuple[PepRuntime, PepRuntime],
+    pki: Path,
+    idp: Issuer,
+    devices: Issuer,
+    caplog: pytest.LogCaptureFixture,
+    scope: str,
+    credentials: str,
+) -> None:
+    a, b = pair
+    with_cert, with_token, with_device = CREDENTIALS[credentials]
+    n = uuid.uuid4().hex[:10]
+    user, jti, device, tenant = f"u-{n}", f"jti-{n}", f"dev-{n}", f"tenant-{n}"
+    token = idp.token(sub=user, jti=jti, tenant=tenant) if with_token else None
+    posture = posture_assertion(devices, sub=user, device_id=device) if with_device else None
+    caller = Caller("reader" if with_cert else None, token, posture, user, jti, device, tenant)
+    make_value, _ = SCOPE_TABLE[scope]
+    value = make_value(caller, pki, idp.url)
+    kind = scope.split(" ")[0]
+
+    async def answers() -> list[Answer]:
+        return [await call(p, pki, cert=caller.cert, token=caller.token, posture=caller.posture) for p in (a, b)]
+
+    async def all_served() -> bool:
+        return [x.status for x in await answers()] == [200, 200]
+
+    await until(all_served, "both replicas serving the caller")
+    assert [x.status for x in await answers()] == [200, 200]  # and a cached allow is waiting on both
+    assert await quarantine(a, kind, value) is True
+    with caplog.at_level(logging.INFO, logger="vvault_pep.audit"):
+        contained = await answers()
+    assert [(x.status, x.code) for x in contained] == [(403, "containment.quarantined")] * 2
+    records = [r.audit for r in caplog.records if getattr(r, "audit", {}).get("request_id") == contained[1].request_id]
+    assert [kind, value] in records[0]["scopes"]
+    assert records[0]["shared_state"] == "ok"
+    status, _ = await admin(a, "DELETE", f"/admin/quarantines/{kind}/{value}")
+    assert status == 200
+    await until(all_served, "the lift reaching both replicas")
+
+
+# ---------------------------------------------------------------- Redis loss
+
+
+@pytest.fixture
+async def own_redis() -> AsyncIterator[RedisServer]:
+    server = RedisServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def lonely_pair(
+    pki: Path, opa: OpaProcess, upstream: Upstream, idp: Issuer, devices: Issuer, own_redis: RedisServer
+) -> AsyncIterator[tuple[PepRuntime, PepRuntime]]:
+    a, b = await start_pair(doc_for(pki, opa, upstream, idp, devices, own_redis.url, "holds:"))
+    yield a, b
+    for pep in (a, b):
+        await pep.stop()
+
+
+def direct(server: RedisServer) -> Any:
+    return aioredis.from_url(server.url, socket_timeout=2, socket_connect_timeout=2)
+
+
+async def quarantined_in_redis(server: RedisServer, keys: list[str]) -> bool:
+    client = direct(server)
+    try:
+        return bool(await client.exists(*keys) == len(keys))
+    except (OSError, aioredis.RedisError):
+        return False
+    finally:
+        await client.aclose()
+
+
+class Setup:
+    """Three quarantines made on different replicas, and the callers they contain."""
+
+    def __init__(self, pki: Path, idp: Issuer) -> None:
+        n = uuid.uuid4().hex[:8]
+        self.user = f"victim-{n}"
+        self.tenant = f"tenant-{n}"
+        self.pki, self.idp = pki, idp
+        self.entries = [
+            ("subject", f"{idp.url}|{self.user}"),
+            ("tenant", self.tenant),
+            ("certificate", thumbprint(pki, "ops")),
+        ]
+        self.keys = [f"holds:q:{s}:{v}" for s, v in self.entries]
+
+    def callers(self) -> list[dict[str, Any]]:
+        return [
+            {"cert": "reader", "token": self.idp.token(sub=self.user)},
+            {"token": self.idp.token(sub=f"other-{uuid.uuid4().hex[:6]}", tenant=self.tenant)},
+            {"cert": "ops"},
+        ]
+
+
+async def all_contained(pair: tuple[PepRuntime, PepRuntime], setup: Setup) -> bool:
+    for pep in pair:
+        for caller in setup.callers():
+            answer = await call(pep, setup.pki, **caller)
+            if (answer.status, answer.code) != (403, "containment.quarantined"):
+                return False
+    return True
+
+
+async def hold_while(pair: tuple[PepRuntime, PepRuntime], setup: Setup, done: Callable[[], Awaitable[bool]]) -> float:
+    """Check every quarantine on every replica until ``done``; returns how long that took."""
+    started = time.monotonic()
+    while True:
+        assert await all_contained(pair, setup), "a quarantine was lifted by Redis's loss"
+        if await done():
+            return time.monotonic() - started
+        assert time.monotonic() - started < 15, "Redis never got the quarantines back"
+
+
+async def test_redis_restarted_empty_lifts_nothing_and_gets_every_quarantine_back(
+    lonely_pair: tuple[PepRuntime, PepRuntime], own_redis: RedisServer, pki: Path, idp: Issuer
+) -> None:
+    a, b = lonely_pair
+    setup = Setup(pki, idp)
+    for i, (scope, value) in enumerate(setup.entries):
+        assert await quarantine((a, b)[i % 2], scope, value) is True
+    assert await all_contained(lonely_pair, setup)
+    own_redis.stop()  # no persistence in the test server: it comes back empty
+    assert await all_contained(lonely_pair, setup)
+    own_redis.start()
+    assert not await quarantined_in_redis(own_redis, setup.keys[:1])  # empty indeed
+    took = await hold_while(lonely_pair, setup, lambda: quarantined_in_redis(own_redis, setup.keys))
+    print(f"\nrecovery[restart empty]: every quarantine back in Redis {took:.2f}s after it restarted")
+    assert took < 5
+    assert all(p.shared_state()["reachable"] for p in lonely_pair)
+
+
+async def test_flushall_lifts_nothing_and_every_quarantine_is_written_back(
+    lonely_pair: tuple[PepRuntime, PepRuntime], own_redis: RedisServer, pki: Path, idp: Issuer
+) -> None:
+    a, b = lonely_pair
+    setup = Setup(pki, idp)
+    for i, (scope, value) in enumerate(setup.entries):
+        assert await quarantine((a, b)[i % 2], scope, value) is True
+    client = direct(own_redis)
+    try:
+        await client.flushall()
+    finally:
+        await client.aclose()
+    took = await hold_while(lonely_pair, setup, lambda: quarantined_in_redis(own_redis, setup.keys))
+    print(f"\nrecovery[FLUSHALL]: every quarantine back in Redis {took:.2f}s after the flush")
+    assert took < 5
+    snapshot = [p.shared_state() for p in lonely_pair]
+    assert sum(s["data_losses"] for s in snapshot) >= 1
+
+
+async def test_a_quarantine_made_during_an_outage_reaches_the_other_replica_within_two_seconds(
+    lonely_pair: tuple[PepRuntime, PepRuntime], own_redis: RedisServer, pki: Path, idp: Issuer
+) -> None:
+    a, b = lonely_pair
+    user = f"outage-{uuid.uuid4().hex[:8]}"
+    token = idp.token(sub=user)
+    assert (await call(b, pki, token=token)).status == 200
+    own_redis.stop()
+    await until(lambda: _unreachable(a), "replica A noticing the outage")
+    assert await quarantine(a, "subject", f"{idp.url}|{user}") is False  # made here, Redis could not hear it
+    _, ready = await _readyz(a)
+    assert ready["checks"]["shared_state"]["reachable"] is False
+    assert ready["checks"]["shared_state"]["enforcing"] == "local"
+    assert ready["checks"]["shared_state"]["unshared_quarantines"] == 1
+    assert (await call(a, pki, token=token)).code == "containment.quarantined"
+    own_redis.start()
+    started = time.monotonic()
+
+    async def contained_on_b() -> bool:
+        return (await call(b, pki, token=token)).code == "containment.quarantined"
+
+    took = await until(contained_on_b, "replica B enforcing A's outage quarantine")
+    print(f"\nrecovery[outage quarantine]: enforced on the other replica {took:.2f}s after Redis returned")
+    assert took < 2.0
+    assert time.monotonic() - started < 2.0
+    _, ready = await _readyz(a)
+    assert ready["checks"]["shared_state"]["unshared_quarantines"] == 0
+
+
+async def test_an_epoch_bumped_during_an_outage_leaves_no_stale_cached_allow(
+    lonely_pair: tuple[PepRuntime, PepRuntime],
+    own_redis: RedisServer,
+    pki: Path,
+    idp: Issuer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    a, b = lonely_pair
+    user = f"epoch-{uuid.uuid4().hex[:8]}"
+    token = idp.token(sub=user)
+    for pep in (a, b):
+        await call(pep, pki, token=token)
+        assert (await call(pep, pki, token=token)).cache == "l1"  # an allow cached on both
+    own_redis.stop()
+    await until(lambda: _unreachable(a), "replica A noticing the outage")
+    status, doc = await admin(a, "POST", "/admin/cache/invalidate", {"scope": "subject", "value": f"{idp.url}|{user}"})
+    assert (status, doc["shared"]) == (200, False)
+    assert (await call(a, pki, token=token)).cache == "miss"  # honoured here at once
+    own_redis.start()
+    started = time.monotonic()
+    key = f"holds:epoch:subject:{idp.url}|{user}"
+    client = direct(own_redis)
+    try:
+
+        async def bump_in_redis() -> bool:
+            with contextlib.suppress(OSError, aioredis.RedisError):
+                return await client.get(key) is not None
+            return False
+
+        await until(bump_in_redis, "the bump made during the outage written back")
+        await until(lambda: _reachable(b), "replica B reading Redis again")
+        took = time.monotonic() - started
+        print(f"\nrecovery[outage epoch bump]: the bump in Redis, the other replica reading it, {took:.2f}s")
+        # The same input as the cached allow (risk available again, same score): only the
+        # epoch differs, and B must ask OPA again rather than answer from before the bump.
+        with caplog.at_level(logging.INFO, logger="vvault_pep.audit"):
+            again = await call(b, pki, token=token)
+        [record] = [r.audit for r in caplog.records if getattr(r, "audit", {}).get("request_id") == again.request_id]
+        assert record["input"]["risk"]["available"] is True
+        assert (again.status, again.cache) == (200, "miss")
+        assert (await call(b, pki, token=token)).cache == "l1"  # cached again, under the new epoch
+        # A flush does not take the epoch back: the replicas push it past its old value.
+        before = int(await client.get(key))
+        await client.flushall()
+
+        async def forward_again() -> bool:
+            value = await client.get(key)
+            return value is not None and int(value) > before
+
+        await until(forward_again, "the epoch written back past its old value")
+        assert (await call(b, pki, token=token)).cache == "miss"  # never the entry of the old epoch
+    finally:
+        await client.aclose()
+
+
+async def _reachable(pep: PepRuntime) -> bool:
+    return pep.shared is not None and pep.shared.reachable and pep.shared.available
+
+
+async def _unreachable(pep: PepRuntime) -> bool:
+    return pep.shared is not None and not (pep.shared.reachable and pep.shared.available)
+
+
+async def _readyz(pep: PepRuntime) -> tuple[int, Any]:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{pep.admin_port}/readyz") as resp:
+            return resp.status, await resp.json(content_type=None)
+
+
+# ---------------------------------------------------------------- rate limits
+
+
+async def test_no_caller_can_spend_another_tenants_budget(
+    pair: tuple[PepRuntime, PepRuntime], pki: Path, idp: Issuer
+) -> None:
+    a, b = pair
+    victim = f"victim-{uuid.uuid4().hex[:8]}"
+    rivals = [
+        {"token": idp.token(sub="nobody", tenant=None)},  # a user of no tenant
+        {"cert": "ops"},  # a workload with no registered tenant
+        {"token": idp.token(sub="rival", tenant=f"rival-{uuid.uuid4().hex[:6]}")},  # another tenant's user
+        {"cert": "reader"},  # a workload registered to another tenant
+    ]
+    for rival in rivals:
+        for pep in (a, b, a, b):  # past the burst of 3: the rival's own bucket runs dry
+            await call(pep, pki, host="tenant-limited.h.test", tenant=victim, **rival)
+        assert (await call(a, pki, host="tenant-limited.h.test", tenant=victim, **rival)).status == 429
+    victim_token = idp.token(sub="owner", tenant=victim)
+    served = [
+        (await call(p, pki, host="tenant-limited.h.test", tenant=victim, token=victim_token)).status for p in (a, b, a)
+    ]
+    assert served == [200, 200, 200]  # the tenant's whole burst is still its own
+    assert (await call(b, pki, host="tenant-limited.h.test", tenant=victim, token=victim_token)).status == 429
+
+
+async def test_a_certificate_is_limited_however_many_users_ride_on_it(
+    pair: tuple[PepRuntime, PepRuntime], pki: Path, idp: Issuer
+) -> None:
+    a, b = pair
+    n = uuid.uuid4().hex[:6]
+    host = "cert-limited.h.test"
+    first = [
+        (await call(p, pki, host=host, cert="ops", token=idp.token(sub=f"u{i}-{n}"))).status
+        for i, p in enumerate((a, b))
+    ]
+    assert first == [200, 200]  # burst 2, across replicas
+    third = await call(a, pki, host=host, cert="ops", token=idp.token(sub=f"u3-{n}"))
+    assert third.status == 429  # another user, the same certificate: the same bucket
+    assert (await call(b, pki, host=host, cert="reader", token=idp.token(sub=f"u1-{n}"))).status == 200
