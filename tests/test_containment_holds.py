@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import signal
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -21,11 +22,12 @@ from typing import Any
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
+import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from tests.conftest import RedisServer, Upstream
 from tests.idp import Issuer, posture_assertion
-from tests.support import ROUTES, OpaProcess, client_context, config_doc
+from tests.support import ROUTES, OpaProcess, client_context, config_doc, start_serve
 
 from vvault_pep.config import Config
 from vvault_pep.runtime import PepRuntime
@@ -501,3 +503,167 @@ async def test_a_certificate_is_limited_however_many_users_ride_on_it(
     third = await call(a, pki, host=host, cert="ops", token=idp.token(sub=f"u3-{n}"))
     assert third.status == 429  # another user, the same certificate: the same bucket
     assert (await call(b, pki, host=host, cert="reader", token=idp.token(sub=f"u1-{n}"))).status == 200
+
+
+# ---------------------------------------------------------------- two `vvault-pep serve` processes
+
+
+async def serve_call(port: int, pki: Path, token: str) -> tuple[int, str | None]:
+    connector = aiohttp.TCPConnector(ssl=client_context(pki, None), force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as http:
+        async with http.get(
+            f"https://localhost:{port}/v1/tenants/acme/stream/1",
+            headers={"Host": "open.h.test", "Authorization": f"Bearer {token}"},
+        ) as resp:
+            problem = resp.content_type == "application/problem+json"
+            return resp.status, (await resp.json(content_type=None))["code"] if problem else None
+
+
+async def test_two_served_replicas_through_a_killed_redis(
+    tmp_path: Path,
+    pki: Path,
+    opa: OpaProcess,
+    upstream: Upstream,
+    idp: Issuer,
+    devices: Issuer,
+    own_redis: RedisServer,
+) -> None:
+    """As run: two processes, Redis SIGKILLed and back empty, a quarantine made on A meanwhile."""
+    path = tmp_path / "pep.yaml"
+    path.write_text(yaml.safe_dump(doc_for(pki, opa, upstream, idp, devices, own_redis.url, "served:")))
+    a, b = await start_serve(path), await start_serve(path)
+    try:
+        n = uuid.uuid4().hex[:8]
+        early, late = idp.token(sub=f"early-{n}"), idp.token(sub=f"late-{n}")
+        async with aiohttp.ClientSession() as http:
+
+            async def add(port: int, user: str) -> bool:
+                body = {"scope": "subject", "value": f"{idp.url}|{user}", "ttl_s": 300}
+                async with http.post(
+                    f"http://127.0.0.1:{port}/admin/quarantines",
+                    json=body,
+                    headers={"Authorization": f"Bearer {ADMIN}"},
+                ) as resp:
+                    assert resp.status == 201
+                    return bool((await resp.json())["shared"])
+
+            assert await add(a.admin_port, f"early-{n}") is True
+            for port in (a.port, b.port):
+                assert await serve_call(port, pki, early) == (403, "containment.quarantined")
+                assert (await serve_call(port, pki, late))[0] == 200
+            assert own_redis.proc is not None
+            own_redis.proc.kill()  # no shutdown, no persistence: it comes back empty
+            own_redis.proc.wait(10)
+
+            async def a_sees_outage() -> bool:
+                async with http.get(f"http://127.0.0.1:{a.admin_port}/readyz") as resp:
+                    return (await resp.json())["checks"]["shared_state"]["reachable"] is False
+
+            await until(a_sees_outage, "replica A reporting the outage")
+            assert await add(a.admin_port, f"late-{n}") is False
+            for port in (a.port, b.port):  # the outage lifts nothing
+                assert await serve_call(port, pki, early) == (403, "containment.quarantined")
+            own_redis.start()
+
+            async def both_hold() -> bool:
+                for port in (a.port, b.port):
+                    assert await serve_call(port, pki, early) == (403, "containment.quarantined")
+                return all(
+                    [await serve_call(port, pki, late) == (403, "containment.quarantined") for port in (a.port, b.port)]
+                )
+
+            took = await until(both_hold, "both quarantines on both served replicas")
+            print(
+                f"\nrecovery[served, SIGKILL + empty restart]: both replicas hold both {took:.2f}s after Redis returned"
+            )
+            assert took < 2.0
+    finally:
+        for served in (a, b):
+            served.proc.send_signal(signal.SIGTERM)
+        for served in (a, b):
+            async with asyncio.timeout(30):
+                await served.proc.wait()
+
+
+# ---------------------------------------------------------------- a partitioned replica
+
+
+class Cuttable:
+    """A TCP relay to Redis on loopback that a test can cut and mend: one replica's partition."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def mend(self) -> None:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def cut(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in list(self._writers):
+            writer.close()
+        await self._server.wait_closed()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.close()
+            return
+        self._writers.update((writer, up_writer))
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        self._writers.difference_update((writer, up_writer))
+
+
+async def test_a_lift_reaches_a_replica_that_was_cut_off_and_nothing_is_resurrected(
+    pki: Path, opa: OpaProcess, upstream: Upstream, idp: Issuer, devices: Issuer, own_redis: RedisServer
+) -> None:
+    relay = Cuttable(own_redis.port)
+    await relay.mend()
+    a = PepRuntime(Config.model_validate(doc_for(pki, opa, upstream, idp, devices, own_redis.url, "cut:")))
+    b_url = f"redis://127.0.0.1:{relay.port}/0"
+    b = PepRuntime(Config.model_validate(doc_for(pki, opa, upstream, idp, devices, b_url, "cut:")))
+    for pep in (a, b):
+        await pep.start()
+    try:
+        user = f"cut-{uuid.uuid4().hex[:8]}"
+        token, value = idp.token(sub=user), f"{idp.url}|{user}"
+        assert await quarantine(a, "subject", value) is True
+        assert (await call(b, pki, token=token)).code == "containment.quarantined"
+        await relay.cut()
+        await until(lambda: _unreachable(b), "replica B cut off")
+        status, _ = await admin(a, "DELETE", f"/admin/quarantines/subject/{value}")
+        assert status == 200
+        assert (await call(a, pki, token=token)).status == 200
+        # Cut off, B still holds what it knew: it cannot tell a lift from an outage.
+        assert (await call(b, pki, token=token)).code == "containment.quarantined"
+        await relay.mend()
+
+        async def lifted_on_b() -> bool:
+            return (await call(b, pki, token=token)).status == 200
+
+        await until(lifted_on_b, "the lift reaching replica B")
+        # B did not write its old copy back: the lift stands everywhere.
+        assert not await quarantined_in_redis(own_redis, [f"cut:q:subject:{value}"])
+        assert (await call(a, pki, token=token)).status == 200
+        # A quarantine made after the lift is not taken for the lifted one.
+        assert await quarantine(b, "subject", value) is True
+        for pep in (a, b):
+            assert (await call(pep, pki, token=token)).code == "containment.quarantined"
+    finally:
+        for pep in (a, b):
+            await pep.stop()
+        with contextlib.suppress(AssertionError, OSError):
+            await relay.cut()
