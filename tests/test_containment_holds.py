@@ -346,6 +346,60 @@ async def test_redis_restarted_empty_lifts_nothing_and_gets_every_quarantine_bac
     assert all(p.shared_state()["reachable"] for p in lonely_pair)
 
 
+class AofRedis(RedisServer):
+    """redis-server with AOF (fsync every second) in a directory of its own, as deploy/ runs it."""
+
+    def __init__(self, data: Path) -> None:
+        super().__init__()
+        self.data = data
+
+    def start(self) -> None:
+        import shutil
+        import socket
+        import subprocess
+
+        args = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--dir", str(self.data)]
+        args += ["--appendonly", "yes", "--appendfsync", "everysec"]
+        self.proc = subprocess.Popen([shutil.which("redis-server") or "redis-server", *args], stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    return
+            time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+
+async def test_redis_with_aof_killed_and_restarted_keeps_every_quarantine(
+    tmp_path: Path, pki: Path, opa: OpaProcess, upstream: Upstream, idp: Issuer, devices: Issuer
+) -> None:
+    server = AofRedis(tmp_path)
+    server.start()
+    pair = await start_pair(doc_for(pki, opa, upstream, idp, devices, server.url, "holds:"))
+    try:
+        setup = Setup(pki, idp)
+        for i, (scope, value) in enumerate(setup.entries):
+            assert await quarantine(pair[i % 2], scope, value) is True
+        assert server.proc is not None
+        server.proc.kill()
+        server.proc.wait(10)
+        assert await all_contained(pair, setup)
+        server.start()
+        started = time.monotonic()
+        took = await hold_while(pair, setup, lambda: quarantined_in_redis(server, setup.keys))
+        await until(lambda: _reachable(pair[0]), "replica A reading Redis again")
+        await until(lambda: _reachable(pair[1]), "replica B reading Redis again")
+        print(
+            f"\nrecovery[AOF restart]: quarantines in Redis {took:.2f}s, "
+            f"both replicas reading it {time.monotonic() - started:.2f}s after the restart"
+        )
+    finally:
+        for pep in pair:
+            await pep.stop()
+        server.stop()
+
+
 async def test_flushall_lifts_nothing_and_every_quarantine_is_written_back(
     lonely_pair: tuple[PepRuntime, PepRuntime], own_redis: RedisServer, pki: Path, idp: Issuer
 ) -> None:
@@ -366,7 +420,11 @@ async def test_flushall_lifts_nothing_and_every_quarantine_is_written_back(
 
 
 async def test_a_quarantine_made_during_an_outage_reaches_the_other_replica_within_two_seconds(
-    lonely_pair: tuple[PepRuntime, PepRuntime], own_redis: RedisServer, pki: Path, idp: Issuer
+    lonely_pair: tuple[PepRuntime, PepRuntime],
+    own_redis: RedisServer,
+    pki: Path,
+    idp: Issuer,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     a, b = lonely_pair
     user = f"outage-{uuid.uuid4().hex[:8]}"
@@ -379,7 +437,16 @@ async def test_a_quarantine_made_during_an_outage_reaches_the_other_replica_with
     assert ready["checks"]["shared_state"]["reachable"] is False
     assert ready["checks"]["shared_state"]["enforcing"] == "local"
     assert ready["checks"]["shared_state"]["unshared_quarantines"] == 1
-    assert (await call(a, pki, token=token)).code == "containment.quarantined"
+    metrics = await _metrics(a)
+    assert (_metric(metrics, "vvault_pep_redis_reachable"), _metric(metrics, "vvault_pep_containment_unshared")) == (
+        0,
+        1,
+    )
+    with caplog.at_level(logging.INFO, logger="vvault_pep.audit"):
+        refused = await call(a, pki, token=token)
+    assert refused.code == "containment.quarantined"
+    [record] = [r.audit for r in caplog.records if getattr(r, "audit", {}).get("request_id") == refused.request_id]
+    assert record["shared_state"] == "unavailable"
     own_redis.start()
     started = time.monotonic()
 
@@ -392,6 +459,12 @@ async def test_a_quarantine_made_during_an_outage_reaches_the_other_replica_with
     assert time.monotonic() - started < 2.0
     _, ready = await _readyz(a)
     assert ready["checks"]["shared_state"]["unshared_quarantines"] == 0
+    metrics = await _metrics(a)
+    assert (_metric(metrics, "vvault_pep_redis_reachable"), _metric(metrics, "vvault_pep_containment_unshared")) == (
+        1,
+        0,
+    )
+    assert _metric(metrics, "vvault_pep_containment_written_back_total") >= 1
 
 
 async def test_an_epoch_bumped_during_an_outage_leaves_no_stale_cached_allow(
@@ -455,6 +528,17 @@ async def _reachable(pep: PepRuntime) -> bool:
 
 async def _unreachable(pep: PepRuntime) -> bool:
     return pep.shared is not None and not (pep.shared.reachable and pep.shared.available)
+
+
+def _metric(text: str, name: str) -> float:
+    [value] = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{")]
+    return value
+
+
+async def _metrics(pep: PepRuntime) -> str:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{pep.admin_port}/metrics") as resp:
+            return await resp.text()
 
 
 async def _readyz(pep: PepRuntime) -> tuple[int, Any]:
@@ -654,7 +738,8 @@ async def test_a_lift_reaches_a_replica_that_was_cut_off_and_nothing_is_resurrec
         async def lifted_on_b() -> bool:
             return (await call(b, pki, token=token)).status == 200
 
-        await until(lifted_on_b, "the lift reaching replica B")
+        took = await until(lifted_on_b, "the lift reaching replica B")
+        print(f"\nrecovery[partition, lift meanwhile]: the cut-off replica serves again {took:.2f}s after it ended")
         # B did not write its old copy back: the lift stands everywhere.
         assert not await quarantined_in_redis(own_redis, [f"cut:q:subject:{value}"])
         assert (await call(a, pki, token=token)).status == 200
