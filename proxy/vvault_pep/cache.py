@@ -178,7 +178,6 @@ class DecisionCache:
         self._revision_counter = 0
         self._local_revision_bumps = 0
         self._unpushed_revision = 0
-        self.behind = False  # Redis showed a counter below one remembered: reconcile() is due
         self.opa_revision = ""
         # Outside bundle mode each OPA holds its own data (files, admin pushes): answers
         # from different OPA processes must never share an entry.
@@ -206,7 +205,7 @@ class DecisionCache:
                 # entry cached before the last bump must not match again.
                 counter = _int(values[0])
                 if counter < self._revision_counter:
-                    self.behind = True
+                    self._suspect()
                 self._revision_counter = max(self._revision_counter, counter)
                 for pair, raw in zip(scopes, values[1:], strict=True):
                     # Only bumped scopes are remembered: a zero per token or subject ever
@@ -216,7 +215,7 @@ class DecisionCache:
                     if epoch > known:
                         self._epochs[pair] = epoch
                     elif epoch < known:
-                        self.behind = True
+                        self._suspect()
         epochs = [[s, v, self._epochs.get((s, v), 0), self._local_bumps.get((s, v), 0)] for s, v in scopes]
         revision = f"{self.opa_revision}#{self._revision_counter}#{self._local_revision_bumps}"
         if not self.opa_revision.startswith("b:"):
@@ -417,18 +416,26 @@ class DecisionCache:
         self._local_revision_bumps += 1
         return self.shared is None
 
-    async def reconcile(self) -> bool:
+    def _suspect(self) -> None:
+        # Redis shows a counter below one this replica remembers: it lost data.
+        if self.shared is not None:
+            self.shared.suspect = True
+
+    async def reconcile(self, lost: bool = True) -> bool:
         """Write back what Redis lacks: bumps made during an outage, values it lost.
 
-        Each remembered epoch (and the revision counter) is raised in Redis to at least
-        what this replica knows — one more when Redis is below it, since Redis then lost
-        data and another replica may have cached under the lower value — and bumps made
-        while Redis was unreachable are added on top.  Only ever forward.
+        Bumps made while Redis was unreachable are added on top of what Redis holds.
+        When Redis may have lost data (``lost``), every remembered epoch (and the revision
+        counter) is raised in Redis to at least what this replica knows — one more when
+        Redis is below it, since another replica may have cached under the lower value.
+        Only ever forward.
         """
         if self.shared is None:
             return False
         shared = self.shared
-        pairs = list(self._epochs.keys() | self._unpushed.keys())
+        pairs = list(self._epochs.keys() | self._unpushed.keys()) if lost else list(self._unpushed)
+        if not lost and not pairs and not self._unpushed_revision:
+            return True
         pending = dict(self._unpushed)
         pending_rev = self._unpushed_revision
 
@@ -451,7 +458,6 @@ class DecisionCache:
                 self._unpushed[pair] = left
             else:
                 self._unpushed.pop(pair, None)
-        self.behind = False
         return True
 
     @property

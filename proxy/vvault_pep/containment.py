@@ -15,7 +15,8 @@ the admin API, or another replica (through Redis).
 The shared set never shrinks by absence.  Each replica keeps every entry it
 knows (made here, heard on the channel, read from Redis) until the entry's
 own expiry or an explicit lift, and :meth:`Containment.reconcile` — on every
-(re)connection, when Redis shows it lost its data, and every ``SYNC_S`` —
+(re)connection, when Redis shows it lost its data, and every
+:data:`~.shared_state.FULL_S` (:meth:`~.shared_state.SharedState.watch`) —
 runs both ways: entries Redis lacks (made during an outage, lost by a
 restart, a flush or a failover) are written back with their remaining
 lifetime and published; entries Redis holds that this replica lacks are
@@ -45,7 +46,6 @@ from .shared_state import SharedState
 log = logging.getLogger("vvault_pep.containment")
 
 CHANNEL = "quarantine"
-SYNC_S = 5.0  # how often a replica reconciles with Redis when nothing else asks it to
 MAX_TTL_S = 30 * 86_400
 _LIFT_MIN_S = 60.0  # a lift record outlives the entry it lifted by at least this much
 
@@ -130,10 +130,7 @@ class Containment:
             await self.reconcile()
             self._listener = asyncio.create_task(self._listen(), name="quarantine-listener")
 
-    async def sync(self) -> bool:
-        return await self.reconcile()
-
-    async def reconcile(self) -> bool:
+    async def reconcile(self, lost: bool = True) -> bool:
         """Both ways with Redis; True when Redis answered.
 
         What Redis holds and this replica lacks is added; what this replica holds and
@@ -146,30 +143,35 @@ class Containment:
         shared = self.shared
         q_prefix, l_prefix = quarantine_prefix(shared), lift_prefix(shared)
 
-        async def read(c: Any) -> tuple[list[tuple[bytes, Any]], list[tuple[bytes, Any]]]:
-            found: list[list[tuple[bytes, Any]]] = []
+        async def read(c: Any) -> list[tuple[bytes, Any]]:
+            # One SCAN for both kinds (their prefixes share "q"), then their values.
+            common = q_prefix[: len(q_prefix) - 2]
+            keys = [
+                k
+                async for k in c.scan_iter(match=common + "q*", count=500)
+                if k.decode(errors="replace").startswith((q_prefix, l_prefix))
+            ]
             # A Cluster client reads keys of different slots with mget_nonatomic.
             mget = getattr(c, "mget_nonatomic", None) or c.mget
-            for prefix in (q_prefix, l_prefix):
-                keys = [k async for k in c.scan_iter(match=prefix + "*", count=500)]
-                found.append(list(zip(keys, await mget(keys), strict=True)) if keys else [])
-            return found[0], found[1]
+            return list(zip(keys, await mget(keys), strict=True)) if keys else []
 
         rows = await shared.call(read, deadline_s=2.0)
         if rows is None:
             return False
         now = time.time()
         in_redis: dict[tuple[str, str], Quarantine] = {}
-        for key, raw in rows[0]:
-            scope, _, value = key.decode()[len(q_prefix) :].partition(":")
-            if raw is not None and scope in SCOPES:
-                in_redis[(scope, value)] = _load(scope, value, raw, now)
         lifts_in_redis: set[tuple[str, str]] = set()
-        for key, raw in rows[1]:
-            scope, _, value = key.decode()[len(l_prefix) :].partition(":")
-            if raw is not None and scope in SCOPES:
+        for key, raw in rows:
+            name = key.decode(errors="replace")
+            is_lift = name.startswith(l_prefix)
+            scope, _, value = name[len(l_prefix if is_lift else q_prefix) :].partition(":")
+            if raw is None or scope not in SCOPES:
+                continue
+            if is_lift:
                 lifts_in_redis.add((scope, value))
                 self._note_lift((scope, value), *_lift_doc(raw, now))
+            else:
+                in_redis[(scope, value)] = _load(scope, value, raw, now)
         self._expire(now)
         for pair, q in in_redis.items():
             if self._is_lifted(pair, q):

@@ -111,6 +111,8 @@ class SharedState:
         self.down_since: float | None = None  # unix time the current outage was noticed
         self.outages = 0
         self.data_losses = 0  # times the marker was gone: restart without data, flush, failover
+        self.trips = 0  # failures that opened the circuit (a lost connection, a timeout)
+        self.suspect = False  # a reader saw Redis behind what this replica knows: reconcile soon
         self._watcher: asyncio.Task[None] | None = None
 
     @property
@@ -120,15 +122,18 @@ class SharedState:
     def key(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
 
-    def watch(self, reconcilers: Sequence[Callable[[], Awaitable[bool]]]) -> None:
+    def watch(self, reconcilers: Sequence[Callable[[bool], Awaitable[bool]]]) -> None:
         """Start the watcher (see the module docstring); stopped by :meth:`close`."""
         self._watcher = asyncio.create_task(self._watch(tuple(reconcilers)), name="redis-watch")
 
-    async def _watch(self, reconcilers: tuple[Callable[[], Awaitable[bool]], ...]) -> None:
+    async def _watch(self, reconcilers: tuple[Callable[[bool], Awaitable[bool]], ...]) -> None:
+        """Each reconciler is called with ``lost``: whether Redis may have lost or missed
+        writes since the last run (a return after an outage, a missing marker, a tripped
+        circuit, a reader's suspicion) rather than a periodic pass."""
         marker = self.key("alive")
         due = True  # reconcile at the first answer
         last_full = time.monotonic()
-        seen_errors = self.errors
+        seen_trips = self.trips
         first = True
         while True:
             mark = await self.call(lambda c: c.eval(_MARK, 1, marker))
@@ -149,17 +154,21 @@ class SharedState:
                     log.warning(
                         "redis lost its data (restart, flush or failover): writing back what this replica holds"
                     )
-                errors = self.errors
-                if due or int(mark) == 1 or errors != seen_errors or time.monotonic() - last_full >= FULL_S:
+                trips, suspect = self.trips, self.suspect
+                lost = due or int(mark) == 1 or trips != seen_trips or suspect
+                if lost or time.monotonic() - last_full >= FULL_S:
+                    self.suspect = False
                     done = True
                     for reconcile in reconcilers:
                         try:
-                            done = await reconcile() and done
+                            done = await reconcile(lost) and done
                         except Exception:  # a reconciler's bug must not end the watcher
                             log.exception("reconciling with redis failed")
                             done = False
                     if done:
-                        due, last_full, seen_errors = False, time.monotonic(), errors
+                        due, last_full, seen_trips = False, time.monotonic(), trips
+                    elif suspect:
+                        self.suspect = True
                 first = False
             await asyncio.sleep(PROBE_S)
 
@@ -277,6 +286,7 @@ class SharedState:
 
     def _failed(self, exc: BaseException) -> None:
         self.errors += 1
+        self.trips += 1
         self._down_until = time.monotonic() + self.cfg.retry_after_failure_s
         log.warning("redis unavailable: %s", type(exc).__name__)
 
