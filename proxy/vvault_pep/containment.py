@@ -99,6 +99,11 @@ def lift_prefix(shared: SharedState) -> str:
     return shared.key("ql", "")
 
 
+def scan_pattern(shared: SharedState) -> str:
+    """A SCAN pattern matching both kinds above (and, harmlessly, other ``q*`` keys)."""
+    return shared.key("q") + "*"
+
+
 @dataclass(frozen=True, slots=True)
 class Contained:
     hit: Quarantine | None  # the first quarantine that holds, if any
@@ -144,11 +149,10 @@ class Containment:
         q_prefix, l_prefix = quarantine_prefix(shared), lift_prefix(shared)
 
         async def read(c: Any) -> list[tuple[bytes, Any]]:
-            # One SCAN for both kinds (their prefixes share "q"), then their values.
-            common = q_prefix[: len(q_prefix) - 2]
+            # One SCAN for quarantines and lift records, then their values.
             keys = [
                 k
-                async for k in c.scan_iter(match=common + "q*", count=500)
+                async for k in c.scan_iter(match=scan_pattern(shared), count=500)
                 if k.decode(errors="replace").startswith((q_prefix, l_prefix))
             ]
             # A Cluster client reads keys of different slots with mget_nonatomic.
