@@ -29,7 +29,8 @@ from tests.support import OpaProcess, client_context, config_doc
 from vvault_pep.authn import Identity, UserToken, Workload
 from vvault_pep.config import Config
 from vvault_pep.errors import PepError
-from vvault_pep.inflight import InFlight, subject_of
+from vvault_pep.inflight import InFlight
+from vvault_pep.principal import subject_of as _subject
 from vvault_pep.runtime import PepRuntime
 
 POOL = 2
@@ -325,6 +326,11 @@ async def test_one_subject_is_limited_across_its_certificates(
 def _thumbprint(pki: Path, name: str) -> str:
     cert = x509.load_pem_x509_certificate((pki / f"client-{name}.pem").read_bytes())
     return hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest()
+
+
+def subject_of(identity: Identity) -> str | None:
+    """The in-flight key of the pipeline: the typed subject's principal."""
+    return _subject(identity, None, None, {}).principal
 
 
 def _user(issuer: str, sub: str) -> Identity:

@@ -141,6 +141,13 @@ async def test_a_quarantine_sent_to_one_worker_holds_on_all(
     doc = yaml.safe_load(path.read_text())
     doc["admin"]["token"] = admin_token
     doc["redis"]["key_prefix"] = "workers-quarantine:"
+    # A tenant is contained for callers verified as its own: here the workload's registered tenant.
+    doc["identity"] = {
+        "workload": {
+            "trust_domains": ["demo.vvault"],
+            "tenants": {"spiffe://demo.vvault/client/reader": "acme"},
+        }
+    }
     path.write_text(yaml.safe_dump(doc))
     served = await start_serve(path, workers=2)
     try:

@@ -7,8 +7,8 @@ from the admin CA bundle, authorised per action by OPA at ``admin.policy``
 (compared in constant time).  With neither configured the API is off (404).
 Every call, allowed or refused, is audited with who made it.
 
-* ``POST /admin/cache/invalidate`` ``{"scope": "subject"|"tenant"|"token"|"device", "value": "…"}``
-  bumps the scope's epoch: its cached decisions die on every replica.
+* ``POST /admin/cache/invalidate`` ``{"scope": …, "value": "…"}`` (a scope of
+  :data:`~.principal.SCOPES`) bumps the scope's epoch: its cached decisions die on every replica.
 * ``PUT /admin/opa/data/{path}`` with a JSON body writes OPA's data document
   and bumps the shared revision: every cached decision is re-asked.
 * ``PUT /admin/opa/policies/{id}`` with Rego text: the same for a policy module.
@@ -223,7 +223,7 @@ class AdminApi:
     async def _lift_quarantine(self, request: web.Request) -> web.Response:
         admin = await self._authorise(request, "quarantine.lift")
         scope, value = request.match_info["scope"], request.match_info["value"]
-        from .containment import SCOPES
+        from .principal import SCOPES
 
         if scope not in SCOPES:
             raise web.HTTPBadRequest(text=f"scope must be one of {', '.join(SCOPES)}")

@@ -7,9 +7,14 @@ key is a SHA-256 over a canonical JSON array (orjson, sorted keys) of:
 * the **revision**: OPA's bundle revisions or the hash of its loaded policy
   modules, plus a counter in Redis bumped by every data change pushed through
   the PEP's admin API — a new revision changes every key;
-* the **epochs** of the request's scopes (subject, tenant, token, device): a
-  counter per scope value in Redis, bumped on revocation — every entry of
-  that subject dies at once, on every replica;
+* the **epochs** of the request's scopes (every scope of its verified
+  :class:`~.principal.Subject`): a counter per scope value in Redis, bumped on
+  revocation — every entry of that subject dies at once, on every replica.
+  Epochs and the revision counter only move forward: a replica takes the
+  larger of what Redis says and what it remembers, and :meth:`DecisionCache.reconcile`
+  writes back what Redis lost or missed (bumps made during an outage, values
+  lost to a restart or a flush), so an answer invalidated during an outage
+  never comes back as a cached allow;
 * the **material**: the projection of the policy input the route names
   (``cache.key``), or the whole input minus the fields that differ on every
   request by nature (:data:`VOLATILE`).  The policy may replace it per
@@ -41,7 +46,7 @@ import orjson
 
 from .config import Cache as CacheConfig
 from .config import Route
-from .scopes import scope_values
+from .principal import SCOPES
 from .shared_state import SharedState
 
 log = logging.getLogger("vvault_pep.cache")
@@ -59,7 +64,6 @@ VOLATILE: tuple[tuple[str, ...], ...] = (
     ("risk", "signals", "requests_in_window"),
     ("risk", "signals", "baseline"),
 )
-SCOPES = ("subject", "tenant", "token", "device")
 _MISSING = {"$missing": True}
 
 
@@ -100,11 +104,6 @@ def without(doc: dict[str, Any], paths: tuple[tuple[str, ...], ...]) -> dict[str
         if isinstance(parent, dict):
             parent.pop(path[-1], None)
     return out
-
-
-def scopes_of(doc: dict[str, Any]) -> list[tuple[str, str]]:
-    """The (scope, value) pairs whose epochs this request's entries depend on."""
-    return scope_values(doc)
 
 
 def digest(*parts: Any) -> str:
@@ -175,8 +174,10 @@ class DecisionCache:
         self._interpreted: dict[bytes, Any] = {}  # stored result → interpret(result)
         self._epochs: dict[tuple[str, str], int] = {}  # last known non-zero ones, used when Redis is down
         self._local_bumps: dict[tuple[str, str], int] = {}
+        self._unpushed: dict[tuple[str, str], int] = {}  # bumps Redis has not heard yet
         self._revision_counter = 0
         self._local_revision_bumps = 0
+        self._unpushed_revision = 0
         self.opa_revision = ""
         # Outside bundle mode each OPA holds its own data (files, admin pushes): answers
         # from different OPA processes must never share an entry.
@@ -186,30 +187,35 @@ class DecisionCache:
 
     # ------------------------------------------------------------ context
 
-    def context(self, doc: dict[str, Any]) -> Coroutine[Any, Any, tuple[str, list[Any]]]:
-        """The revision and epochs for this request: the read is queued now, await the answer."""
-        scopes = scopes_of(doc)
+    def context(self, scopes: tuple[tuple[str, str], ...]) -> Coroutine[Any, Any, tuple[str, list[Any]]]:
+        """The revision and epochs for these scopes: the read is queued now, await the answer."""
         reply = None
         if self.shared is not None:
-            keys = [self.shared.key("rev")] + [self.shared.key("epoch", s, v) for s, v in scopes]
-            reply = self.shared.mget(keys)
+            shared = self.shared
+            reply = shared.mget([rev_key(shared)] + [epoch_key(shared, s, v) for s, v in scopes])
         return self._context(scopes, reply)
 
     async def _context(
-        self, scopes: list[tuple[str, str]], reply: Awaitable[list[Any] | None] | None
+        self, scopes: tuple[tuple[str, str], ...], reply: Awaitable[list[Any] | None] | None
     ) -> tuple[str, list[Any]]:
         if reply is not None:
             values = await reply
             if values is not None:
-                self._revision_counter = _int(values[0])
+                # Only forward: a Redis that restarted empty or was flushed says 0, and an
+                # entry cached before the last bump must not match again.
+                counter = _int(values[0])
+                if counter < self._revision_counter:
+                    self._suspect()
+                self._revision_counter = max(self._revision_counter, counter)
                 for pair, raw in zip(scopes, values[1:], strict=True):
-                    # Only bumped scopes are remembered (for when Redis is down): a zero
-                    # per token or subject ever seen would grow without end.
+                    # Only bumped scopes are remembered: a zero per token or subject ever
+                    # seen would grow without end.
                     epoch = _int(raw)
-                    if epoch:
+                    known = self._epochs.get(pair, 0)
+                    if epoch > known:
                         self._epochs[pair] = epoch
-                    else:
-                        self._epochs.pop(pair, None)
+                    elif epoch < known:
+                        self._suspect()
         epochs = [[s, v, self._epochs.get((s, v), 0), self._local_bumps.get((s, v), 0)] for s, v in scopes]
         revision = f"{self.opa_revision}#{self._revision_counter}#{self._local_revision_bumps}"
         if not self.opa_revision.startswith("b:"):
@@ -271,17 +277,18 @@ class DecisionCache:
     ) -> tuple[Any, str, str, list[Any]]:
         """(result or None, layer, revision, epochs).  Layer: l1, l2, miss or bypass.
 
-        ``context`` is :meth:`context` for this request when the caller already fetched it.
+        ``context`` is :meth:`context` for this request's subject (without it, a bypass).
         With ``interpret``, a hit returns ``interpret(result)`` instead of the result,
         remembered per distinct stored result (``_INTERPRETED_MAX`` of them): a hot answer
         is decoded and interpreted once, not per request, and the many entries that hold
         the same answer share one interpretation (what ``interpret`` returns must not be
         changed by its users).
         """
-        if not route.cache.enabled:
+        if not route.cache.enabled or context is None:
+            # No context, no epochs to key on: never an answer without them.
             self.stats["bypass"] += 1
             return None, "bypass", "", []
-        revision, epochs = context if context is not None else await self.context(doc)
+        revision, epochs = context
         vary = await self._vary(route, revision)
         # The route is part of the question: two routes may share a decision path and a
         # projection, and still be judged differently.
@@ -382,10 +389,13 @@ class DecisionCache:
         pair = (scope, value)
         if self.shared is not None:
             shared = self.shared
-            epoch = await shared.call(lambda c: c.incr(shared.key("epoch", scope, value)))
+            known = self._epochs.get(pair, 0)
+            epoch = await shared.call(lambda c: c.eval(_FORWARD, 1, epoch_key(shared, scope, value), known, 1))
             if epoch is not None:
-                self._epochs[pair] = int(epoch)
+                self._epochs[pair] = max(known, _int(epoch))
                 return True
+            # Redis could not hear it: written back by reconcile() once it is back.
+            self._unpushed[pair] = self._unpushed.get(pair, 0) + 1
         # No Redis to spread it: this replica still honours it, at once and for good
         # (its keys for that scope then differ from the other replicas').
         self._local_bumps[pair] = self._local_bumps.get(pair, 0) + 1
@@ -395,14 +405,65 @@ class DecisionCache:
         """A data change: every key changes, here and (through Redis) on every replica."""
         if self.shared is not None:
             shared = self.shared
-            value = await shared.call(lambda c: c.incr(shared.key("rev")))
+            known = self._revision_counter
+            value = await shared.call(lambda c: c.eval(_FORWARD, 1, rev_key(shared), known, 1))
             if value is not None:
-                self._revision_counter = int(value)
+                self._revision_counter = max(known, _int(value))
                 return True
+            self._unpushed_revision += 1
         # Without Redis the change is still honoured here, for good: a later read
         # of the shared counter cannot bring an older revision back.
         self._local_revision_bumps += 1
         return self.shared is None
+
+    def _suspect(self) -> None:
+        # Redis shows a counter below one this replica remembers: it lost data.
+        if self.shared is not None:
+            self.shared.suspect = True
+
+    async def reconcile(self, lost: bool = True) -> bool:
+        """Write back what Redis lacks: bumps made during an outage, values it lost.
+
+        Bumps made while Redis was unreachable are added on top of what Redis holds.
+        When Redis may have lost data (``lost``), every remembered epoch (and the revision
+        counter) is raised in Redis to at least what this replica knows — one more when
+        Redis is below it, since another replica may have cached under the lower value.
+        Only ever forward.
+        """
+        if self.shared is None:
+            return False
+        shared = self.shared
+        pairs = list(self._epochs.keys() | self._unpushed.keys()) if lost else list(self._unpushed)
+        if not lost and not pairs and not self._unpushed_revision:
+            return True
+        pending = dict(self._unpushed)
+        pending_rev = self._unpushed_revision
+
+        async def op(c: Any) -> list[Any]:
+            pipe = c.pipeline(transaction=False)
+            pipe.eval(_FORWARD, 1, rev_key(shared), self._revision_counter, pending_rev)
+            for s, v in pairs:
+                pipe.eval(_FORWARD, 1, epoch_key(shared, s, v), self._epochs.get((s, v), 0), pending.get((s, v), 0))
+            return list(await pipe.execute())
+
+        replies = await shared.call(op, deadline_s=2.0)
+        if replies is None:
+            return False
+        self._revision_counter = max(self._revision_counter, _int(replies[0]))
+        self._unpushed_revision -= pending_rev
+        for pair, raw in zip(pairs, replies[1:], strict=True):
+            self._epochs[pair] = max(self._epochs.get(pair, 0), _int(raw))
+            left = self._unpushed.get(pair, 0) - pending.get(pair, 0)
+            if left > 0:
+                self._unpushed[pair] = left
+            else:
+                self._unpushed.pop(pair, None)
+        return True
+
+    @property
+    def unshared(self) -> int:
+        """Bumps made here that Redis has not heard yet."""
+        return sum(self._unpushed.values()) + self._unpushed_revision
 
     # ------------------------------------------------------------ plumbing
 
@@ -441,6 +502,27 @@ class DecisionCache:
 
 
 _CORRUPT = object()
+
+# KEYS[1] = counter; ARGV = what the caller knows, bumps to add.  Never backwards: a
+# counter below what the caller knows lost data, and goes one past it.
+_FORWARD = """
+local cur = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
+local known = tonumber(ARGV[1])
+local add = tonumber(ARGV[2])
+local base = cur
+if cur < known then base = known + 1 end
+local want = base + add
+if want ~= cur then redis.call('SET', KEYS[1], want) end
+return want
+"""
+
+
+def rev_key(shared: SharedState) -> str:
+    return shared.key("rev")
+
+
+def epoch_key(shared: SharedState, scope: str, value: str) -> str:
+    return shared.key("epoch", scope, value)
 
 
 def _load(raw: bytes) -> Any:

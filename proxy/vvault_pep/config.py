@@ -383,6 +383,19 @@ class Issuer(_Model):
 
 class Workload(_Model):
     trust_domains: tuple[str, ...] = ()
+    # SPIFFE ID → the tenant that workload belongs to: a verified tenant for the
+    # workload's own calls (containment, rate limits), never one a request names.
+    tenants: dict[str, str] = {}
+
+    @field_validator("tenants")
+    @classmethod
+    def _tenants(cls, v: dict[str, str]) -> dict[str, str]:
+        for spiffe_id, tenant in v.items():
+            if not spiffe_id.startswith("spiffe://"):
+                raise ValueError(f"{spiffe_id!r} is not a SPIFFE ID (spiffe://trust-domain/path)")
+            if not tenant:
+                raise ValueError(f"the tenant of {spiffe_id!r} is empty")
+        return v
 
     @field_validator("trust_domains")
     @classmethod
@@ -620,7 +633,7 @@ class Risk(_Model):
 
 
 class RateLimit(_Model):
-    per: Literal["subject", "tenant", "client", "route"] = "subject"
+    per: Literal["subject", "tenant", "certificate", "workload", "client", "route"] = "subject"
     rate_per_s: float = Field(..., gt=0)
     burst: int = Field(1, ge=1)
 

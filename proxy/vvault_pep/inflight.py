@@ -9,7 +9,8 @@ for the pool.
 
 Keys come from verified identity only: the client certificate's SHA-256
 thumbprint (the source address when the listener lets a client in without
-one), the issuer-qualified user or the workload's SPIFFE ID.  Counts live in
+one), and the subject's principal (:attr:`.principal.Subject.principal`): the
+issuer-qualified user, else the workload's SPIFFE ID.  Counts live in
 this process, like the connections they protect.
 """
 
@@ -18,23 +19,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from .authn import Identity
 from .errors import PepError
-from .listener import PeerCertificate
+from .principal import Subject
 
 
-def client_of(peer: PeerCertificate | None, source_ip: str | None) -> str:
-    return f"cert:{peer.sha256}" if peer is not None else f"ip:{source_ip or 'unknown'}"
-
-
-def subject_of(identity: Identity) -> str | None:
-    """The caller as one name: ``issuer|sub`` for a user, the SPIFFE ID for a workload."""
-    user = identity.user
-    if user is not None and user.subject:
-        return f"{user.issuer}|{user.subject}"
-    if identity.workload is not None:
-        return identity.workload.spiffe_id
-    return None
+def client_of(who: Subject, source_ip: str | None) -> str:
+    """The client connection's name: its certificate's thumbprint, else the source address."""
+    return f"cert:{who.certificate}" if who.certificate is not None else f"ip:{source_ip or 'unknown'}"
 
 
 class InFlight:

@@ -39,10 +39,10 @@ from .listener import MtlsServer
 from .pdp import PdpClient
 from .policy_input import Facts, build_input
 from .posture import PostureVerifier
+from .principal import Subject, subject_of
 from .ratelimit import RateLimiter
 from .risk import RiskSignals
 from .routing import Match, RouteTable
-from .scopes import scope_values
 from .telemetry import KNOWN_METHODS, Telemetry, method_of
 
 log = logging.getLogger("vvault_pep.pipeline")
@@ -66,6 +66,7 @@ class _Trail:
     http_route: str = ""  # the matched route's template (http.route)
     error_code: str | None = None  # the PEP's refusal code, when it refused (error.type)
     has_result: bool = False
+    subject: Subject | None = None
 
 
 class Pipeline:
@@ -232,19 +233,28 @@ class Pipeline:
             now=_now(),
             body=inspected,
         )
+        # One subject, from verified names only: containment, rate limits, risk, cache
+        # epochs and the audit record all read it, never the input or the client's words.
+        who = subject_of(identity, conn.peer if conn else None, device, config.identity.workload.tenants)
+        trail.subject = who
         # risk, containment and the cache's revision/epochs all read Redis: the three reads
         # are queued now and share one round trip (with those of other requests in flight).
         draft = build_input(facts, pep_version=__version__)
         with self._stage(trail, "context"):
             pending = (
-                self.risk.assess(draft, device, facts.now),
-                # contain: quarantines and revocations hold before any cached allow or OPA
-                self.containment.check(draft),
-                self.cache.context(draft) if route.cache.enabled else _no_context(),
+                self.risk.assess(who, facts.source_ip, facts.now),
+                # contain: every scope of the subject, before any cached allow or OPA
+                self.containment.check(who),
+                self.cache.context(who.scopes) if route.cache.enabled else _no_context(),
             )
             try:
                 risk = await pending[0]
-                await pending[1]
+                contained = await pending[1]
+                if self.containment.shared is not None:
+                    # Said in the record: a request judged while Redis could not answer was
+                    # checked against what this replica knows only.
+                    trail.fields["shared_state"] = "ok" if contained.answered else "unavailable"
+                contained.raise_if_held()
                 context = await pending[2]
             finally:
                 for waiting in pending:
@@ -256,7 +266,7 @@ class Pipeline:
         trail.policy_input = policy_input
         if route.rate_limit is not None:
             verdict = await self.limiter.check(
-                route.rate_limit, ratelimit.key_of(route.rate_limit, route.name, policy_input)
+                route.rate_limit, ratelimit.key_of(route.rate_limit, route.name, who, facts.source_ip)
             )
             if not verdict.allowed:
                 raise ratelimit.refuse(verdict)
@@ -299,12 +309,12 @@ class Pipeline:
                 )
         trail.fields["result"] = _result_of_decision(decision)
         if decision.obligations:
-            trail.fields["obligations"] = await self._carry_out(decision, policy_input, trail)
+            trail.fields["obligations"] = await self._carry_out(decision, who, trail)
         policy_limit = decision.extras.get("rate_limit")
         if decision.allow and policy_limit is not None:
             # A limit the policy chose for this caller (e.g. tighter for a risky one).
             verdict = await self.limiter.check(
-                policy_limit, ratelimit.key_of(policy_limit, f"policy:{route.name}", policy_input)
+                policy_limit, ratelimit.key_of(policy_limit, f"policy:{route.name}", who, facts.source_ip)
             )
             if not verdict.allowed:
                 raise ratelimit.refuse(verdict)
@@ -319,16 +329,14 @@ class Pipeline:
         span.set_attribute("vvault_pep.result.code", decision.code)
         span.set_attribute("vvault_pep.cache", layer)
         if not decision.allow:
-            await self.risk.record_denial(policy_input)
+            await self.risk.record_denial(who, facts.source_ip)
             if enforced:
                 return self._deny(request, decision, trail)
             trail.fields["would_have"] = {"status": decision.status, "code": decision.code}
             self.tel.would_deny.inc(route.name, decision.code)
         # forward: one slot for this caller while the request is in flight, taken before
         # 100 Continue so that a caller over its limit is refused without sending its body
-        trail.release = self.inflight.take(
-            inflight.client_of(conn.peer if conn else None, facts.source_ip), inflight.subject_of(identity)
-        )
+        trail.release = self.inflight.take(inflight.client_of(who, facts.source_ip), who.principal)
         if headers.expect_continue and request.version >= (1, 1) and not (inspected and inspected.continued):
             # Only now that the request is allowed may the client send its body.
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -366,12 +374,11 @@ class Pipeline:
             trail.fields["aborted"] = outcome.aborted
         return response
 
-    async def _carry_out(self, decision: Decision, doc: dict[str, Any], trail: _Trail) -> list[dict[str, Any]]:
+    async def _carry_out(self, decision: Decision, who: Subject, trail: _Trail) -> list[dict[str, Any]]:
         """Execute the decision's quarantine obligations; the record says what was done."""
         done = []
-        values = dict(reversed(scope_values(doc)))  # first value per scope wins
         for scope, ttl_s, reason in decision.obligations:
-            value = values.get(scope)
+            value = who.value_of(scope)
             if value is None:
                 done.append({"type": "quarantine", "scope": scope, "executed": False, "why": "no such scope"})
                 continue
@@ -476,7 +483,9 @@ class Pipeline:
             "spiffe_id": cert.get("spiffe_id"),
             "subject": identity.get("subject") or identity.get("workload"),
             "issuer": identity.get("issuer"),
-            "tenant": identity.get("tenant"),
+            "tenant": trail.subject.tenant if trail.subject is not None else None,
+            # every scope containment checked (verified names only)
+            "scopes": [list(pair) for pair in trail.subject.scopes] if trail.subject is not None else [],
             "device_id": fields.pop("device_id", None),
             "risk_score": fields.pop("risk_score", None),
             "bundles": fields.pop("bundles", None),

@@ -3,8 +3,12 @@
 GCRA (the generic cell rate algorithm) keeps one number per key — the
 theoretical arrival time of the next request — so a limit costs one small
 Lua call and no sliding-window lists.  A route's ``rate_limit`` names the
-key (``subject``, ``tenant``, ``client`` — the certificate thumbprint or
-source address — or ``route``), the sustained rate and the burst.  The clock
+key (``subject``, ``tenant``, ``certificate``, ``workload``, ``client`` — the
+certificate thumbprint or source address — or ``route``), the sustained rate
+and the burst.  Every key is built from the verified :class:`~.principal.Subject`
+(:func:`key_of`): ``tenant`` is the caller's verified tenant, and a caller
+without one is limited per subject (else per client), never in a bucket some
+tenant's callers share — a path parameter names no bucket.  The clock
 is Redis's own (``TIME``), so replicas with skewed clocks agree.
 
 When Redis cannot answer, the same algorithm runs in this process with the
@@ -19,7 +23,7 @@ from typing import Any
 
 from .config import RateLimit
 from .errors import PepError
-from .scopes import client_key, subject_key
+from .principal import Subject, client_key
 from .shared_state import SharedState
 
 # KEYS[1] = limiter key; ARGV = emission interval (µs), burst tolerance (µs)
@@ -46,21 +50,33 @@ class Verdict:
     shared: bool
 
 
-def key_of(limit: RateLimit, route: str, doc: dict[str, Any]) -> str:
-    """The limiter key; a request without the named value falls back to its client — never unlimited."""
-    identity = doc.get("identity") or {}
-    value: Any
-    if limit.per == "subject":
-        value = subject_key(doc)
-    elif limit.per == "tenant":
-        value = identity.get("tenant") or (doc.get("route") or {}).get("params", {}).get("tenant")
-    elif limit.per == "route":
-        value = "*"
-    else:
-        value = None
-    if not isinstance(value, str) or not value:
-        return f"{route}:client:{client_key(doc)}"
-    return f"{route}:{limit.per}:{value}"
+def key_of(limit: RateLimit, route: str, subject: Subject, source_ip: str | None) -> str:
+    """The limiter key, from verified names only; a caller without the named one is never unlimited.
+
+    Without its named value a caller falls back to its subject, then its client: a
+    tenant-less caller never lands in a tenant's bucket (the kinds differ in the key).
+    """
+    value: str | None
+    per = limit.per
+    if per == "route":
+        return f"{route}:route:*"
+    if per == "client":
+        return f"{route}:client:{client_key(subject, source_ip)}"
+    value = {
+        "subject": subject.principal,
+        "tenant": subject.tenant,
+        "certificate": subject.certificate,
+        "workload": subject.workload,
+    }.get(per)
+    if value is None and per in ("tenant", "workload") and subject.principal is not None:
+        per, value = "subject", subject.principal
+    if value is None:
+        return f"{route}:client:{client_key(subject, source_ip)}"
+    return f"{route}:{per}:{value}"
+
+
+def rl_key(shared: SharedState, key: str) -> str:
+    return shared.key("rl", key)
 
 
 class RateLimiter:
@@ -74,9 +90,7 @@ class RateLimiter:
         tolerance = interval * (limit.burst - 1)
         if self.shared is not None:
             shared, script = self.shared, self._script
-            res = await shared.call(
-                lambda c: script(keys=[shared.key("rl", key)], args=[int(interval), int(tolerance)])
-            )
+            res = await shared.call(lambda c: script(keys=[rl_key(shared, key)], args=[int(interval), int(tolerance)]))
             if res is not None:
                 return Verdict(bool(int(res[0])), int(res[1]) / 1_000_000, True)
         now = time.monotonic() * 1_000_000

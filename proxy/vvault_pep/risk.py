@@ -1,7 +1,7 @@
 """Risk: how the subject has been behaving, from counters every replica shares.
 
-Per subject (the token's subject, else the workload, else the client
-certificate or address), in Redis, with one atomic script per request:
+Per subject (the verified user, else the workload, else the client
+certificate or address — :class:`~.principal.Subject`, never the input), in Redis, with one atomic script per request:
 
 * ``rate_spike`` — requests in the current window above ``spike_factor`` ×
   the learned baseline (an exponentially weighted average of past windows)
@@ -31,7 +31,7 @@ from collections.abc import Awaitable, Coroutine
 from typing import Any
 
 from .config import Risk as RiskConfig
-from .scopes import client_key, subject_key
+from .principal import Subject, client_key
 from .shared_state import SharedState
 
 # KEYS: current window, previous window, baseline, networks, denials, last device
@@ -83,9 +83,13 @@ def network_of(ip: str | None) -> str:
     return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
 
 
-def subject_of(doc: dict[str, Any]) -> str | None:
-    subject = subject_key(doc)
-    return f"sub:{subject}" if subject is not None else client_key(doc)
+def risk_subject(subject: Subject, source_ip: str | None) -> str:
+    principal = subject.principal
+    return f"sub:{principal}" if principal is not None else client_key(subject, source_ip)
+
+
+def risk_key(shared: SharedState, subject: str, *parts: str) -> str:
+    return shared.key("risk", subject, *parts)
 
 
 def score(signals: dict[str, Any]) -> tuple[int, str]:
@@ -117,42 +121,37 @@ class RiskSignals:
         self.cfg = cfg
         self.shared = shared
 
-    def assess(
-        self, doc: dict[str, Any], device: dict[str, Any], now: dt.datetime
-    ) -> Coroutine[Any, Any, dict[str, Any]]:
+    def assess(self, who: Subject, source_ip: str | None, now: dt.datetime) -> Coroutine[Any, Any, dict[str, Any]]:
         """The subject's risk block; the Redis script is queued now, await the block."""
-        subject = subject_of(doc)
-        if not self.cfg.enabled or self.shared is None or subject is None:
+        if not self.cfg.enabled or self.shared is None:
             return _ready(unavailable())
+        subject = risk_subject(who, source_ip)
         shared, window = self.shared, self.cfg.window_s
         bucket = int(time.time()) // window
-        base = shared.key("risk", subject)
         keys = [
-            f"{base}:w:{bucket}",
-            f"{base}:w:{bucket - 1}",
-            f"{base}:baseline",
-            f"{base}:nets",
-            f"{base}:denials",
-            f"{base}:device",
+            risk_key(shared, subject, "w", str(bucket)),
+            risk_key(shared, subject, "w", str(bucket - 1)),
+            risk_key(shared, subject, "baseline"),
+            risk_key(shared, subject, "nets"),
+            risk_key(shared, subject, "denials"),
+            risk_key(shared, subject, "device"),
         ]
-        network = network_of((doc.get("source") or {}).get("ip"))
-        raw_id = device.get("id")
-        device_id = raw_id if device.get("verified") and isinstance(raw_id, str) else ""
+        network = network_of(source_ip)
+        device_id = who.device or ""
         reply = shared.one(
             lambda p: p.eval(_SCRIPT, len(keys), *keys, window, network, device_id),
             deadline_s=self.cfg.timeout_ms / 1000,
         )
-        return self._block(doc, device_id, now, reply)
+        return self._block(who.tenant, device_id, now, reply)
 
     async def _block(
-        self, doc: dict[str, Any], device_id: str, now: dt.datetime, reply: Awaitable[Any]
+        self, tenant: str | None, device_id: str, now: dt.datetime, reply: Awaitable[Any]
     ) -> dict[str, Any]:
         res = await reply
         if res is None:
             return unavailable()
         current, baseline, known, added, denials, previous = res
         baseline_f = float(baseline)
-        tenant = (doc.get("identity") or {}).get("tenant") or (doc.get("route") or {}).get("params", {}).get("tenant")
         signals: dict[str, Any] = {
             "requests_in_window": int(current),
             "baseline": round(baseline_f, 2) if baseline_f >= 0 else None,
@@ -162,16 +161,16 @@ class RiskSignals:
             "new_network": int(known) > 0 and int(added) == 1,
             "recent_denials": int(denials),
             "device_change": bool(previous) and bool(device_id) and previous.decode() != device_id,
-            "off_hours": off_hours(self.cfg, tenant if isinstance(tenant, str) else None, now),
+            "off_hours": off_hours(self.cfg, tenant, now),
         }
         total, band = score(signals)
         return {"available": True, "score": total, "band": band, "signals": signals}
 
-    async def record_denial(self, doc: dict[str, Any]) -> None:
-        subject = subject_of(doc)
-        if not self.cfg.enabled or self.shared is None or subject is None:
+    async def record_denial(self, who: Subject, source_ip: str | None) -> None:
+        if not self.cfg.enabled or self.shared is None:
             return
-        shared, key, ttl = self.shared, self.shared.key("risk", subject, "denials"), self.cfg.denial_window_s
+        shared, ttl = self.shared, self.cfg.denial_window_s
+        key = risk_key(shared, risk_subject(who, source_ip), "denials")
 
         async def op(c: Any) -> Any:
             pipe = c.pipeline(transaction=True)

@@ -15,6 +15,7 @@ import logging
 import os
 import platform
 import ssl
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -102,6 +103,9 @@ class PepRuntime:
         self._revision_task = asyncio.create_task(self._revision_loop(), name="opa-revision")
         self.containment = Containment(self.shared)
         await self.containment.start()
+        if self.shared is not None:
+            # Both ways on every (re)connection, on data loss and periodically.
+            self.shared.watch((self.containment.reconcile, self.cache.reconcile))
         self.posture = PostureVerifier(config.posture)
         await self.posture.start()
         self.pipeline = Pipeline(
@@ -277,6 +281,26 @@ class PepRuntime:
             ("commands", "batched_commands", "reads and writes queued on the request path"),
         ):
             tel.observe(f"vvault_pep.redis.{name}", description, functools.partial(redis, counter))
+
+        def shared_state(value: Callable[[], float]) -> dict[tuple[tuple[str, str], ...], float]:
+            return {(): value()} if self.shared and self.containment and self.cache else {}
+
+        shared_gauges: tuple[tuple[str, str, Callable[[], float], bool], ...] = (
+            ("redis.reachable", "1 while Redis answers, 0 while this replica enforces what it knows",
+             lambda: float(self.shared is not None and self.shared.reachable and self.shared.available), True),
+            ("redis.outages", "times Redis became unreachable",
+             lambda: float(self.shared.outages if self.shared else 0), False),
+            ("redis.data_losses", "times Redis was found without its data (restart, flush, failover)",
+             lambda: float(self.shared.data_losses if self.shared else 0), False),
+            ("containment.unshared", "quarantines and lifts made here that Redis has not heard yet",
+             lambda: float(self.containment.unshared if self.containment else 0), True),
+            ("containment.written_back", "quarantines written back to a Redis that lacked them",
+             lambda: float(self.containment.written_back if self.containment else 0), False),
+            ("containment.reconciles", "reconciliations with Redis that completed",
+             lambda: float(self.containment.reconciles if self.containment else 0), False),
+        )  # fmt: skip
+        for name, description, value, gauge in shared_gauges:
+            tel.observe(f"vvault_pep.{name}", description, functools.partial(shared_state, value), gauge=gauge)
         tel.observe(
             "vvault_pep.audit.dropped", "audit records dropped by a full sink",
             lambda: {(("sink", k),): float(v) for k, v in (self.audit.dropped() if self.audit else {}).items()},
@@ -322,6 +346,7 @@ class PepRuntime:
         if self.shared is not None:
             # Informational: without Redis the PEP still serves (L1 and OPA only).
             checks["redis"] = await self.shared.call(lambda c: c.ping()) is not None
+            checks["shared_state"] = self.shared_state()
         if self.draining:
             checks["draining"] = True
         ok = (
@@ -331,6 +356,23 @@ class PepRuntime:
             and all(checks.get("jwks", {}).values())
         )
         return ok, checks
+
+    def shared_state(self) -> dict[str, Any]:
+        """Where this replica stands with Redis: while unreachable it enforces what it knows."""
+        shared, containment, cache = self.shared, self.containment, self.cache
+        assert shared is not None
+        assert containment is not None
+        assert cache is not None
+        return {
+            "reachable": shared.reachable and shared.available,
+            "enforcing": "shared" if shared.reachable and shared.available else "local",
+            "down_since": shared.down_since,
+            "outages": shared.outages,
+            "data_losses": shared.data_losses,
+            "unshared_quarantines": containment.unshared,
+            "unshared_epoch_bumps": cache.unshared,
+            "last_reconciled": containment.last_reconciled,
+        }
 
     async def _readyz(self, request: web.Request) -> web.Response:
         ok, checks = await self.readiness()

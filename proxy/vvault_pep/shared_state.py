@@ -12,6 +12,13 @@ in the same turn of the event loop — a request's risk script, quarantine
 check and cache epochs, and those of every other request in flight — go to
 Redis as one pipeline, one round trip, with the same deadline and the same
 ``None`` on failure.
+
+:meth:`SharedState.watch` keeps replicas and Redis in step: it probes Redis
+every ``PROBE_S`` with a marker key, and runs the reconcilers (containment,
+cache epochs) on every return after an outage, whenever the marker is gone
+(Redis restarted empty, was flushed, or failed over to a replica without the
+data) and every ``FULL_S`` regardless.  ``reachable``, ``down_since`` and
+``outages`` say where things stand for ``/readyz``, metrics and the audit record.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import contextlib
 import logging
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Awaitable, Callable, Generator, Sequence
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
@@ -61,6 +68,10 @@ def make_client(cfg: RedisConfig) -> Any:
 
 
 _MAX_BATCH = 512  # commands per pipeline
+PROBE_S = 0.5  # how often the watcher asks whether Redis is there and still holds its data
+FULL_S = 5.0  # how often the reconcilers run when nothing else asks for it
+# 1 when the marker was missing (and is now set): Redis lost what it held, or never had it.
+_MARK = "if redis.call('SET', KEYS[1], '1', 'NX') then return 1 else return 0 end"
 
 
 class _Reply:
@@ -96,6 +107,13 @@ class SharedState:
         self._pending: list[tuple[Callable[[Any], object] | _MGet, asyncio.Future[Any]]] = []
         self.late = 0  # callers that stopped waiting at their own, shorter deadline
         self._flushes: set[asyncio.Task[None]] = set()
+        self.reachable = True  # as the watcher last saw it
+        self.down_since: float | None = None  # unix time the current outage was noticed
+        self.outages = 0
+        self.data_losses = 0  # times the marker was gone: restart without data, flush, failover
+        self.trips = 0  # failures that opened the circuit (a lost connection, a timeout)
+        self.suspect = False  # a reader saw Redis behind what this replica knows: reconcile soon
+        self._watcher: asyncio.Task[None] | None = None
 
     @property
     def available(self) -> bool:
@@ -103,6 +121,56 @@ class SharedState:
 
     def key(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
+
+    def watch(self, reconcilers: Sequence[Callable[[bool], Awaitable[bool]]]) -> None:
+        """Start the watcher (see the module docstring); stopped by :meth:`close`."""
+        self._watcher = asyncio.create_task(self._watch(tuple(reconcilers)), name="redis-watch")
+
+    async def _watch(self, reconcilers: tuple[Callable[[bool], Awaitable[bool]], ...]) -> None:
+        """Each reconciler is called with ``lost``: whether Redis may have lost or missed
+        writes since the last run (a return after an outage, a missing marker, a tripped
+        circuit, a reader's suspicion) rather than a periodic pass."""
+        marker = self.key("alive")
+        due = True  # reconcile at the first answer
+        last_full = time.monotonic()
+        seen_trips = self.trips
+        first = True
+        while True:
+            mark = await self.call(lambda c: c.eval(_MARK, 1, marker))
+            if mark is None:
+                if self.reachable:
+                    self.reachable, self.down_since = False, time.time()
+                    self.outages += 1
+                    log.warning("redis unreachable: enforcing what this replica knows")
+                due = True
+            else:
+                if not self.reachable:
+                    log.warning(
+                        "redis is back after %.1fs: reconciling", time.time() - (self.down_since or time.time())
+                    )
+                    self.reachable, self.down_since = True, None
+                if int(mark) == 1 and not first:
+                    self.data_losses += 1
+                    log.warning(
+                        "redis lost its data (restart, flush or failover): writing back what this replica holds"
+                    )
+                trips, suspect = self.trips, self.suspect
+                lost = due or int(mark) == 1 or trips != seen_trips or suspect
+                if lost or time.monotonic() - last_full >= FULL_S:
+                    self.suspect = False
+                    done = True
+                    for reconcile in reconcilers:
+                        try:
+                            done = await reconcile(lost) and done
+                        except Exception:  # a reconciler's bug must not end the watcher
+                            log.exception("reconciling with redis failed")
+                            done = False
+                    if done:
+                        due, last_full, seen_trips = False, time.monotonic(), trips
+                    elif suspect:
+                        self.suspect = True
+                first = False
+            await asyncio.sleep(PROBE_S)
 
     async def call(self, op: Callable[[Any], Awaitable[T]], *, deadline_s: float | None = None) -> T | None:
         """Run ``op(client)`` under the deadline; ``None`` when Redis cannot answer."""
@@ -218,6 +286,7 @@ class SharedState:
 
     def _failed(self, exc: BaseException) -> None:
         self.errors += 1
+        self.trips += 1
         self._down_until = time.monotonic() + self.cfg.retry_after_failure_s
         log.warning("redis unavailable: %s", type(exc).__name__)
 
@@ -229,5 +298,9 @@ class SharedState:
         return reply
 
     async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
         with contextlib.suppress(RedisError, OSError):
             await self.client.aclose()
