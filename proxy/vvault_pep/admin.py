@@ -38,14 +38,14 @@ _DATA_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(/[A-Za-z0-9_-]+)*$")
 MAX_BODY = 4 << 20
 
 
-def _peer(request: web.Request) -> PeerCertificate | None:
+def _peer(request: web.Request, trust_domains: tuple[str, ...] = ()) -> PeerCertificate | None:
     ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
     der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
     if not der:
         return None
     try:
-        return parse_peer(der)
-    except ValueError:
+        return parse_peer(der, trust_domains=trust_domains)
+    except ValueError:  # CertificateRefused too: no usable admin identity
         return None
 
 
@@ -72,7 +72,7 @@ class AdminApi:
         grant or quarantine, not only whether they may."""
         cfg = self.runtime.config.admin
         if cfg.policy is not None:
-            peer = _peer(request)
+            peer = _peer(request, self.runtime.config.identity.workload.trust_domains)
             if peer is None or not peer.valid_at(dt.datetime.now(dt.UTC)):
                 self._record(action, False, admin=None, code="admin.no_certificate")
                 raise web.HTTPUnauthorized(text="a valid admin client certificate is required")

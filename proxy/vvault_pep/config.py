@@ -122,6 +122,17 @@ class ListenerTls(_Model):
     require_client_auth_eku: bool = True
     # Certificate files are re-read when they change (cert-manager, SPIRE rotation).
     reload_interval_s: float = Field(30.0, gt=0)
+    # Certificate revocation lists (PEM), one file or several; re-read like the
+    # certificates.  "chain" checks every certificate of the chain (each CA needs
+    # its CRL), "leaf" only the client's own.  A CRL past its nextUpdate refuses
+    # every handshake it covers and makes /readyz false.
+    crl_file: tuple[ExistingFile, ...] = ()
+    crl_check: Literal["chain", "leaf"] = "chain"
+
+    @field_validator("crl_file", mode="before")
+    @classmethod
+    def _one_or_more(cls, v: Any) -> Any:
+        return (v,) if isinstance(v, str) else v
 
 
 class Listener(_Model):

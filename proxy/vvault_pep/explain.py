@@ -52,7 +52,11 @@ async def explain(
     peer = None
     if cert_pem is not None:
         cert = x509.load_pem_x509_certificate(cert_pem)
-        peer = parse_peer(cert.public_bytes(serialization.Encoding.DER), require_client_auth_eku=False)
+        peer = parse_peer(
+            cert.public_bytes(serialization.Encoding.DER),
+            require_client_auth_eku=False,
+            trust_domains=config.identity.workload.trust_domains,
+        )
     authn, devices, pdp = Authenticator(config.identity), PostureVerifier(config.posture), PdpClient(config.opa)
     await authn.start()
     await devices.start()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import functools
 import logging
 import os
@@ -27,7 +28,8 @@ from .config import Config
 from .containment import Containment
 from .errors import PepError
 from .forward import Upstreams
-from .listener import MtlsServer, server_context
+from .config import ListenerTls
+from .listener import MtlsServer, crl_status, load_crls, server_context
 from .opa_supervisor import OpaSupervisor
 from .pdp import PdpClient
 from .pipeline import Pipeline
@@ -63,6 +65,9 @@ class PepRuntime:
         self._revision_task: asyncio.Task[None] | None = None
         self._tls_task: asyncio.Task[None] | None = None
         self._ssl_ctx: ssl.SSLContext | None = None
+        self._admin_ssl: ssl.SSLContext | None = None
+        self._admin_stamp: tuple[float, ...] = ()
+        self._crl_stale_logged: set[str] = set()
         self._tls_stamp: tuple[float, ...] = ()
         self.tls_reloads = 0
         self._data_server: asyncio.Server | None = None
@@ -76,7 +81,7 @@ class PepRuntime:
         config = self.config
         ssl_ctx = server_context(config.listener.tls)  # fail before starting anything
         self._ssl_ctx = ssl_ctx
-        self._tls_stamp = _stamp(config)
+        self._tls_stamp = _stamp(config.listener.tls)
         self.audit = AuditLog(config.audit)
         self.audit.start()
         self.pdp = PdpClient(config.opa)
@@ -122,6 +127,8 @@ class PepRuntime:
         self._admin_runner = web.AppRunner(admin, access_log=None)
         await self._admin_runner.setup()
         admin_ssl = server_context(config.admin.tls) if config.admin.tls is not None else None
+        self._admin_ssl = admin_ssl
+        self._admin_stamp = _stamp(config.admin.tls) if config.admin.tls is not None else ()
         admin_port = config.admin.port + self.worker if config.admin.port else 0
         site = web.TCPSite(self._admin_runner, config.admin.host, admin_port, ssl_context=admin_ssl)
         await site.start()
@@ -130,6 +137,7 @@ class PepRuntime:
         self._mtls = MtlsServer(
             self.pipeline.handle,
             require_client_auth_eku=config.listener.tls.require_client_auth_eku,
+            trust_domains=config.identity.workload.trust_domains,
             max_line_size=config.limits.max_request_line_bytes,
             max_field_size=config.limits.max_header_bytes,
             max_headers=config.limits.max_headers,
@@ -197,27 +205,58 @@ class PepRuntime:
             await self.supervisor.stop()
 
     async def _tls_reloader(self) -> None:
-        """Pick up rotated certificate files for new handshakes (the listener keeps running).
+        """Pick up rotated certificate and CRL files for new handshakes (the listeners keep running).
 
-        The new chain and any CA added to the bundle take effect at once; a CA removed
-        from the bundle stays trusted until the next restart (OpenSSL's store only grows).
+        The new chain, any CA added to the bundle and any newer CRL take effect at once
+        (OpenSSL uses the CRL with the latest lastUpdate per issuer); a CA removed from
+        the bundle stays trusted until the next restart (OpenSSL's store only grows).
         """
         tls = self.config.listener.tls
         while True:
             await asyncio.sleep(tls.reload_interval_s)
-            stamp = _stamp(self.config)
-            if stamp == self._tls_stamp or self._ssl_ctx is None:
-                continue
-            try:
-                self._ssl_ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
-                self._ssl_ctx.load_verify_locations(cafile=str(tls.client_ca_file))
-            except (OSError, ssl.SSLError) as exc:
-                # Half-written files during a rotation: keep serving the old ones, retry.
-                log.warning("TLS reload failed, keeping the current certificate: %s", type(exc).__name__)
-                continue
-            self._tls_stamp = stamp
-            self.tls_reloads += 1
-            log.warning("TLS certificate files changed: reloaded")
+            self._log_stale_crls()
+            stamp = _stamp(tls)
+            if stamp != self._tls_stamp and self._ssl_ctx is not None and self._reload(self._ssl_ctx, tls):
+                self._tls_stamp = stamp
+                self.tls_reloads += 1
+                log.warning("TLS certificate files changed: reloaded")
+            admin_tls = self.config.admin.tls
+            if admin_tls is not None and self._admin_ssl is not None:
+                stamp = _stamp(admin_tls)
+                if stamp != self._admin_stamp and self._reload(self._admin_ssl, admin_tls):
+                    self._admin_stamp = stamp
+                    log.warning("admin TLS certificate files changed: reloaded")
+
+    @staticmethod
+    def _reload(ctx: ssl.SSLContext, tls: ListenerTls) -> bool:
+        try:
+            ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+            ctx.load_verify_locations(cafile=str(tls.client_ca_file))
+            load_crls(ctx, tls.crl_file)
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            # Half-written files during a rotation: keep serving the old ones, retry.
+            log.warning("TLS reload failed, keeping the current files: %s", type(exc).__name__)
+            return False
+        return True
+
+    def crl_freshness(self) -> dict[str, float]:
+        """Seconds until each configured CRL's nextUpdate (negative: stale, refusing)."""
+        now = dt.datetime.now(dt.UTC)
+        out: dict[str, float] = {}
+        files = [*self.config.listener.tls.crl_file, *(self.config.admin.tls.crl_file if self.config.admin.tls else ())]
+        for status in crl_status(dict.fromkeys(files)):
+            left = (status.next_update - now).total_seconds() if status.next_update else -1.0
+            key = f"{status.file}#{status.issuer}"
+            out[key] = min(left, out.get(key, left))
+        return out
+
+    def _log_stale_crls(self) -> None:
+        for key, left in self.crl_freshness().items():
+            if left <= 0 and key not in self._crl_stale_logged:
+                self._crl_stale_logged.add(key)
+                log.error("CRL past its nextUpdate (%s): handshakes it covers are refused", key)
+            elif left > 0:
+                self._crl_stale_logged.discard(key)
 
     async def _refresh_revision(self) -> None:
         assert self.pdp is not None
@@ -263,6 +302,16 @@ class PepRuntime:
             lambda: {(("sink", k),): float(v) for k, v in (self.audit.dropped() if self.audit else {}).items()},
         )  # fmt: skip
         tel.observe(
+            "vvault_pep.tls.crl_seconds_left", "seconds until each CRL's nextUpdate (<= 0: stale, refusing)",
+            lambda: {(("crl", k),): v for k, v in self.crl_freshness().items()},
+            gauge=True,
+        )  # fmt: skip
+        tel.observe(
+            "vvault_pep.tls.refused", "connections refused after the handshake (bad SVID, EKU, resumption)",
+            lambda: {(("why", "certificate"),): float(self._mtls.refused_certificates),
+                     (("why", "resumption"),): float(self._mtls.refused_resumptions)} if self._mtls else {},
+        )  # fmt: skip
+        tel.observe(
             "vvault_pep.connections.open", "open client connections",
             lambda: {(): float(len(self._mtls.connections)) if self._mtls else 0.0},
             gauge=True,
@@ -292,6 +341,9 @@ class PepRuntime:
         if self.shared is not None:
             # Informational: without Redis the PEP still serves (L1 and OPA only).
             checks["redis"] = await self.shared.call(lambda c: c.ping()) is not None
+        crls = self.crl_freshness()
+        if crls:
+            checks["crl"] = {k: left > 0 for k, left in crls.items()}
         if self.draining:
             checks["draining"] = True
         ok = (
@@ -299,6 +351,7 @@ class PepRuntime:
             and checks["opa"] is True
             and all(v is True for v in checks["policies"].values())
             and all(checks.get("jwks", {}).values())
+            and all(checks.get("crl", {}).values())
         )
         return ok, checks
 
@@ -308,10 +361,9 @@ class PepRuntime:
         return web.Response(status=200 if ok else 503, body=body, content_type="application/json")
 
 
-def _stamp(config: Config) -> tuple[float, ...]:
-    tls = config.listener.tls
+def _stamp(tls: ListenerTls) -> tuple[float, ...]:
     out = []
-    for path in (tls.cert_file, tls.key_file, tls.client_ca_file):
+    for path in (tls.cert_file, tls.key_file, tls.client_ca_file, *tls.crl_file):
         try:
             out.append(os.stat(path).st_mtime)
         except OSError:
