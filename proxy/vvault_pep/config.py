@@ -134,6 +134,20 @@ class ListenerTls(_Model):
     def _one_or_more(cls, v: Any) -> Any:
         return (v,) if isinstance(v, str) else v
 
+    @field_validator("crl_file")
+    @classmethod
+    def _pem_crls(cls, v: tuple[Path, ...], info: ValidationInfo) -> tuple[Path, ...]:
+        if (info.context or {}).get("offline"):
+            return v
+        for path in v:
+            try:
+                pem = path.read_bytes()
+            except OSError as exc:
+                raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+            if b"-----BEGIN X509 CRL-----" not in pem:
+                raise ValueError(f"{path} holds no PEM CRL (-----BEGIN X509 CRL-----)")
+        return v
+
 
 class Listener(_Model):
     host: str = "0.0.0.0"
