@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from examples.pki import issue_client, issue_crl
 from tests.conftest import Upstream
 from tests.idp import Issuer
 from tests.support import OpaProcess, client_context, config_doc, get, raw_https
 from tests.test_authn import ID_ROUTES, SECRET, USER, identity_config
 
-from examples.pki import issue_client, issue_crl
 from vvault_pep.config import Config, parse_config
 from vvault_pep.errors import ConfigError
 from vvault_pep.runtime import PepRuntime

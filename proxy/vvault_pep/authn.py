@@ -34,6 +34,7 @@ import binascii
 import hashlib
 import hmac
 import json
+import math
 import re
 import time
 from collections import OrderedDict
@@ -149,6 +150,12 @@ def _encodable(value: Any, depth: int = 0) -> bool:
         except UnicodeEncodeError:
             return False
         return True
+    if isinstance(value, bool):
+        return True
+    if isinstance(value, int):
+        return -(1 << 63) <= value < (1 << 64)  # JSON writers (orjson, OPA's input) stop at 64 bits
+    if isinstance(value, float):
+        return math.isfinite(value)  # json.loads reads NaN and Infinity, which JSON has not
     if depth > 32:
         return False  # nesting this deep is not a credential
     if isinstance(value, dict):
@@ -161,13 +168,12 @@ def _encodable(value: Any, depth: int = 0) -> bool:
 def strict_problem(header: dict[str, Any], payload: dict[str, Any]) -> str | None:
     """Why a decoded JOSE header and payload are not strictly typed, or None."""
     if not _encodable(header) or not _encodable(payload):
-        # A lone surrogate survives json.loads but nothing downstream can write it.
-        return "a string in the token is not valid Unicode"
+        # A lone surrogate (or a 100-digit integer) survives json.loads, but nothing
+        # downstream can write it: refuse it here, with a reason, not later with a 500.
+        return "a value in the token is not valid JSON text (lone surrogate, huge number, NaN)"
     for name in NUMERIC_DATES:
         value = payload.get(name)
         if name in payload and (isinstance(value, bool) or not isinstance(value, int | float)):
-            return f"'{name}' is not a NumericDate (a JSON number)"
-        if isinstance(value, float) and value != value:  # NaN is never a date
             return f"'{name}' is not a NumericDate (a JSON number)"
     return None
 

@@ -33,6 +33,25 @@ from .pdp import PdpClient
 from .runtime import PepRuntime
 
 
+def http_parser_problem() -> str | None:
+    """Why this installation would parse HTTP with aiohttp's pure-Python parser, or None.
+
+    The two parsers disagree on hostile input (lower-case methods, unclosed quotes in
+    chunk extensions): a PEP in front of an upstream must parse one way, the C (llhttp) way.
+    """
+    from aiohttp import http_parser
+
+    if http_parser.HttpRequestParser is http_parser.HttpRequestParserPy:
+        why = (
+            "AIOHTTP_NO_EXTENSIONS is set" if os.environ.get("AIOHTTP_NO_EXTENSIONS") else "its C extension is missing"
+        )
+        return (
+            f"aiohttp's C HTTP parser is not in use ({why}); "
+            "reinstall aiohttp with its extension or pass --allow-python-http-parser (development only)"
+        )
+    return None
+
+
 def _run(main: Coroutine[Any, Any, int]) -> int:
     try:
         import uvloop
@@ -252,6 +271,10 @@ def main(argv: list[str] | None = None) -> int:
                 help="N processes sharing the listener (SO_REUSEPORT), one event loop each; "
                 "worker k serves admin on admin.port + k",
             )  # fmt: skip
+            p.add_argument(
+                "--allow-python-http-parser", action="store_true",
+                help="development only: serve although aiohttp's C HTTP parser is not in use",
+            )  # fmt: skip
         if name == "check":
             p.add_argument("--offline", action="store_true", help="validate the config only: no files, no dependencies")
     ex = sub.add_parser("explain", help="show the input, decision and reasons for one described request")
@@ -279,6 +302,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
     if args.command == "serve":
+        problem = http_parser_problem()
+        if problem is not None and not args.allow_python_http_parser:
+            print(f"vvault-pep: cannot start: {problem}", file=sys.stderr)
+            return 1
         if args.workers < 1:
             print("vvault-pep: --workers must be at least 1", file=sys.stderr)
             return 2

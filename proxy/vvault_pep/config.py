@@ -443,6 +443,9 @@ class Audit(_Model):
     sinks: tuple[AuditSink, ...] = (AuditSink(type="stdout"),)
     include_input: bool = True
     redact: Redact = Redact()
+    # Largest record written; a larger one is cut down and marked "truncated", so no
+    # request writes much more to the log than it sent.
+    max_record_bytes: int = Field(16_384, ge=2048)
 
 
 class TraceSources(_Model):
@@ -582,6 +585,9 @@ class Limits(_Model):
     max_request_line_bytes: int = Field(8190, ge=256)
     max_header_bytes: int = Field(8190, ge=256)
     max_headers: int = Field(100, ge=8)
+    # More query parameters than this → 400: each one lands in the policy input and
+    # the audit record (no request may write much more to the log than it sent).
+    max_query_params: int = Field(64, ge=1)
     max_body_bytes: int = Field(1 << 30, ge=0)
     max_total_header_bytes: int = Field(65_536, ge=1024)
     # Longest wait for the next piece of a request body (slow-body attacks hold

@@ -24,11 +24,10 @@ from .admin import AdminApi
 from .audit import AuditLog
 from .authn import Authenticator
 from .cache import DecisionCache
-from .config import Config
+from .config import Config, ListenerTls
 from .containment import Containment
 from .errors import PepError
 from .forward import Upstreams
-from .config import ListenerTls
 from .listener import MtlsServer, crl_status, load_crls, server_context
 from .opa_supervisor import OpaSupervisor
 from .pdp import PdpClient
@@ -301,6 +300,15 @@ class PepRuntime:
             "vvault_pep.audit.dropped", "audit records dropped by a full sink",
             lambda: {(("sink", k),): float(v) for k, v in (self.audit.dropped() if self.audit else {}).items()},
         )  # fmt: skip
+
+        def audit_counter(kind: str) -> dict[tuple[tuple[str, str], ...], float]:
+            counts = getattr(self.audit, kind)() if self.audit else {}
+            return {(("sink", k),): float(v) for k, v in counts.items()}
+
+        for kind, what in (("escaped", "a value JSON cannot carry, escaped"), ("truncated", "over the size cap, cut")):
+            tel.observe(
+                f"vvault_pep.audit.{kind}", f"audit records written with {what}", functools.partial(audit_counter, kind)
+            )
         tel.observe(
             "vvault_pep.tls.crl_seconds_left", "seconds until each CRL's nextUpdate (<= 0: stale, refusing)",
             lambda: {(("crl", k),): v for k, v in self.crl_freshness().items()},
