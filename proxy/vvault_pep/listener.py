@@ -39,6 +39,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMethod
+from aiohttp.http_parser import HttpRequestParserPy, RawRequestMessage
 from aiohttp.web_protocol import RequestHandler
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -264,8 +266,30 @@ class Connection:
     peer: PeerCertificate | None
 
 
+_UPPER_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Z-]+")
+
+
+class _StrictPyParser(HttpRequestParserPy):
+    """aiohttp's pure-Python parser, refusing what llhttp refuses: a method not in upper case.
+
+    (It would upper-case ``get`` into ``GET``; the C parser answers 400.)  Only used when
+    ``serve --allow-python-http-parser`` runs without the C extension.
+    """
+
+    def parse_message(self, lines: list[bytes]) -> RawRequestMessage:
+        method = lines[0].split(b" ", 1)[0] if lines else b""
+        if not _UPPER_TOKEN.fullmatch(method):
+            raise BadHttpMethod(method.decode("latin-1"))
+        return super().parse_message(lines)
+
+
 class _Handler(RequestHandler):
     """aiohttp's connection handler, answering its own parse errors as problem+json."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if type(self._parser) is HttpRequestParserPy:
+            self._parser.__class__ = _StrictPyParser  # same state, one stricter check
 
     def data_received(self, data: bytes) -> None:
         before = len(self._messages)
