@@ -189,19 +189,27 @@ async def _check(config: Config) -> int:
         print(f"{'ok  ' if ok else 'FAIL'}  {what}: {detail}")
 
     line(True, "config", f"{config.source} is valid ({len(config.routes)} routes)")
-    pdp = PdpClient(config.opa)
     supervisor: OpaSupervisor | None = None
+    if config.opa.managed:
+        supervisor = OpaSupervisor(config.opa)
+        pdp = PdpClient(config.opa, url=supervisor.url)
+        supervisor.client = pdp
+    else:
+        pdp = PdpClient(config.opa)
     try:
-        if config.opa.managed:
-            supervisor = OpaSupervisor(config.opa, pdp)
+        if supervisor is not None:
             try:
                 await supervisor.start()
                 line(True, "opa", f"managed OPA started from {config.opa.binary} with {config.opa.policy_dir}")
             except (OSError, RuntimeError) as exc:
                 line(False, "opa", f"managed OPA failed to start: {exc}")
-                supervisor = None
-        healthy = await pdp.healthy(timeout_s=2)
-        line(healthy, "opa", f"{config.opa.url} {'answers /health' if healthy else 'is not reachable'}")
+        if supervisor is not None:
+            healthy = await supervisor.healthy(timeout_s=2)
+            who = f"the managed OPA (pid {supervisor.pid}) on {supervisor.url}"
+        else:
+            healthy = await pdp.healthy(timeout_s=2)
+            who = f"{pdp.url} (an OPA this PEP does not manage)"
+        line(healthy, "opa", f"{who} {'answers /health' if healthy else 'is not reachable'}")
         paths = sorted({r.policy for r in config.routes})
         if healthy:
             try:

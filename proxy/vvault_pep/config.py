@@ -190,6 +190,10 @@ class Opa(_Model):
     timeout_ms: int = Field(250, gt=0, le=60_000)
     max_connections: int = Field(64, gt=0)
     managed: bool = False
+    # Where a managed OPA listens: "unix" (default) — a socket in a private 0700
+    # folder the PEP creates, which no other local process can take; "tcp" — `url`
+    # (loopback), an explicit choice: a process that holds the port first could answer.
+    managed_listen: Literal["unix", "tcp"] = "unix"
     binary: str = "opa"
     policy_dir: ConfigPath | None = None
     ready_timeout_s: float = Field(20.0, gt=0)

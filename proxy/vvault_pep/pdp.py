@@ -43,17 +43,18 @@ class Answer:
 
 
 class PdpClient:
-    def __init__(self, opa: Opa) -> None:
+    def __init__(self, opa: Opa, *, url: str | None = None) -> None:
         self._opa = opa
         self._deadline = opa.timeout_ms / 1000
-        parts = urlsplit(opa.url)
+        self.url = url or opa.url  # a managed OPA's own socket overrides opa.url
+        parts = urlsplit(self.url)
         connector: aiohttp.BaseConnector
         if parts.scheme == "unix":
             connector = aiohttp.UnixConnector(path=parts.path, limit=opa.max_connections, keepalive_timeout=30)
             self._base = "http://opa"
         else:
             connector = aiohttp.TCPConnector(limit=opa.max_connections, keepalive_timeout=30, ttl_dns_cache=60)
-            self._base = opa.url
+            self._base = self.url
         self._session = aiohttp.ClientSession(
             connector=connector,
             timeout=aiohttp.ClientTimeout(total=None),  # the deadline below rules

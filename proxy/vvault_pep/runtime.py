@@ -83,10 +83,14 @@ class PepRuntime:
         self._tls_stamp = _stamp(config.listener.tls)
         self.audit = AuditLog(config.audit)
         self.audit.start()
-        self.pdp = PdpClient(config.opa)
         if config.opa.managed:
-            self.supervisor = OpaSupervisor(config.opa, self.pdp)
+            # The managed OPA's own address (a private socket by default), never opa.url.
+            self.supervisor = OpaSupervisor(config.opa)
+            self.pdp = PdpClient(config.opa, url=self.supervisor.url)
+            self.supervisor.client = self.pdp
             await self.supervisor.start()
+        else:
+            self.pdp = PdpClient(config.opa)
         self.upstreams = Upstreams(
             config.upstreams,
             max_body_bytes=config.limits.max_body_bytes,
@@ -335,7 +339,11 @@ class PepRuntime:
 
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
         assert self.pdp is not None
-        checks: dict[str, Any] = {"opa": await self.pdp.healthy()}
+        if self.supervisor is not None:
+            # Which process answers: the child the PEP started, alive, on its own socket.
+            checks: dict[str, Any] = {"opa": await self.supervisor.healthy(), "opa_process": self.supervisor.describe()}
+        else:
+            checks = {"opa": await self.pdp.healthy(), "opa_process": {"managed": False, "url": self.pdp.url}}
         paths = sorted({r.policy for r in self.config.routes})
         if checks["opa"]:
             try:
