@@ -52,6 +52,33 @@ def http_parser_problem() -> str | None:
     return None
 
 
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 300 else text[:300] + "…"
+
+
+def _read_arg(path: Path | None, what: str, *, pem: str | None = None) -> bytes | None:
+    """A CLI file argument's bytes; SystemExit(2) with one line naming the file."""
+    if path is None:
+        return None
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise SystemExit(_fail_arg(f"{what} {path}: cannot read: {exc.strerror}")) from None
+    if pem is not None and f"-----BEGIN {pem}-----".encode() not in data:
+        raise SystemExit(_fail_arg(f"{what} {path}: not a PEM {pem.lower()}"))
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SystemExit(_fail_arg(f"{what} {path}: not UTF-8 text")) from None
+    return data
+
+
+def _fail_arg(line: str) -> int:
+    print(f"vvault-pep: {line}", file=sys.stderr)
+    return 2
+
+
 def _run(main: Coroutine[Any, Any, int]) -> int:
     try:
         import uvloop
@@ -82,8 +109,9 @@ async def _serve(config: Config, worker: int = 0, workers: int = 1) -> int:
         loop.add_signal_handler(sig, stop.set)
     try:
         await runtime.start()
-    except (OSError, RuntimeError) as exc:
-        print(f"vvault-pep: cannot start: {exc}", file=sys.stderr)
+    except (OSError, RuntimeError, ValueError) as exc:
+        # Port in use, unresolvable host, unreadable key, OPA that never came up: one line.
+        print(f"vvault-pep: cannot start: {_one_line(exc)}", file=sys.stderr)
         await runtime.stop()
         return 1
     _tune_gc()
@@ -329,15 +357,22 @@ def main(argv: list[str] | None = None) -> int:
 async def _explain(config: Config, args: argparse.Namespace) -> int:
     from .explain import explain
 
-    out = await explain(
-        config,
-        method=args.method.upper(),
-        path=args.path,
-        host=args.host,
-        token=args.token.read_text() if args.token else None,
-        cert_pem=args.cert.read_bytes() if args.cert else None,
-        posture=args.posture.read_text() if args.posture else None,
-    )
+    token = _read_arg(args.token, "--token")
+    cert = _read_arg(args.cert, "--cert", pem="CERTIFICATE")
+    posture = _read_arg(args.posture, "--posture")
+    try:
+        out = await explain(
+            config,
+            method=args.method.upper(),
+            path=args.path,
+            host=args.host,
+            token=token.decode() if token is not None else None,
+            cert_pem=cert,
+            posture=posture.decode() if posture is not None else None,
+        )
+    except ValueError as exc:  # a certificate that does not parse, for one
+        print(f"vvault-pep: cannot explain: {_one_line(exc)}", file=sys.stderr)
+        return 2
     print(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode())
     return 0
 

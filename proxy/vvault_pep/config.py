@@ -13,6 +13,7 @@ never from a request.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from collections.abc import Mapping
@@ -37,6 +38,8 @@ from .errors import ConfigError
 _ENV_REF = re.compile(r"\$\{(?:file:([^}]+)|([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?)\}")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _METHOD = re.compile(r"^[A-Z]+$")
+# RFC 9110 methods plus PATCH (RFC 5789); a route naming anything else is a typo.
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "CONNECT", "TRACE"})
 _DECISION_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(/[A-Za-z_][A-Za-z0-9_]*)*$")
 
 # Headers the PEP owns: a client must never be able to name them, or it could
@@ -100,9 +103,40 @@ def _existing_file(value: Path, info: ValidationInfo) -> Path:
     value = _resolve_path(value, info)
     if (info.context or {}).get("offline"):
         return value  # schema-only validation (e.g. a config destined for a container)
-    if not value.is_file():
+    try:
+        found = value.is_file()
+    except OSError as exc:  # a name too long, a loop of links
+        raise ValueError(f"cannot use this path: {exc.strerror}") from None
+    if not found:
         raise ValueError(f"file not found: {value}")
+    if not os.access(value, os.R_OK):
+        raise ValueError(f"file not readable: {value}")
     return value
+
+
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+
+
+def _listen_host(value: str) -> str:
+    """An IP address or an RFC 1123 host name to listen on (found out at load, not at bind)."""
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        if not _HOSTNAME.fullmatch(value):
+            raise ValueError(f"{value!r} is neither an IP address nor a host name") from None
+    return value
+
+
+ListenHost = Annotated[str, AfterValidator(_listen_host)]
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
 
 
 ConfigPath = Annotated[Path, AfterValidator(_resolve_path)]
@@ -150,7 +184,7 @@ class ListenerTls(_Model):
 
 
 class Listener(_Model):
-    host: str = "0.0.0.0"
+    host: ListenHost = "0.0.0.0"
     port: int = Field(8443, ge=0, le=65535)
     tls: ListenerTls
     keepalive_timeout_s: float = Field(75.0, gt=0)
@@ -168,7 +202,7 @@ class Listener(_Model):
 
 
 class Admin(_Model):
-    host: str = "127.0.0.1"
+    host: ListenHost = "127.0.0.1"
     port: int = Field(9901, ge=0, le=65535)
     # The admin API (/admin/...): either mTLS + an OPA decision (`tls` and `policy`,
     # recommended), or a bearer secret (`token`).  With neither it is switched off.
@@ -216,7 +250,7 @@ class Opa(_Model):
     def _managed_needs_policies(self) -> Opa:
         if self.managed and self.policy_dir is None:
             raise ValueError("managed: true needs policy_dir (the folder OPA loads)")
-        if self.managed and self.policy_dir is not None and not self.policy_dir.is_dir():
+        if self.managed and self.policy_dir is not None and not _is_dir(self.policy_dir):
             raise ValueError(f"policy_dir is not a folder: {self.policy_dir}")
         if self.managed and urlsplit(self.url).hostname not in (None, "127.0.0.1", "localhost", "::1"):
             raise ValueError("a managed OPA listens on loopback or a Unix socket only")
@@ -550,6 +584,10 @@ class Route(_Model):
         for m in v:
             if not _METHOD.fullmatch(m):
                 raise ValueError(f"method {m!r} must be an upper-case token such as GET")
+            if m not in KNOWN_METHODS:
+                close = difflib.get_close_matches(m, sorted(KNOWN_METHODS), n=1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                raise ValueError(f"method {m!r} is not an HTTP method{hint}: {', '.join(sorted(KNOWN_METHODS))}")
         if not v:
             raise ValueError("at least one method")
         return v
@@ -659,11 +697,21 @@ class _Located:
         self.offline = offline
         self.lines: dict[tuple[str | int, ...], int] = {}
 
+    def _refuse(self, node: yaml.Node, path: tuple[str | int, ...], message: str) -> ConfigError:
+        field = _dotted(path) or "(top level)"
+        return ConfigError(f"{self.filename}:{node.start_mark.line + 1}: {field}: {message}")
+
     def build(self, node: yaml.Node, path: tuple[str | int, ...] = ()) -> Any:
         self.lines[path] = node.start_mark.line + 1
+        if node.tag not in _PLAIN_TAGS:
+            # Only plain YAML: no !custom or !!python/... tags, no !!binary, !!set, !!omap.
+            tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+            raise self._refuse(node, path, f"YAML tag {tag} is not accepted (write a plain value)")
         if isinstance(node, yaml.MappingNode):
             out: dict[str, Any] = {}
             for key_node, value_node in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag != _STR_TAG:
+                    raise self._refuse(key_node, path, "a key must be a plain string (no lists, mappings or tags)")
                 key = key_node.value
                 if key in out:
                     raise ConfigError(
@@ -676,7 +724,13 @@ class _Located:
         if isinstance(node, yaml.SequenceNode):
             return [self.build(item, (*path, i)) for i, item in enumerate(node.value)]
         assert isinstance(node, yaml.ScalarNode)
-        value = yaml.SafeLoader(" ").construct_object(node)
+        if node.tag == _TIMESTAMP_TAG:
+            return node.value  # a date-like scalar stays the text it is
+        try:
+            value = yaml.SafeLoader(" ").construct_object(node)
+        except (ValueError, TypeError, AttributeError, yaml.YAMLError) as exc:
+            # An explicit tag on a value it cannot hold (!!int 'abc', !!float 'x').
+            raise self._refuse(node, path, f"not a valid {node.tag.rsplit(':', 1)[-1]}: {node.value!r}") from exc
         if isinstance(value, str):
             value = self._interpolate(value, path)
         return value
@@ -712,6 +766,13 @@ class _Located:
         place = f"{self.filename}:{line}" if line else self.filename
         field = _dotted(loc) or "(top level)"
         return f"{place}: {field}: {message}"
+
+
+_STR_TAG = "tag:yaml.org,2002:str"
+_TIMESTAMP_TAG = "tag:yaml.org,2002:timestamp"
+_PLAIN_TAGS = frozenset(
+    f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "map", "seq", "timestamp")
+)
 
 
 def _dotted(loc: tuple[str | int, ...]) -> str:
@@ -777,9 +838,25 @@ def parse_config(
     return config
 
 
+def _field_names() -> list[str]:
+    """Every key any section knows, for "did you mean …"."""
+    names: set[str] = set()
+    pending: list[type[_Model]] = list(_Model.__subclasses__())
+    while pending:
+        model = pending.pop()
+        names.update(model.model_fields)
+        pending.extend(model.__subclasses__())
+    return sorted(names)
+
+
 def _message(err: Mapping[str, Any]) -> str:
     kind = err.get("type", "")
     if kind == "extra_forbidden":
+        loc = err.get("loc") or ()
+        key = loc[-1] if loc else ""
+        close = difflib.get_close_matches(str(key), _field_names(), n=1, cutoff=0.75)
+        if close:
+            return f"unknown key (did you mean '{close[0]}'?)"
         return "unknown key (check its spelling and section)"
     if kind == "missing":
         return "required field is missing"
