@@ -114,7 +114,9 @@ def _existing_file(value: Path, info: ValidationInfo) -> Path:
     return value
 
 
-_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+_HOSTNAME = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+)
 
 
 def _listen_host(value: str) -> str:
@@ -804,10 +806,15 @@ def parse_config(
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"{filename}{line}: not valid YAML: {problem}") from exc
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        if mark is not None:
+            line = mark.line + 1
+        elif isinstance(exc, yaml.reader.ReaderError):  # a character YAML refuses (NUL, a lone surrogate)
+            line = text.count("\n", 0, exc.position) + 1
+        else:
+            line = 1
+        problem = getattr(exc, "problem", None) or getattr(exc, "reason", None) or type(exc).__name__
+        raise ConfigError(f"{filename}:{line}: (top level): not valid YAML: {' '.join(str(problem).split())}") from exc
     if node is None:
         raise ConfigError(f"{filename}: config file is empty")
     data = located.build(node)
