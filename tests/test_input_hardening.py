@@ -228,3 +228,54 @@ async def test_with_the_override_the_python_parser_still_refuses_lower_case_meth
     finally:
         served.proc.terminate()
         await served.proc.wait()
+
+
+async def test_audit_amplification_is_bounded(
+    pki: Path, opa: OpaProcess, upstream: Upstream, idp: Issuer, tmp_path: Path
+) -> None:
+    """Record bytes per request byte for the shapes that used to blow records up.
+
+    ``pytest tests/test_input_hardening.py -k amplification -s`` prints the table.
+    """
+    from tests.test_authn import ID_ROUTES, identity_config
+
+    from vvault_pep.config import Config
+
+    log = tmp_path / "audit.jsonl"
+    doc = config_doc(
+        pki, opa_url=opa.url, upstream_port=upstream.port, routes=ID_ROUTES, identity=identity_config(idp),
+        audit={"sinks": [{"type": "file", "path": str(log)}]},
+    )  # fmt: skip
+    pep = PepRuntime(Config.model_validate(doc))
+    await pep.start()
+    auth = f"Authorization: Bearer {idp.token()}"
+    shapes = {
+        "minimal, no token": get(SECRET, host=USER),
+        "token only": get(SECRET, auth, host=USER),
+        "63 x '?a&a'": get(SECRET + "?" + "&".join("a" * 63), auth, host=USER),
+        "63 distinct keys": get(SECRET + "?" + "&".join(f"k{i}" for i in range(63)), auth, host=USER),
+        "63 long values": get(SECRET + "?" + "&".join(f"k{i}=" + "v" * 120 for i in range(63)), auth, host=USER),
+        "65 params (refused)": get(SECRET + "?" + "&".join("a" * 65), auth, host=USER),
+        "long path": get(SECRET + "/" + "p" * 7000, auth, host=USER),
+        "90 headers": get(SECRET, auth, *(f"X-H{i}: {'h' * 60}" for i in range(90)), host=USER),
+        "policy headers": get(SECRET, auth, *(f"Accept: {'a' * 7000}",), host=USER),
+        "lone surrogate sub": get(SECRET, f"Authorization: Bearer {idp.token(sub=chr(0xD800))}", host=USER),
+    }
+    cap = pep.config.audit.max_record_bytes
+    try:
+        for request in shapes.values():
+            await raw_https(pep.port, client_context(pki, "reader"), request)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 20
+        while loop.time() < deadline and (not log.exists() or len(log.read_bytes().splitlines()) < len(shapes)):
+            await asyncio.sleep(0.05)
+        records = log.read_bytes().splitlines()
+        assert len(records) == len(shapes)  # one record each, none lost
+        print(f"\n{'request':<22}{'request B':>10}{'record B':>10}{'ratio':>8}")
+        for (name, request), record in zip(shapes.items(), records, strict=True):
+            print(f"{name:<22}{len(request):>10}{len(record):>10}{len(record) / len(request):>8.2f}")
+            assert len(record) <= cap
+            if len(request) >= 4096:
+                assert len(record) / len(request) <= 2.0, name
+    finally:
+        await pep.stop()
