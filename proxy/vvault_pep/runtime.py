@@ -28,7 +28,7 @@ from .config import Config, ListenerTls
 from .containment import Containment
 from .errors import PepError
 from .forward import Upstreams
-from .listener import MtlsServer, crl_status, load_crls, server_context
+from .listener import CrlStatus, MtlsServer, crl_status, load_crls, server_context
 from .opa_supervisor import OpaSupervisor
 from .pdp import PdpClient
 from .pipeline import Pipeline
@@ -67,6 +67,7 @@ class PepRuntime:
         self._admin_ssl: ssl.SSLContext | None = None
         self._admin_stamp: tuple[float, ...] = ()
         self._crl_stale_logged: set[str] = set()
+        self._crl_cache: dict[str, tuple[float, list[CrlStatus]]] = {}
         self._tls_stamp: tuple[float, ...] = ()
         self.tls_reloads = 0
         self._data_server: asyncio.Server | None = None
@@ -247,7 +248,19 @@ class PepRuntime:
         now = dt.datetime.now(dt.UTC)
         out: dict[str, float] = {}
         files = [*self.config.listener.tls.crl_file, *(self.config.admin.tls.crl_file if self.config.admin.tls else ())]
-        for status in crl_status(dict.fromkeys(files)):
+        statuses: list[CrlStatus] = []
+        for path in dict.fromkeys(files):
+            # Parsed again only when the file changes: a CRL can be megabytes, scrapes are frequent.
+            try:
+                mtime = os.stat(path).st_mtime
+            except OSError:
+                mtime = -1.0
+            cached = self._crl_cache.get(str(path))
+            if cached is None or cached[0] != mtime:
+                cached = (mtime, crl_status([path]))
+                self._crl_cache[str(path)] = cached
+            statuses.extend(cached[1])
+        for status in statuses:
             left = (status.next_update - now).total_seconds() if status.next_update else -1.0
             key = f"{status.file}#{status.issuer}"
             out[key] = min(left, out.get(key, left))
