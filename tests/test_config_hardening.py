@@ -120,3 +120,21 @@ async def test_an_unresolvable_listen_host_is_exit_1_with_one_line(
     code, lines = await _cli("serve", "--config", str(config))
     assert code == 1
     assert len(lines) == 1 and lines[0].startswith("vvault-pep: cannot start: "), lines
+
+
+@pytest.mark.parametrize(
+    ("field", "content", "expected"),
+    [
+        ("cert_file", b"not a certificate", "listener.tls.cert_file: the certificate and key_file do not load"),
+        ("client_ca_file", b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n", "listener.tls.client_ca"),
+        ("crl_file", b"-----BEGIN X509 CRL-----\nAAAA\n-----END X509 CRL-----\n", "listener.tls.crl_file: not a"),
+    ],
+)  # fmt: skip
+def test_tls_files_that_do_not_load_are_config_errors(
+    pki: Path, tmp_path: Path, field: str, content: bytes, expected: str
+) -> None:
+    bad = tmp_path / "bad.pem"
+    bad.write_bytes(content)
+    doc = config_doc(pki, opa_url="http://127.0.0.1:1", upstream_port=1, listener={"tls": {field: str(bad)}})
+    with pytest.raises(ConfigError, match=r"^x\.yaml:\d+: " + expected):
+        parse_config(yaml.safe_dump(doc, sort_keys=False), filename="x.yaml")

@@ -842,6 +842,17 @@ def parse_config(
             RouteTable.compile_one(route)
         except TemplateError as exc:
             raise ConfigError(located.where(("routes", i, "path"), str(exc))) from None
+    if not offline:
+        # Files that exist but do not load are a bad config (exit 2), not a start failure.
+        from .listener import tls_file_problem
+
+        for section, tls in (("listener", config.listener.tls), ("admin", config.admin.tls)):
+            problem = tls_file_problem(tls) if tls is not None else None
+            if problem is not None:
+                field, why = problem
+                parts = (section, "tls", *field.replace("]", "").split("["))
+                where = tuple(int(p) if p.isdigit() else p for p in parts)
+                raise ConfigError(located.where(where, why))
     return config
 
 

@@ -114,6 +114,30 @@ def server_context(tls: ListenerTls) -> ssl.SSLContext:
     return ctx
 
 
+def tls_file_problem(tls: ListenerTls) -> tuple[str, str] | None:
+    """(field, why) when the certificate, key, CA or CRL files exist but cannot be used."""
+
+    def why(exc: Exception) -> str:
+        return str(getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc)
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+    except (ssl.SSLError, OSError) as exc:
+        return "cert_file", f"the certificate and key_file do not load as a PEM pair ({why(exc)})"
+    try:
+        ctx.load_verify_locations(cafile=str(tls.client_ca_file))
+    except (ssl.SSLError, OSError) as exc:
+        return "client_ca_file", f"no PEM CA certificate loads from it ({why(exc)})"
+    for i, path in enumerate(tls.crl_file):
+        try:
+            read_crls(path)
+            ctx.load_verify_locations(cafile=str(path))
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            return f"crl_file[{i}]" if len(tls.crl_file) > 1 else "crl_file", f"not a usable PEM CRL ({why(exc)})"
+    return None
+
+
 _SSL_CTRL_SET_SESS_CACHE_MODE = 44
 _SSL_CTRL_GET_SESS_CACHE_MODE = 45
 _SSL_SESS_CACHE_OFF = 0
