@@ -163,3 +163,24 @@ async def test_a_managed_opa_on_a_free_tcp_port_is_its_own(pki: Path, upstream: 
         assert (await raw_https(runtime.port, client_context(pki, "reader"), get(CROSS_TENANT))).status == 403
     finally:
         await runtime.stop()
+
+
+async def test_explain_asks_its_own_managed_opa_not_the_squatter(
+    pki: Path, upstream: Upstream, squatter: Squatter, tmp_path: Path
+) -> None:
+    doc = config_doc(
+        pki, opa_url=f"http://127.0.0.1:{squatter.port}", upstream_port=upstream.port, opa=_managed(squatter)
+    )
+    path = tmp_path / "pep.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    cert = pki / "client-reader.pem"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "vvault_pep.cli", "explain", "--config", str(path), "--path", CROSS_TENANT,
+        "--cert", str(cert), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    async with asyncio.timeout(40):
+        out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    answer = orjson.loads(out)["answer"]
+    assert answer["status"] == 403, answer
+    assert squatter.decisions == 0
