@@ -20,6 +20,7 @@ EXAMPLE = (Path(__file__).resolve().parent.parent / "examples" / "config" / "dem
 
 
 TIMEOUT = "timeout_ms: 250"
+BOMB = "".join(f"x{i}: &x{i} [{', '.join([f'*x{i - 1}' if i else '1'] * 9)}]\n" for i in range(7))
 LISTEN = "  host: 127.0.0.1\n  port: ${PEP_PORT"
 CASES = [
     # (text replaced, replacement, what the error says)
@@ -35,6 +36,13 @@ CASES = [
     ("policy_dir: ../../policies", "policy_dir: " + "a" * 5000, r":16: opa: policy_dir is not a folder"),
     (LISTEN, LISTEN.replace("127.0.0.1", "'not a host!'"), r":4: listener.host: 'not a host!' is neither an IP"),
     ("listener:\n", "listener: \x00\n", r"^x\.yaml:3: \(top level\): not valid YAML"),
+    (":${UPSTREAM_PORT:-8080}", ":99999", r":27: upstreams.vvault.url: bad port in URL"),
+    (
+        "http://127.0.0.1:${UPSTREAM_PORT",
+        "http://exa mple:${UPSTREAM_PORT",
+        r":27: upstreams.vvault.url: 'exa mple' is",
+    ),
+    ("routes:\n", BOMB + "routes:\n", r"more than 100000 values once YAML aliases are expanded"),
 ]
 
 

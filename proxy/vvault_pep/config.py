@@ -114,9 +114,9 @@ def _existing_file(value: Path, info: ValidationInfo) -> Path:
     return value
 
 
-_HOSTNAME = re.compile(
-    r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
-)
+# RFC 1123 labels, with "_" allowed too (container runtimes resolve such service names).
+_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*\.?$")
 
 
 def _listen_host(value: str) -> str:
@@ -132,6 +132,15 @@ def _listen_host(value: str) -> str:
 
 
 ListenHost = Annotated[str, AfterValidator(_listen_host)]
+
+
+def _check_authority(host: str, parts: Any) -> None:
+    """A URL's host is an IP address or a host name, and its port a number in range."""
+    _listen_host(host)
+    try:
+        parts.port  # noqa: B018 — urllib checks the port only when asked
+    except ValueError as exc:
+        raise ValueError(f"bad port in URL: {exc}") from None
 
 
 def _is_dir(path: Path) -> bool:
@@ -244,6 +253,7 @@ class Opa(_Model):
         elif parts.scheme in ("http", "https"):
             if not parts.hostname:
                 raise ValueError("OPA URL needs a host")
+            _check_authority(parts.hostname, parts)
         else:
             raise ValueError("scheme must be http, https or unix")
         return v.rstrip("/")
@@ -281,6 +291,7 @@ class Upstream(_Model):
         parts = urlsplit(v)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("upstream url must be http:// or https:// with a host")
+        _check_authority(parts.hostname, parts)
         if parts.query or parts.fragment:
             raise ValueError("upstream url must not carry a query or fragment")
         return v.rstrip("/")
@@ -698,6 +709,7 @@ class _Located:
         self.filename = filename
         self.offline = offline
         self.lines: dict[tuple[str | int, ...], int] = {}
+        self.nodes = 0
 
     def _refuse(self, node: yaml.Node, path: tuple[str | int, ...], message: str) -> ConfigError:
         field = _dotted(path) or "(top level)"
@@ -705,6 +717,10 @@ class _Located:
 
     def build(self, node: yaml.Node, path: tuple[str | int, ...] = ()) -> Any:
         self.lines[path] = node.start_mark.line + 1
+        self.nodes += 1
+        if self.nodes > _MAX_NODES:
+            # Aliases of aliases ("billion laughs") expand exponentially: stop early.
+            raise self._refuse(node, path, f"more than {_MAX_NODES} values once YAML aliases are expanded")
         if node.tag not in _PLAIN_TAGS:
             # Only plain YAML: no !custom or !!python/... tags, no !!binary, !!set, !!omap.
             tag = node.tag.replace("tag:yaml.org,2002:", "!!")
@@ -770,6 +786,7 @@ class _Located:
         return f"{place}: {field}: {message}"
 
 
+_MAX_NODES = 100_000
 _STR_TAG = "tag:yaml.org,2002:str"
 _TIMESTAMP_TAG = "tag:yaml.org,2002:timestamp"
 _PLAIN_TAGS = frozenset(
