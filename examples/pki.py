@@ -2,7 +2,8 @@
 
 ``python -m examples.pki OUT_DIR`` writes ``ca.pem``, ``server.pem`` /
 ``server-key.pem`` (SANs ``localhost`` and ``127.0.0.1``) and the client
-certificates named in :data:`CLIENTS`.  Every key is a fresh P-256 key; the
+certificates named in :data:`CLIENTS`, and ``crl.pem`` — the CA's revocation
+list, revoking ``client-revoked.pem``.  Every key is a fresh P-256 key; the
 files are for trying the PEP, never for production.
 """
 
@@ -44,6 +45,7 @@ CLIENTS: dict[str, ClientSpec] = {
     "foreign": ClientSpec("foreign-workload", "spiffe://other.domain/ns/x/sa/y"),
     "indexer": ClientSpec("indexer", "spiffe://prod.vvault/ns/platform/sa/indexer"),
     "bad-spiffe": ClientSpec("bad-spiffe", "spiffe://Demo.vvault:8443/a/../b"),
+    "revoked": ClientSpec("revoked", "spiffe://demo.vvault/client/revoked"),
 }
 
 
@@ -130,6 +132,53 @@ def _write(path: Path, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey |
         key_path.chmod(0o600)
 
 
+def _load_ca(out: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    cert = x509.load_pem_x509_certificate((out / "ca.pem").read_bytes())
+    key = serialization.load_pem_private_key((out / "ca-key.pem").read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    return cert, key
+
+
+def issue_crl(
+    out: Path,
+    revoked: tuple[str, ...] = ("revoked",),
+    *,
+    issued_ago: dt.timedelta = dt.timedelta(minutes=1),
+    valid_for: dt.timedelta = dt.timedelta(days=1),
+    path: Path | None = None,
+) -> Path:
+    """Write the CA's CRL revoking ``client-<name>.pem`` for each name; return its path.
+
+    ``valid_for`` sets nextUpdate relative to now (negative: an already stale CRL).
+    """
+    ca_cert, ca_key = _load_ca(out)
+    now = dt.datetime.now(dt.UTC)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now - issued_ago)
+        .next_update(now + valid_for)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .add_extension(x509.CRLNumber(int(now.timestamp())), critical=False)
+    )
+    for name in revoked:
+        cert = x509.load_pem_x509_certificate((out / f"client-{name}.pem").read_bytes())
+        entry = x509.RevokedCertificateBuilder().serial_number(cert.serial_number).revocation_date(now - issued_ago)
+        builder = builder.add_revoked_certificate(entry.build())
+    target = path or out / "crl.pem"
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_bytes(builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+    tmp.replace(target)  # an atomic swap, as a CRL distribution job does it
+    return target
+
+
+def issue_client(out: Path, name: str, *, uris: tuple[str, ...] = (), dns: tuple[str, ...] = ()) -> Path:
+    """A client certificate from the demo CA with the given SANs: ``client-<name>.pem``."""
+    cert, key = _leaf(_load_ca(out), name, uris=uris, dns=dns, eku=(ExtendedKeyUsageOID.CLIENT_AUTH,))
+    _write(out / f"client-{name}.pem", cert, key)
+    return out / f"client-{name}.pem"
+
+
 def make_pki(out: Path) -> Path:
     """Write the demo PKI into ``out`` and return it."""
     out.mkdir(parents=True, exist_ok=True)
@@ -149,6 +198,7 @@ def make_pki(out: Path) -> Path:
             expired=spec.expired,
         )
         _write(out / f"client-{name}.pem", cert, key)
+    issue_crl(out)
     return out
 
 

@@ -279,7 +279,14 @@ class ServeProcess:
 STARTED: list[asyncio.subprocess.Process] = []  # killed after each test if still running (conftest)
 
 
-async def start_serve(config_path: Path, *, timeout: float = 30, workers: int = 1) -> ServeProcess:
+async def start_serve(
+    config_path: Path,
+    *,
+    timeout: float = 30,
+    workers: int = 1,
+    extra: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+) -> ServeProcess:
     """`vvault-pep serve` as a user starts it; returns once it (every worker) says where it listens."""
     import re
     import sys
@@ -294,6 +301,8 @@ async def start_serve(config_path: Path, *, timeout: float = 30, workers: int = 
         "--log-level",
         "WARNING",
         *(("--workers", str(workers)) if workers > 1 else ()),
+        *extra,
+        env={**os.environ, **env} if env is not None else None,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
     )

@@ -344,7 +344,9 @@ async def test_workload_route_accepts_a_trusted_spiffe_certificate(
     assert seen["X-Vvault-Workload"] == "spiffe://demo.vvault/client/reader"
 
 
-@pytest.mark.parametrize("cert", [None, "foreign", "bad-spiffe"])
+# Certificates with a foreign or malformed SPIFFE ID never get this far: they are
+# refused at the handshake (tests/test_tls_hardening.py).
+@pytest.mark.parametrize("cert", [None])
 async def test_workload_route_refuses_others(id_pep: PepRuntime, pki: Path, cert: str | None) -> None:
     status, doc, _ = await call(id_pep, pki, "workload.id.test", cert=cert)
     assert (status, doc["code"]) == (401, "authn.untrusted_workload")

@@ -7,6 +7,13 @@ from the admin CA bundle, authorised per action by OPA at ``admin.policy``
 (compared in constant time).  With neither configured the API is off (404).
 Every call, allowed or refused, is audited with who made it.
 
+Order per call: who is calling (certificate or token) before a byte of the body
+is read — no body is parsed for a caller who could not act at all; then the
+body (JSON, at most 4 MiB); then the admin policy, which sees the body.  A
+certificate the listener would refuse (a malformed SVID, expired) is a 403;
+no certificate a 401.  Every refusal is ``application/problem+json`` with a
+``code``; a malformed body from an authorised caller is a 400 naming the field.
+
 * ``POST /admin/cache/invalidate`` ``{"scope": …, "value": "…"}`` (a scope of
   :data:`~.principal.SCOPES`) bumps the scope's epoch: its cached decisions die on every replica.
 * ``PUT /admin/opa/data/{path}`` with a JSON body writes OPA's data document
@@ -38,15 +45,81 @@ _DATA_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(/[A-Za-z0-9_-]+)*$")
 MAX_BODY = 4 << 20
 
 
-def _peer(request: web.Request) -> PeerCertificate | None:
+class _NoPeer(Exception):
+    def __init__(self, code: str) -> None:
+        self.code = code
+
+
+def _peer(request: web.Request, trust_domains: tuple[str, ...] = ()) -> PeerCertificate:
     ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
     der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
     if not der:
-        return None
+        raise _NoPeer("admin.no_certificate")
     try:
-        return parse_peer(der)
-    except ValueError:
-        return None
+        peer = parse_peer(der, trust_domains=trust_domains)
+    except ValueError as exc:  # CertificateRefused too: no usable admin identity
+        raise _NoPeer("admin.certificate_refused") from exc
+    if not peer.valid_at(dt.datetime.now(dt.UTC)):
+        raise _NoPeer("admin.certificate_refused")
+    return peer
+
+
+_ERRORS: dict[int, type[web.HTTPException]] = {
+    400: web.HTTPBadRequest, 401: web.HTTPUnauthorized, 403: web.HTTPForbidden, 404: web.HTTPNotFound,
+    405: web.HTTPMethodNotAllowed, 502: web.HTTPBadGateway, 503: web.HTTPServiceUnavailable,
+}  # fmt: skip
+
+
+def _problem_body(status: int, code: str, detail: str) -> str:
+    doc = {"type": "about:blank", "title": code, "status": status, "code": code, "detail": detail}
+    return orjson.dumps(doc).decode()
+
+
+def _problem(status: int, code: str, detail: str = "") -> web.HTTPException:
+    """An admin refusal as RFC 9457 problem+json."""
+    body = _problem_body(status, code, detail)
+    if status == 413:
+        return web.HTTPRequestEntityTooLarge(MAX_BODY, MAX_BODY + 1, text=body, content_type="application/problem+json")
+    if status == 405:
+        return web.HTTPMethodNotAllowed("", [], text=body, content_type="application/problem+json")
+    return _ERRORS.get(status, web.HTTPInternalServerError)(text=body, content_type="application/problem+json")
+
+
+_CODES = {
+    400: "admin.bad_request", 401: "admin.unauthenticated", 403: "admin.forbidden", 404: "admin.not_found",
+    405: "admin.method_not_allowed", 413: "admin.body_too_large",
+}  # fmt: skip
+
+
+@web.middleware
+async def problems(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Every admin error as problem+json (the handlers' plain-text 4xx/5xx included)."""
+    try:
+        return await handler(request)  # type: ignore[no-any-return]
+    except web.HTTPException as exc:
+        if exc.status < 400 or exc.content_type == "application/problem+json":
+            raise
+        code = _CODES.get(exc.status, "admin.error")
+        detail = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else ""
+        problem = _problem(exc.status, code, detail or "")
+        for name in ("Allow", "WWW-Authenticate"):
+            if name in exc.headers:
+                problem.headers[name] = exc.headers[name]
+        raise problem from None
+
+
+def _field(doc: Any, name: str, kind: type, default: Any = None, *, empty: bool = False) -> Any:
+    """``doc[name]`` of ``kind`` (str: non-empty unless ``empty``; float: a JSON number), or a 400 naming it."""
+    if not isinstance(doc, dict):
+        raise web.HTTPBadRequest(text="body: a JSON object is required")
+    value = doc.get(name, default)
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise web.HTTPBadRequest(text=f"{name}: a number is required")
+        return float(value)
+    if not isinstance(value, kind) or (kind is str and not value and not empty):
+        raise web.HTTPBadRequest(text=f"{name}: a {'non-empty ' if kind is str else ''}{kind.__name__} is required")
+    return value
 
 
 class AdminApi:
@@ -55,6 +128,7 @@ class AdminApi:
         self.token = runtime.config.admin.token
 
     def install(self, app: web.Application) -> None:
+        app.middlewares.append(problems)
         app.router.add_post("/admin/cache/invalidate", self._invalidate)
         app.router.add_put("/admin/opa/data/{path:.+}", self._put_data)
         app.router.add_put("/admin/opa/policies/{id:.+}", self._put_policy)
@@ -66,16 +140,22 @@ class AdminApi:
         app.router.add_post("/admin/grants", self._add_grant)
         app.router.add_delete("/admin/grants/{ticket}", self._remove_grant)
 
-    async def _authorise(self, request: web.Request, action: str, body: Any = None) -> str:
-        """Who may do ``action`` (with this ``body``): an admin certificate the admin policy
-        allows, or the token.  The policy sees the body, so it can limit *what* an admin may
-        grant or quarantine, not only whether they may."""
+    async def _authorise(self, request: web.Request, action: str, *, with_body: bool = False) -> tuple[str, Any]:
+        """Who may do ``action``: an admin certificate the admin policy allows, or the token.
+
+        The caller is identified before the body is read; the policy then sees the
+        body, so it can limit *what* an admin may grant or quarantine, not only whether
+        they may.  Returns (who, body)."""
         cfg = self.runtime.config.admin
         if cfg.policy is not None:
-            peer = _peer(request)
-            if peer is None or not peer.valid_at(dt.datetime.now(dt.UTC)):
-                self._record(action, False, admin=None, code="admin.no_certificate")
-                raise web.HTTPUnauthorized(text="a valid admin client certificate is required")
+            try:
+                peer = _peer(request, self.runtime.config.identity.workload.trust_domains)
+            except _NoPeer as no:
+                self._record(action, False, admin=None, code=no.code, source_ip=request.remote)
+                status = 401 if no.code == "admin.no_certificate" else 403
+                raise _problem(status, no.code, "a valid admin client certificate is required") from None
+            who = peer.spiffe_id or peer.subject
+            body = await self._json(request, action, who) if with_body else None
             doc = {
                 "version": {"schema": "vvault-pep/admin-input/v1"},
                 "admin": {"action": action, "method": request.method, "path": request.path, "body": body},
@@ -85,22 +165,23 @@ class AdminApi:
             try:
                 answer = await self.runtime.pdp.decide(cfg.policy.strip("/"), doc)
             except PepError as err:
-                self._record(action, False, admin=peer.spiffe_id or peer.subject, code=err.code)
-                raise web.HTTPServiceUnavailable(text=err.code) from err
+                self._record(action, False, admin=who, code=err.code)
+                raise _problem(503, err.code) from err
             decision = interpret(answer.result, defined=answer.defined)
-            who = peer.spiffe_id or peer.subject
             if not decision.allow:
                 self._record(action, False, admin=who, code=decision.code)
-                raise web.HTTPForbidden(text=decision.code)
-            return who
+                raise _problem(403, decision.code)
+            return who, body
         if self.token is None:
             raise web.HTTPNotFound()
         given = request.headers.get("Authorization", "")
         expected = f"Bearer {self.token}"
         if not hmac.compare_digest(given.encode(), expected.encode()):
             self._record(action, False, admin=None, code="admin.bad_token", source_ip=request.remote)
-            raise web.HTTPUnauthorized(headers={"WWW-Authenticate": 'Bearer realm="vvault-pep-admin"'})
-        return "token"
+            exc = _problem(401, "admin.bad_token")
+            exc.headers["WWW-Authenticate"] = 'Bearer realm="vvault-pep-admin"'
+            raise exc
+        return "token", await self._json(request, action, "token") if with_body else None
 
     def _record(self, action: str, ok: bool, **fields: Any) -> None:
         assert self.runtime.audit is not None
@@ -114,22 +195,21 @@ class AdminApi:
             }
         )
 
-    async def _json(self, request: web.Request) -> Any:
+    async def _json(self, request: web.Request, action: str, who: str) -> Any:
         body = await request.content.read(MAX_BODY + 1)
         if len(body) > MAX_BODY:
-            raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY, actual_size=len(body))
+            self._record(action, False, admin=who, code="admin.body_too_large")
+            raise _problem(413, "admin.body_too_large", f"at most {MAX_BODY} bytes")
         try:
             return orjson.loads(body)
         except orjson.JSONDecodeError as exc:
-            raise web.HTTPBadRequest(text="body is not JSON") from exc
+            self._record(action, False, admin=who, code="admin.bad_body")
+            raise _problem(400, "admin.bad_body", "body: not JSON") from exc
 
     async def _invalidate(self, request: web.Request) -> web.Response:
-        doc = await self._json(request)
-        admin = await self._authorise(request, "cache.invalidate", doc)
-        scope = doc.get("scope") if isinstance(doc, dict) else None
-        value = doc.get("value") if isinstance(doc, dict) else None
-        if not isinstance(scope, str) or not isinstance(value, str) or not value:
-            raise web.HTTPBadRequest(text='expected {"scope": …, "value": …}')
+        admin, doc = await self._authorise(request, "cache.invalidate", with_body=True)
+        scope = _field(doc, "scope", str)
+        value = _field(doc, "value", str)
         cache = self.runtime.cache
         assert cache is not None
         try:
@@ -141,11 +221,11 @@ class AdminApi:
         return web.json_response({"scope": scope, "value": value, "shared": shared})
 
     async def _put_data(self, request: web.Request) -> web.Response:
-        admin = await self._authorise(request, "opa.data.put")
+        admin, _ = await self._authorise(request, "opa.data.put")
         path = request.match_info["path"].strip("/")
         if not _DATA_PATH.fullmatch(path):
-            raise web.HTTPBadRequest(text="bad data path")
-        body = orjson.dumps(await self._json(request))
+            raise web.HTTPBadRequest(text="path: not a data path such as vvault/risk")
+        body = orjson.dumps(await self._json(request, "opa.data.put", admin))
         pdp, cache = self.runtime.pdp, self.runtime.cache
         assert pdp is not None
         assert cache is not None
@@ -162,7 +242,7 @@ class AdminApi:
         return web.json_response({"path": path, "revision_shared": shared})
 
     async def _put_policy(self, request: web.Request) -> web.Response:
-        admin = await self._authorise(request, "opa.policy.put")
+        admin, _ = await self._authorise(request, "opa.policy.put")
         policy_id = request.match_info["id"].strip("/")
         if not _DATA_PATH.fullmatch(policy_id):
             raise web.HTTPBadRequest(text="bad policy id")
@@ -191,23 +271,14 @@ class AdminApi:
         return web.json_response({"quarantines": await self.runtime.containment.list()})
 
     async def _add_quarantine(self, request: web.Request) -> web.Response:
-        doc = await self._json(request)
-        admin = await self._authorise(request, "quarantine.add", doc)
+        admin, doc = await self._authorise(request, "quarantine.add", with_body=True)
         from .containment import MAX_TTL_S
 
-        if not isinstance(doc, dict):
-            raise web.HTTPBadRequest(text='expected {"scope", "value", "ttl_s", "reason"}')
-        scope, value = doc.get("scope"), doc.get("value")
-        ttl, reason = doc.get("ttl_s", 900), doc.get("reason", "")
-        if (
-            not isinstance(value, str)
-            or not value
-            or not isinstance(reason, str)
-            or isinstance(ttl, bool)
-            or not isinstance(ttl, int | float)
-            or not 0 < ttl <= MAX_TTL_S
-        ):
-            raise web.HTTPBadRequest(text='expected {"scope", "value", "ttl_s", "reason"}')
+        scope, value = _field(doc, "scope", str), _field(doc, "value", str)
+        ttl = _field(doc, "ttl_s", float, 900)
+        reason = _field(doc, "reason", str, "", empty=True)
+        if not 0 < ttl <= MAX_TTL_S:
+            raise web.HTTPBadRequest(text=f"ttl_s: between 0 and {MAX_TTL_S} seconds")
         assert self.runtime.containment is not None
         assert self.runtime.cache is not None
         try:
@@ -221,7 +292,7 @@ class AdminApi:
         return web.json_response({**q.doc(), "shared": shared}, status=201)
 
     async def _lift_quarantine(self, request: web.Request) -> web.Response:
-        admin = await self._authorise(request, "quarantine.lift")
+        admin, _ = await self._authorise(request, "quarantine.lift")
         scope, value = request.match_info["scope"], request.match_info["value"]
         from .principal import SCOPES
 
@@ -233,11 +304,8 @@ class AdminApi:
         return web.json_response({"scope": scope, "value": value, "lifted": True, "shared": shared})
 
     async def _revoke_token(self, request: web.Request) -> web.Response:
-        doc = await self._json(request)
-        admin = await self._authorise(request, "token.revoke", doc)
-        jti, exp = (doc.get("jti"), doc.get("exp")) if isinstance(doc, dict) else (None, None)
-        if not isinstance(jti, str) or not jti or isinstance(exp, bool) or not isinstance(exp, int | float):
-            raise web.HTTPBadRequest(text='expected {"jti": "...", "exp": <unix time>}')
+        admin, doc = await self._authorise(request, "token.revoke", with_body=True)
+        jti, exp = _field(doc, "jti", str), _field(doc, "exp", float)
         import time
 
         ttl = max(1.0, float(exp) - time.time() + 60)  # kept until the token could no longer be used
@@ -250,26 +318,25 @@ class AdminApi:
 
     async def _add_grant(self, request: web.Request) -> web.Response:
         """JIT elevation: a role for a subject in a tenant until not_after (data.vvault.grants)."""
-        doc = await self._json(request)
-        admin = await self._authorise(request, "grant.add", doc)
+        admin, doc = await self._authorise(request, "grant.add", with_body=True)
         fields = ("subject", "role", "tenant", "not_after", "ticket")
-        if not isinstance(doc, dict) or not all(isinstance(doc.get(f), str) and doc.get(f) for f in fields):
-            raise web.HTTPBadRequest(text=f"expected strings {', '.join(fields)}")
+        for f in fields:
+            _field(doc, f, str)
         try:
             until = dt.datetime.fromisoformat(doc["not_after"].replace("Z", "+00:00"))
         except ValueError as exc:
-            raise web.HTTPBadRequest(text="not_after must be RFC 3339, e.g. 2026-11-25T18:00:00Z") from exc
+            raise web.HTTPBadRequest(text="not_after: RFC 3339, e.g. 2026-11-25T18:00:00Z") from exc
         now = dt.datetime.now(dt.UTC)
         if until.tzinfo is None or not now < until <= now + dt.timedelta(hours=24):
-            raise web.HTTPBadRequest(text="not_after must be in the future and at most 24 hours away")
+            raise web.HTTPBadRequest(text="not_after: in the future and at most 24 hours away")
         if not _DATA_PATH.fullmatch(f"g/{doc['ticket']}"):
-            raise web.HTTPBadRequest(text="ticket may hold letters, digits, '-' and '_' only")
+            raise web.HTTPBadRequest(text="ticket: letters, digits, '-' and '_' only")
         grant = {f: doc[f] for f in fields}
         await self._write_data(f"vvault/grants/{doc['ticket']}", orjson.dumps(grant), "grant.add", admin, grant)
         return web.json_response(grant, status=201)
 
     async def _remove_grant(self, request: web.Request) -> web.Response:
-        admin = await self._authorise(request, "grant.revoke")
+        admin, _ = await self._authorise(request, "grant.revoke")
         ticket = request.match_info["ticket"]
         if not _DATA_PATH.fullmatch(f"g/{ticket}"):
             raise web.HTTPBadRequest(text="bad ticket")

@@ -15,6 +15,14 @@ Field names follow OPA's decision-log format where the meaning is the same
 ``redacted`` field lists which input paths were ``erased`` and which
 ``masked``.  The bearer token, the posture assertion and cookies never reach
 a record.
+
+Every record is written, whatever it holds (:func:`encode`): a value JSON
+cannot carry (a lone surrogate, a non-string key, an integer past 64 bits) is
+escaped and the record marked ``"escaped": true``; a record longer than
+``audit.max_record_bytes`` has its long strings and lists cut, then its
+``input`` dropped, and is marked ``"truncated": {"bytes": <original size>}``.
+Both are counted per sink (``vvault_pep_audit_escaped_total``,
+``vvault_pep_audit_truncated_total``).
 """
 
 from __future__ import annotations
@@ -114,7 +122,7 @@ class JsonLines(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         audit = getattr(record, "audit", None)
         if isinstance(audit, dict):
-            return orjson.dumps(audit, default=str).decode()
+            return encode(audit, 1 << 40)[0].rstrip(b"\n").decode()
         doc: dict[str, Any] = {
             "timestamp": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat().replace("+00:00", "Z"),
             "level": record.levelname.lower(),
@@ -151,6 +159,9 @@ class _Sink(threading.Thread):
         self.capacity = buffer_records
         self.dropped = 0
         self.failures = 0
+        self.escaped = 0
+        self.truncated = 0
+        self.max_record_bytes = 16_384
         self.in_flight = 0  # records taken by the thread and not yet written
         self._buffer: collections.deque[dict[str, Any]] = collections.deque()
         self._wake = threading.Event()
@@ -197,6 +208,15 @@ class _Sink(threading.Thread):
                 "audit sink %s failing (%d records): %s", self.sink, self.failures, type(exc).__name__
             )
 
+    def lines(self, batch: list[dict[str, Any]]) -> list[bytes]:
+        out = []
+        for record in batch:
+            line, escaped, truncated = encode(record, self.max_record_bytes)
+            self.escaped += escaped
+            self.truncated += truncated
+            out.append(line)
+        return out
+
     def write(self, batch: list[dict[str, Any]]) -> None:
         raise NotImplementedError
 
@@ -204,8 +224,75 @@ class _Sink(threading.Thread):
         pass
 
 
-def _lines(batch: list[dict[str, Any]]) -> bytes:
-    return b"".join(orjson.dumps(r, default=str, option=orjson.OPT_APPEND_NEWLINE) for r in batch)
+_ESSENTIAL = (
+    "timestamp", "decision_id", "request_id", "trace_id", "route", "method", "path", "request_path",
+    "source_ip", "client_cert_sha256", "spiffe_id", "subject", "issuer", "tenant", "device_id", "status",
+    "result", "admin_action", "admin", "enforced", "cache", "latency_ms", "upstream_status", "bytes_in",
+)  # fmt: skip
+_MAX_STRING = 512
+_MAX_ITEMS = 32
+
+
+def _scrub(value: Any, depth: int = 0) -> Any:
+    """A copy JSON can carry: strings UTF-8 can encode, string keys, 64-bit integers."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "backslashreplace").decode("utf-8")
+        return value
+    if isinstance(value, bool) or value is None or isinstance(value, float):
+        return value
+    if isinstance(value, int):
+        return value if -(1 << 63) <= value < (1 << 64) else str(value)
+    if depth > 64:
+        return "…"
+    if isinstance(value, dict):
+        return {_scrub(str(k)): _scrub(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_scrub(v, depth + 1) for v in value]
+    return _scrub(str(value))
+
+
+def _shorten(value: Any) -> Any:
+    if isinstance(value, str):
+        return value if len(value) <= _MAX_STRING else value[:_MAX_STRING] + "…"
+    if isinstance(value, dict):
+        items = list(value.items())
+        out = {k: _shorten(v) for k, v in items[:_MAX_ITEMS]}
+        if len(items) > _MAX_ITEMS:
+            out["…"] = f"{len(items) - _MAX_ITEMS} more"
+        return out
+    if isinstance(value, list):
+        return [_shorten(v) for v in value[:_MAX_ITEMS]] + (
+            [f"… {len(value) - _MAX_ITEMS} more"] if len(value) > _MAX_ITEMS else []
+        )
+    return value
+
+
+def encode(record: dict[str, Any], max_bytes: int) -> tuple[bytes, bool, bool]:
+    """One JSON line for ``record``, never an exception: (line, escaped, truncated)."""
+    escaped = False
+    try:
+        line = orjson.dumps(record, default=str, option=orjson.OPT_APPEND_NEWLINE)
+    except TypeError:  # orjson.JSONEncodeError: a lone surrogate, a non-str key, a huge int
+        record = {**_scrub(record), "escaped": True}
+        line = orjson.dumps(record, default=str, option=orjson.OPT_APPEND_NEWLINE)
+        escaped = True
+    if len(line) <= max_bytes:
+        return line, escaped, False
+    marker = {"truncated": {"bytes": len(line)}}
+    shortened = _shorten(record)
+    for candidate in (
+        shortened,
+        {k: v for k, v in shortened.items() if k != "input"},
+        {k: shortened[k] for k in _ESSENTIAL if k in shortened},
+        {k: record.get(k) for k in ("timestamp", "decision_id", "request_id")},
+    ):
+        line = orjson.dumps({**candidate, **marker}, default=str, option=orjson.OPT_APPEND_NEWLINE)
+        if len(line) <= max_bytes:
+            break
+    return line, escaped, True
 
 
 class _StdoutSink(_Sink):
@@ -214,7 +301,7 @@ class _StdoutSink(_Sink):
         self.stream = sys.stdout
 
     def write(self, batch: list[dict[str, Any]]) -> None:
-        self.stream.write(_lines(batch).decode())
+        self.stream.write(b"".join(self.lines(batch)).decode())
         self.stream.flush()
 
 
@@ -231,7 +318,7 @@ class _FileSink(_Sink):
         self._size = 0
 
     def write(self, batch: list[dict[str, Any]]) -> None:
-        data = _lines(batch)
+        data = b"".join(self.lines(batch))
         if self._file is None:
             self._open()
         if self.backups > 0 and self._size > 0 and self._size + len(data) > self.max_bytes:
@@ -291,7 +378,7 @@ class _OtlpSink(_Sink):
     def write(self, batch: list[dict[str, Any]]) -> None:
         for audit in batch:
             attributes = {k: str(audit[k]) for k in ("decision_id", "request_id", "trace_id", "route") if audit.get(k)}
-            self.otel.emit(body=orjson.dumps(audit, default=str).decode(), attributes=attributes)
+            self.otel.emit(body=self.lines([audit])[0].rstrip(b"\n").decode(), attributes=attributes)
 
     def close(self) -> None:
         self.provider.shutdown()
@@ -320,12 +407,19 @@ class AuditLog:
                 sink = HttpSink(name, cfg)
             else:
                 sink = _OtlpSink(name, cfg)
+            sink.max_record_bytes = self.cfg.max_record_bytes
             sink.start()
             self.sinks.append(sink)
 
     def dropped(self) -> dict[str, int]:
         """Records lost per sink: dropped on a full buffer, or failed to write."""
         return {s.sink: s.dropped + s.failures for s in self.sinks}
+
+    def escaped(self) -> dict[str, int]:
+        return {s.sink: s.escaped for s in self.sinks}
+
+    def truncated(self) -> dict[str, int]:
+        return {s.sink: s.truncated for s in self.sinks}
 
     def emit(self, record: dict[str, Any], *, result: Any = None, has_result: bool = False) -> None:
         """Hand one record to every sink; ``result`` is the policy's raw answer (OPA format)."""

@@ -5,7 +5,10 @@ secure-by-default, in this order, each failure with its own code:
 
 1. size (``identity.max_token_bytes``, before any parsing) → 431;
 2. shape: three base64url parts (five is a JWE → refused), JSON objects with
-   no duplicate keys in header or payload;
+   no duplicate keys in header or payload, no string that UTF-8 cannot encode
+   (a lone surrogate such as ``"\ud800"``), and ``exp``/``nbf``/``iat``/
+   ``auth_time`` JSON numbers when present (RFC 7519 NumericDate: pyjwt would
+   read ``"exp": "9999999999"`` as a number);
 3. ``alg``: never ``none``; must be in the *issuer's* configured list;
 4. issuer chosen by exact string match of ``iss``; its key set only;
 5. ``typ`` when the issuer names one (``at+jwt`` refuses ID tokens);
@@ -31,6 +34,7 @@ import binascii
 import hashlib
 import hmac
 import json
+import math
 import re
 import time
 from collections import OrderedDict
@@ -136,6 +140,44 @@ def _fail(code: str, realm: str, detail: str = "") -> PepError:
     return PepError(code, detail or STATUS[code][1], headers=headers)
 
 
+NUMERIC_DATES = ("exp", "nbf", "iat", "auth_time")
+
+
+def _encodable(value: Any, depth: int = 0) -> bool:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+    if isinstance(value, bool):
+        return True
+    if isinstance(value, int):
+        return -(1 << 63) <= value < (1 << 64)  # JSON writers (orjson, OPA's input) stop at 64 bits
+    if isinstance(value, float):
+        return math.isfinite(value)  # json.loads reads NaN and Infinity, which JSON has not
+    if depth > 32:
+        return False  # nesting this deep is not a credential
+    if isinstance(value, dict):
+        return all(_encodable(k, depth + 1) and _encodable(v, depth + 1) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_encodable(v, depth + 1) for v in value)
+    return True
+
+
+def strict_problem(header: dict[str, Any], payload: dict[str, Any]) -> str | None:
+    """Why a decoded JOSE header and payload are not strictly typed, or None."""
+    if not _encodable(header) or not _encodable(payload):
+        # A lone surrogate (or a 100-digit integer) survives json.loads, but nothing
+        # downstream can write it: refuse it here, with a reason, not later with a 500.
+        return "a value in the token is not valid JSON text (lone surrogate, huge number, NaN)"
+    for name in NUMERIC_DATES:
+        value = payload.get(name)
+        if name in payload and (isinstance(value, bool) or not isinstance(value, int | float)):
+            return f"'{name}' is not a NumericDate (a JSON number)"
+    return None
+
+
 def _b64json(segment: str) -> dict[str, Any]:
     """Decode one JOSE segment to a JSON object, refusing duplicate keys."""
 
@@ -227,6 +269,9 @@ class JwtVerifier:
             header, payload = _b64json(parts[0]), _b64json(parts[1])
         except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
             raise _fail("authn.malformed", realm) from exc
+        problem = strict_problem(header, payload)
+        if problem is not None:
+            raise _fail("authn.malformed", realm, problem)
         alg = header.get("alg")
         if not isinstance(alg, str):
             raise _fail("authn.malformed", realm, "no algorithm")

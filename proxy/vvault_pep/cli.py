@@ -33,6 +33,52 @@ from .pdp import PdpClient
 from .runtime import PepRuntime
 
 
+def http_parser_problem() -> str | None:
+    """Why this installation would parse HTTP with aiohttp's pure-Python parser, or None.
+
+    The two parsers disagree on hostile input (lower-case methods, unclosed quotes in
+    chunk extensions): a PEP in front of an upstream must parse one way, the C (llhttp) way.
+    """
+    from aiohttp import http_parser
+
+    if http_parser.HttpRequestParser is http_parser.HttpRequestParserPy:
+        why = (
+            "AIOHTTP_NO_EXTENSIONS is set" if os.environ.get("AIOHTTP_NO_EXTENSIONS") else "its C extension is missing"
+        )
+        return (
+            f"aiohttp's C HTTP parser is not in use ({why}); "
+            "reinstall aiohttp with its extension or pass --allow-python-http-parser (development only)"
+        )
+    return None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 300 else text[:300] + "…"
+
+
+def _read_arg(path: Path | None, what: str, *, pem: str | None = None) -> bytes | None:
+    """A CLI file argument's bytes; SystemExit(2) with one line naming the file."""
+    if path is None:
+        return None
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise SystemExit(_fail_arg(f"{what} {path}: cannot read: {exc.strerror}")) from None
+    if pem is not None and f"-----BEGIN {pem}-----".encode() not in data:
+        raise SystemExit(_fail_arg(f"{what} {path}: not a PEM {pem.lower()}"))
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SystemExit(_fail_arg(f"{what} {path}: not UTF-8 text")) from None
+    return data
+
+
+def _fail_arg(line: str) -> int:
+    print(f"vvault-pep: {line}", file=sys.stderr)
+    return 2
+
+
 def _run(main: Coroutine[Any, Any, int]) -> int:
     try:
         import uvloop
@@ -63,8 +109,9 @@ async def _serve(config: Config, worker: int = 0, workers: int = 1) -> int:
         loop.add_signal_handler(sig, stop.set)
     try:
         await runtime.start()
-    except (OSError, RuntimeError) as exc:
-        print(f"vvault-pep: cannot start: {exc}", file=sys.stderr)
+    except (OSError, RuntimeError, ValueError) as exc:
+        # Port in use, unresolvable host, unreadable key, OPA that never came up: one line.
+        print(f"vvault-pep: cannot start: {_one_line(exc)}", file=sys.stderr)
         await runtime.stop()
         return 1
     _tune_gc()
@@ -170,19 +217,27 @@ async def _check(config: Config) -> int:
         print(f"{'ok  ' if ok else 'FAIL'}  {what}: {detail}")
 
     line(True, "config", f"{config.source} is valid ({len(config.routes)} routes)")
-    pdp = PdpClient(config.opa)
     supervisor: OpaSupervisor | None = None
+    if config.opa.managed:
+        supervisor = OpaSupervisor(config.opa)
+        pdp = PdpClient(config.opa, url=supervisor.url)
+        supervisor.client = pdp
+    else:
+        pdp = PdpClient(config.opa)
     try:
-        if config.opa.managed:
-            supervisor = OpaSupervisor(config.opa, pdp)
+        if supervisor is not None:
             try:
                 await supervisor.start()
                 line(True, "opa", f"managed OPA started from {config.opa.binary} with {config.opa.policy_dir}")
             except (OSError, RuntimeError) as exc:
                 line(False, "opa", f"managed OPA failed to start: {exc}")
-                supervisor = None
-        healthy = await pdp.healthy(timeout_s=2)
-        line(healthy, "opa", f"{config.opa.url} {'answers /health' if healthy else 'is not reachable'}")
+        if supervisor is not None:
+            healthy = await supervisor.healthy(timeout_s=2)
+            who = f"the managed OPA (pid {supervisor.pid}) on {supervisor.url}"
+        else:
+            healthy = await pdp.healthy(timeout_s=2)
+            who = f"{pdp.url} (an OPA this PEP does not manage)"
+        line(healthy, "opa", f"{who} {'answers /health' if healthy else 'is not reachable'}")
         paths = sorted({r.policy for r in config.routes})
         if healthy:
             try:
@@ -252,6 +307,10 @@ def main(argv: list[str] | None = None) -> int:
                 help="N processes sharing the listener (SO_REUSEPORT), one event loop each; "
                 "worker k serves admin on admin.port + k",
             )  # fmt: skip
+            p.add_argument(
+                "--allow-python-http-parser", action="store_true",
+                help="development only: serve although aiohttp's C HTTP parser is not in use",
+            )  # fmt: skip
         if name == "check":
             p.add_argument("--offline", action="store_true", help="validate the config only: no files, no dependencies")
     ex = sub.add_parser("explain", help="show the input, decision and reasons for one described request")
@@ -279,6 +338,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
     if args.command == "serve":
+        problem = http_parser_problem()
+        if problem is not None and not args.allow_python_http_parser:
+            print(f"vvault-pep: cannot start: {problem}", file=sys.stderr)
+            return 1
         if args.workers < 1:
             print("vvault-pep: --workers must be at least 1", file=sys.stderr)
             return 2
@@ -294,15 +357,22 @@ def main(argv: list[str] | None = None) -> int:
 async def _explain(config: Config, args: argparse.Namespace) -> int:
     from .explain import explain
 
-    out = await explain(
-        config,
-        method=args.method.upper(),
-        path=args.path,
-        host=args.host,
-        token=args.token.read_text() if args.token else None,
-        cert_pem=args.cert.read_bytes() if args.cert else None,
-        posture=args.posture.read_text() if args.posture else None,
-    )
+    token = _read_arg(args.token, "--token")
+    cert = _read_arg(args.cert, "--cert", pem="CERTIFICATE")
+    posture = _read_arg(args.posture, "--posture")
+    try:
+        out = await explain(
+            config,
+            method=args.method.upper(),
+            path=args.path,
+            host=args.host,
+            token=token.decode() if token is not None else None,
+            cert_pem=cert,
+            posture=posture.decode() if posture is not None else None,
+        )
+    except ValueError as exc:  # a certificate that does not parse, for one
+        print(f"vvault-pep: cannot explain: {_one_line(exc)}", file=sys.stderr)
+        return 2
     print(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode())
     return 0
 

@@ -13,6 +13,7 @@ never from a request.
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import os
 import re
@@ -39,6 +40,8 @@ _ENV_REF = re.compile(r"\$\{(?:file:([^}]+)|([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*)
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _METHOD = re.compile(r"^[A-Z]+$")
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
+# RFC 9110 methods plus PATCH (RFC 5789); a route naming anything else is a typo.
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "CONNECT", "TRACE"})
 _DECISION_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(/[A-Za-z_][A-Za-z0-9_]*)*$")
 
 # Headers the PEP owns: a client must never be able to name them, or it could
@@ -133,8 +136,14 @@ def _existing_file(value: Path, info: ValidationInfo) -> Path:
     value = _resolve_path(value, info)
     if (info.context or {}).get("offline"):
         return value  # schema-only validation (e.g. a config destined for a container)
-    if not value.is_file():
+    try:
+        found = value.is_file()
+    except OSError as exc:  # a name too long, a loop of links
+        raise ValueError(f"cannot use this path: {exc.strerror}") from None
+    if not found:
         raise ValueError(f"file not found: {value}")
+    if not os.access(value, os.R_OK):
+        raise ValueError(f"file not readable: {value}")
     return value
 
 
@@ -167,6 +176,42 @@ def _require_otlp(protocol: str, info: ValidationInfo) -> None:
         raise ValueError(message)
 
 
+# RFC 1123 labels, with "_" allowed too (container runtimes resolve such service names).
+_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*\.?$")
+
+
+def _listen_host(value: str) -> str:
+    """An IP address or an RFC 1123 host name to listen on (found out at load, not at bind)."""
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        if not _HOSTNAME.fullmatch(value):
+            raise ValueError(f"{value!r} is neither an IP address nor a host name") from None
+    return value
+
+
+ListenHost = Annotated[str, AfterValidator(_listen_host)]
+
+
+def _check_authority(host: str, parts: Any) -> None:
+    """A URL's host is an IP address or a host name, and its port a number in range."""
+    _listen_host(host)
+    try:
+        parts.port  # noqa: B018 — urllib checks the port only when asked
+    except ValueError as exc:
+        raise ValueError(f"bad port in URL: {exc}") from None
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
+
+
 ConfigPath = Annotated[Path, AfterValidator(_resolve_path)]
 ExistingFile = Annotated[Path, AfterValidator(_existing_file)]
 
@@ -184,10 +229,35 @@ class ListenerTls(_Model):
     require_client_auth_eku: bool = True
     # Certificate files are re-read when they change (cert-manager, SPIRE rotation).
     reload_interval_s: float = Field(30.0, gt=0)
+    # Certificate revocation lists (PEM), one file or several; re-read like the
+    # certificates.  "chain" checks every certificate of the chain (each CA needs
+    # its CRL), "leaf" only the client's own.  A CRL past its nextUpdate refuses
+    # every handshake it covers and makes /readyz false.
+    crl_file: tuple[ExistingFile, ...] = ()
+    crl_check: Literal["chain", "leaf"] = "chain"
+
+    @field_validator("crl_file", mode="before")
+    @classmethod
+    def _one_or_more(cls, v: Any) -> Any:
+        return (v,) if isinstance(v, str) else v
+
+    @field_validator("crl_file")
+    @classmethod
+    def _pem_crls(cls, v: tuple[Path, ...], info: ValidationInfo) -> tuple[Path, ...]:
+        if (info.context or {}).get("offline"):
+            return v
+        for path in v:
+            try:
+                pem = path.read_bytes()
+            except OSError as exc:
+                raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+            if b"-----BEGIN X509 CRL-----" not in pem:
+                raise ValueError(f"{path} holds no PEM CRL (-----BEGIN X509 CRL-----)")
+        return v
 
 
 class Listener(_Model):
-    host: str = "0.0.0.0"
+    host: ListenHost = "0.0.0.0"
     port: int = Field(8443, ge=0, le=65535)
     tls: ListenerTls
     keepalive_timeout_s: float = Field(75.0, gt=0)
@@ -205,7 +275,7 @@ class Listener(_Model):
 
 
 class Admin(_Model):
-    host: str = "127.0.0.1"
+    host: ListenHost = "127.0.0.1"
     port: int = Field(9901, ge=0, le=65535)
     # The admin API (/admin/...): either mTLS + an OPA decision (`tls` and `policy`,
     # recommended), or a bearer secret (`token`).  With neither it is switched off.
@@ -230,6 +300,10 @@ class Opa(_Model):
     timeout_ms: int = Field(250, gt=0, le=60_000)
     max_connections: int = Field(64, gt=0)
     managed: bool = False
+    # Where a managed OPA listens: "unix" (default) — a socket in a private 0700
+    # folder the PEP creates, which no other local process can take; "tcp" — `url`
+    # (loopback), an explicit choice: a process that holds the port first could answer.
+    managed_listen: Literal["unix", "tcp"] = "unix"
     binary: str = "opa"
     policy_dir: ConfigPath | None = None
     ready_timeout_s: float = Field(20.0, gt=0)
@@ -244,6 +318,7 @@ class Opa(_Model):
         elif parts.scheme in ("http", "https"):
             if not parts.hostname:
                 raise ValueError("OPA URL needs a host")
+            _check_authority(parts.hostname, parts)
         else:
             raise ValueError("scheme must be http, https or unix")
         return v.rstrip("/")
@@ -261,7 +336,7 @@ class Opa(_Model):
     def _managed_needs_policies(self) -> Opa:
         if self.managed and self.policy_dir is None:
             raise ValueError("managed: true needs policy_dir (the folder OPA loads)")
-        if self.managed and self.policy_dir is not None and not self.policy_dir.is_dir():
+        if self.managed and self.policy_dir is not None and not _is_dir(self.policy_dir):
             raise ValueError(f"policy_dir is not a folder: {self.policy_dir}")
         if self.managed and urlsplit(self.url).hostname not in (None, "127.0.0.1", "localhost", "::1"):
             raise ValueError("a managed OPA listens on loopback or a Unix socket only")
@@ -292,6 +367,7 @@ class Upstream(_Model):
         parts = urlsplit(v)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("upstream url must be http:// or https:// with a host")
+        _check_authority(parts.hostname, parts)
         if parts.query or parts.fragment:
             raise ValueError("upstream url must not carry a query or fragment")
         return v.rstrip("/")
@@ -560,6 +636,9 @@ class Audit(_Model):
     # opa: PEP-only facts (status, cache, upstream, latency…) in a `vvault_pep` block;
     # false for a consumer that refuses fields OPA does not define.
     extension: bool = True
+    # Largest record written; a larger one is cut down and marked "truncated", so no
+    # request writes much more to the log than it sent.
+    max_record_bytes: int = Field(16_384, ge=2048)
 
 
 class TraceSources(_Model):
@@ -734,6 +813,10 @@ class Route(_Model):
         for m in v:
             if not _METHOD.fullmatch(m):
                 raise ValueError(f"method {m!r} must be an upper-case token such as GET")
+            if m not in KNOWN_METHODS:
+                close = difflib.get_close_matches(m, sorted(KNOWN_METHODS), n=1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                raise ValueError(f"method {m!r} is not an HTTP method{hint}: {', '.join(sorted(KNOWN_METHODS))}")
         if not v:
             raise ValueError("at least one method")
         return v
@@ -773,6 +856,9 @@ class Limits(_Model):
     max_request_line_bytes: int = Field(8190, ge=256)
     max_header_bytes: int = Field(8190, ge=256)
     max_headers: int = Field(100, ge=8)
+    # More query parameters than this → 400: each one lands in the policy input and
+    # the audit record (no request may write much more to the log than it sent).
+    max_query_params: int = Field(64, ge=1)
     max_body_bytes: int = Field(1 << 30, ge=0)
     max_total_header_bytes: int = Field(65_536, ge=1024)
     # Longest wait for the next piece of a request body (slow-body attacks hold
@@ -852,12 +938,27 @@ class _Located:
         self.filename = filename
         self.offline = offline
         self.lines: dict[tuple[str | int, ...], int] = {}
+        self.nodes = 0
+
+    def _refuse(self, node: yaml.Node, path: tuple[str | int, ...], message: str) -> ConfigError:
+        field = _dotted(path) or "(top level)"
+        return ConfigError(f"{self.filename}:{node.start_mark.line + 1}: {field}: {message}")
 
     def build(self, node: yaml.Node, path: tuple[str | int, ...] = ()) -> Any:
         self.lines[path] = node.start_mark.line + 1
+        self.nodes += 1
+        if self.nodes > _MAX_NODES:
+            # Aliases of aliases ("billion laughs") expand exponentially: stop early.
+            raise self._refuse(node, path, f"more than {_MAX_NODES} values once YAML aliases are expanded")
+        if node.tag not in _PLAIN_TAGS:
+            # Only plain YAML: no !custom or !!python/... tags, no !!binary, !!set, !!omap.
+            tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+            raise self._refuse(node, path, f"YAML tag {tag} is not accepted (write a plain value)")
         if isinstance(node, yaml.MappingNode):
             out: dict[str, Any] = {}
             for key_node, value_node in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag != _STR_TAG:
+                    raise self._refuse(key_node, path, "a key must be a plain string (no lists, mappings or tags)")
                 key = key_node.value
                 if key in out:
                     raise ConfigError(
@@ -870,7 +971,13 @@ class _Located:
         if isinstance(node, yaml.SequenceNode):
             return [self.build(item, (*path, i)) for i, item in enumerate(node.value)]
         assert isinstance(node, yaml.ScalarNode)
-        value = yaml.SafeLoader(" ").construct_object(node)
+        if node.tag == _TIMESTAMP_TAG:
+            return node.value  # a date-like scalar stays the text it is
+        try:
+            value = yaml.SafeLoader(" ").construct_object(node)
+        except (ValueError, TypeError, AttributeError, yaml.YAMLError) as exc:
+            # An explicit tag on a value it cannot hold (!!int 'abc', !!float 'x').
+            raise self._refuse(node, path, f"not a valid {node.tag.rsplit(':', 1)[-1]}: {node.value!r}") from exc
         if isinstance(value, str):
             value = self._interpolate(value, path)
         return value
@@ -908,6 +1015,14 @@ class _Located:
         return f"{place}: {field}: {message}"
 
 
+_MAX_NODES = 100_000
+_STR_TAG = "tag:yaml.org,2002:str"
+_TIMESTAMP_TAG = "tag:yaml.org,2002:timestamp"
+_PLAIN_TAGS = frozenset(
+    f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "map", "seq", "timestamp")
+)
+
+
 def _dotted(loc: tuple[str | int, ...]) -> str:
     out = ""
     for part in loc:
@@ -937,10 +1052,15 @@ def parse_config(
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"{filename}{line}: not valid YAML: {problem}") from exc
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        if mark is not None:
+            line = mark.line + 1
+        elif isinstance(exc, yaml.reader.ReaderError):  # a character YAML refuses (NUL, a lone surrogate)
+            line = text.count("\n", 0, exc.position) + 1
+        else:
+            line = 1
+        problem = getattr(exc, "problem", None) or getattr(exc, "reason", None) or type(exc).__name__
+        raise ConfigError(f"{filename}:{line}: (top level): not valid YAML: {' '.join(str(problem).split())}") from exc
     if node is None:
         raise ConfigError(f"{filename}: config file is empty")
     data = located.build(node)
@@ -968,12 +1088,39 @@ def parse_config(
             RouteTable.compile_one(route)
         except TemplateError as exc:
             raise ConfigError(located.where(("routes", i, "path"), str(exc))) from None
+    if not offline:
+        # Files that exist but do not load are a bad config (exit 2), not a start failure.
+        from .listener import tls_file_problem
+
+        for section, tls in (("listener", config.listener.tls), ("admin", config.admin.tls)):
+            problem = tls_file_problem(tls) if tls is not None else None
+            if problem is not None:
+                field, why = problem
+                parts = (section, "tls", *field.replace("]", "").split("["))
+                where = tuple(int(p) if p.isdigit() else p for p in parts)
+                raise ConfigError(located.where(where, why))
     return config
+
+
+def _field_names() -> list[str]:
+    """Every key any section knows, for "did you mean …"."""
+    names: set[str] = set()
+    pending: list[type[_Model]] = list(_Model.__subclasses__())
+    while pending:
+        model = pending.pop()
+        names.update(model.model_fields)
+        pending.extend(model.__subclasses__())
+    return sorted(names)
 
 
 def _message(err: Mapping[str, Any]) -> str:
     kind = err.get("type", "")
     if kind == "extra_forbidden":
+        loc = err.get("loc") or ()
+        key = loc[-1] if loc else ""
+        close = difflib.get_close_matches(str(key), _field_names(), n=1, cutoff=0.75)
+        if close:
+            return f"unknown key (did you mean '{close[0]}'?)"
         return "unknown key (check its spelling and section)"
     if kind == "missing":
         return "required field is missing"

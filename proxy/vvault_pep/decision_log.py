@@ -153,7 +153,10 @@ class HttpSink(_Sink):
     def write(self, batch: list[dict[str, Any]]) -> None:
         for start in range(0, len(batch), self.batch):
             part = batch[start : start + self.batch]
-            self._send(gzip.compress(orjson.dumps(part, default=str), compresslevel=5), len(part))
+            # Each event encoded like every sink's (escaped, size-capped, never an exception),
+            # then joined into OPA's wire format: one JSON array per POST.
+            events = b",".join(line.rstrip(b"\n") for line in self.lines(part))
+            self._send(gzip.compress(b"[" + events + b"]", compresslevel=5), len(part))
 
     def _send(self, body: bytes, count: int) -> None:
         delay = self.cfg.backoff_s

@@ -2,10 +2,10 @@
 
 Runs the walk for one described request — method, path, host, bearer token
 file, client certificate, posture assertion file — up to the decision, with
-the real OPA and the configured issuers, and prints the policy input, the
-decision and its reasons, the cache key the PEP would use, and the answer
-the client would get.  Nothing is forwarded; Redis is not touched (risk
-shows as unavailable).
+the real OPA (with ``opa.managed``, a managed OPA of its own) and the
+configured issuers, and prints the policy input, the decision and its
+reasons, the cache key the PEP would use, and the answer the client would
+get.  Nothing is forwarded; Redis is not touched (risk shows as unavailable).
 
 The client certificate given here is parsed, not verified against the CA
 bundle: this is a diagnostic tool for people who already hold the request.
@@ -26,6 +26,7 @@ from .cache import digest, project, whole_input
 from .config import Config
 from .errors import PepError
 from .listener import Connection, parse_peer
+from .opa_supervisor import OpaSupervisor
 from .pdp import PdpClient
 from .policy_input import Facts, build_input
 from .posture import PostureVerifier
@@ -52,11 +53,29 @@ async def explain(
     peer = None
     if cert_pem is not None:
         cert = x509.load_pem_x509_certificate(cert_pem)
-        peer = parse_peer(cert.public_bytes(serialization.Encoding.DER), require_client_auth_eku=False)
-    authn, devices, pdp = Authenticator(config.identity), PostureVerifier(config.posture), PdpClient(config.opa)
+        peer = parse_peer(
+            cert.public_bytes(serialization.Encoding.DER),
+            require_client_auth_eku=False,
+            trust_domains=config.identity.workload.trust_domains,
+        )
+    authn, devices = Authenticator(config.identity), PostureVerifier(config.posture)
+    supervisor: OpaSupervisor | None = None
+    if config.opa.managed:
+        # Its own managed OPA on a private socket, as `serve` would: never whatever answers on opa.url.
+        supervisor = OpaSupervisor(config.opa)
+        pdp = PdpClient(config.opa, url=supervisor.url)
+        supervisor.client = pdp
+    else:
+        pdp = PdpClient(config.opa)
     await authn.start()
     await devices.start()
     try:
+        if supervisor is not None:
+            try:
+                await supervisor.start()
+            except (OSError, RuntimeError) as exc:
+                out["answer"] = {"status": 503, "code": "pdp.unavailable", "detail": str(exc), "stage": "pdp"}
+                return out
         try:
             target = sanitize.canonical_target(path, config.sanitize)
             headers = sanitize.check_headers(
@@ -114,3 +133,5 @@ async def explain(
         await authn.stop()
         await devices.stop()
         await pdp.close()
+        if supervisor is not None:
+            await supervisor.stop()

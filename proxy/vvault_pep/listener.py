@@ -9,6 +9,17 @@ moment the handshake completes, before any HTTP byte is read: the leaf must
 carry the clientAuth EKU (absence is not enough) and must not be a CA.  A
 connection that fails them is aborted.
 
+Revocation (``tls.crl_file``) is OpenSSL's own CRL check, so a revoked
+certificate fails the handshake itself; a CRL past its ``nextUpdate`` makes
+OpenSSL refuse every certificate it covers (fail closed), and
+:func:`crl_status` lets readiness and metrics say so.  A certificate with a
+``spiffe://`` URI SAN must be a valid X.509-SVID (exactly one URI SAN, a SPIFFE
+ID by the spec, of a configured trust domain) or the connection is refused
+before any HTTP byte, whatever the route would require.
+
+No session is ever resumed, by session ID or ticket, on TLS 1.2 or 1.3: a
+resumed session skips certificate verification — and with it revocation.
+
 The verified certificate becomes a :class:`PeerCertificate`; nothing a client
 writes in a header can stand in for it.
 """
@@ -16,21 +27,26 @@ writes in a header can stand in for it.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import datetime as dt
 import hashlib
 import logging
+import re
 import ssl
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMethod
+from aiohttp.http_parser import HttpRequestParserPy, RawRequestMessage
 from aiohttp.web_protocol import RequestHandler
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .config import ListenerTls
+from .spiffe import InvalidSpiffeId, parse_spiffe_id
 
 log = logging.getLogger("vvault_pep.listener")
 
@@ -70,7 +86,7 @@ class PeerCertificate:
         }
 
 
-class CertificateRefused(Exception):
+class CertificateRefused(ValueError):
     pass
 
 
@@ -79,16 +95,118 @@ def server_context(tls: ListenerTls) -> ssl.SSLContext:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3 if tls.min_version == "1.3" else ssl.TLSVersion.TLSv1_2
     ctx.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
     # No session resumption: a resumed session skips certificate verification, so a
-    # certificate that expired (or was replaced) would keep working for hours.
+    # certificate that expired, was replaced or revoked would keep working for hours.
+    # Tickets (1.2 and 1.3) are off here; session IDs and 1.3's stateful tickets
+    # need the server's session cache, switched off below.
     ctx.options |= ssl.OP_NO_TICKET
     ctx.num_tickets = 0
+    if not disable_session_cache(ctx):
+        log.warning("cannot switch off the TLS session cache: resumed sessions will be dropped instead")
     ctx.set_ciphers("ECDHE+AESGCM:ECDHE+CHACHA20")  # TLS 1.2: forward secrecy, AEAD only
     ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
     ctx.load_verify_locations(cafile=str(tls.client_ca_file))
     ctx.verify_mode = ssl.CERT_REQUIRED if tls.client_auth == "required" else ssl.CERT_OPTIONAL
     ctx.verify_flags |= ssl.VERIFY_X509_STRICT
+    if tls.crl_file:
+        load_crls(ctx, tls.crl_file)
+        ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_CHAIN if tls.crl_check == "chain" else ssl.VERIFY_CRL_CHECK_LEAF
     ctx.set_alpn_protocols(["http/1.1"])
     return ctx
+
+
+def tls_file_problem(tls: ListenerTls) -> tuple[str, str] | None:
+    """(field, why) when the certificate, key, CA or CRL files exist but cannot be used."""
+
+    def why(exc: Exception) -> str:
+        return str(getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc)
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+    except (ssl.SSLError, OSError) as exc:
+        return "cert_file", f"the certificate and key_file do not load as a PEM pair ({why(exc)})"
+    try:
+        ctx.load_verify_locations(cafile=str(tls.client_ca_file))
+    except (ssl.SSLError, OSError) as exc:
+        return "client_ca_file", f"no PEM CA certificate loads from it ({why(exc)})"
+    for i, path in enumerate(tls.crl_file):
+        try:
+            read_crls(path)
+            ctx.load_verify_locations(cafile=str(path))
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            return f"crl_file[{i}]" if len(tls.crl_file) > 1 else "crl_file", f"not a usable PEM CRL ({why(exc)})"
+    return None
+
+
+_SSL_CTRL_SET_SESS_CACHE_MODE = 44
+_SSL_CTRL_GET_SESS_CACHE_MODE = 45
+_SSL_SESS_CACHE_OFF = 0
+
+
+def disable_session_cache(ctx: ssl.SSLContext) -> bool:
+    """``SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF)``; True when it holds.
+
+    The standard library offers no setter, so the call goes to the libssl that
+    ``_ssl`` is linked with; the ``SSL_CTX *`` is the first field after the
+    object header of CPython's ``SSLContext``.  When this cannot be done, the
+    listener still drops every resumed session (see :meth:`MtlsServer.connection_made`).
+    """
+    try:
+        lib = ctypes.CDLL(ssl._ssl.__file__)  # type: ignore[attr-defined]
+        ctrl = lib.SSL_CTX_ctrl
+        ctrl.restype = ctypes.c_long
+        ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
+        pointer = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
+        if not pointer:
+            return False
+        ctrl(pointer, _SSL_CTRL_SET_SESS_CACHE_MODE, _SSL_SESS_CACHE_OFF, None)
+        return bool(ctrl(pointer, _SSL_CTRL_GET_SESS_CACHE_MODE, 0, None) == _SSL_SESS_CACHE_OFF)
+    except (OSError, AttributeError, ValueError):
+        return False
+
+
+_PEM_CRL = re.compile(rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----", re.S)
+
+
+def read_crls(path: Any) -> list[x509.CertificateRevocationList]:
+    """Every CRL in a PEM file; ValueError if there is none or one does not parse."""
+    with open(path, "rb") as fh:
+        data = fh.read()
+    blocks = _PEM_CRL.findall(data)
+    if not blocks:
+        raise ValueError(f"{path}: no PEM CRL (-----BEGIN X509 CRL-----) in the file")
+    return [x509.load_pem_x509_crl(block) for block in blocks]
+
+
+def load_crls(ctx: ssl.SSLContext, files: Iterable[Any]) -> None:
+    """Add the CRLs to the context's store (OpenSSL prefers the newest per issuer)."""
+    for path in files:
+        read_crls(path)  # a clear error for a file OpenSSL would only call "no certificate or crl"
+        ctx.load_verify_locations(cafile=str(path))
+
+
+@dataclass(frozen=True, slots=True)
+class CrlStatus:
+    file: str
+    issuer: str
+    next_update: dt.datetime | None
+
+    def fresh_at(self, when: dt.datetime) -> bool:
+        return self.next_update is not None and when < self.next_update
+
+
+def crl_status(files: Iterable[Any]) -> list[CrlStatus]:
+    """nextUpdate of every CRL in ``files``; an unreadable file counts as stale."""
+    out: list[CrlStatus] = []
+    for path in files:
+        try:
+            crls = read_crls(path)
+        except (OSError, ValueError):
+            out.append(CrlStatus(str(path), "", None))
+            continue
+        for crl in crls:
+            out.append(CrlStatus(str(path), crl.issuer.rfc4514_string(), crl.next_update_utc))
+    return out
 
 
 def _name(name: x509.Name) -> str:
@@ -99,8 +217,15 @@ def _iso(when: dt.datetime) -> str:
     return when.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
 
 
-def parse_peer(der: bytes, *, require_client_auth_eku: bool = True) -> PeerCertificate:
-    """Turn a verified DER leaf into data; raise CertificateRefused on policy misses."""
+def parse_peer(
+    der: bytes, *, require_client_auth_eku: bool = True, trust_domains: tuple[str, ...] = ()
+) -> PeerCertificate:
+    """Turn a verified DER leaf into data; raise CertificateRefused on policy misses.
+
+    A ``spiffe://`` URI SAN makes the certificate an X.509-SVID, which must then be
+    valid: its only URI SAN, a SPIFFE ID by the spec, of one of ``trust_domains``
+    (when some are configured).  Anything else is refused, not ignored.
+    """
     import base64
 
     cert = x509.load_der_x509_certificate(der)
@@ -125,10 +250,17 @@ def parse_peer(der: bytes, *, require_client_auth_eku: bool = True) -> PeerCerti
         uris = tuple(san.get_values_for_type(x509.UniformResourceIdentifier))
     except x509.ExtensionNotFound:
         pass
-    spiffe = [u for u in uris if u.lower().startswith("spiffe://")]
-    if len(spiffe) > 1:
-        # The SPIFFE X.509-SVID spec allows exactly one SPIFFE ID per SVID.
-        raise CertificateRefused("more than one SPIFFE ID in the certificate")
+    spiffe = [u for u in uris if u.lower().startswith("spiffe:")]
+    if spiffe and len(uris) > 1:
+        # The X.509-SVID spec: exactly one URI SAN, the SPIFFE ID.
+        raise CertificateRefused("an X.509-SVID carries exactly one URI SAN")
+    if spiffe:
+        try:
+            sid = parse_spiffe_id(spiffe[0])
+        except InvalidSpiffeId as exc:
+            raise CertificateRefused(f"malformed SPIFFE ID: {exc}") from exc
+        if trust_domains and sid.trust_domain not in trust_domains:
+            raise CertificateRefused("SPIFFE ID of a trust domain that is not configured")
     cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     digest = hashlib.sha256(der).digest()
     return PeerCertificate(
@@ -160,8 +292,30 @@ class Connection:
     forwarded_by: PeerCertificate | None = None
 
 
+_UPPER_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Z-]+")
+
+
+class _StrictPyParser(HttpRequestParserPy):
+    """aiohttp's pure-Python parser, refusing what llhttp refuses: a method not in upper case.
+
+    (It would upper-case ``get`` into ``GET``; the C parser answers 400.)  Only used when
+    ``serve --allow-python-http-parser`` runs without the C extension.
+    """
+
+    def parse_message(self, lines: list[bytes]) -> RawRequestMessage:
+        method = lines[0].split(b" ", 1)[0] if lines else b""
+        if not _UPPER_TOKEN.fullmatch(method):
+            raise BadHttpMethod(method.decode("latin-1"))
+        return super().parse_message(lines)
+
+
 class _Handler(RequestHandler):
     """aiohttp's connection handler, answering its own parse errors as problem+json."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if type(self._parser) is HttpRequestParserPy:
+            self._parser.__class__ = _StrictPyParser  # same state, one stricter check
 
     def data_received(self, data: bytes) -> None:
         before = len(self._messages)
@@ -231,9 +385,18 @@ class _Handler(RequestHandler):
 class MtlsServer(web.Server):
     """aiohttp's low-level server, checking the peer before reading any request."""
 
-    def __init__(self, *args: Any, require_client_auth_eku: bool = True, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        require_client_auth_eku: bool = True,
+        trust_domains: tuple[str, ...] = (),
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._require_eku = require_client_auth_eku
+        self._trust_domains = trust_domains
+        self.refused_certificates = 0
+        self.refused_resumptions = 0
         self._conns: dict[RequestHandler, Connection] = {}
         self.on_refusal: Callable[[dict[str, Any]], None] | None = None
 
@@ -246,12 +409,20 @@ class MtlsServer(web.Server):
         if ssl_object is None:
             transport.abort()
             return
+        if ssl_object.session_reused:
+            # Never expected (the session cache is off); if it happens, the chain
+            # and revocation checks were skipped: refuse the connection.
+            self.refused_resumptions += 1
+            log.warning("resumed TLS session refused", extra={"peer": str(transport.get_extra_info("peername"))})
+            transport.abort()
+            return
         peer: PeerCertificate | None = None
         der = ssl_object.getpeercert(binary_form=True)
         if der:
             try:
-                peer = parse_peer(der, require_client_auth_eku=self._require_eku)
+                peer = parse_peer(der, require_client_auth_eku=self._require_eku, trust_domains=self._trust_domains)
             except (CertificateRefused, ValueError) as exc:
+                self.refused_certificates += 1
                 peername = transport.get_extra_info("peername")
                 log.warning("client certificate refused", extra={"peer": str(peername), "why": str(exc)})
                 transport.abort()

@@ -44,12 +44,13 @@ class Answer:
 
 
 class PdpClient:
-    def __init__(self, opa: Opa) -> None:
+    def __init__(self, opa: Opa, *, url: str | None = None) -> None:
         self._opa = opa
         self._deadline = opa.timeout_ms / 1000
         self.revision_checks = 0
         self.module_downloads = 0  # GET /v1/policies made for the revision (every module's source)
-        parts = urlsplit(opa.url)
+        self.url = url or opa.url  # a managed OPA's own socket overrides opa.url
+        parts = urlsplit(self.url)
         connector: aiohttp.BaseConnector
         if parts.scheme == "unix":
             connector = aiohttp.UnixConnector(path=parts.path, limit=opa.max_connections, keepalive_timeout=30)
@@ -59,7 +60,7 @@ class PdpClient:
             if parts.scheme == "https":
                 tls = ssl.create_default_context(cafile=str(opa.ca_file) if opa.ca_file else None)
             connector = aiohttp.TCPConnector(limit=opa.max_connections, keepalive_timeout=30, ttl_dns_cache=60, ssl=tls)
-            self._base = opa.url
+            self._base = self.url
         # OPA's --authentication=token: the token on every call, never in a log line.
         auth = {"Authorization": f"Bearer {opa.token}"} if opa.token else None
         self._session = aiohttp.ClientSession(

@@ -178,7 +178,8 @@ class Pipeline:
                 raise PepError("tls.client_cert_expired", "the client certificate is not valid now")
         # sanitize: one canonical view, before anything reads the request
         with self._stage(trail, "sanitize"):
-            target = sanitize.canonical_target(request.raw_path, config.sanitize)
+            sanitize.check_method(request.method)
+            target = sanitize.canonical_target(request.raw_path, config.sanitize, config.limits.max_query_params)
             trail.fields["path"] = target.path
             span.set_attribute("url.path", target.path)
             headers = sanitize.check_headers(

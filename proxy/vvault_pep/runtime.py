@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import functools
 import logging
 import os
@@ -26,11 +27,11 @@ from .admin import AdminApi
 from .audit import AuditLog
 from .authn import Authenticator
 from .cache import DecisionCache
-from .config import Config
+from .config import Config, ListenerTls
 from .containment import Containment
 from .errors import PepError
 from .forward import Upstreams
-from .listener import MtlsServer, server_context
+from .listener import CrlStatus, MtlsServer, crl_status, load_crls, server_context
 from .opa_supervisor import OpaSupervisor
 from .pdp import PdpClient
 from .pipeline import Pipeline
@@ -67,6 +68,10 @@ class PepRuntime:
         self._revision_task: asyncio.Task[None] | None = None
         self._tls_task: asyncio.Task[None] | None = None
         self._ssl_ctx: ssl.SSLContext | None = None
+        self._admin_ssl: ssl.SSLContext | None = None
+        self._admin_stamp: tuple[float, ...] = ()
+        self._crl_stale_logged: set[str] = set()
+        self._crl_cache: dict[str, tuple[float, list[CrlStatus]]] = {}
         self._tls_stamp: tuple[float, ...] = ()
         self.tls_reloads = 0
         self._data_server: asyncio.Server | None = None
@@ -80,13 +85,17 @@ class PepRuntime:
         config = self.config
         ssl_ctx = server_context(config.listener.tls)  # fail before starting anything
         self._ssl_ctx = ssl_ctx
-        self._tls_stamp = _stamp(config)
+        self._tls_stamp = _stamp(config.listener.tls)
         self.audit = AuditLog(config.audit)
         self.audit.start()
-        self.pdp = PdpClient(config.opa)
         if config.opa.managed:
-            self.supervisor = OpaSupervisor(config.opa, self.pdp)
+            # The managed OPA's own address (a private socket by default), never opa.url.
+            self.supervisor = OpaSupervisor(config.opa)
+            self.pdp = PdpClient(config.opa, url=self.supervisor.url)
+            self.supervisor.client = self.pdp
             await self.supervisor.start()
+        else:
+            self.pdp = PdpClient(config.opa)
         self.upstreams = Upstreams(
             config.upstreams,
             max_body_bytes=config.limits.max_body_bytes,
@@ -132,6 +141,8 @@ class PepRuntime:
         self._admin_runner = web.AppRunner(admin, access_log=None)
         await self._admin_runner.setup()
         admin_ssl = server_context(config.admin.tls) if config.admin.tls is not None else None
+        self._admin_ssl = admin_ssl
+        self._admin_stamp = _stamp(config.admin.tls) if config.admin.tls is not None else ()
         admin_port = config.admin.port + self.worker if config.admin.port else 0
         site = web.TCPSite(self._admin_runner, config.admin.host, admin_port, ssl_context=admin_ssl)
         await site.start()
@@ -140,6 +151,7 @@ class PepRuntime:
         self._mtls = MtlsServer(
             self.pipeline.handle,
             require_client_auth_eku=config.listener.tls.require_client_auth_eku,
+            trust_domains=config.identity.workload.trust_domains,
             max_line_size=config.limits.max_request_line_bytes,
             max_field_size=config.limits.max_header_bytes,
             max_headers=config.limits.max_headers,
@@ -207,27 +219,70 @@ class PepRuntime:
             await self.supervisor.stop()
 
     async def _tls_reloader(self) -> None:
-        """Pick up rotated certificate files for new handshakes (the listener keeps running).
+        """Pick up rotated certificate and CRL files for new handshakes (the listeners keep running).
 
-        The new chain and any CA added to the bundle take effect at once; a CA removed
-        from the bundle stays trusted until the next restart (OpenSSL's store only grows).
+        The new chain, any CA added to the bundle and any newer CRL take effect at once
+        (OpenSSL uses the CRL with the latest lastUpdate per issuer); a CA removed from
+        the bundle stays trusted until the next restart (OpenSSL's store only grows).
         """
         tls = self.config.listener.tls
         while True:
             await asyncio.sleep(tls.reload_interval_s)
-            stamp = _stamp(self.config)
-            if stamp == self._tls_stamp or self._ssl_ctx is None:
-                continue
+            self._log_stale_crls()
+            stamp = _stamp(tls)
+            if stamp != self._tls_stamp and self._ssl_ctx is not None and self._reload(self._ssl_ctx, tls):
+                self._tls_stamp = stamp
+                self.tls_reloads += 1
+                log.warning("TLS certificate files changed: reloaded")
+            admin_tls = self.config.admin.tls
+            if admin_tls is not None and self._admin_ssl is not None:
+                stamp = _stamp(admin_tls)
+                if stamp != self._admin_stamp and self._reload(self._admin_ssl, admin_tls):
+                    self._admin_stamp = stamp
+                    log.warning("admin TLS certificate files changed: reloaded")
+
+    @staticmethod
+    def _reload(ctx: ssl.SSLContext, tls: ListenerTls) -> bool:
+        try:
+            ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+            ctx.load_verify_locations(cafile=str(tls.client_ca_file))
+            load_crls(ctx, tls.crl_file)
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            # Half-written files during a rotation: keep serving the old ones, retry.
+            log.warning("TLS reload failed, keeping the current files: %s", type(exc).__name__)
+            return False
+        return True
+
+    def crl_freshness(self) -> dict[str, float]:
+        """Seconds until each configured CRL's nextUpdate (negative: stale, refusing)."""
+        now = dt.datetime.now(dt.UTC)
+        out: dict[str, float] = {}
+        files = [*self.config.listener.tls.crl_file, *(self.config.admin.tls.crl_file if self.config.admin.tls else ())]
+        statuses: list[CrlStatus] = []
+        for path in dict.fromkeys(files):
+            # Parsed again only when the file changes: a CRL can be megabytes, scrapes are frequent.
             try:
-                self._ssl_ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
-                self._ssl_ctx.load_verify_locations(cafile=str(tls.client_ca_file))
-            except (OSError, ssl.SSLError) as exc:
-                # Half-written files during a rotation: keep serving the old ones, retry.
-                log.warning("TLS reload failed, keeping the current certificate: %s", type(exc).__name__)
-                continue
-            self._tls_stamp = stamp
-            self.tls_reloads += 1
-            log.warning("TLS certificate files changed: reloaded")
+                mtime = os.stat(path).st_mtime
+            except OSError:
+                mtime = -1.0
+            cached = self._crl_cache.get(str(path))
+            if cached is None or cached[0] != mtime:
+                cached = (mtime, crl_status([path]))
+                self._crl_cache[str(path)] = cached
+            statuses.extend(cached[1])
+        for status in statuses:
+            left = (status.next_update - now).total_seconds() if status.next_update else -1.0
+            key = f"{status.file}#{status.issuer}"
+            out[key] = min(left, out.get(key, left))
+        return out
+
+    def _log_stale_crls(self) -> None:
+        for key, left in self.crl_freshness().items():
+            if left <= 0 and key not in self._crl_stale_logged:
+                self._crl_stale_logged.add(key)
+                log.error("CRL past its nextUpdate (%s): handshakes it covers are refused", key)
+            elif left > 0:
+                self._crl_stale_logged.discard(key)
 
     async def _refresh_revision(self, *, modules: bool = True) -> None:
         assert self.pdp is not None
@@ -305,6 +360,25 @@ class PepRuntime:
             "vvault_pep.audit.dropped", "audit records dropped by a full sink",
             lambda: {(("sink", k),): float(v) for k, v in (self.audit.dropped() if self.audit else {}).items()},
         )  # fmt: skip
+
+        def audit_counter(kind: str) -> dict[tuple[tuple[str, str], ...], float]:
+            counts = getattr(self.audit, kind)() if self.audit else {}
+            return {(("sink", k),): float(v) for k, v in counts.items()}
+
+        for kind, what in (("escaped", "a value JSON cannot carry, escaped"), ("truncated", "over the size cap, cut")):
+            tel.observe(
+                f"vvault_pep.audit.{kind}", f"audit records written with {what}", functools.partial(audit_counter, kind)
+            )
+        tel.observe(
+            "vvault_pep.tls.crl_seconds_left", "seconds until each CRL's nextUpdate (<= 0: stale, refusing)",
+            lambda: {(("crl", k),): v for k, v in self.crl_freshness().items()},
+            gauge=True,
+        )  # fmt: skip
+        tel.observe(
+            "vvault_pep.tls.refused", "connections refused after the handshake (bad SVID, EKU, resumption)",
+            lambda: {(("why", "certificate"),): float(self._mtls.refused_certificates),
+                     (("why", "resumption"),): float(self._mtls.refused_resumptions)} if self._mtls else {},
+        )  # fmt: skip
         tel.observe(
             "vvault_pep.connections.open", "open client connections",
             lambda: {(): float(len(self._mtls.connections)) if self._mtls else 0.0},
@@ -332,7 +406,11 @@ class PepRuntime:
 
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
         assert self.pdp is not None
-        checks: dict[str, Any] = {"opa": await self.pdp.healthy()}
+        if self.supervisor is not None:
+            # Which process answers: the child the PEP started, alive, on its own socket.
+            checks: dict[str, Any] = {"opa": await self.supervisor.healthy(), "opa_process": self.supervisor.describe()}
+        else:
+            checks = {"opa": await self.pdp.healthy(), "opa_process": {"managed": False, "url": self.pdp.url}}
         paths = sorted({r.policy for r in self.config.routes})
         if checks["opa"]:
             try:
@@ -347,6 +425,9 @@ class PepRuntime:
             # Informational: without Redis the PEP still serves (L1 and OPA only).
             checks["redis"] = await self.shared.call(lambda c: c.ping()) is not None
             checks["shared_state"] = self.shared_state()
+        crls = self.crl_freshness()
+        if crls:
+            checks["crl"] = {k: left > 0 for k, left in crls.items()}
         if self.draining:
             checks["draining"] = True
         ok = (
@@ -354,6 +435,7 @@ class PepRuntime:
             and checks["opa"] is True
             and all(v is True for v in checks["policies"].values())
             and all(checks.get("jwks", {}).values())
+            and all(checks.get("crl", {}).values())
         )
         return ok, checks
 
@@ -380,10 +462,9 @@ class PepRuntime:
         return web.Response(status=200 if ok else 503, body=body, content_type="application/json")
 
 
-def _stamp(config: Config) -> tuple[float, ...]:
-    tls = config.listener.tls
+def _stamp(tls: ListenerTls) -> tuple[float, ...]:
     out = []
-    for path in (tls.cert_file, tls.key_file, tls.client_ca_file):
+    for path in (tls.cert_file, tls.key_file, tls.client_ca_file, *tls.crl_file):
         try:
             out.append(os.stat(path).st_mtime)
         except OSError:

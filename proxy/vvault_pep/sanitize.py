@@ -96,7 +96,16 @@ class Headers:
     expect_continue: bool
 
 
-def canonical_target(raw: str, rules: Sanitize) -> Target:
+_METHOD = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Z-]+$")
+
+
+def check_method(method: str) -> None:
+    """An upper-case token, whatever the HTTP parser let through (methods are case-sensitive)."""
+    if not _METHOD.fullmatch(method):
+        raise PepError("sanitize.malformed", "the method must be an upper-case token")
+
+
+def canonical_target(raw: str, rules: Sanitize, max_params: int = 64) -> Target:
     """Normalise a raw request target, or raise PepError(400)."""
     if not raw.startswith("/"):
         # absolute-form, authority-form and '*' would each let the target name
@@ -109,7 +118,7 @@ def canonical_target(raw: str, rules: Sanitize) -> Target:
     segments, trailing = _remove_dot_segments(path)
     canonical = "/" + "/".join(segments) + ("/" if trailing and segments else "")
     decoded = tuple(_decode_segment(s) for s in segments)
-    params = _parse_query(query) if sep else ()
+    params = _parse_query(query, max_params) if sep else ()
     return Target(canonical, decoded, trailing, query, params)
 
 
@@ -197,9 +206,11 @@ def _decode_segment(segment: str) -> str:
         raise PepError("sanitize.ambiguous_path", "path is not valid UTF-8") from exc
 
 
-def _parse_query(query: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
+def _parse_query(query: str, max_params: int = 64) -> tuple[tuple[str, tuple[str, ...]], ...]:
     if any(ch not in _QUERY_RAW for ch in query):
         raise PepError("sanitize.bad_query", "character not allowed in a query")
+    if query.count("&") >= max_params:
+        raise PepError("sanitize.bad_query", f"more than {max_params} query parameters")
     params: dict[str, list[str]] = {}
     for pair in query.split("&"):
         if not pair:

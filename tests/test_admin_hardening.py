@@ -1,0 +1,120 @@
+"""The admin listener: who is calling before the body, problem+json refusals, each on record."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import ssl
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from examples.pki import issue_client
+from tests.conftest import Upstream
+from tests.support import OpaProcess, client_context, config_doc
+
+from vvault_pep.config import Config
+from vvault_pep.runtime import PepRuntime
+
+QUARANTINES = "/admin/quarantines"
+
+
+@pytest.fixture(scope="module")
+async def admin_pep(pki: Path, opa: OpaProcess, upstream: Upstream) -> AsyncIterator[PepRuntime]:
+    issue_client(pki, "admin-bad-svid", uris=("spiffe://demo.vvault:1/client/ops",))
+    doc = config_doc(
+        pki,
+        opa_url=opa.url,
+        upstream_port=upstream.port,
+        identity={"workload": {"trust_domains": ["demo.vvault"]}},
+        admin={
+            "host": "127.0.0.1",
+            "port": 0,
+            "policy": "vvault/admin/decision",
+            "tls": {
+                "cert_file": str(pki / "server.pem"),
+                "key_file": str(pki / "server-key.pem"),
+                "client_ca_file": str(pki / "ca.pem"),
+                "client_auth": "optional",
+            },
+        },
+    )
+    pep = PepRuntime(Config.model_validate(doc))
+    await pep.start()
+    yield pep
+    await pep.stop()
+
+
+async def _raw(pep: PepRuntime, ctx: ssl.SSLContext, head: bytes, body: bytes = b"") -> tuple[int, dict[str, str], Any]:
+    """Send the head (and maybe a body); read the answer without ever sending more."""
+    async with asyncio.timeout(10):
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", pep.admin_port, ssl=ctx, server_hostname="localhost"
+        )
+        try:
+            writer.write(head + body)
+            await writer.drain()
+            status_line = await reader.readline()
+            headers: dict[str, str] = {}
+            while (line := await reader.readline()) not in (b"\r\n", b""):
+                k, _, v = line.decode().partition(":")
+                headers[k.strip().lower()] = v.strip()
+            data = await reader.readexactly(int(headers.get("content-length", "0")))
+        finally:
+            writer.close()
+    return int(status_line.split()[1]), headers, json.loads(data) if data else None
+
+
+def _post(length: int) -> bytes:
+    return (
+        f"POST {QUARANTINES} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {length}\r\n\r\n"
+    ).encode()
+
+
+def _audit(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
+    return [r.audit for r in caplog.records if getattr(r, "audit", {}).get("admin_action") == "quarantine.add"]
+
+
+@pytest.mark.parametrize(
+    ("cert", "status", "code"),
+    [
+        ("admin-bad-svid", 403, "admin.certificate_refused"),
+        (None, 401, "admin.no_certificate"),
+        ("reader", 403, "admin.denied"),
+    ],
+)
+async def test_a_refused_caller_is_answered_before_its_body_is_read(
+    admin_pep: PepRuntime, pki: Path, caplog: pytest.LogCaptureFixture, cert: str | None, status: int, code: str
+) -> None:
+    with caplog.at_level(logging.INFO, logger="vvault_pep.audit"):
+        # A 1 MB body announced and never sent: an answer proves nobody waited for it
+        # (the policy's refusal for a listed certificate needs the body, so it is sent).
+        body = b'{"scope": "subject", "value": "x"}' if cert == "reader" else b""
+        length = len(body) if body else 1 << 20
+        got, headers, doc = await _raw(admin_pep, client_context(pki, cert), _post(length), body)
+    assert (got, headers["content-type"].split(";")[0], doc["code"]) == (status, "application/problem+json", code)
+    [record] = _audit(caplog)
+    assert record["result"] == {"allow": False} and record["code"] == code
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        (b"not json", "body"),
+        (b"[1, 2]", "body"),
+        (b'{"scope": "subject"}', "value"),
+        (b'{"scope": "subject", "value": 7}', "value"),
+        (b'{"scope": "subject", "value": "x", "ttl_s": "60"}', "ttl_s"),
+        (b'{"scope": "subject", "value": "x", "ttl_s": 1e9}', "ttl_s"),
+        (b'{"scope": "subject", "value": "x", "reason": ["a"]}', "reason"),
+    ],
+)
+async def test_a_malformed_body_from_an_admin_is_a_400_naming_the_field(
+    admin_pep: PepRuntime, pki: Path, body: bytes, field: str
+) -> None:
+    status, headers, doc = await _raw(admin_pep, client_context(pki, "ops"), _post(len(body)), body)
+    assert (status, headers["content-type"].split(";")[0]) == (400, "application/problem+json")
+    assert doc["detail"].startswith(f"{field}: ")
