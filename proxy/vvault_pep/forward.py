@@ -277,10 +277,12 @@ class Upstreams:
         pool = self._pools.get(name)
         if pool is None:
             up = self._config[name]
-            tls = upstream_ssl(up)
+            tls: ssl.SSLContext | bool | None = None
+            if up.url.startswith("https://"):
+                tls = upstream_ssl(up)
             pool = upstream_http.Pool(
                 up.url,
-                ssl_context=tls if isinstance(tls, ssl.SSLContext) else ssl.create_default_context(),
+                ssl_context=tls if isinstance(tls, ssl.SSLContext) else ssl.create_default_context() if tls else None,
                 server_hostname=up.tls.server_hostname if up.tls else None,
                 connect_timeout=up.connect_timeout_s,
                 read_timeout=up.read_timeout_s,

@@ -114,17 +114,12 @@ class _Conn(asyncio.Protocol):
         self.got_bytes = True
         try:
             self._parser.feed_data(data)
-        except _Extra:
-            self.dirty = True
-            self.close()
         except httptools.HttpParserUpgrade:
             self._fail(UpstreamFailure("the upstream switched protocols unasked"))
-        except httptools.HttpParserError as exc:
-            if isinstance(exc.__cause__, _Extra) or isinstance(exc.__context__, _Extra):
-                self.dirty = True
-                self.close()
-            else:
-                self._fail(UpstreamFailure(f"malformed answer: {exc}"))
+        except (httptools.HttpParserError, _Extra) as exc:
+            # After a complete answer (_Extra is how the parser is stopped there) this
+            # only drops the connection; before, it fails the exchange.
+            self._fail(UpstreamFailure(f"malformed answer: {exc}"))
 
     def eof_received(self) -> bool | None:
         return None  # close the transport
@@ -204,6 +199,12 @@ class _Conn(asyncio.Protocol):
             self._waiter.set_result(None)
 
     def _fail(self, exc: BaseException) -> None:
+        if self.complete:
+            # The answer is whole; what came after it (garbage, a second answer) only
+            # costs the connection.
+            self.dirty = True
+            self.close()
+            return
         if self.error is None:
             self.error = exc
         if self._head is not None and not self._head.done():
