@@ -195,7 +195,7 @@ class Upstreams:
     ) -> tuple[web.StreamResponse, Outcome]:
         """Forward and stream the answer back; PepError if nothing was sent yet."""
         up = self._config[name]
-        url = URL(up.url + path + (f"?{query}" if query else ""), encoded=True)
+        target = path + (f"?{query}" if query else "")
         method = request.method
         if redact:
             # The obligation reads the whole answer: no partial content, no conditionals.
@@ -222,8 +222,11 @@ class Upstreams:
                     send["Content-Length"] = str(content_length)
         slots = self._slots[name]
         try:
-            async with asyncio.timeout(up.pool_timeout_s):
-                await slots.acquire()
+            if slots.locked():
+                async with asyncio.timeout(up.pool_timeout_s):
+                    await slots.acquire()
+            else:
+                await slots.acquire()  # a free slot: taken at once, no timer armed
         except TimeoutError as exc:
             raise PepError(
                 "upstream.saturated", "the upstream is busy, retry later", headers=(("Retry-After", "1"),)
@@ -234,7 +237,7 @@ class Upstreams:
                 name,
                 request,
                 method,
-                url,
+                target,
                 send,
                 body,
                 budget,
@@ -252,7 +255,7 @@ class Upstreams:
         name: str,
         request: web.BaseRequest,
         method: str,
-        url: URL,
+        target: str,
         send: CIMultiDict[str],
         body: AsyncIterator[bytes] | bytes | None,
         budget: _Body,
@@ -263,9 +266,9 @@ class Upstreams:
     ) -> tuple[web.StreamResponse, Outcome]:
         if method == "HEAD":
             # The lean parser cannot be told an answer belongs to a HEAD.
-            upstream = await self._via_aiohttp(name, method, url, send, body)
+            upstream = await self._via_aiohttp(name, method, target, send, body)
         else:
-            upstream = await self._via_lean(name, method, url, send, body)
+            upstream = await self._via_lean(name, method, target, send, body)
         try:
             return await self._answer(
                 name, request, upstream, budget, response_headers, redact, redact_max_bytes, policy
@@ -294,7 +297,7 @@ class Upstreams:
         self,
         name: str,
         method: str,
-        url: URL,
+        target: str,
         send: CIMultiDict[str],
         body: AsyncIterator[bytes] | bytes | None,
     ) -> _Answer:
@@ -303,7 +306,7 @@ class Upstreams:
         try:
             return await pool.request(
                 method,
-                url.raw_path_qs[len(pool.base_path) :],
+                target,
                 list(send.items()),
                 body,
                 content_length=int(declared) if declared is not None and not isinstance(body, bytes) else None,
@@ -321,11 +324,12 @@ class Upstreams:
         self,
         name: str,
         method: str,
-        url: URL,
+        target: str,
         send: CIMultiDict[str],
         body: AsyncIterator[bytes] | bytes | None,
     ) -> _Answer:
         up = self._config[name]
+        url = URL(up.url + target, encoded=True)
         session = self._sessions[name]
         try:
             upstream = await session.request(
