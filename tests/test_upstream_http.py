@@ -40,6 +40,9 @@ class Answer:
     data: bytes
     close: bool = False  # close the connection right after writing
     hold: asyncio.Event | None = None  # answer only once set
+    later: bytes = b""  # written on the then idle connection once ``go`` is set
+    go: asyncio.Event | None = None
+    drop_if_reused: bool = False  # close without a word unless first on its connection
 
 
 @dataclass
@@ -57,6 +60,7 @@ class RawUpstream:
     answers: dict[str, Answer]
     seen: list[Seen] = field(default_factory=list)
     connections: int = 0
+    closed: set[int] = field(default_factory=set)
     port: int = 0
 
     def saw(self, path: str) -> list[Seen]:
@@ -70,7 +74,11 @@ class _RawProtocol(asyncio.Protocol):
         self.conn = up.connections
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
+        self.served = 0
         self._new()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.up.closed.add(self.conn)
 
     def _new(self) -> None:
         self.url = b""
@@ -103,10 +111,21 @@ class _RawProtocol(asyncio.Protocol):
         self.up.seen.append(Seen(self.conn, self.parser.get_method().decode(), path, self.headers, self.body, peer))
         self._new()
         answer = self.up.answers.get(path, Answer(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"))
+        self.served += 1
+        if answer.drop_if_reused and self.served > 1:
+            self.transport.close()
+            return
+        if answer.go is not None:
+            asyncio.get_running_loop().create_task(self._trailing(answer))
         if answer.hold is not None:
             asyncio.get_running_loop().create_task(self._later(answer))
         else:
             self._send(answer)
+
+    async def _trailing(self, answer: Answer) -> None:
+        assert answer.go is not None and self.transport is not None
+        await answer.go.wait()
+        self.transport.write(answer.later)
 
     async def _later(self, answer: Answer) -> None:
         assert answer.hold is not None
@@ -143,7 +162,9 @@ ANSWERS: dict[str, Answer] = {
         b"HTTP/1.1 103 Early Hints\r\nLink: </hint.css>; rel=preload\r\n\r\n" + ok(b"final")
     ),
     "/lean/head": Answer(b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\nX-App: head\r\n\r\n"),
-    "/lean/no-content": Answer(b"HTTP/1.1 204 No Content\r\n\r\n"),
+    "/lean/no-content": Answer(b"HTTP/1.1 204 No Content\r\nContent-Length: 7\r\n\r\n"),
+    "/lean/switch": Answer(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n"),
+    "/lean/flaky": Answer(ok(b"answered on a fresh connection"), drop_if_reused=True),
     "/lean/not-modified": Answer(b'HTTP/1.1 304 Not Modified\r\nETag: "v1"\r\n\r\n'),
     "/lean/upload": Answer(ok(b"stored")),
     "/tls/ok": Answer(ok(b"over mTLS")),
@@ -393,3 +414,35 @@ async def test_upstream_mtls_without_a_client_certificate_is_refused(lab: Lab, h
     assert status == 502
     assert b"upstream.unavailable" in body or b"upstream.error" in body
     assert len(lab.tls.seen) == before  # the upstream served nothing
+
+
+async def test_an_unasked_protocol_switch_is_a_502(lab: Lab, http: aiohttp.ClientSession) -> None:
+    status, _, body = await _get(http, lab, "/lean/switch")
+    assert status == 502 and b"upstream.error" in body
+    await _then_fresh_and_right(http, lab, lab.raw.saw("/lean/switch")[-1])
+
+
+async def test_bytes_on_an_idle_connection_close_it(lab: Lab, http: aiohttp.ClientSession) -> None:
+    go = asyncio.Event()
+    lab.raw.answers["/lean/idle"] = Answer(ok(b"idle soon"), later=ok(b"unasked answer"), go=go)
+    status, _, body = await _get(http, lab, "/lean/idle")
+    assert (status, body) == (200, b"idle soon")
+    conn = lab.raw.saw("/lean/idle")[-1].conn
+    go.set()  # the upstream speaks on the connection now idle in the PEP's pool
+    await _wait_for(lambda: conn in lab.raw.closed, "the PEP to close the connection")
+    await _then_fresh_and_right(http, lab, lab.raw.saw("/lean/idle")[-1])
+
+
+async def test_a_reused_connection_found_closed_is_retried_only_when_safe(
+    lab: Lab, http: aiohttp.ClientSession
+) -> None:
+    await _get(http, lab, "/lean/ok")  # at least one connection that has served, now idle
+    status, _, body = await _get(http, lab, "/lean/flaky")
+    assert (status, body) == (200, b"answered on a fresh connection")
+    dropped, answered = lab.raw.saw("/lean/flaky")[-2:]
+    assert dropped.conn != answered.conn
+    before = len(lab.raw.saw("/lean/flaky"))
+    async with http.post(f"https://localhost:{lab.pep.port}/lean/flaky", data=b"once") as resp:
+        assert resp.status == 502  # a POST is never sent twice
+        assert b"upstream.error" in await resp.read()
+    assert len(lab.raw.saw("/lean/flaky")) == before + 1
