@@ -164,6 +164,15 @@ ANSWERS: dict[str, Answer] = {
     "/lean/head": Answer(b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\nX-App: head\r\n\r\n"),
     "/lean/no-content": Answer(b"HTTP/1.1 204 No Content\r\nContent-Length: 7\r\n\r\n"),
     "/lean/switch": Answer(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n"),
+    "/lean/huge-head": Answer(b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 2_000_000 + b"\r\nContent-Length: 2\r\n\r\nhi"),
+    "/lean/huge-trailer": Answer(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\nX-Trailer: "
+        + b"t" * 2_000_000
+        + b"\r\n\r\n"
+    ),
+    "/lean/trailer": Answer(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\nX-Trailer: late\r\n\r\n"
+    ),
     "/lean/flaky": Answer(ok(b"answered on a fresh connection"), drop_if_reused=True),
     "/lean/not-modified": Answer(b'HTTP/1.1 304 Not Modified\r\nETag: "v1"\r\n\r\n'),
     "/lean/upload": Answer(ok(b"stored")),
@@ -446,3 +455,18 @@ async def test_a_reused_connection_found_closed_is_retried_only_when_safe(
         assert resp.status == 502  # a POST is never sent twice
         assert b"upstream.error" in await resp.read()
     assert len(lab.raw.saw("/lean/flaky")) == before + 1
+
+
+async def test_an_endless_head_or_trailer_is_cut_and_a_small_trailer_dropped(
+    lab: Lab, http: aiohttp.ClientSession
+) -> None:
+    status, _, body = await _get(http, lab, "/lean/huge-head")
+    assert status == 502 and b"upstream.error" in body
+    async with http.get(f"https://localhost:{lab.pep.port}/lean/huge-trailer") as resp:
+        assert resp.status == 200
+        with pytest.raises((aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError)):
+            await resp.read()
+    status, headers, body = await _get(http, lab, "/lean/trailer")
+    assert (status, body) == (200, b"hi")
+    assert "X-Trailer" not in headers
+    await _then_fresh_and_right(http, lab, lab.raw.saw("/lean/huge-trailer")[-1])

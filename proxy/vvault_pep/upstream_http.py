@@ -34,6 +34,7 @@ from urllib.parse import urlsplit
 
 import httptools
 
+MAX_QUIET = 64 * 1024  # bytes parsed without progress (head, trailers, chunk framing)
 HIGH_WATER = 256 * 1024  # answer bytes buffered before reading from the upstream pauses
 LOW_WATER = 64 * 1024  # ... and resumes
 KEEPALIVE_S = 30.0
@@ -88,6 +89,8 @@ class _Conn(asyncio.Protocol):
         self.dirty = False  # bytes came after the answer
         self.got_bytes = False
         self.until_eof = False
+        self._head_done = False
+        self._quiet = 0  # bytes since the parser last made progress
         self.error: BaseException | None = None
         self._interim = False
         self._head: asyncio.Future[None] | None = None
@@ -111,8 +114,13 @@ class _Conn(asyncio.Protocol):
             self.close()
             return
         self.got_bytes = True
+        self._quiet += len(data)
         try:
             self._parser.feed_data(data)
+            if self._quiet > MAX_QUIET:
+                # llhttp itself bounds no header, trailer or chunk extension: an upstream
+                # sending one without end would be buffered without end.
+                self._fail(UpstreamFailure("the answer's head or framing is too large"))
         except httptools.HttpParserUpgrade:
             self._fail(UpstreamFailure("the upstream switched protocols unasked"))
         except (httptools.HttpParserError, _Extra) as exc:
@@ -156,6 +164,8 @@ class _Conn(asyncio.Protocol):
         self.reason += status.decode("latin-1")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._head_done:
+            return  # trailers are not passed on
         self.headers.append((name.decode("latin-1"), value.decode("latin-1")))
 
     def on_headers_complete(self) -> None:
@@ -164,6 +174,8 @@ class _Conn(asyncio.Protocol):
             self._interim = True  # 101 makes the parser raise HttpParserUpgrade
             return
         self.status = status
+        self._head_done = True
+        self._quiet = 0
         framed = False
         for name, value in self.headers:
             low = name.lower()
@@ -174,6 +186,7 @@ class _Conn(asyncio.Protocol):
             self._head.set_result(None)
 
     def on_body(self, body: bytes) -> None:
+        self._quiet = 0
         self._chunks.append(body)
         self._buffered += len(body)
         if self._buffered > HIGH_WATER and not self._read_paused and self.transport is not None:
@@ -259,7 +272,7 @@ class _Conn(asyncio.Protocol):
                     transport.writelines((b"%x\r\n" % len(piece), piece, b"\r\n"))
                 else:
                     transport.write(piece)
-                if self._write_paused:
+                if self._write_paused and not self.closed:
                     self._drain = self._loop.create_future()
                     await self._drain
             if chunked and not self.closed:
@@ -467,7 +480,7 @@ class Pool:
         head = self._head(method, target, [(k, v) for k, v in headers if k.lower() != "content-length"] + extra)
         replayable = method in _REPLAYABLE and not isinstance(body, AsyncIterator)
         for attempt in range(2):
-            conn = self._take()
+            conn = self._take() if attempt == 0 else None  # a retry never trusts another idle one
             reused = conn is not None
             if conn is None:
                 conn = await self._connect()
