@@ -317,7 +317,7 @@ class Upstreams:
             log.warning("upstream %s unreachable: %s", name, exc)
             raise PepError("upstream.unavailable", "the upstream refused the connection") from exc
         except upstream_http.UpstreamError as exc:
-            log.warning("upstream %s failed: %s", name, type(exc).__name__)
+            log.warning("upstream %s failed: %s", name, exc)  # fixed phrases, never the bytes received
             raise PepError("upstream.error", "the upstream connection failed") from exc
 
     async def _via_aiohttp(
