@@ -1,8 +1,11 @@
 """Forward: stream an allowed request to its upstream and the answer back.
 
-* The URL is built from the canonical path and marked *already encoded*
-  (``yarl.URL(..., encoded=True)``) so the client library cannot re-normalise
-  or re-encode it: the upstream receives byte-for-byte the path the policy saw.
+* The request goes out on the lean client of :mod:`.upstream_http` (llhttp
+  parses the answer); ``HEAD`` goes through aiohttp's client, whose parser can
+  be told that such an answer has no body.  Either way the upstream receives
+  byte-for-byte the path the policy saw: the lean client writes the canonical
+  target as it is, and aiohttp gets it marked *already encoded*
+  (``yarl.URL(..., encoded=True)``) so it cannot re-normalise or re-encode it.
 * Bodies stream both ways in chunks; nothing large is buffered whole.  The
   request body is counted against ``limits.max_body_bytes`` as it passes, each
   piece must come within ``limits.body_idle_timeout_s`` and the whole body
