@@ -1,8 +1,11 @@
 """Forward: stream an allowed request to its upstream and the answer back.
 
-* The URL is built from the canonical path and marked *already encoded*
-  (``yarl.URL(..., encoded=True)``) so the client library cannot re-normalise
-  or re-encode it: the upstream receives byte-for-byte the path the policy saw.
+* The request goes out on the lean client of :mod:`.upstream_http` (llhttp
+  parses the answer); ``HEAD`` goes through aiohttp's client, whose parser can
+  be told that such an answer has no body.  Either way the upstream receives
+  byte-for-byte the path the policy saw: the lean client writes the canonical
+  target as it is, and aiohttp gets it marked *already encoded*
+  (``yarl.URL(..., encoded=True)``) so it cannot re-normalise or re-encode it.
 * Bodies stream both ways in chunks; nothing large is buffered whole.  The
   request body is counted against ``limits.max_body_bytes`` as it passes, each
   piece must come within ``limits.body_idle_timeout_s`` and the whole body
@@ -27,9 +30,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 import orjson
@@ -37,7 +40,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from . import responses
+from . import responses, upstream_http
 from .config import Upstream
 from .errors import PepError
 
@@ -61,6 +64,51 @@ def _strip(doc: Any, fields: frozenset[str]) -> Any:
     if isinstance(doc, list):
         return [_strip(v, fields) for v in doc]
     return doc
+
+
+class _Answer(Protocol):
+    """An upstream's answer, from the lean client or from aiohttp's."""
+
+    status: int
+    reason: str | None
+
+    def header_items(self) -> Iterable[tuple[str, str]]: ...
+    def header(self, name: str) -> str | None: ...
+    @property
+    def content_length(self) -> int | None: ...
+    def chunks(self) -> AsyncIterator[bytes]: ...
+    async def read(self, limit: int) -> bytes: ...
+    def release(self) -> None: ...
+
+
+class _AiohttpAnswer:
+    """aiohttp's ClientResponse behind the interface of the lean client's answer."""
+
+    __slots__ = ("_resp", "reason", "status")
+
+    def __init__(self, resp: aiohttp.ClientResponse) -> None:
+        self._resp = resp
+        self.status = resp.status
+        self.reason = resp.reason
+
+    def header_items(self) -> Iterable[tuple[str, str]]:
+        return self._resp.headers.items()
+
+    def header(self, name: str) -> str | None:
+        return self._resp.headers.get(name)
+
+    @property
+    def content_length(self) -> int | None:
+        return self._resp.content_length
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        return self._resp.content.iter_chunked(CHUNK)
+
+    async def read(self, limit: int) -> bytes:
+        return await self._resp.content.read(limit + 1)
+
+    def release(self) -> None:
+        self._resp.release()
 
 
 class _Body:
@@ -98,7 +146,8 @@ class Upstreams:
         self._body_idle = body_idle_timeout_s
         self._buffer = buffer_body_bytes
         self._send_idle = send_idle_timeout_s
-        self._sessions: dict[str, aiohttp.ClientSession] = {}
+        self._sessions: dict[str, aiohttp.ClientSession] = {}  # HEAD and what the lean client does not cover
+        self._pools: dict[str, upstream_http.Pool] = {}  # the lean client, made on first use
         # The PEP's own count of pooled connections in use: a full pool is known
         # without waiting in aiohttp's queue.
         self._slots: dict[str, asyncio.Semaphore] = {}
@@ -122,6 +171,8 @@ class Upstreams:
             )
 
     async def close(self) -> None:
+        for pool in self._pools.values():
+            pool.close()
         for session in self._sessions.values():
             await session.close()
 
@@ -148,7 +199,7 @@ class Upstreams:
     ) -> tuple[web.StreamResponse, Outcome]:
         """Forward and stream the answer back; PepError if nothing was sent yet."""
         up = self._config[name]
-        url = URL(up.url + path + (f"?{query}" if query else ""), encoded=True)
+        target = path + (f"?{query}" if query else "")
         method = request.method
         if redact:
             # The obligation reads the whole answer: no partial content, no conditionals.
@@ -175,8 +226,11 @@ class Upstreams:
                     send["Content-Length"] = str(content_length)
         slots = self._slots[name]
         try:
-            async with asyncio.timeout(up.pool_timeout_s):
-                await slots.acquire()
+            if slots.locked():
+                async with asyncio.timeout(up.pool_timeout_s):
+                    await slots.acquire()
+            else:
+                await slots.acquire()  # a free slot: taken at once, no timer armed
         except TimeoutError as exc:
             raise PepError(
                 "upstream.saturated", "the upstream is busy, retry later", headers=(("Retry-After", "1"),)
@@ -187,7 +241,7 @@ class Upstreams:
                 name,
                 request,
                 method,
-                url,
+                target,
                 send,
                 body,
                 budget,
@@ -205,7 +259,7 @@ class Upstreams:
         name: str,
         request: web.BaseRequest,
         method: str,
-        url: URL,
+        target: str,
         send: CIMultiDict[str],
         body: AsyncIterator[bytes] | bytes | None,
         budget: _Body,
@@ -214,7 +268,72 @@ class Upstreams:
         redact_max_bytes: int,
         policy: responses.HeaderPolicy,
     ) -> tuple[web.StreamResponse, Outcome]:
+        if method == "HEAD":
+            # The lean parser cannot be told an answer belongs to a HEAD.
+            upstream = await self._via_aiohttp(name, method, target, send, body)
+        else:
+            upstream = await self._via_lean(name, method, target, send, body)
+        try:
+            return await self._answer(
+                name, request, upstream, budget, response_headers, redact, redact_max_bytes, policy
+            )
+        finally:
+            upstream.release()
+
+    def _pool(self, name: str) -> upstream_http.Pool:
+        pool = self._pools.get(name)
+        if pool is None:
+            up = self._config[name]
+            tls: ssl.SSLContext | bool | None = None
+            if up.url.startswith("https://"):
+                tls = upstream_ssl(up)
+            pool = upstream_http.Pool(
+                up.url,
+                ssl_context=tls if isinstance(tls, ssl.SSLContext) else ssl.create_default_context() if tls else None,
+                server_hostname=up.tls.server_hostname if up.tls else None,
+                connect_timeout=up.connect_timeout_s,
+                read_timeout=up.read_timeout_s,
+            )
+            self._pools[name] = pool
+        return pool
+
+    async def _via_lean(
+        self,
+        name: str,
+        method: str,
+        target: str,
+        send: CIMultiDict[str],
+        body: AsyncIterator[bytes] | bytes | None,
+    ) -> _Answer:
+        pool = self._pool(name)
+        declared = send.get("Content-Length")
+        try:
+            return await pool.request(
+                method,
+                target,
+                list(send.items()),
+                body,
+                content_length=int(declared) if declared is not None and not isinstance(body, bytes) else None,
+            )
+        except upstream_http.UpstreamTimeout as exc:
+            raise PepError("upstream.timeout", "the upstream did not answer in time") from exc
+        except upstream_http.UpstreamRefused as exc:
+            log.warning("upstream %s unreachable: %s", name, exc)
+            raise PepError("upstream.unavailable", "the upstream refused the connection") from exc
+        except upstream_http.UpstreamError as exc:
+            log.warning("upstream %s failed: %s", name, exc)  # fixed phrases, never the bytes received
+            raise PepError("upstream.error", "the upstream connection failed") from exc
+
+    async def _via_aiohttp(
+        self,
+        name: str,
+        method: str,
+        target: str,
+        send: CIMultiDict[str],
+        body: AsyncIterator[bytes] | bytes | None,
+    ) -> _Answer:
         up = self._config[name]
+        url = URL(up.url + target, encoded=True)
         session = self._sessions[name]
         try:
             upstream = await session.request(
@@ -239,53 +358,63 @@ class Upstreams:
                 raise exc.__cause__ from exc
             log.warning("upstream %s failed: %s", name, type(exc).__name__)
             raise PepError("upstream.error", "the upstream connection failed") from exc
-        async with upstream:
-            passed = responses.pass_headers(upstream.headers.items(), policy)
-            if redact:
-                return await self._redacted(
-                    request, upstream, redact, redact_max_bytes, passed, response_headers, budget
-                )
-            out = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-            for key, value in passed:
-                out.headers.add(key, value)
-            out.headers.setdefault("Server", _SERVER)
-            for key, value in response_headers:
-                out.headers[key] = value
-            try:
-                await out.prepare(request)
-            except (ConnectionError, aiohttp.ClientConnectionResetError):
-                return out, Outcome(upstream.status, budget.count, 0, "client_gone")
-            sent = 0
-            try:
-                async for chunk in upstream.content.iter_chunked(CHUNK):
-                    try:
-                        # A client that stops reading holds the pooled connection as surely
-                        # as one that trickles its body.
-                        async with asyncio.timeout(self._send_idle):
-                            await out.write(chunk)
-                    except TimeoutError:
-                        log.info("client stopped reading the answer from %s", name)
-                        if request.transport is not None:
-                            request.transport.abort()
-                        return out, Outcome(upstream.status, budget.count, sent, "client_stalled")
-                    except (ConnectionError, aiohttp.ClientConnectionResetError):
-                        # The client went away: stop reading the upstream, keep the record.
-                        return out, Outcome(upstream.status, budget.count, sent, "client_gone")
-                    sent += len(chunk)
-            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                # The status line is gone already; a truncated, aborted
-                # connection is the only honest signal left.
-                log.warning("upstream %s failed mid-response: %s", name, type(exc).__name__)
-                if request.transport is not None:
-                    request.transport.abort()
-                return out, Outcome(upstream.status, budget.count, sent, "upstream_failed")
-            await out.write_eof()
-            return out, Outcome(upstream.status, budget.count, sent)
+        return _AiohttpAnswer(upstream)
+
+    async def _answer(
+        self,
+        name: str,
+        request: web.BaseRequest,
+        upstream: _Answer,
+        budget: _Body,
+        response_headers: list[tuple[str, str]],
+        redact: tuple[str, ...],
+        redact_max_bytes: int,
+        policy: responses.HeaderPolicy,
+    ) -> tuple[web.StreamResponse, Outcome]:
+        passed = responses.pass_headers(upstream.header_items(), policy)
+        if redact:
+            return await self._redacted(request, upstream, redact, redact_max_bytes, passed, response_headers, budget)
+        out = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        for key, value in passed:
+            out.headers.add(key, value)
+        out.headers.setdefault("Server", _SERVER)
+        for key, value in response_headers:
+            out.headers[key] = value
+        try:
+            await out.prepare(request)
+        except (ConnectionError, aiohttp.ClientConnectionResetError):
+            return out, Outcome(upstream.status, budget.count, 0, "client_gone")
+        sent = 0
+        try:
+            async for chunk in upstream.chunks():
+                try:
+                    # A client that stops reading holds the pooled connection as surely
+                    # as one that trickles its body.
+                    async with asyncio.timeout(self._send_idle):
+                        await out.write(chunk)
+                except TimeoutError:
+                    log.info("client stopped reading the answer from %s", name)
+                    if request.transport is not None:
+                        request.transport.abort()
+                    return out, Outcome(upstream.status, budget.count, sent, "client_stalled")
+                except (ConnectionError, aiohttp.ClientConnectionResetError):
+                    # The client went away: stop reading the upstream, keep the record.
+                    return out, Outcome(upstream.status, budget.count, sent, "client_gone")
+                sent += len(chunk)
+        except (aiohttp.ClientError, OSError, TimeoutError, upstream_http.UpstreamError) as exc:
+            # The status line is gone already; a truncated, aborted
+            # connection is the only honest signal left.
+            log.warning("upstream %s failed mid-response: %s", name, type(exc).__name__)
+            if request.transport is not None:
+                request.transport.abort()
+            return out, Outcome(upstream.status, budget.count, sent, "upstream_failed")
+        await out.write_eof()
+        return out, Outcome(upstream.status, budget.count, sent)
 
     async def _redacted(
         self,
         request: web.BaseRequest,
-        upstream: aiohttp.ClientResponse,
+        upstream: _Answer,
         fields: tuple[str, ...],
         limit: int,
         passed: list[tuple[str, str]],
@@ -293,7 +422,7 @@ class Upstreams:
         budget: _Body,
     ) -> tuple[web.StreamResponse, Outcome]:
         """Field-level least privilege: remove ``fields`` from a whole JSON answer, or withhold it."""
-        partial = responses.partial_reason(upstream.status, upstream.headers.items())
+        partial = responses.partial_reason(upstream.status, upstream.header_items())
         if partial is not None:
             raise PepError("enforce.partial_answer", partial)
         kept = [(k, v) for k, v in passed if k.lower() not in responses.BODY_BOUND]
@@ -313,16 +442,20 @@ class Upstreams:
         sent = 0 if request.method == "HEAD" else len(body)
         return out, Outcome(upstream.status, budget.count, sent)
 
-    async def _redact_body(self, upstream: aiohttp.ClientResponse, fields: tuple[str, ...], limit: int) -> bytes:
-        ctype = upstream.headers.get("Content-Type", "").split(";")[0].strip().lower()
+    async def _redact_body(self, upstream: _Answer, fields: tuple[str, ...], limit: int) -> bytes:
+        ctype = (upstream.header("Content-Type") or "").split(";")[0].strip().lower()
         declared = upstream.content_length
-        if not (ctype == "application/json" or ctype.endswith("+json")) or upstream.headers.get(
-            "Content-Encoding", "identity"
+        if not (ctype == "application/json" or ctype.endswith("+json")) or (
+            upstream.header("Content-Encoding") or "identity"
         ) not in ("identity", ""):
             raise PepError("enforce.redaction_impossible", "the response is not JSON the PEP can redact")
         if declared is not None and declared > limit:
             raise PepError("enforce.redaction_impossible", "the response is too large to redact")
-        raw = await upstream.content.read(limit + 1)
+        try:
+            raw = await upstream.read(limit)
+        except (aiohttp.ClientError, OSError, TimeoutError, upstream_http.UpstreamError) as exc:
+            log.warning("upstream failed mid-response: %s", type(exc).__name__)
+            raise PepError("upstream.error", "the upstream connection failed") from exc
         if len(raw) > limit:
             raise PepError("enforce.redaction_impossible", "the response is too large to redact")
         try:
