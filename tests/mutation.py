@@ -47,7 +47,7 @@ STAGE = ROOT / ".mutation"
 # module → the tests that exercise it (unit tables first: they are the fast killers).
 MODULES: dict[str, list[str]] = {
     "enforce": ["tests/test_enforce.py", "tests/test_proofs_enforce.py", "tests/test_proofs_decisions.py"],
-    "sanitize": ["tests/test_sanitize.py"],
+    "sanitize": ["tests/test_sanitize.py", "tests/test_proofs_sanitize.py"],
     "authn": ["tests/test_authn.py"],
     "jwks": ["tests/test_authn.py"],
     "spiffe": ["tests/test_spiffe.py", "tests/test_listener.py"],
