@@ -1,6 +1,6 @@
 """Does each test the README fault table names fail when its row's behaviour breaks?
 
-For every row: one deliberate bug (a text substitution in one module), applied
+For every row (and a few promises beside the table): one deliberate bug (a text substitution in one module), applied
 to a copy of the package in ``.mutation/faults/``, and the row's tests run
 against that copy (``PYTHONPATH`` puts it first, for the CLI subprocesses
 too).  A row passes when the tests fail on the bug.  The working tree is never
@@ -77,6 +77,13 @@ BREAKS = (
         ("tests/test_proofs_decisions.py",),
     ),
     Break(
+        "403: undefined or malformed, never cached",
+        "pipeline.py",
+        'if layer == "miss" and fresh and answer.defined and decision.code not in _NEVER_CACHED:',
+        'if layer == "miss" and fresh:',
+        ("tests/test_proofs_cache.py::test_undefined_and_malformed_answers_are_never_cached",),
+    ),
+    Break(
         "403: unknown obligation",
         "enforce.py",
         "    if obligations is None:\n",
@@ -120,6 +127,13 @@ BREAKS = (
         'raise PepError("upstream.timeout", "the upstream did not answer in time") from exc',
         'raise PepError("upstream.unavailable", "the upstream did not answer in time") from exc',
         ("tests/test_pipeline.py::test_upstream_timeout_is_504",),
+    ),
+    Break(
+        "response: Connection-named headers",
+        "forward.py",
+        "if low in _RESPONSE_HOP_BY_HOP or low in connection_named:",
+        "if low in _RESPONSE_HOP_BY_HOP:",
+        ("tests/test_proofs_forward.py::test_response_headers_named_by_connection_stay_with_the_upstream_hop",),
     ),
     Break(
         "aborted: upstream dies mid-response",

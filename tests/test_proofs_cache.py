@@ -4,6 +4,8 @@
   land, with no cache reset and no channel message — beats an allow this
   replica holds in L1; the allow is still cached (it comes back once lifted),
   so the 403 came from containment and not from a reset;
+* an undefined or malformed answer is never stored, even on a route that
+  caches denies: OPA is asked again every time;
 * two routes with the same ``cache.key`` projection and the same policy never
   share an entry: the second route is a miss, and OPA sees its own route;
 * with Redis down, an invalidation and a data push are honoured by the replica
@@ -45,6 +47,19 @@ PROOF_ROUTES: list[dict[str, Any]] = [
         "cache": {"ttl_s": 60},
         "authn": {"require": "user"},
     },
+    # answers that must never be stored: undefined, malformed
+    *(
+        {
+            "name": f"p_{shape}",
+            "host": f"{shape}.proof.test",
+            "path": SECRET_PATH,
+            "methods": ["GET"],
+            "upstream": "vvault",
+            "policy": policy,
+            "cache": {"ttl_s": 60, "deny_ttl_s": 60},
+        }
+        for shape, policy in (("malformed", "faults/allow_as_string"), ("undefined", "vvault/nonexistent/decision"))
+    ),
     # the same policy and the same projection on two routes
     *(
         {
@@ -231,3 +246,14 @@ async def test_redis_down_invalidation_and_data_push_hold_here_and_for_good(
     status, body = await admin(pep, "PUT", "/admin/opa/data/faults_data", {"revoked": []})
     assert status == 200
     assert (await ask(pep, pki, audit, "gate.proof.test", rev))[0] == 200
+
+
+@pytest.mark.parametrize(("shape", "code"), [("malformed", "pdp.malformed_decision"), ("undefined", "pdp.undefined")])
+async def test_undefined_and_malformed_answers_are_never_cached(
+    pep_with_redis: tuple[PepRuntime, RedisServer], pki: Path, idp: Issuer, audit: Audit, shape: str, code: str
+) -> None:
+    pep, _ = pep_with_redis
+    token = idp.token(sub=f"{shape}-user")
+    for _ in range(2):
+        status, got, record = await ask(pep, pki, audit, f"{shape}.proof.test", token)
+        assert (status, got, record["cache"]) == (403, code, "miss")

@@ -7,6 +7,8 @@
 * ``upstreams.*.tls`` with a client certificate: an upstream that requires
   one sees the PEP's certificate; without it the upstream refuses and the
   client gets a 502, never a plaintext fallback;
+* a response header the upstream's ``Connection`` names is hop-by-hop: it
+  never reaches the client;
 * an upstream that dies after its status line: the client's connection is
   cut short (fewer bytes than the Content-Length it was promised) and the
   audit record says ``aborted: upstream_failed``.
@@ -94,7 +96,12 @@ def _dying_upstream() -> web.Application:
         request.transport.abort()  # the upstream process dies mid-answer
         return resp
 
+    async def connection_named(request: web.Request) -> web.Response:
+        # X-Hop is hop-by-hop for this hop only, because Connection names it
+        return web.Response(text="ok", headers={"Connection": "X-Hop", "X-Hop": "upstream-only", "X-Kept": "1"})
+
     app = web.Application()
+    app.router.add_get("/dying/connection-named", connection_named)
     app.router.add_get("/{tail:.*}", handler)
     return app
 
@@ -276,3 +283,13 @@ async def test_upstream_dying_mid_response_cuts_the_client_and_is_recorded(
     assert record["aborted"] == "upstream_failed"
     assert record["upstream_status"] == 200
     assert record["bytes_out"] < 1_000_000
+
+
+async def test_response_headers_named_by_connection_stay_with_the_upstream_hop(
+    proofs_pep: tuple[PepRuntime, list[Any]], pki: Path
+) -> None:
+    pep, _ = proofs_pep
+    resp = await raw_https(pep.port, client_context(pki, "reader"), get("/dying/connection-named"))
+    assert (resp.status, resp.body) == (200, b"ok")
+    assert resp.headers["x-kept"] == "1"
+    assert "x-hop" not in resp.headers
