@@ -2,8 +2,9 @@
 
 For every row (and a few promises beside the table): one deliberate bug (a
 text substitution in one module), applied to a copy of the package in
-``.mutation/faults/``, and the row's tests run against that copy (``PYTHONPATH`` puts it first, for the CLI subprocesses
-too).  A row passes when the tests fail on the bug.  The working tree is never
+``.mutation/faults/``, and the row's tests run against that copy
+(``PYTHONPATH`` puts it first, for the CLI subprocesses too).  A row passes
+when the tests fail on the bug.  The working tree is never
 touched.  A substitution whose text is gone (the code moved) is reported as
 ``stale`` — update it beside the code.
 
