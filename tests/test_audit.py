@@ -239,14 +239,12 @@ async def test_a_blocked_sink_costs_records_not_latency(
     doc["audit"]["sinks"] = [{"type": "file", "path": str(fifo), "buffer_records": 20}]
     try:
         async with running(doc) as pep:
-            loop = asyncio.get_running_loop()
-            started = loop.time()
             connector = aiohttp.TCPConnector(ssl=client_context(pki, "reader"))
             async with aiohttp.ClientSession(connector=connector) as http:
                 for _ in range(120):
-                    async with http.get(f"https://localhost:{pep.port}{SECRET}") as resp:
+                    # each request on its own deadline: one blocked behind the sink fails here
+                    async with asyncio.timeout(10), http.get(f"https://localhost:{pep.port}{SECRET}") as resp:
                         assert resp.status == 200
-            elapsed = loop.time() - started
             metrics = await scrape(pep)
             assert pep.audit is not None
             stuck = pep.audit.sinks[0].in_flight
@@ -254,7 +252,6 @@ async def test_a_blocked_sink_costs_records_not_latency(
         # let the stuck writer go: open the reading end once, without blocking
         with contextlib.suppress(OSError):
             os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))
-    assert elapsed < 30
     # 120 records: 20 fit the buffer, the batch the sink's thread took is stuck in the
     # open(), every other one is dropped and counted
     assert stuck >= 1

@@ -1,0 +1,292 @@
+"""Does each test the README fault table names fail when its row's behaviour breaks?
+
+For every row (and a few promises beside the table): one deliberate bug (a
+text substitution in one module), applied to a copy of the package in
+``.mutation/faults/``, and the row's tests run against that copy
+(``PYTHONPATH`` puts it first, for the CLI subprocesses too).  A row passes
+when the tests fail on the bug.  The working tree is never
+touched.  A substitution whose text is gone (the code moved) is reported as
+``stale`` — update it beside the code.
+
+    python -m tests.fault_breaks            # every row
+    python -m tests.fault_breaks 413 pdp    # rows whose name contains one of these
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+STAGE = ROOT / ".mutation" / "faults"
+
+
+@dataclass(frozen=True)
+class Break:
+    row: str
+    module: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+
+BREAKS = (
+    Break(
+        "tls: no client certificate",
+        "listener.py",
+        'ssl.CERT_REQUIRED if tls.client_auth == "required"',
+        'ssl.CERT_OPTIONAL if tls.client_auth == "required"',
+        ("tests/test_listener.py::test_client_without_certificate_fails_the_handshake",),
+    ),
+    Break(
+        "tls: two SPIFFE IDs in one certificate",
+        "listener.py",
+        "    if len(spiffe) > 1:",
+        "    if False:",
+        ("tests/test_proofs_identity.py",),
+    ),
+    Break(
+        "401: invalid token",
+        "authn.py",
+        "token = _bearer(authorization, realm) if self.cfg.issuers else None",
+        "token = None",
+        ("tests/test_authn.py::test_bad_tokens_are_rejected_without_reaching_upstream",),
+    ),
+    Break(
+        "jwks: staleness limit",
+        "jwks.py",
+        "self.clock() - self._fetched_at <= self.issuer.jwks.max_staleness_s",
+        "True",
+        ("tests/test_authn.py::test_idp_down_keeps_cached_keys_until_max_staleness",),
+    ),
+    Break(
+        "403: policy says no",
+        "pipeline.py",
+        "            if enforced:\n                return self._deny(",
+        "            if False:\n                return self._deny(",
+        ("tests/test_pipeline.py::test_denied_request_gets_problem_json_and_never_reaches_upstream",),
+    ),
+    Break(
+        "403: malformed decision (monitor_only not a bool)",
+        "enforce.py",
+        "        if not isinstance(monitor_only, bool):",
+        "        if False:",
+        ("tests/test_proofs_decisions.py",),
+    ),
+    Break(
+        "403: malformed decision (NUL in a header value)",
+        "enforce.py",
+        'any(c in val for c in "\\r\\n\\x00")',
+        'any(c in val for c in "\\r\\n")',
+        ("tests/test_proofs_decisions.py",),
+    ),
+    Break(
+        "403: undefined or malformed, never cached",
+        "pipeline.py",
+        'if layer == "miss" and fresh and answer.defined and decision.code not in _NEVER_CACHED:',
+        'if layer == "miss" and fresh:',
+        ("tests/test_proofs_cache.py::test_undefined_and_malformed_answers_are_never_cached",),
+    ),
+    Break(
+        "403: unknown obligation",
+        "enforce.py",
+        "    if obligations is None:\n",
+        "    if False:\n",
+        ("tests/test_pipeline.py::test_decision_shapes_from_real_opa",),
+    ),
+    Break(
+        "503 pdp: deadline multiplied",
+        "pdp.py",
+        "self._deadline = opa.timeout_ms / 1000",
+        "self._deadline = opa.timeout_ms / 1000 * 8",
+        ("tests/test_proofs_pdp.py::test_a_silent_opa_is_given_up_at_the_deadline_once",),
+    ),
+    Break(
+        "503 pdp: a retry on an answered error",
+        "pdp.py",
+        "        if status != 200:\n            log.warning(",
+        "        if status != 200:\n"
+        "            async with self._session.post(url, data=body) as again:\n"
+        "                raw, status = await again.read(), again.status\n"
+        "        if status != 200:\n            log.warning(",
+        ("tests/test_proofs_pdp.py::test_an_answered_error_gets_exactly_one_post",),
+    ),
+    Break(
+        "503 pdp: OPA unreachable",
+        "pdp.py",
+        'raise PepError("pdp.unavailable", "the policy decision point is unreachable") from exc',
+        'raise PepError("pdp.error", "the policy decision point is unreachable") from exc',
+        ("tests/test_pdp.py::test_opa_stopped_is_503",),
+    ),
+    Break(
+        "502: upstream refuses",
+        "forward.py",
+        'raise PepError("upstream.unavailable", "the upstream refused the connection") from exc',
+        'raise PepError("upstream.timeout", "the upstream refused the connection") from exc',
+        ("tests/test_pipeline.py::test_upstream_down_is_502",),
+    ),
+    Break(
+        "504: upstream times out",
+        "forward.py",
+        'raise PepError("upstream.timeout", "the upstream did not answer in time") from exc',
+        'raise PepError("upstream.unavailable", "the upstream did not answer in time") from exc',
+        ("tests/test_pipeline.py::test_upstream_timeout_is_504",),
+    ),
+    Break(
+        "response: Connection-named headers",
+        "forward.py",
+        "if low in _RESPONSE_HOP_BY_HOP or low in connection_named:",
+        "if low in _RESPONSE_HOP_BY_HOP:",
+        ("tests/test_proofs_forward.py::test_response_headers_named_by_connection_stay_with_the_upstream_hop",),
+    ),
+    Break(
+        "aborted: upstream dies mid-response",
+        "forward.py",
+        'return out, Outcome(upstream.status, counter.count, sent, "upstream_failed")',
+        "return out, Outcome(upstream.status, counter.count, sent)",
+        ("tests/test_proofs_forward.py::test_upstream_dying_mid_response_cuts_the_client_and_is_recorded",),
+    ),
+    Break(
+        "502: upstream mTLS certificate",
+        "forward.py",
+        "        ctx.load_cert_chain(str(up.tls.cert_file), str(up.tls.key_file))",
+        "        pass",
+        ("tests/test_proofs_forward.py::test_upstream_mtls_presents_the_pep_certificate",),
+    ),
+    Break(
+        "400: ambiguous path",
+        "sanitize.py",
+        '        if ";" in part and part.split(";", 1)[0] in ("", ".", ".."):',
+        "        if False:",
+        ("tests/test_proofs_sanitize.py",),
+    ),
+    Break(
+        "413: declared body too large",
+        "pipeline.py",
+        "headers.content_length > config.limits.max_body_bytes",
+        "headers.content_length > config.limits.max_body_bytes * 2",
+        ("tests/test_proofs_forward.py::test_declared_oversize_body_is_413_before_routing",),
+    ),
+    Break(
+        "413: chunked body too large",
+        "forward.py",
+        "            if counter.count > counter.limit:",
+        "            if False:",
+        ("tests/test_proofs_forward.py::test_oversize_chunked_body_is_cut_and_never_stored",),
+    ),
+    Break(
+        "managed OPA: backoff",
+        "opa_supervisor.py",
+        "backoff = min(backoff * 2, 5.0)",
+        "backoff = min(backoff * 1, 5.0)",
+        ("tests/test_proofs_pdp.py::test_managed_opa_down_is_503_then_backs_off_and_recovers",),
+    ),
+    Break(
+        "redis down: local invalidation",
+        "cache.py",
+        "self._local_bumps[pair] = self._local_bumps.get(pair, 0) + 1",
+        "pass",
+        ("tests/test_proofs_cache.py::test_redis_down_invalidation_and_data_push_hold_here_and_for_good",),
+    ),
+    Break(
+        "redis down: local revision bump",
+        "cache.py",
+        "        self._local_revision_bumps += 1",
+        "        pass",
+        ("tests/test_proofs_cache.py::test_redis_down_invalidation_and_data_push_hold_here_and_for_good",),
+    ),
+    Break(
+        "redis down: local quarantine",
+        "containment.py",
+        "            if local is not None and local.until > now:\n                hits.append(local)",
+        "            if False:\n                hits.append(local)",
+        ("tests/test_containment.py::test_redis_down_keeps_local_containment_and_a_local_limit",),
+    ),
+    Break(
+        "quarantine: before the cache",
+        "pipeline.py",
+        "                await pending[1]\n",
+        "",
+        ("tests/test_proofs_cache.py::test_a_quarantine_from_redis_beats_a_cached_allow_without_any_reset",),
+    ),
+    Break(
+        "cache: the route in the key",
+        "cache.py",
+        'digest("entry", route.policy, route.name, ',
+        'digest("entry", route.policy, ',
+        ("tests/test_proofs_cache.py::test_two_routes_with_the_same_projection_never_share_an_entry",),
+    ),
+    Break(
+        "audit: the bearer token erased",
+        "audit.py",
+        '    "request.headers.authorization",\n',
+        "",
+        ("tests/test_proofs_audit.py",),
+    ),
+)
+
+
+def stage() -> None:
+    if STAGE.exists():
+        shutil.rmtree(STAGE)
+    STAGE.mkdir(parents=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for name in ("proxy", "tests", "examples", "policies"):
+        shutil.copytree(ROOT / name, STAGE / name, ignore=ignore)
+    shutil.copy2(ROOT / "pyproject.toml", STAGE / "pyproject.toml")
+
+
+def pytest(tests: tuple[str, ...]) -> int:
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(STAGE / "proxy"),
+        "OPA_BIN": os.environ.get("OPA_BIN", str(ROOT / ".tools" / "bin" / "opa")),
+    }
+    env.pop("COVERAGE_PROCESS_START", None)
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
+        cwd=STAGE,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    return run.returncode
+
+
+def check(b: Break) -> str:
+    target = STAGE / "proxy" / "vvault_pep" / b.module
+    original = (ROOT / "proxy" / "vvault_pep" / b.module).read_text()
+    if b.old not in original:
+        return "stale"
+    target.write_text(original.replace(b.old, b.new))
+    try:
+        returncode = pytest(b.tests)
+    finally:
+        target.write_text(original)
+    # 1: tests failed (the bug is caught); 0: it went unnoticed; anything else: no verdict
+    return {1: "caught", 0: "MISSED"}.get(returncode, f"error (pytest exit {returncode})")
+
+
+def main(argv: list[str]) -> int:
+    chosen = [b for b in BREAKS if not argv or any(a in b.row for a in argv)]
+    stage()
+    # The same tests pass on the unbroken copy, or "caught" would mean nothing.
+    if pytest(tuple(dict.fromkeys(t for b in chosen for t in b.tests))) != 0:
+        print("the named tests fail on the unbroken code: fix that first")
+        return 2
+    bad = 0
+    for b in chosen:
+        verdict = check(b)
+        bad += verdict != "caught"
+        print(f"{verdict:<8} {b.row:<52} {' '.join(b.tests)}", flush=True)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

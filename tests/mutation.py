@@ -1,0 +1,208 @@
+"""`make mutate`: mutation testing of the security checks, one module at a time.
+
+mutmut plants one small bug at a time (a flipped comparison, a dropped
+``not``, a changed constant…) in a copy of the package and runs the tests
+that exercise the mutated function; a mutant that leaves them green is a
+check no test holds.
+
+Why a driver around mutmut: mutmut wants the package under ``src/`` (it
+derives module names from the file path), and each module here has its own
+small set of relevant tests, so a mutant runs in seconds rather than the
+whole suite.  For each module the driver lays out a staging copy
+(``.mutation/<module>/``: ``src/vvault_pep``, tests, examples, policies and a
+``pyproject.toml`` with that module's ``[tool.mutmut]`` section), runs
+``mutmut run`` there under a time budget, and writes the counts and the
+survivors to ``.mutation/<module>/summary.json`` and stdout.  Tests that
+start ``vvault-pep serve`` as a subprocess see the mutant too:
+``PYTHONPATH`` points at the mutated copy and mutmut's
+``MUTANT_UNDER_TEST`` is inherited.
+
+Survivors that cannot be killed (equivalent mutants) are listed, with the
+reason, in ``EQUIVALENT`` below and in docs/mutation.md.  Mutant numbers
+are stable as long as the module's source is unchanged; after an edit,
+re-read the survivors (``mutmut show NAME`` in the staging directory).
+
+Usage::
+
+    python -m tests.mutation                      # every module in MODULES
+    python -m tests.mutation enforce sanitize     # only these
+    python -m tests.mutation --budget-s 600       # overall wall-clock budget
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+STAGE = ROOT / ".mutation"
+
+# module → the tests that exercise it (unit tables first: they are the fast killers).
+MODULES: dict[str, list[str]] = {
+    "enforce": ["tests/test_enforce.py", "tests/test_proofs_enforce.py", "tests/test_proofs_decisions.py"],
+    "sanitize": ["tests/test_sanitize.py", "tests/test_proofs_sanitize.py"],
+    "authn": ["tests/test_authn.py"],
+    "jwks": ["tests/test_authn.py"],
+    "spiffe": ["tests/test_spiffe.py", "tests/test_listener.py", "tests/test_proofs_identity.py"],
+    "listener": ["tests/test_listener.py", "tests/test_hardening.py", "tests/test_proofs_identity.py"],
+    "posture": ["tests/test_posture_risk.py"],
+    "cache": ["tests/test_cache.py", "tests/test_proofs_cache.py"],
+    "containment": ["tests/test_containment.py", "tests/test_proofs_containment.py"],
+    "scopes": ["tests/test_containment.py"],
+    "forward": ["tests/test_pipeline.py", "tests/test_streaming.py", "tests/test_proofs_forward.py"],
+    "audit": ["tests/test_audit.py", "tests/test_proofs_audit.py"],
+    "pdp": ["tests/test_pdp.py", "tests/test_proofs_pdp.py"],
+}
+
+# mutant name → why no test can tell it from the original.
+EQUIVALENT: dict[str, str] = {
+    "vvault_pep.enforce.x__deny__mutmut_10": "no caller passes `status`: the default branch is the only one reached",
+    **{
+        f"vvault_pep.enforce.x_refusal_of__mutmut_{n}": "the fallback title is overwritten on the next line"
+        " whenever it is used (code not in STATUS)"
+        for n in (6, 7, 8)
+    },
+}
+
+_STATUS = re.compile(r"^\s*(\S+__mutmut_\d+): (.+)$")
+
+
+def stage(module: str, tests: list[str]) -> Path:
+    """A fresh staging copy in the src/ layout mutmut expects."""
+    work = STAGE / module
+    if work.exists():
+        shutil.rmtree(work)
+    (work / "src").mkdir(parents=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache")
+    shutil.copytree(ROOT / "proxy" / "vvault_pep", work / "src" / "vvault_pep", ignore=ignore)
+    for name in ("tests", "examples", "policies"):
+        shutil.copytree(ROOT / name, work / name, ignore=ignore)
+    existing = [t for t in tests if (ROOT / t).exists()]
+    section = "\n".join(
+        [
+            "",
+            "[tool.mutmut]",
+            'source_paths = ["src/vvault_pep/"]',
+            f'only_mutate = ["src/vvault_pep/{module}.py"]',
+            'also_copy = ["examples/", "policies/"]',
+            f"pytest_add_cli_args_test_selection = {json.dumps(existing)}",
+            'pytest_add_cli_args = ["-p", "no:cacheprovider", "-p", "no:randomly", "-q"]',
+            "timeout_multiplier = 5.0",
+            "timeout_constant = 10.0",
+            "use_git_change_detection = false",
+            "",
+        ]
+    )
+    (work / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text() + section)
+    return work
+
+
+def results(work: Path, env: dict[str, str]) -> dict[str, str]:
+    out = subprocess.run(
+        [sys.executable, "-m", "mutmut", "results", "--all", "true"],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
+    found: dict[str, str] = {}
+    for line in out.splitlines():
+        if m := _STATUS.match(line):
+            found[m.group(1)] = m.group(2).strip()
+    return found
+
+
+def run_module(module: str, budget_s: float, workers: int) -> dict[str, object]:
+    work = stage(module, MODULES[module])
+    # Made before mutmut starts: a PYTHONPATH entry that does not exist yet at start-up is
+    # cached as absent, and the tests would import the original package instead.
+    (work / "mutants" / "src").mkdir(parents=True)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(work / "mutants" / "src"),
+        "OPA_BIN": os.environ.get("OPA_BIN", str(ROOT / ".tools" / "bin" / "opa")),
+    }
+    env.pop("COVERAGE_PROCESS_START", None)  # no coverage inside mutants
+    started = time.monotonic()
+    timed_out = False
+    try:
+        subprocess.run(
+            [sys.executable, "-m", "mutmut", "run", "--max-children", str(workers)],
+            cwd=work,
+            env=env,
+            timeout=budget_s,
+            check=False,
+            stdout=subprocess.DEVNULL,
+        )
+    except subprocess.TimeoutExpired:
+        timed_out = True
+    status = results(work, env)
+    killed = sum(1 for s in status.values() if s in ("killed", "timeout"))
+    survivors = sorted(n for n, s in status.items() if s == "survived")
+    equivalent = [n for n in survivors if n in EQUIVALENT]
+    alive = [n for n in survivors if n not in EQUIVALENT]
+    unchecked = sorted(n for n, s in status.items() if s not in ("killed", "timeout", "survived"))
+    judged = killed + len(alive)
+    summary: dict[str, object] = {
+        "module": module,
+        "tests": MODULES[module],
+        "mutants": len(status),
+        "killed": killed,
+        "equivalent": equivalent,
+        "survived": alive,
+        "not_run": unchecked,
+        "kill_ratio": round(killed / judged, 4) if judged else None,
+        "seconds": round(time.monotonic() - started, 1),
+        "budget_exhausted": timed_out,
+    }
+    (work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("modules", nargs="*", help=f"default: all of {', '.join(MODULES)}")
+    parser.add_argument("--budget-s", type=float, default=3600, help="overall wall-clock budget (default 1 h)")
+    parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    args = parser.parse_args(argv)
+    modules = args.modules or list(MODULES)
+    unknown = [m for m in modules if m not in MODULES]
+    if unknown:
+        parser.error(f"unknown module(s): {', '.join(unknown)}")
+    deadline = time.monotonic() + args.budget_s
+    failed = False
+    print(f"{'module':<12} {'mutants':>7} {'killed':>6} {'equiv':>5} {'alive':>5} {'ratio':>7} {'s':>6}")
+    for i, module in enumerate(modules):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            print(f"{module:<12} skipped: the budget is spent")
+            failed = True
+            continue
+        # share what is left fairly among the modules still to run
+        s = run_module(module, left / (len(modules) - i), args.workers)
+        ratio = s["kill_ratio"]
+        shown = f"{ratio:.1%}" if isinstance(ratio, float) else "-"
+        print(
+            f"{module:<12} {s['mutants']:>7} {s['killed']:>6} {len(s['equivalent']):>5}"  # type: ignore[arg-type]
+            f" {len(s['survived']):>5} {shown:>7} {s['seconds']:>6}"  # type: ignore[arg-type]
+        )
+        for name in s["survived"]:  # type: ignore[attr-defined]
+            print(f"    survived: {name}")
+        if s["survived"]:
+            print(f"    read one: cd {STAGE / module} && mutmut show NAME")
+        if s["budget_exhausted"] or s["not_run"]:
+            print(f"    {len(s['not_run'])} mutant(s) not run within the budget")  # type: ignore[arg-type]
+        failed = failed or bool(s["survived"]) or bool(s["budget_exhausted"])
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
