@@ -148,6 +148,7 @@ async def test_key_rotation_needs_mfa_fresh_auth_and_elevation(
     until = dt.datetime.now(dt.UTC).replace(microsecond=0) + dt.timedelta(seconds=3)
     grant = {
         "subject": "kim",
+        "issuer": idp.url,
         "role": "key-admin",
         "tenant": "acme",
         "ticket": "CHG-4242",

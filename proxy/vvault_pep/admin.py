@@ -12,12 +12,20 @@ Every call, allowed or refused, is audited with who made it.
 * ``PUT /admin/opa/data/{path}`` with a JSON body writes OPA's data document
   and bumps the shared revision: every cached decision is re-asked.
 * ``PUT /admin/opa/policies/{id}`` with Rego text: the same for a policy module.
+
+The OPA pushes can rewrite every rule and grant, so they are authorised with
+their bodies (the policy sees ``admin.body`` and ``admin.data_path``; the
+shipped one wants the ``policy-admin`` role and a recent MFA sign-in, sent as
+the admin's own bearer token), the limits of ``/admin/grants`` hold on a data
+push that writes a grant (in this module too, whichever way the caller is
+authenticated), and the audit record carries the SHA-256 of what was written.
 * ``GET /admin/cache`` — counters per layer.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import hmac
 import re
 import uuid
@@ -66,7 +74,9 @@ class AdminApi:
         app.router.add_post("/admin/grants", self._add_grant)
         app.router.add_delete("/admin/grants/{ticket}", self._remove_grant)
 
-    async def _authorise(self, request: web.Request, action: str, body: Any = None) -> str:
+    async def _authorise(
+        self, request: web.Request, action: str, body: Any = None, extra: dict[str, Any] | None = None
+    ) -> str:
         """Who may do ``action`` (with this ``body``): an admin certificate the admin policy
         allows, or the token.  The policy sees the body, so it can limit *what* an admin may
         grant or quarantine, not only whether they may."""
@@ -76,19 +86,28 @@ class AdminApi:
             if peer is None or not peer.valid_at(dt.datetime.now(dt.UTC)):
                 self._record(action, False, admin=None, code="admin.no_certificate")
                 raise web.HTTPUnauthorized(text="a valid admin client certificate is required")
+            now = dt.datetime.now(dt.UTC)
             doc = {
                 "version": {"schema": "vvault-pep/admin-input/v1"},
-                "admin": {"action": action, "method": request.method, "path": request.path, "body": body},
+                "admin": {
+                    "action": action,
+                    "method": request.method,
+                    "path": request.path,
+                    "body": body,
+                    **(extra or {}),
+                },
                 "tls": {"client_cert": peer.as_input()},
+                "identity": await self._admin_identity(request, action),
+                "time": {"unix_ns": int(now.timestamp() * 1_000_000_000)},
             }
             assert self.runtime.pdp is not None
             try:
                 answer = await self.runtime.pdp.decide(cfg.policy.strip("/"), doc)
             except PepError as err:
-                self._record(action, False, admin=peer.spiffe_id or peer.subject, code=err.code)
+                self._record(action, False, admin=_admin_name(peer), code=err.code)
                 raise web.HTTPServiceUnavailable(text=err.code) from err
             decision = interpret(answer.result, defined=answer.defined)
-            who = peer.spiffe_id or peer.subject
+            who = _admin_name(peer)
             if not decision.allow:
                 self._record(action, False, admin=who, code=decision.code)
                 raise web.HTTPForbidden(text=decision.code)
@@ -101,6 +120,24 @@ class AdminApi:
             self._record(action, False, admin=None, code="admin.bad_token", source_ip=request.remote)
             raise web.HTTPUnauthorized(headers={"WWW-Authenticate": 'Bearer realm="vvault-pep-admin"'})
         return "token"
+
+    async def _admin_identity(self, request: web.Request, action: str) -> dict[str, Any]:
+        """The admin's own bearer token, verified like any other (for MFA and recency); else anonymous."""
+        authn = getattr(self.runtime, "authn", None)
+        header = request.headers.get("Authorization")
+        if authn is None or header is None or not authn.cfg.issuers:
+            return {"authenticated": False, "kind": "anonymous"}
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return {"authenticated": False, "kind": "anonymous"}
+        try:
+            user = await authn.verify(token.strip())
+        except PepError as err:
+            self._record(action, False, admin=None, code=err.code)
+            raise web.HTTPUnauthorized(text=err.code) from err
+        from .authn import Identity
+
+        return Identity(user, None).as_input()
 
     def _record(self, action: str, ok: bool, **fields: Any) -> None:
         assert self.runtime.audit is not None
@@ -141,11 +178,16 @@ class AdminApi:
         return web.json_response({"scope": scope, "value": value, "shared": shared})
 
     async def _put_data(self, request: web.Request) -> web.Response:
-        admin = await self._authorise(request, "opa.data.put")
         path = request.match_info["path"].strip("/")
         if not _DATA_PATH.fullmatch(path):
             raise web.HTTPBadRequest(text="bad data path")
-        body = orjson.dumps(await self._json(request))
+        doc = await self._json(request)
+        admin = await self._authorise(request, "opa.data.put", doc, {"data_path": path})
+        problem = grant_push_problem(path, doc, dt.datetime.now(dt.UTC))
+        if problem is not None:
+            self._record("opa.data.put", False, admin=admin, path=path, code="admin.grant_limits")
+            raise web.HTTPBadRequest(text=problem)
+        body = orjson.dumps(doc)
         pdp, cache = self.runtime.pdp, self.runtime.cache
         assert pdp is not None
         assert cache is not None
@@ -158,17 +200,20 @@ class AdminApi:
             self._record("opa.data.put", False, path=path, opa_status=status)
             raise web.HTTPBadGateway(text=f"OPA answered {status}")
         shared = await cache.bump_revision()
-        self._record("opa.data.put", True, admin=admin, path=path, shared=shared)
+        self._record("opa.data.put", True, admin=admin, path=path, shared=shared, sha256=_sha256(body))
         return web.json_response({"path": path, "revision_shared": shared})
 
     async def _put_policy(self, request: web.Request) -> web.Response:
-        admin = await self._authorise(request, "opa.policy.put")
         policy_id = request.match_info["id"].strip("/")
         if not _DATA_PATH.fullmatch(policy_id):
             raise web.HTTPBadRequest(text="bad policy id")
         body = await request.content.read(MAX_BODY + 1)
         if len(body) > MAX_BODY:
             raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY, actual_size=len(body))
+        text = body.decode("utf-8", "replace")
+        admin = await self._authorise(
+            request, "opa.policy.put", text, {"policy_id": policy_id, "sha256": _sha256(body)}
+        )
         pdp, cache = self.runtime.pdp, self.runtime.cache
         assert pdp is not None
         assert cache is not None
@@ -182,7 +227,7 @@ class AdminApi:
             # OPA's compile errors are the caller's to read; they carry no secrets.
             raise web.HTTPBadRequest(text=f"OPA refused the policy ({status})")
         shared = await cache.bump_revision()
-        self._record("opa.policy.put", True, admin=admin, policy_id=policy_id, shared=shared)
+        self._record("opa.policy.put", True, admin=admin, policy_id=policy_id, shared=shared, sha256=_sha256(body))
         return web.json_response({"id": policy_id, "revision_shared": shared})
 
     async def _list_quarantines(self, request: web.Request) -> web.Response:
@@ -252,20 +297,15 @@ class AdminApi:
         """JIT elevation: a role for a subject in a tenant until not_after (data.vvault.grants)."""
         doc = await self._json(request)
         admin = await self._authorise(request, "grant.add", doc)
-        fields = ("subject", "role", "tenant", "not_after", "ticket")
-        if not isinstance(doc, dict) or not all(isinstance(doc.get(f), str) and doc.get(f) for f in fields):
-            raise web.HTTPBadRequest(text=f"expected strings {', '.join(fields)}")
-        try:
-            until = dt.datetime.fromisoformat(doc["not_after"].replace("Z", "+00:00"))
-        except ValueError as exc:
-            raise web.HTTPBadRequest(text="not_after must be RFC 3339, e.g. 2026-11-25T18:00:00Z") from exc
-        now = dt.datetime.now(dt.UTC)
-        if until.tzinfo is None or not now < until <= now + dt.timedelta(hours=24):
-            raise web.HTTPBadRequest(text="not_after must be in the future and at most 24 hours away")
-        if not _DATA_PATH.fullmatch(f"g/{doc['ticket']}"):
-            raise web.HTTPBadRequest(text="ticket may hold letters, digits, '-' and '_' only")
-        grant = {f: doc[f] for f in fields}
-        await self._write_data(f"vvault/grants/{doc['ticket']}", orjson.dumps(grant), "grant.add", admin, grant)
+        ticket = doc.get("ticket") if isinstance(doc, dict) else None
+        problem = grant_problem(doc, ticket if isinstance(ticket, str) else "", dt.datetime.now(dt.UTC))
+        if problem is not None:
+            raise web.HTTPBadRequest(text=problem)
+        grant = {f: doc[f] for f in GRANT_FIELDS}
+        body = orjson.dumps(grant)
+        await self._write_data(
+            f"vvault/grants/{doc['ticket']}", body, "grant.add", admin, {**grant, "sha256": _sha256(body)}
+        )
         return web.json_response(grant, status=201)
 
     async def _remove_grant(self, request: web.Request) -> web.Response:
@@ -296,3 +336,48 @@ class AdminApi:
         cache = self.runtime.cache
         assert cache is not None
         return web.json_response({"cache": cache.stats, "opa_revision": cache.opa_revision})
+
+
+GRANT_FIELDS = ("subject", "issuer", "role", "tenant", "not_after", "ticket")
+MAX_GRANT = dt.timedelta(hours=24)
+
+
+def _sha256(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()
+
+
+def grant_problem(doc: Any, ticket: str, now: dt.datetime) -> str | None:
+    """Why ``doc`` is not a grant ``/admin/grants`` would write under ``ticket``; None if it is.
+
+    The same limits hold on every channel that writes ``data.vvault.grants``: the grant
+    endpoint and a data push to ``vvault/grants/<ticket>``.  Which roles may be granted is
+    the admin policy's to say (it sees the body).
+    """
+    if not isinstance(doc, dict) or not all(isinstance(doc.get(f), str) and doc.get(f) for f in GRANT_FIELDS):
+        return f"expected strings {', '.join(GRANT_FIELDS)}"
+    if set(doc) - set(GRANT_FIELDS):
+        return f"a grant holds only {', '.join(GRANT_FIELDS)}"
+    if doc["ticket"] != ticket or not _DATA_PATH.fullmatch(f"g/{ticket}"):
+        return "ticket may hold letters, digits, '-' and '_' only, and names the grant's path"
+    try:
+        until = dt.datetime.fromisoformat(doc["not_after"].replace("Z", "+00:00"))
+    except ValueError:
+        return "not_after must be RFC 3339, e.g. 2026-11-25T18:00:00Z"
+    if until.tzinfo is None or not now < until <= now + MAX_GRANT:
+        return "not_after must be in the future and at most 24 hours away"
+    return None
+
+
+def grant_push_problem(path: str, doc: Any, now: dt.datetime) -> str | None:
+    """A data push that writes grants: one grant under its ticket, within the limits; never wholesale."""
+    parts = path.split("/")
+    if parts[:2] == ["vvault", "grants"] and len(parts) == 3:
+        return grant_problem(doc, parts[2], now)
+    if ["vvault", "grants"][: len(parts)] == parts or (parts[:2] == ["vvault", "grants"] and len(parts) > 3):
+        return "grants are written one at a time, through /admin/grants or vvault/grants/<ticket>"
+    return None
+
+
+def _admin_name(peer: PeerCertificate) -> str:
+    """The admin's name in the audit record: its SPIFFE ID, else its DN in its own namespace."""
+    return peer.spiffe_id or f"x509:{peer.subject}"

@@ -121,6 +121,7 @@ class Upstreams:
         response_headers: list[tuple[str, str]],
         redact: tuple[str, ...] = (),
         redact_max_bytes: int = 1 << 20,
+        max_body_bytes: int | None = None,
     ) -> tuple[web.StreamResponse, Outcome]:
         """Forward and stream the answer back; PepError if nothing was sent yet."""
         up = self._config[name]
@@ -130,7 +131,7 @@ class Upstreams:
             send["Accept-Encoding"] = "identity"  # the PEP must read what it redacts
         if up.tls and up.tls.server_hostname:
             send["Host"] = up.tls.server_hostname
-        counter = _Counter(self._max_body)
+        counter = _Counter(self._max_body if max_body_bytes is None else max_body_bytes)
         body: AsyncIterator[bytes] | None = None
         if content_length:
             send["Content-Length"] = str(content_length)

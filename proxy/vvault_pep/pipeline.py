@@ -33,6 +33,7 @@ from .containment import Containment
 from .enforce import Decision
 from .errors import STATUS, PepError, Refusal
 from .forward import Upstreams
+from .hosts import served_hosts
 from .listener import MtlsServer
 from .pdp import PdpClient
 from .policy_input import Facts, build_input
@@ -88,6 +89,7 @@ class Pipeline:
         self.tel = telemetry
         self.audit = audit_log
         self.routes = RouteTable(config.routes)
+        self.hosts = served_hosts(config)
         self.server: MtlsServer | None = None  # set by the runtime once listening
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -150,14 +152,15 @@ class Pipeline:
             headers = sanitize.check_headers(
                 request.raw_headers, config.sanitize, config.limits, frozenset({config.posture.header})
             )
-            if config.listener.hosts and headers.host not in config.listener.hosts:
+            if not self.hosts.serves(headers.host):
                 raise PepError("sanitize.unknown_host", "this listener does not serve that host")
-            if headers.content_length is not None and headers.content_length > config.limits.max_body_bytes:
-                raise PepError("sanitize.body_too_large", "request body exceeds the limit")
         # route: no match is a 404, never a default upstream
         with self._stage(trail, "route"):
             match = self.routes.match(headers.host, request.method, target.segments, target.trailing_slash)
         route = match.route
+        max_body = route.max_body_bytes if route.max_body_bytes is not None else config.limits.max_body_bytes
+        if headers.content_length is not None and headers.content_length > max_body:
+            raise PepError("sanitize.body_too_large", "request body exceeds the limit")
         trail.fields["route"] = route.name
         trail.fields["decision_path"] = route.policy
         span.update_name(f"{request.method} {route.path}")
@@ -299,6 +302,7 @@ class Pipeline:
                 response_headers=[("X-Request-Id", trail.request_id), *decision.response_headers],
                 redact=decision.redact,
                 redact_max_bytes=config.limits.max_redact_bytes,
+                max_body_bytes=max_body,
             )
             up_span.set_attribute("http.response.status_code", outcome.status)
             self.tel.upstream_duration.observe(
@@ -348,6 +352,8 @@ class Pipeline:
         # What the PEP or the policy sets replaces the client's header of that name,
         # never sits beside it: frameworks read the first of duplicate headers.
         owned = {name.lower() for name, _ in pep}
+        if not facts.match.route.forward_authorization:
+            owned.add("authorization")  # the PEP judged the credential; the app reads the PEP's headers
         return [(k, v) for k, v in headers.forward if k.lower() not in owned] + pep
 
     def _deny(self, request: web.BaseRequest, decision: Decision, trail: _Trail) -> web.StreamResponse:
