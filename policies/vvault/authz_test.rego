@@ -315,3 +315,16 @@ test_lister_reads_pii_collections_redacted if {
 	d.obligations[0].type == "redact"
 	"metadata" in d.obligations[0].fields
 }
+
+# ------------------------------------------------------------------ cache lifetimes end where the clock matters
+
+test_an_answer_resting_on_a_grant_ends_with_it if {
+	d := authz.decision with input as as_user(secret("globex", "app/x"), "kim", "acme", []) with data.vvault.grants as grant("CHG-1", "kim", "reader", "globex", "2026-11-25T12:00:10Z")
+	d.allow == true
+	d.cache.ttl_s == 9
+}
+
+test_an_answer_without_grants_keeps_the_default_ttl if {
+	d := authz.decision with input as as_user(secret("acme", "app/x"), "a", "acme", ["reader"])
+	d.cache.ttl_s == 30
+}

@@ -222,6 +222,8 @@ class AdminApi:
         except PepError as err:
             self._record("opa.policy.put", False, policy_id=policy_id, code=err.code)
             raise web.HTTPServiceUnavailable(text=err.code) from err
+        if status == 200:
+            cache.forget_policy_paths()  # nobody analysed what the pushed module reads
         if status != 200:
             self._record("opa.policy.put", False, policy_id=policy_id, opa_status=status)
             # OPA's compile errors are the caller's to read; they carry no secrets.

@@ -252,6 +252,7 @@ class Pipeline:
                     hints=hints,
                     token_exp=identity.user.expires_at if identity.user else None,
                     now=time.time(),
+                    time_dependent=self.cache.time_dependent(route),
                 )
                 self.cache.store(
                     route, policy_input, answer.result, ttl_s=ttl, hints=hints, revision=revision, epochs=epochs
