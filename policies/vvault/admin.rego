@@ -19,7 +19,7 @@ cert := input.tls.client_cert
 caller := cert.spiffe_id if {
 	is_string(cert.spiffe_id)
 	startswith(cert.spiffe_id, "spiffe://")
-	cert.spiffe_id in object.get(cert, "uri_sans", [cert.spiffe_id])
+	object.get(cert, "uri_sans", [cert.spiffe_id]) == [cert.spiffe_id] # an X.509-SVID has exactly one URI SAN
 } else := concat("", ["x509:", cert.subject]) if is_string(cert.subject)
 
 grants := object.get(data.vvault.admins, caller, [])

@@ -280,6 +280,11 @@ test_cn_never_spells_a_spiffe_id if {
 	denied(as_cert(secret("globex", "x"), c), "policy.unknown_client")
 }
 
+test_an_svid_has_exactly_one_uri_san if {
+	c := object.union(ops_cert, {"uri_sans": ["spiffe://demo.vvault/client/ops", "https://elsewhere"]})
+	denied(as_cert(secret("globex", "x"), c), "policy.unknown_client")
+}
+
 test_spiffe_id_must_be_the_uri_san if {
 	c := object.union(ops_cert, {"uri_sans": []})
 	denied(as_cert(secret("globex", "x"), c), "policy.unknown_client")

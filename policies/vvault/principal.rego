@@ -15,7 +15,7 @@ cert_trusted if cert.issuer in data.vvault.trusted_issuers
 cert_spiffe := cert.spiffe_id if {
 	is_string(cert.spiffe_id)
 	startswith(cert.spiffe_id, "spiffe://")
-	cert.spiffe_id in object.get(cert, "uri_sans", [cert.spiffe_id])
+	object.get(cert, "uri_sans", [cert.spiffe_id]) == [cert.spiffe_id] # an X.509-SVID has exactly one URI SAN
 }
 
 cert_id := cert_spiffe if is_string(cert_spiffe)
