@@ -91,6 +91,7 @@ async def pep(
         idp,
         other_idp,
         redis={"url": redis_server.url, "timeout_ms": 200},
+        risk={"timeout_ms": 1000},  # known on every request, even on a busy machine (unknown is read-only)
         posture={
             "issuers": [{"name": "devices", "issuer": devices.url, "audiences": ["vvault-pep"], "allow_http": True}]
         },
