@@ -463,8 +463,10 @@ class Telemetry(_Model):
 
 
 class PostureIssuer(Issuer):
-    # A device trust service's assertions are not access tokens: no typ by default.
+    # A device trust service's assertions are not access tokens: no typ by default, and
+    # one bound by certificate (cnf) need not name a subject.
     typ: str | None = None
+    required_claims: tuple[str, ...] = ()
 
 
 class Posture(_Model):
