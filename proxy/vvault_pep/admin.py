@@ -12,6 +12,7 @@ Every call, allowed or refused, is audited with who made it.
 * ``PUT /admin/opa/data/{path}`` with a JSON body writes OPA's data document
   and bumps the shared revision: every cached decision is re-asked.
 * ``PUT /admin/opa/policies/{id}`` with Rego text: the same for a policy module.
+* ``GET /admin/cache`` — counters per layer.
 
 The OPA pushes can rewrite every rule and grant, so they are authorised with
 their bodies (the policy sees ``admin.body`` and ``admin.data_path``; the
@@ -19,7 +20,6 @@ shipped one wants the ``policy-admin`` role and a recent MFA sign-in, sent as
 the admin's own bearer token), the limits of ``/admin/grants`` hold on a data
 push that writes a grant (in this module too, whichever way the caller is
 authenticated), and the audit record carries the SHA-256 of what was written.
-* ``GET /admin/cache`` — counters per layer.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import orjson
 from aiohttp import web
 
 from .audit import now_rfc3339
+from .authn import Identity
 from .enforce import interpret
 from .errors import PepError
 from .listener import PeerCertificate, parse_peer
@@ -123,7 +124,7 @@ class AdminApi:
 
     async def _admin_identity(self, request: web.Request, action: str) -> dict[str, Any]:
         """The admin's own bearer token, verified like any other (for MFA and recency); else anonymous."""
-        authn = getattr(self.runtime, "authn", None)
+        authn = self.runtime.authn
         header = request.headers.get("Authorization")
         if authn is None or header is None or not authn.cfg.issuers:
             return {"authenticated": False, "kind": "anonymous"}
@@ -135,8 +136,6 @@ class AdminApi:
         except PepError as err:
             self._record(action, False, admin=None, code=err.code)
             raise web.HTTPUnauthorized(text=err.code) from err
-        from .authn import Identity
-
         return Identity(user, None).as_input()
 
     def _record(self, action: str, ok: bool, **fields: Any) -> None:
@@ -224,7 +223,7 @@ class AdminApi:
             raise web.HTTPServiceUnavailable(text=err.code) from err
         if status == 200:
             cache.forget_policy_paths()  # nobody analysed what the pushed module reads
-        if status != 200:
+        else:
             self._record("opa.policy.put", False, policy_id=policy_id, opa_status=status)
             # OPA's compile errors are the caller's to read; they carry no secrets.
             raise web.HTTPBadRequest(text=f"OPA refused the policy ({status})")
