@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from . import deps
 from .admin import AdminApi
 from .audit import AuditLog
 from .authn import Authenticator
@@ -225,8 +226,6 @@ class PepRuntime:
 
     async def _managed_policy_paths(self) -> dict[str, tuple[str, ...]]:
         """What the managed OPA's policies read, per decision path; routes whose key omits a path refuse to start."""
-        from . import deps
-
         config = self.config
         assert config.opa.policy_dir is not None
         try:
@@ -242,8 +241,6 @@ class PepRuntime:
 
     async def _shipped_policy_paths(self) -> None:
         """The bundle's own input paths (data.vvault_pep.input_paths), when they are for the running revision."""
-        from . import deps
-
         assert self.pdp is not None
         assert self.cache is not None
         revision = self.cache.opa_revision
