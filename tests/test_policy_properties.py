@@ -219,6 +219,11 @@ budget = settings(
 # ------------------------------------------------------------------ the oracle's small facts
 
 
+def why(it: dict[str, Any]) -> str:
+    """The offending item in full (pytest would shorten a dict), ready to paste into an opa test."""
+    return json.dumps(it, sort_keys=True)
+
+
 def path_tenant(doc: dict[str, Any]) -> str | None:
     segs = doc["request"]["segments"]
     return segs[2] if segs[:2] == ["v1", "tenants"] else None
@@ -282,17 +287,17 @@ def test_no_cross_tenant_allow_without_a_matching_grant(prop_opa: OpaProcess, ba
         if not d["allow"] or t is None:
             continue
         if is_user(doc):
-            assert doc["identity"].get("tenant") == t or user_grants(doc, it["grants"], t), it
+            assert doc["identity"].get("tenant") == t or user_grants(doc, it["grants"], t), why(it)
         else:
             sid = workload_of(doc)
-            assert sid is not None, it
+            assert sid is not None, why(it)
             w = WORKLOADS[sid]
             assert t in w["tenants"] or any(
                 g["tenant"] == t
                 and g["kind"] == kind_of(doc)
                 and any(on_segments(p, resource_of(doc)) for p in g["paths"])
                 for g in w.get("grants", [])
-            ), it
+            ), why(it)
 
 
 @budget
@@ -301,8 +306,8 @@ def test_pii_never_without_a_verified_device(prop_opa: OpaProcess, batch: list[d
     for it, d in zip(batch, judge(prop_opa, batch), strict=True):
         if d["allow"] and d["upstream_headers"]["X-Vvault-Data-Class"] == "pii":
             device = it["input"]["device"]
-            assert device["verified"] and device["managed"] and device["disk_encrypted"], it
-            assert device["patch_age_days"] <= 30, it
+            assert device["verified"] and device["managed"] and device["disk_encrypted"], why(it)
+            assert device["patch_age_days"] <= 30, why(it)
 
 
 @budget
@@ -314,10 +319,10 @@ def test_rotate_never_without_mfa_and_recent_auth(prop_opa: OpaProcess, batch: l
             continue
         ident = it["input"]["identity"]
         amr = ident.get("amr")
-        assert isinstance(amr, list) and set(amr) & set(CONTROL["mfa_methods"]), it
+        assert isinstance(amr, list) and set(amr) & set(CONTROL["mfa_methods"]), why(it)
         auth_time = ident.get("auth_time")
-        assert isinstance(auth_time, int), it
-        assert -CONTROL["max_clock_skew_s"] <= NOW_S - auth_time <= CONTROL["max_auth_age_s"], it
+        assert isinstance(auth_time, int), why(it)
+        assert -CONTROL["max_clock_skew_s"] <= NOW_S - auth_time <= CONTROL["max_auth_age_s"], why(it)
 
 
 @budget
@@ -331,12 +336,12 @@ def test_no_allow_when_identity_fields_are_missing_or_mistyped(
         doc = it["input"]
         if is_user(doc):
             ident = doc["identity"]
-            assert isinstance(ident.get("subject"), str) and isinstance(ident.get("issuer"), str), it
-            assert d["upstream_headers"]["X-Vvault-Client"] == ident["subject"], it
+            assert isinstance(ident.get("subject"), str) and isinstance(ident.get("issuer"), str), why(it)
+            assert d["upstream_headers"]["X-Vvault-Client"] == ident["subject"], why(it)
         else:
             sid = workload_of(doc)
-            assert sid is not None and sid in WORKLOADS, it  # never a CN, never an unvalidated ID
-            assert d["upstream_headers"]["X-Vvault-Client"] == sid, it
+            assert sid is not None and sid in WORKLOADS, why(it)  # never a CN, never an unvalidated ID
+            assert d["upstream_headers"]["X-Vvault-Client"] == sid, why(it)
 
 
 @budget
@@ -366,7 +371,7 @@ def test_a_grant_never_widens_beyond_its_role_tenant_issuer_or_expiry(
             perms = DATA.get(role, {})
             return op in perms.get(klass, []) or op in perms.get("*", [])
 
-        assert any(allows(r) for r in roles | by_grant), it
+        assert any(allows(r) for r in roles | by_grant), why(it)
         if op == "rotate":
             # elevation: a standing admin role here, or a live grant whose own role permits it
-            assert roles & set(CONTROL["standing_roles"]) or any(allows(r) for r in by_grant), it
+            assert roles & set(CONTROL["standing_roles"]) or any(allows(r) for r in by_grant), why(it)

@@ -333,3 +333,10 @@ test_an_answer_without_grants_keeps_the_default_ttl if {
 	d := authz.decision with input as as_user(secret("acme", "app/x"), "a", "acme", ["reader"])
 	d.cache.ttl_s == 30
 }
+
+test_a_malformed_workload_id_never_falls_back_to_the_certificate if {
+	i := object.union(as_cert(secret("acme", "x"), reader_cert), {"identity": {"authenticated": true, "kind": "workload", "workload": {"spiffe_id": 7}}})
+	denied(i, "policy.unknown_client")
+}
+
+test_an_unregistered_workload_is_unknown if denied(as_workload(secret("acme", "x"), "spiffe://prod.vvault/ns/x/sa/nobody"), "policy.unknown_client")

@@ -27,6 +27,7 @@ workload_id := input.identity.workload.spiffe_id if {
 	is_string(input.identity.workload.spiffe_id)
 } else := cert_id if {
 	not is_user
+	not input.identity.workload # the identity stage named none: a malformed one is no licence to fall back
 	cert_trusted
 }
 
@@ -54,6 +55,13 @@ deny contains "policy.untrusted_issuer" if {
 deny contains "policy.unknown_client" if {
 	not is_user
 	cert_trusted
+	not workload
+}
+
+# A workload the identity stage named that is not registered, or not a string.
+deny contains "policy.unknown_client" if {
+	not is_user
+	input.identity.workload
 	not workload
 }
 
