@@ -58,6 +58,7 @@ def pep_config(pki: Path, opa_port: int, up_port: int, redis_port: int, l1: bool
         "opa": {"url": f"http://127.0.0.1:{opa_port}", "timeout_ms": 1000},
         "redis": {"url": f"redis://127.0.0.1:{redis_port}/0", "timeout_ms": 200},
         "cache": {"l1_max_entries": 10000 if l1 else 0, "default_ttl_s": 300, "max_ttl_s": 300},
+        "identity": {"workload": {"trust_domains": ["demo.vvault"]}},
         "upstreams": {"vvault": {"url": f"http://127.0.0.1:{up_port}"}},
         "routes": [
             {**route, "name": "hit", "host": "hit.bench", "cache": {"ttl_s": 300}},

@@ -64,7 +64,7 @@ class BenchIssuer:
             "exp": self._exp,
             "jti": jti or f"bench-{next(self._serial)}",
         }
-        return jwt.encode(claims, self.key, algorithm="ES256", headers={"kid": KID, "typ": "JWT"})
+        return jwt.encode(claims, self.key, algorithm="ES256", headers={"kid": KID, "typ": "at+jwt"})
 
     def fresh_tokens(self, n: int) -> list[str]:
         """``n`` tokens never handed out before (distinct ``jti``)."""

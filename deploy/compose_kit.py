@@ -6,14 +6,20 @@
 
 The signing key stays in deploy/compose/bundles/.signing-key.pem (git-ignored); OPA gets
 only the public key and refuses a bundle whose signature does not verify.
+
+The bundle carries the input paths each decision path reads (``opa deps``), as
+``data.vvault_pep.input_paths`` with the bundle's revision: the PEP keys its decision cache on
+exactly those paths while that revision runs (docs/caching.md).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -21,6 +27,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "deploy" / "compose"
+# The decision paths the shipped routes ask (their input paths ship with the bundle).
+DECISIONS = ("vvault/authz/decision",)
 
 
 def opa_binary() -> str:
@@ -44,8 +52,13 @@ def bundle(
     env_file: Path | None = COMPOSE / ".env",
     revision: str | None = None,
     source: Path = ROOT / "policies",
+    decisions: tuple[str, ...] = DECISIONS,
 ) -> Path:
     """Build ``out_dir/vvault.tar.gz`` from ``source``, signed with ``out_dir/.signing-key.pem``."""
+    sys.path.insert(0, str(ROOT / "proxy"))
+    from vvault_pep import deps
+
+    revision = revision or _revision()
     out_dir.mkdir(parents=True, exist_ok=True)
     key_path = out_dir / ".signing-key.pem"
     if not key_path.exists():
@@ -61,12 +74,19 @@ def bundle(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     target = out_dir / "vvault.tar.gz"
+    staging = Path(tempfile.mkdtemp(prefix="vvault-bundle-"))
+    tree = staging / "bundle"
+    shutil.copytree(source, tree, ignore=shutil.ignore_patterns("*_test.rego"))
+    paths = deps.compute(opa_binary(), tree, decisions)
+    shipped = tree / deps.DATA_PATH / "data.json"
+    shipped.parent.mkdir(parents=True)
+    shipped.write_text(json.dumps(deps.document(revision, paths), indent=2) + "\n")
     subprocess.run(
         [
             opa_binary(),
             "build",
             "--bundle",
-            str(source),
+            str(tree),
             "--output",
             str(target),
             "--signing-key",
@@ -74,15 +94,18 @@ def bundle(
             "--signing-alg",
             "ES256",
             "--revision",
-            revision or _revision(),
+            revision,
         ],
         check=True,
     )
+    shutil.rmtree(staging, ignore_errors=True)
     (out_dir / "bundle-signer.pub.pem").write_bytes(public)
     if env_file is not None:
         pem = public.decode().strip().replace("\n", "\\n")
         env_file.write_text(f'BUNDLE_VERIFICATION_KEY="{pem}"\n')
     print(f"signed bundle {target} (verification key: {out_dir / 'bundle-signer.pub.pem'})")
+    for decision, read in paths.items():
+        print(f"  data.{decision.replace('/', '.')} reads {len(read)} input paths: {', '.join(read)}")
     return target
 
 

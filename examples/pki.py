@@ -46,6 +46,8 @@ CLIENTS: dict[str, ClientSpec] = {
     "indexer": ClientSpec("indexer", "spiffe://prod.vvault/ns/platform/sa/indexer"),
     "bad-spiffe": ClientSpec("bad-spiffe", "spiffe://Demo.vvault:8443/a/../b"),
     "revoked": ClientSpec("revoked", "spiffe://demo.vvault/client/revoked"),
+    # A CN that spells a SPIFFE ID, with no URI SAN: it must never be taken for that workload.
+    "cn-spoof": ClientSpec("spiffe://demo.vvault/client/ops"),
 }
 
 

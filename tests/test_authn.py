@@ -45,7 +45,7 @@ ID_ROUTES: list[dict[str, Any]] = [
         ("workload", {"require": "workload"}),
         ("both", {"require": "user+workload"}),
         ("bound", {"require": "user", "bound_token": True}),
-        ("open", {}),
+        ("open", {"require": "none"}),
     )
 ]
 SECRET = "/v1/tenants/acme/secrets/db-password"
@@ -133,7 +133,7 @@ async def test_hmac_only_for_the_issuer_with_a_shared_secret(id_pep: PepRuntime,
     claims = idp.claims(iss=HMAC_ISSUER)
     good = jwt.encode(claims, HMAC_SECRET, algorithm="HS256", headers={"typ": "at+jwt"})
     assert (await call(id_pep, pki, USER, good))[0] == 200
-    bad = jwt.encode(claims, HMAC_SECRET + "x", algorithm="HS256")
+    bad = jwt.encode(claims, HMAC_SECRET + "x", algorithm="HS256", headers={"typ": "at+jwt"})
     status, doc, _ = await call(id_pep, pki, USER, bad)
     assert (status, doc["code"]) == (401, "authn.bad_signature")
 

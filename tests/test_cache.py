@@ -196,7 +196,7 @@ def _bind_upstream(upstream: Upstream) -> None:
 def hmac_token(idp: Issuer, **claims: Any) -> str:
     import jwt
 
-    return jwt.encode(idp.claims(iss=HMAC_ISSUER, **claims), HMAC_SECRET, algorithm="HS256")
+    return jwt.encode(idp.claims(iss=HMAC_ISSUER, **claims), HMAC_SECRET, algorithm="HS256", headers={"typ": "at+jwt"})
 
 
 # ------------------------------------------------------------------ keys never confuse

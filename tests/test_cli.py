@@ -45,8 +45,10 @@ async def test_sigterm_drains_not_ready_first_then_stops(
 async def test_check_offline_validates_configs_meant_for_elsewhere(tmp_path: Path) -> None:
     config = tmp_path / "pep.yaml"
     config.write_text(
-        "listener:\n  tls:\n    cert_file: /etc/vvault-pep/tls/tls.crt\n    key_file: /etc/vvault-pep/tls/tls.key\n"
+        "listener:\n  host: 0.0.0.0\n  tls:\n    cert_file: /etc/vvault-pep/tls/tls.crt\n"
+        "    key_file: /etc/vvault-pep/tls/tls.key\n"
         "    client_ca_file: /etc/vvault-pep/tls/ca.crt\nupstreams:\n  app:\n    url: http://127.0.0.1:8080\n"
+        "identity:\n  workload:\n    trust_domains: [prod.vvault]\n"
         "routes:\n  - name: all\n    path: /{rest*}\n    upstream: app\n    policy: vvault/authz/decision\n"
     )
     ok = await asyncio.create_subprocess_exec(

@@ -19,6 +19,7 @@ from vvault_pep.errors import ConfigError
 GOOD = """\
 listener:
   port: 8443
+  host: 127.0.0.1
   tls:
     cert_file: {pki}/server.pem
     key_file: {pki}/server-key.pem
@@ -31,6 +32,7 @@ routes:
     path: /v1/tenants/{{tenant}}/secrets/{{path*}}
     upstream: vvault
     policy: vvault/authz/decision
+    authn: {{require: none}}
 """
 
 
@@ -53,28 +55,28 @@ def test_good_config_loads_frozen(tmp_path: Path, pki: Path) -> None:
     [
         (lambda t: t.replace("  port: 8443", "  port: 8443\n  prot: 1"), ":3: listener.prot: unknown key"),
         (lambda t: t.replace("port: 8443", "port: eighty"), ":2: listener.port: Input should be a valid integer"),
-        (lambda t: t.replace("    upstream: vvault", "    upstream: nope"), ":13: routes[0].upstream: upstream 'nope'"),
-        (lambda t: t.replace("/secrets/{path*}", "/{path*}/secrets"), ":12: routes[0].path: greedy parameter"),
-        (lambda t: t.replace("vvault/authz/decision", "data.vvault.authz"), ":14: routes[0].policy: decision path"),
+        (lambda t: t.replace("    upstream: vvault", "    upstream: nope"), ":14: routes[0].upstream: upstream 'nope'"),
+        (lambda t: t.replace("/secrets/{path*}", "/{path*}/secrets"), ":13: routes[0].path: greedy parameter"),
+        (lambda t: t.replace("vvault/authz/decision", "data.vvault.authz"), ":15: routes[0].policy: decision path"),
         (
             lambda t: t.replace("    url: http://127.0.0.1:8080", "    url: ftp://x"),
-            ":9: upstreams.vvault.url: upstream url",
+            ":10: upstreams.vvault.url: upstream url",
         ),
-        (lambda t: t.replace("    upstream: vvault\n", ""), ":11: routes[0].upstream: required field is missing"),
-        (lambda t: t.replace("server.pem", "missing.pem"), ":4: listener.tls.cert_file: file not found"),
-        (lambda t: t + "opa:\n  managed: true\n", ":15: opa: managed: true needs policy_dir"),
+        (lambda t: t.replace("    upstream: vvault\n", ""), ":12: routes[0].upstream: required field is missing"),
+        (lambda t: t.replace("server.pem", "missing.pem"), ":5: listener.tls.cert_file: file not found"),
+        (lambda t: t + "opa:\n  managed: true\n", ":17: opa: managed: true needs policy_dir"),
         (
             lambda t: t + "redis:\n  url: redis://127.0.0.1:7000\n  mode: cluster\n",
-            ":15: redis: mode: cluster is not supported yet",
+            ":17: redis: mode: cluster is not supported yet",
         ),
         (
             lambda t: t + "opa:\n  url: ${NOPE_NOT_SET}\n",
-            ":16: opa.url: environment variable ${NOPE_NOT_SET} is not set",
+            ":18: opa.url: environment variable ${NOPE_NOT_SET} is not set",
         ),
-        (lambda t: t.replace("routes:", "listener: {}\nroutes:"), ":10: listener: key appears twice"),
+        (lambda t: t.replace("routes:", "listener: {}\nroutes:"), ":11: listener: key appears twice"),
         (
             lambda t: t + "  - name: secrets\n    path: /x\n    upstream: vvault\n    policy: a/b\n",
-            ":15: routes[1].name: route name 'secrets' is used twice",
+            ":17: routes[1].name: route name 'secrets' is used twice",
         ),
         (lambda t: t.replace("listener:", "listener: [").replace("upstreams:", "]\nupstreams:"), "not valid YAML"),
     ],
@@ -110,7 +112,7 @@ def test_secret_files_are_interpolated(tmp_path: Path, pki: Path) -> None:
     text = GOOD.format(pki=pki) + f"admin:\n  token: ${{file:{secret}}}\n"
     assert load_config(_write(tmp_path, text)).admin.token == "s3cret-token-0123456789abcdef-0123456789"
     missing = GOOD.format(pki=pki) + "admin:\n  token: ${file:/nonexistent/token}\n"
-    with pytest.raises(ConfigError, match=r":16: admin\.token: cannot read /nonexistent/token"):
+    with pytest.raises(ConfigError, match=r":18: admin\.token: cannot read /nonexistent/token"):
         load_config(_write(tmp_path, missing))
     assert "s3cret" not in repr(load_config(_write(tmp_path, text)))  # secrets stay out of reprs
 
@@ -142,7 +144,7 @@ def test_serve_with_bad_config_exits_non_zero_without_listening(tmp_path: Path, 
         timeout=30,
     )
     assert proc.returncode == 2
-    assert f"{path}:13: routes[0].upstream: upstream 'nope' is not defined" in proc.stderr
+    assert f"{path}:14: routes[0].upstream: upstream 'nope' is not defined" in proc.stderr
     assert "Traceback" not in proc.stderr
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", port)) != 0
@@ -167,7 +169,15 @@ def test_check_reports_each_dependency(tmp_path: Path, pki: Path, opa, upstream,
     assert "ok    redis: standalone answers PING" in ok.stdout
 
     doc["opa"]["url"] = f"http://127.0.0.1:{free_port()}"
-    doc["routes"].append({"name": "ghost", "path": "/ghost", "upstream": "vvault", "policy": "no/such/rule"})
+    doc["routes"].append(
+        {
+            "name": "ghost",
+            "path": "/ghost",
+            "upstream": "vvault",
+            "policy": "no/such/rule",
+            "authn": {"require": "none"},
+        }
+    )
     path.write_text(yaml.safe_dump(doc))
     bad = subprocess.run(
         [sys.executable, "-m", "vvault_pep.cli", "check", "--config", str(path)],

@@ -385,7 +385,7 @@ async def test_every_request_is_audited_without_secrets(
 ) -> None:
     with caplog.at_level(logging.INFO, logger="vvault_pep.audit"):
         async with client.get(
-            f"{base}/v1/tenants/acme/secrets/db-password", headers={"Authorization": "Bearer sekrit-token"}
+            f"{base}/v1/tenants/acme/secrets/db-password", headers={"Authorization": "Token sekrit-token"}
         ) as resp:
             request_id = resp.headers["X-Request-Id"]
     [record] = [r.audit for r in caplog.records if getattr(r, "audit", {}).get("request_id") == request_id]

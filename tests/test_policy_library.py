@@ -48,6 +48,9 @@ async def pep(
         routes=[ROTATIONS, *ROUTES],
         listener={"tls": {"client_auth": "optional"}},
         redis={"url": redis_server.url, "timeout_ms": 200},
+        # Risk must be judged on every request here: past its deadline it is unknown, and
+        # the risk test would see a read where it expects a quarantine.
+        risk={"timeout_ms": 1000},
         admin={"host": "127.0.0.1", "port": 0, "token": ADMIN},
         identity={
             "issuers": [{"name": "corp", "issuer": idp.url, "audiences": ["vvault"], "allow_http": True}],
@@ -148,6 +151,7 @@ async def test_key_rotation_needs_mfa_fresh_auth_and_elevation(
     until = dt.datetime.now(dt.UTC).replace(microsecond=0) + dt.timedelta(seconds=3)
     grant = {
         "subject": "kim",
+        "issuer": idp.url,
         "role": "key-admin",
         "tenant": "acme",
         "ticket": "CHG-4242",

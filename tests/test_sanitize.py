@@ -8,7 +8,7 @@ from vvault_pep.config import Limits, Sanitize
 from vvault_pep.errors import PepError
 from vvault_pep.sanitize import canonical_target, check_headers
 
-RULES = Sanitize()
+RULES = Sanitize(reject_semicolon=False)  # the canonical form; refusing `;` is tested below
 LIMITS = Limits()
 
 

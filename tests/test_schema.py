@@ -54,11 +54,21 @@ def test_examples_name_the_schema_and_pass_it(path: Path) -> None:
 def _doc(**changes: Any) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "listener": {
+            "host": "127.0.0.1",  # required: no PEP binds every interface by default
             "port": 8443,
             "tls": {"cert_file": "s.pem", "key_file": "k.pem", "client_ca_file": "ca.pem"},
         },
+        "identity": {"workload": {"trust_domains": ["demo.vvault"]}},
         "upstreams": {"app": {"url": "http://127.0.0.1:8080"}},
-        "routes": [{"name": "r", "path": "/v1/{x}", "upstream": "app", "policy": "vvault/authz/decision"}],
+        "routes": [
+            {
+                "name": "r",
+                "path": "/v1/{x}",
+                "upstream": "app",
+                "policy": "vvault/authz/decision",
+                "authn": {"require": "workload"},
+            }
+        ],
     }
     for dotted, value in changes.items():
         node = doc
@@ -84,6 +94,7 @@ CASES = [
     ("an unknown exporter", _doc(telemetry={"traces": {"exporter": "zipkin", "endpoint": "http://c"}}), False),
     ("a route without its policy", _doc(routes=[{"name": "r", "path": "/v1/x", "upstream": "app"}]), False),
     ("no listener", {k: v for k, v in _doc().items() if k != "listener"}, False),
+    ("no listener host", {**_doc(), "listener": {k: v for k, v in _doc()["listener"].items() if k != "host"}}, False),
 ]
 
 

@@ -26,6 +26,9 @@ def _vm_hwm_kib(pid: int) -> int:
 @pytest.fixture
 async def pep_process(tmp_path: Path, pki: Path, opa: OpaProcess, upstream: Upstream) -> AsyncIterator[tuple[int, int]]:
     doc = config_doc(pki, opa_url=opa.url, upstream_port=upstream.port, listener={"drain_s": 0})
+    for route in doc["routes"]:
+        if route["name"] == "open_blobs":
+            route["max_body_bytes"] = 1 << 30  # blobs: raised on this route only
     path = tmp_path / "pep.yaml"
     path.write_text(yaml.safe_dump(doc))
     served = await start_serve(path)

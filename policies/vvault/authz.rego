@@ -100,7 +100,13 @@ decision := {
 	count(deny) > 0
 }
 
-# Control-plane decisions depend on the clock (auth_time, JIT expiry): never cached.
+# The policy reads input.time, so the PEP keys its cache without the clock and keeps an
+# answer only as long as these hints say: control-plane decisions (auth_time recency) are
+# never stored; others end at the earliest expiry of a live JIT grant they may rest on.
 cache_hints := {"no_store": true} if operation in data.vvault.control.operations
 
+else := {"ttl_s": min({30, grant_ttl_s})} if grant_ttl_s
+
 else := {"ttl_s": 30}
+
+grant_ttl_s := max({0, ceil((min({time.parse_rfc3339_ns(g.not_after) | some g in live_grants}) - now_ns) / 1000000000) - 1}) if count(live_grants) > 0

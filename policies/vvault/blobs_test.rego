@@ -11,13 +11,14 @@ blob(method, tenant, name) := {
 	"request": {"method": method, "segments": ["v1", "tenants", tenant, "blobs", name]},
 	"time": {"unix_ns": time.parse_rfc3339_ns("2026-11-25T12:00:00Z")},
 	"device": {"verified": false, "reason": "absent"},
-	"risk": {"available": false, "score": null, "band": "unknown"},
+	"risk": {"available": true, "score": 0, "band": "low"},
 	"identity": {"authenticated": false, "kind": "anonymous"},
 	"tls": {"client_cert": reader_cert},
 }
 
 as_user(i, tenant, roles) := object.union(i, {"identity": {
-	"authenticated": true, "kind": "user", "subject": "alice", "tenant": tenant, "roles": roles,
+	"authenticated": true, "kind": "user", "subject": "alice", "issuer": "https://idp.corp.example",
+	"tenant": tenant, "roles": roles,
 }})
 
 test_client_reads_a_blob_of_its_tenant if {
@@ -42,6 +43,13 @@ test_writer_writes_a_blob if {
 	d := authz.decision with input as as_user(blob("PUT", "acme", "report.pdf"), "acme", ["writer"])
 	d.allow == true
 	d.reason == "write within an entitled tenant"
+}
+
+test_unknown_risk_makes_a_blob_write_read_only if {
+	i := object.union(as_user(blob("PUT", "acme", "report.pdf"), "acme", ["writer"]), {"risk": {"available": false, "score": null, "band": "unknown"}})
+	d := authz.decision with input as i
+	d.allow == false
+	d.code == "policy.risk_read_only"
 }
 
 test_no_blob_of_another_tenant if {

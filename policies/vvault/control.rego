@@ -3,11 +3,15 @@ package vvault.authz
 now_ns := input.time.unix_ns
 
 # JIT elevation: grants in data.vvault.grants (keyed by ticket), honoured only for their
-# subject and only before not_after — they stop working by themselves.
+# issuer-qualified subject (corp's kim is not another issuer's kim), only for a role the
+# library knows, and only before not_after — they stop working by themselves.
 live_grants contains grant if {
 	is_user
 	some ticket, grant in data.vvault.grants
+	is_string(grant.issuer)
+	grant.issuer == input.identity.issuer
 	grant.subject == input.identity.subject
+	data.vvault.roles[grant.role]
 	time.parse_rfc3339_ns(grant.not_after) > now_ns
 }
 
@@ -18,9 +22,13 @@ mfa if {
 	method in data.vvault.control.mfa_methods
 }
 
+# Recent: signed in within max_auth_age_s, and not in the future (beyond the clock skew
+# the PEP allows): a future auth_time is a forged or broken token, never "recent".
 recent_auth if {
+	is_number(input.identity.auth_time)
 	age_s := (now_ns / 1000000000) - input.identity.auth_time
 	age_s <= data.vvault.control.max_auth_age_s
+	age_s >= 0 - data.vvault.control.max_clock_skew_s
 }
 
 standing if {
@@ -37,9 +45,12 @@ standing if {
 
 elevated if standing
 
+# A live grant elevates only to what its own role permits here: a read-only grant is
+# no licence for a rotation the token's standing roles would otherwise allow.
 elevated if {
 	some grant in live_grants
 	object.get(grant, "tenant", tenant) == tenant
+	role_allows(grant.role, operation)
 }
 
 deny contains "policy.admin_denied" if {

@@ -7,7 +7,7 @@
 # inspect bodies have no body_truncated field and are not judged here.
 package vvault.authz
 
-body_inspected if "body_truncated" in object.keys(input.request)
+body_inspected if is_boolean(input.request.body_truncated)
 
 query_body := input.request.body if {
 	operation == "query"

@@ -13,18 +13,27 @@ user_in_tenant if {
 }
 
 # A workload acts in its home tenants, or where its SPIFFE ID holds an explicit grant
-# for this path — never because of a role.
+# for this kind of resource and path — never because of a role.  A grant names its kind
+# (secrets, collections) and its paths match on segment boundaries: "docs" is the
+# collection docs (and anything below it), never docs-hr or the secret docs-signing-key.
 workload_home if tenant in workload.tenants
 
-resource_path := resource if resource
-
-else := ""
+resource_segments := split(resource, "/") if resource
 
 workload_grants contains grant if {
 	some grant in object.get(workload, "grants", [])
 	grant.tenant == tenant
-	some prefix in grant.paths
-	startswith(resource_path, prefix)
+	grant.kind == kind
+	some path in grant.paths
+	under(resource_segments, path)
+}
+
+# `path` ("a/b", "a/b/" alike) names resource_segments or an ancestor of them.
+under(segments, path) if {
+	want := [s | some s in split(path, "/"); s != ""]
+	count(want) > 0
+	count(segments) >= count(want)
+	array.slice(segments, 0, count(want)) == want
 }
 
 deny contains "policy.tenant_not_entitled" if {

@@ -20,11 +20,19 @@ no certificate a 401.  Every refusal is ``application/problem+json`` with a
   and bumps the shared revision: every cached decision is re-asked.
 * ``PUT /admin/opa/policies/{id}`` with Rego text: the same for a policy module.
 * ``GET /admin/cache`` — counters per layer.
+
+The OPA pushes can rewrite every rule and grant, so they are authorised with
+their bodies (the policy sees ``admin.body`` and ``admin.data_path``; the
+shipped one wants the ``policy-admin`` role and a recent MFA sign-in, sent as
+the admin's own bearer token), the limits of ``/admin/grants`` hold on a data
+push that writes a grant (in this module too, whichever way the caller is
+authenticated), and the audit record carries the SHA-256 of what was written.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import hmac
 import re
 import uuid
@@ -34,6 +42,7 @@ import orjson
 from aiohttp import web
 
 from .audit import now_rfc3339
+from .authn import Identity
 from .enforce import interpret
 from .errors import PepError
 from .listener import PeerCertificate, parse_peer
@@ -140,12 +149,15 @@ class AdminApi:
         app.router.add_post("/admin/grants", self._add_grant)
         app.router.add_delete("/admin/grants/{ticket}", self._remove_grant)
 
-    async def _authorise(self, request: web.Request, action: str, *, with_body: bool = False) -> tuple[str, Any]:
+    async def _authorise(
+        self, request: web.Request, action: str, *, read: str = "none", extra: dict[str, Any] | None = None
+    ) -> tuple[str, Any]:
         """Who may do ``action``: an admin certificate the admin policy allows, or the token.
 
-        The caller is identified before the body is read; the policy then sees the
-        body, so it can limit *what* an admin may grant or quarantine, not only whether
-        they may.  Returns (who, body)."""
+        The caller is identified before the body is read (``read``: ``none``, ``json``,
+        or ``text`` for a Rego module); the policy then sees the body, so it can limit
+        *what* an admin may grant, push or quarantine, not only whether they may.
+        Returns (who, body): the parsed JSON, or the raw bytes for ``text``."""
         cfg = self.runtime.config.admin
         if cfg.policy is not None:
             try:
@@ -154,12 +166,22 @@ class AdminApi:
                 self._record(action, False, admin=None, code=no.code, source_ip=request.remote)
                 status = 401 if no.code == "admin.no_certificate" else 403
                 raise _problem(status, no.code, "a valid admin client certificate is required") from None
-            who = peer.spiffe_id or peer.subject
-            body = await self._json(request, action, who) if with_body else None
+            who = _admin_name(peer)
+            body, seen = await self._body(request, action, who, read)
+            extra = {**(extra or {}), **({"sha256": _sha256(body)} if read == "text" else {})}
+            now = dt.datetime.now(dt.UTC)
             doc = {
                 "version": {"schema": "vvault-pep/admin-input/v1"},
-                "admin": {"action": action, "method": request.method, "path": request.path, "body": body},
+                "admin": {
+                    "action": action,
+                    "method": request.method,
+                    "path": request.path,
+                    "body": seen,
+                    **(extra or {}),
+                },
                 "tls": {"client_cert": peer.as_input()},
+                "identity": await self._admin_identity(request, action),
+                "time": {"unix_ns": int(now.timestamp() * 1_000_000_000)},
             }
             assert self.runtime.pdp is not None
             try:
@@ -181,7 +203,24 @@ class AdminApi:
             exc = _problem(401, "admin.bad_token")
             exc.headers["WWW-Authenticate"] = 'Bearer realm="vvault-pep-admin"'
             raise exc
-        return "token", await self._json(request, action, "token") if with_body else None
+        body, _ = await self._body(request, action, "token", read)
+        return "token", body
+
+    async def _admin_identity(self, request: web.Request, action: str) -> dict[str, Any]:
+        """The admin's own bearer token, verified like any other (for MFA and recency); else anonymous."""
+        authn = self.runtime.authn
+        header = request.headers.get("Authorization")
+        if authn is None or header is None or not authn.cfg.issuers:
+            return {"authenticated": False, "kind": "anonymous"}
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return {"authenticated": False, "kind": "anonymous"}
+        try:
+            user = await authn.verify(token.strip())
+        except PepError as err:
+            self._record(action, False, admin=None, code=err.code)
+            raise _problem(401, err.code, "the admin's bearer token was refused") from err
+        return Identity(user, None).as_input()
 
     def _record(self, action: str, ok: bool, **fields: Any) -> None:
         assert self.runtime.audit is not None
@@ -195,6 +234,19 @@ class AdminApi:
             }
         )
 
+    async def _body(self, request: web.Request, action: str, who: str, read: str) -> tuple[Any, Any]:
+        """(what the handler gets, what the admin policy sees) for ``read``: none, json or text."""
+        if read == "none":
+            return None, None
+        if read == "json":
+            doc = await self._json(request, action, who)
+            return doc, doc
+        raw = await request.content.read(MAX_BODY + 1)
+        if len(raw) > MAX_BODY:
+            self._record(action, False, admin=who, code="admin.body_too_large")
+            raise _problem(413, "admin.body_too_large", f"at most {MAX_BODY} bytes")
+        return raw, raw.decode("utf-8", "replace")
+
     async def _json(self, request: web.Request, action: str, who: str) -> Any:
         body = await request.content.read(MAX_BODY + 1)
         if len(body) > MAX_BODY:
@@ -207,7 +259,7 @@ class AdminApi:
             raise _problem(400, "admin.bad_body", "body: not JSON") from exc
 
     async def _invalidate(self, request: web.Request) -> web.Response:
-        admin, doc = await self._authorise(request, "cache.invalidate", with_body=True)
+        admin, doc = await self._authorise(request, "cache.invalidate", read="json")
         scope = _field(doc, "scope", str)
         value = _field(doc, "value", str)
         cache = self.runtime.cache
@@ -221,11 +273,15 @@ class AdminApi:
         return web.json_response({"scope": scope, "value": value, "shared": shared})
 
     async def _put_data(self, request: web.Request) -> web.Response:
-        admin, _ = await self._authorise(request, "opa.data.put")
         path = request.match_info["path"].strip("/")
         if not _DATA_PATH.fullmatch(path):
-            raise web.HTTPBadRequest(text="path: not a data path such as vvault/risk")
-        body = orjson.dumps(await self._json(request, "opa.data.put", admin))
+            raise _problem(400, "admin.bad_body", "path: not a data path such as vvault/risk")
+        admin, doc = await self._authorise(request, "opa.data.put", read="json", extra={"data_path": path})
+        problem = grant_push_problem(path, doc, dt.datetime.now(dt.UTC))
+        if problem is not None:
+            self._record("opa.data.put", False, admin=admin, path=path, code="admin.grant_limits")
+            raise _problem(400, "admin.grant_limits", problem)
+        body = orjson.dumps(doc)
         pdp, cache = self.runtime.pdp, self.runtime.cache
         assert pdp is not None
         assert cache is not None
@@ -238,17 +294,14 @@ class AdminApi:
             self._record("opa.data.put", False, path=path, opa_status=status)
             raise web.HTTPBadGateway(text=f"OPA answered {status}")
         shared = await cache.bump_revision()
-        self._record("opa.data.put", True, admin=admin, path=path, shared=shared)
+        self._record("opa.data.put", True, admin=admin, path=path, shared=shared, sha256=_sha256(body))
         return web.json_response({"path": path, "revision_shared": shared})
 
     async def _put_policy(self, request: web.Request) -> web.Response:
-        admin, _ = await self._authorise(request, "opa.policy.put")
         policy_id = request.match_info["id"].strip("/")
         if not _DATA_PATH.fullmatch(policy_id):
-            raise web.HTTPBadRequest(text="bad policy id")
-        body = await request.content.read(MAX_BODY + 1)
-        if len(body) > MAX_BODY:
-            raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY, actual_size=len(body))
+            raise _problem(400, "admin.bad_body", "id: not a policy id such as vvault/extra")
+        admin, body = await self._authorise(request, "opa.policy.put", read="text", extra={"policy_id": policy_id})
         pdp, cache = self.runtime.pdp, self.runtime.cache
         assert pdp is not None
         assert cache is not None
@@ -257,12 +310,14 @@ class AdminApi:
         except PepError as err:
             self._record("opa.policy.put", False, policy_id=policy_id, code=err.code)
             raise web.HTTPServiceUnavailable(text=err.code) from err
-        if status != 200:
+        if status == 200:
+            cache.forget_policy_paths()  # nobody analysed what the pushed module reads
+        else:
             self._record("opa.policy.put", False, policy_id=policy_id, opa_status=status)
             # OPA's compile errors are the caller's to read; they carry no secrets.
             raise web.HTTPBadRequest(text=f"OPA refused the policy ({status})")
         shared = await cache.bump_revision()
-        self._record("opa.policy.put", True, admin=admin, policy_id=policy_id, shared=shared)
+        self._record("opa.policy.put", True, admin=admin, policy_id=policy_id, shared=shared, sha256=_sha256(body))
         return web.json_response({"id": policy_id, "revision_shared": shared})
 
     async def _list_quarantines(self, request: web.Request) -> web.Response:
@@ -271,7 +326,7 @@ class AdminApi:
         return web.json_response({"quarantines": await self.runtime.containment.list()})
 
     async def _add_quarantine(self, request: web.Request) -> web.Response:
-        admin, doc = await self._authorise(request, "quarantine.add", with_body=True)
+        admin, doc = await self._authorise(request, "quarantine.add", read="json")
         from .containment import MAX_TTL_S
 
         scope, value = _field(doc, "scope", str), _field(doc, "value", str)
@@ -304,7 +359,7 @@ class AdminApi:
         return web.json_response({"scope": scope, "value": value, "lifted": True, "shared": shared})
 
     async def _revoke_token(self, request: web.Request) -> web.Response:
-        admin, doc = await self._authorise(request, "token.revoke", with_body=True)
+        admin, doc = await self._authorise(request, "token.revoke", read="json")
         jti, exp = _field(doc, "jti", str), _field(doc, "exp", float)
         import time
 
@@ -318,21 +373,16 @@ class AdminApi:
 
     async def _add_grant(self, request: web.Request) -> web.Response:
         """JIT elevation: a role for a subject in a tenant until not_after (data.vvault.grants)."""
-        admin, doc = await self._authorise(request, "grant.add", with_body=True)
-        fields = ("subject", "role", "tenant", "not_after", "ticket")
-        for f in fields:
-            _field(doc, f, str)
-        try:
-            until = dt.datetime.fromisoformat(doc["not_after"].replace("Z", "+00:00"))
-        except ValueError as exc:
-            raise web.HTTPBadRequest(text="not_after: RFC 3339, e.g. 2026-11-25T18:00:00Z") from exc
-        now = dt.datetime.now(dt.UTC)
-        if until.tzinfo is None or not now < until <= now + dt.timedelta(hours=24):
-            raise web.HTTPBadRequest(text="not_after: in the future and at most 24 hours away")
-        if not _DATA_PATH.fullmatch(f"g/{doc['ticket']}"):
-            raise web.HTTPBadRequest(text="ticket: letters, digits, '-' and '_' only")
-        grant = {f: doc[f] for f in fields}
-        await self._write_data(f"vvault/grants/{doc['ticket']}", orjson.dumps(grant), "grant.add", admin, grant)
+        admin, doc = await self._authorise(request, "grant.add", read="json")
+        ticket = doc.get("ticket") if isinstance(doc, dict) else None
+        problem = grant_problem(doc, ticket if isinstance(ticket, str) else "", dt.datetime.now(dt.UTC))
+        if problem is not None:
+            raise _problem(400, "admin.bad_body", problem)
+        grant = {f: doc[f] for f in GRANT_FIELDS}
+        body = orjson.dumps(grant)
+        await self._write_data(
+            f"vvault/grants/{doc['ticket']}", body, "grant.add", admin, {**grant, "sha256": _sha256(body)}
+        )
         return web.json_response(grant, status=201)
 
     async def _remove_grant(self, request: web.Request) -> web.Response:
@@ -363,3 +413,48 @@ class AdminApi:
         cache = self.runtime.cache
         assert cache is not None
         return web.json_response({"cache": cache.stats, "opa_revision": cache.opa_revision})
+
+
+GRANT_FIELDS = ("subject", "issuer", "role", "tenant", "not_after", "ticket")
+MAX_GRANT = dt.timedelta(hours=24)
+
+
+def _sha256(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()
+
+
+def grant_problem(doc: Any, ticket: str, now: dt.datetime) -> str | None:
+    """Why ``doc`` is not a grant ``/admin/grants`` would write under ``ticket``; None if it is.
+
+    The same limits hold on every channel that writes ``data.vvault.grants``: the grant
+    endpoint and a data push to ``vvault/grants/<ticket>``.  Which roles may be granted is
+    the admin policy's to say (it sees the body).
+    """
+    if not isinstance(doc, dict) or not all(isinstance(doc.get(f), str) and doc.get(f) for f in GRANT_FIELDS):
+        return f"expected strings {', '.join(GRANT_FIELDS)}"
+    if set(doc) - set(GRANT_FIELDS):
+        return f"a grant holds only {', '.join(GRANT_FIELDS)}"
+    if doc["ticket"] != ticket or not _DATA_PATH.fullmatch(f"g/{ticket}"):
+        return "ticket may hold letters, digits, '-' and '_' only, and names the grant's path"
+    try:
+        until = dt.datetime.fromisoformat(doc["not_after"].replace("Z", "+00:00"))
+    except ValueError:
+        return "not_after must be RFC 3339, e.g. 2026-11-25T18:00:00Z"
+    if until.tzinfo is None or not now < until <= now + MAX_GRANT:
+        return "not_after must be in the future and at most 24 hours away"
+    return None
+
+
+def grant_push_problem(path: str, doc: Any, now: dt.datetime) -> str | None:
+    """A data push that writes grants: one grant under its ticket, within the limits; never wholesale."""
+    parts = path.split("/")
+    if parts[:2] == ["vvault", "grants"] and len(parts) == 3:
+        return grant_problem(doc, parts[2], now)
+    if ["vvault", "grants"][: len(parts)] == parts or (parts[:2] == ["vvault", "grants"] and len(parts) > 3):
+        return "grants are written one at a time, through /admin/grants or vvault/grants/<ticket>"
+    return None
+
+
+def _admin_name(peer: PeerCertificate) -> str:
+    """The admin's name in the audit record: its SPIFFE ID, else its DN in its own namespace."""
+    return peer.spiffe_id or f"x509:{peer.subject}"

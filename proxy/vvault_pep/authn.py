@@ -367,9 +367,11 @@ class Authenticator:
         if any(name == "access_token" for name, _ in query):
             # RFC 6750 §2.3 tokens end up in logs and Referers: one source only, the header.
             raise _fail("authn.token_in_query", realm)
-        # With no issuer configured the PEP verifies no tokens: a bearer token is
-        # the upstream's business and the policy sees an anonymous caller.
-        token = _bearer(authorization, realm) if self.cfg.issuers else None
+        # With no issuer configured the PEP can verify no token: a bearer token is
+        # refused, never passed on unverified for the upstream to believe.
+        token = _bearer(authorization, realm)
+        if token is not None and not self.cfg.issuers:
+            raise _fail("authn.unknown_issuer", realm, "this PEP accepts no bearer tokens")
         workload = workload_of(peer, self.cfg.workload.trust_domains)
         user: UserToken | None = None
         bound = False
@@ -420,6 +422,10 @@ class Authenticator:
             v = claims.get(name)
             return v if isinstance(v, int) and not isinstance(v, bool) else None
 
+        auth_time = opt_int("auth_time")
+        if auth_time is not None and auth_time > time.time() + issuer.leeway_s:
+            # A sign-in in the future is a forged or broken token, never a "recent" one.
+            raise _fail("authn.not_yet_valid", self.cfg.realm, "auth_time is in the future")
         scopes = _strings(claims.get(m.scopes), split=True)
         if not scopes and m.scopes == "scope":
             scopes = _strings(claims.get("scp"))
@@ -433,7 +439,7 @@ class Authenticator:
             scopes=scopes,
             amr=_strings(claims.get("amr")),
             acr=opt_str("acr"),
-            auth_time=opt_int("auth_time"),
+            auth_time=auth_time,
             client_id=opt_str(m.client_id) or opt_str("azp"),
             token_id=opt_str("jti"),
             expires_at=int(exp),

@@ -16,8 +16,11 @@ key is a SHA-256 over a canonical JSON array (orjson, sorted keys) of:
   lost to a restart or a flush), so an answer invalidated during an outage
   never comes back as a cached allow;
 * the **material**: the projection of the policy input the route names
-  (``cache.key``), or the whole input minus the fields that differ on every
-  request by nature (:data:`VOLATILE`).  The policy may replace it per
+  (``cache.key``); else the input paths the policy itself reads for the
+  route's decision path (:mod:`~vvault_pep.deps`: shipped with the bundle or
+  computed from a managed OPA's policies, used only while that revision is
+  the one OPA runs); else the whole input minus the fields that differ on
+  every request by nature (:data:`VOLATILE`).  The policy may replace it per
   decision with ``cache.vary`` (recorded in a per-route index).
 
 JSON structure makes ``{"sub": "a:b"}`` and ``{"sub": "a", "x": "b"}``
@@ -44,6 +47,7 @@ from typing import Any
 
 import orjson
 
+from . import deps
 from .config import Cache as CacheConfig
 from .config import Route
 from .principal import SCOPES
@@ -136,10 +140,21 @@ def hints_of(result: Any) -> CacheHints:
 
 
 def lifetime(
-    *, allow: bool, route: Route, cfg: CacheConfig, hints: CacheHints, token_exp: int | None, now: float
+    *,
+    allow: bool,
+    route: Route,
+    cfg: CacheConfig,
+    hints: CacheHints,
+    token_exp: int | None,
+    now: float,
+    time_dependent: bool = False,
 ) -> float:
-    """Seconds an answer may live; 0 means do not store."""
-    if hints.no_store:
+    """Seconds an answer may live; 0 means do not store.
+
+    A time-dependent policy (one that reads ``input.time``) is never keyed on the clock,
+    so its answer lives only as long as the decision itself says (``cache.ttl_s``).
+    """
+    if hints.no_store or (time_dependent and hints.ttl_s is None):
         return 0.0
     if allow:
         base = route.cache.ttl_s if route.cache.ttl_s is not None else cfg.default_ttl_s
@@ -184,6 +199,39 @@ class DecisionCache:
         self.opa_instance: str | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.stats = {"l1": 0, "l2": 0, "miss": 0, "bypass": 0, "stored": 0}
+        # The input paths each decision path reads, valid while OPA runs `_paths_revision`.
+        self._paths: dict[str, tuple[str, ...]] = {}
+        self._paths_revision: str | None = None
+        self._refused_routes: frozenset[str] = frozenset()
+
+    # ------------------------------------------------------------ keys from the policy
+
+    def use_policy_paths(
+        self, paths: dict[str, tuple[str, ...]], revision: str, refused_routes: frozenset[str] = frozenset()
+    ) -> None:
+        """Key routes on what the policy reads, while OPA's revision is ``revision``.
+
+        ``refused_routes``: routes whose hand-written key omits a path the policy reads;
+        they are not cached at all under this revision.
+        """
+        self._paths, self._paths_revision, self._refused_routes = dict(paths), revision, refused_routes
+
+    def forget_policy_paths(self) -> None:
+        """The policy changed in a way nobody analysed (a pushed module): back to whole-input keys."""
+        self._paths, self._paths_revision, self._refused_routes = {}, None, frozenset()
+
+    @property
+    def paths_revision(self) -> str | None:
+        return self._paths_revision
+
+    def policy_paths(self, route: Route) -> tuple[str, ...] | None:
+        if self._paths_revision is None or self._paths_revision != self.opa_revision:
+            return None
+        return self._paths.get(route.policy)
+
+    def time_dependent(self, route: Route) -> bool:
+        paths = self.policy_paths(route)
+        return paths is not None and deps.reads_time(paths)
 
     # ------------------------------------------------------------ context
 
@@ -230,6 +278,9 @@ class DecisionCache:
             return project(doc, paths)
         if route.cache.key is not None:
             return project(doc, route.cache.key)
+        read = self.policy_paths(route)
+        if read is not None and "" not in read:
+            return project(doc, deps.key_paths(read))
         return whole_input(doc)
 
     def _index_key(self, route: Route, revision: str) -> str:
@@ -284,7 +335,11 @@ class DecisionCache:
         the same answer share one interpretation (what ``interpret`` returns must not be
         changed by its users).
         """
-        if not route.cache.enabled or context is None:
+        if (
+            not route.cache.enabled
+            or context is None
+            or (route.name in self._refused_routes and self.policy_paths(route) is not None)
+        ):
             # No context, no epochs to key on: never an answer without them.
             self.stats["bypass"] += 1
             return None, "bypass", "", []
@@ -340,6 +395,8 @@ class DecisionCache:
         epochs: list[Any],
     ) -> None:
         if ttl_s <= 0 or not route.cache.enabled:
+            return
+        if route.name in self._refused_routes and self.policy_paths(route) is not None:
             return
         self._remember_index(self._index_key(route, revision), hints.vary, time.time() + ttl_s)
         key = digest("entry", route.policy, route.name, revision, epochs, self._material(route, doc, hints.vary))

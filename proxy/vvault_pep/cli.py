@@ -115,6 +115,9 @@ async def _serve(config: Config, worker: int = 0, workers: int = 1) -> int:
         await runtime.stop()
         return 1
     _tune_gc()
+    if config.risk.enabled and config.redis is None:
+        os.write(2, b"vvault-pep: warning: risk is on without Redis: risk is never available, and the shipped "
+                 b"policy treats writes, rotations and the control plane as read-only\n")  # fmt: skip
     # One write(2) per line: workers share stderr, and tools read it line by line.
     os.write(
         2,
@@ -208,7 +211,19 @@ def _die_with_parent(supervisor: int) -> None:
         raise SystemExit(1)
 
 
-async def _check(config: Config) -> int:
+def _hardening(config: Config, *, strict: bool) -> int:
+    """Print the hardening report; the number of findings that fail the check (all of them with --strict)."""
+    from .hardening import findings
+
+    found = findings(config)
+    for finding in found:
+        print(f"{'FAIL' if strict else 'warn'}  hardening: {finding.line()}")
+    if not found:
+        print("ok    hardening: every secure default holds")
+    return len(found) if strict else 0
+
+
+async def _check(config: Config, *, strict: bool = False) -> int:
     problems = 0
 
     def line(ok: bool, what: str, detail: str) -> None:
@@ -217,6 +232,7 @@ async def _check(config: Config) -> int:
         print(f"{'ok  ' if ok else 'FAIL'}  {what}: {detail}")
 
     line(True, "config", f"{config.source} is valid ({len(config.routes)} routes)")
+    problems += _hardening(config, strict=strict)
     supervisor: OpaSupervisor | None = None
     if config.opa.managed:
         supervisor = OpaSupervisor(config.opa)
@@ -313,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
             )  # fmt: skip
         if name == "check":
             p.add_argument("--offline", action="store_true", help="validate the config only: no files, no dependencies")
+            p.add_argument("--strict", action="store_true", help="fail on any departure from the secure defaults")
     ex = sub.add_parser("explain", help="show the input, decision and reasons for one described request")
     ex.add_argument("--config", "-c", required=True, help="YAML config file")
     ex.add_argument("--method", default="GET")
@@ -336,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"ok    config: {config.source} is valid ({len(config.routes)} routes; files and dependencies not checked)"
         )
-        return 0
+        return 1 if _hardening(config, strict=bool(args.strict)) else 0
     if args.command == "serve":
         problem = http_parser_problem()
         if problem is not None and not args.allow_python_http_parser:
@@ -351,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         return _run(_serve(config))
     if args.command == "explain":
         return _run(_explain(config, args))
-    return _run(_check(config))
+    return _run(_check(config, strict=bool(args.strict)))
 
 
 async def _explain(config: Config, args: argparse.Namespace) -> int:

@@ -257,15 +257,18 @@ class ListenerTls(_Model):
 
 
 class Listener(_Model):
-    host: ListenHost = "0.0.0.0"
+    # No default: a PEP that binds every interface by accident is reachable from
+    # networks nobody meant it to face.  Write 0.0.0.0 (or ::) when that is the intent.
+    host: ListenHost
     port: int = Field(8443, ge=0, le=65535)
     tls: ListenerTls
     keepalive_timeout_s: float = Field(75.0, gt=0)
     # On SIGTERM: report not ready at once, keep serving this long, then stop
     # (lets a load balancer or Kubernetes take the replica out first).
     drain_s: float = Field(5.0, ge=0, le=300)
-    # Host names this listener answers for; empty = any.  Others get 421, so a
-    # client cannot make the upstream see a Host (X-Forwarded-Host) of its choosing.
+    # Host names this listener answers for; empty = the names of its server
+    # certificate (DNS and IP SANs), ["*"] = any.  Others get 421, so a client
+    # cannot make the upstream see a Host (X-Forwarded-Host) of its choosing.
     hosts: tuple[str, ...] = ()
 
     @field_validator("hosts")
@@ -412,9 +415,11 @@ class Issuer(_Model):
     jwks_file: ExistingFile | None = None
     shared_secret: str | None = Field(None, repr=False)
     allow_http: bool = False
-    required_claims: tuple[str, ...] = ()
+    # Besides exp, iss and aud: a token without a subject names nobody.
+    required_claims: tuple[str, ...] = ("sub",)
     leeway_s: float = Field(30, ge=0, le=300)
-    typ: str | None = None
+    # Access tokens only (RFC 9068): an ID token or another JWT of this issuer is refused.
+    typ: str | None = "at+jwt"
     claims: ClaimMapping = ClaimMapping()
     passthrough_claims: tuple[str, ...] = ()
     jwks: JwksTiming = JwksTiming()
@@ -685,10 +690,17 @@ class Telemetry(_Model):
     trusted_trace_sources: TraceSources = TraceSources()
 
 
+class PostureIssuer(Issuer):
+    # A device trust service's assertions are not access tokens: no typ by default, and
+    # one bound by certificate (cnf) need not name a subject.
+    typ: str | None = None
+    required_claims: tuple[str, ...] = ()
+
+
 class Posture(_Model):
     # Device posture arrives as a signed, short-lived JWT from a device trust service.
     header: str = "x-device-posture"
-    issuers: tuple[Issuer, ...] = ()
+    issuers: tuple[PostureIssuer, ...] = ()
     max_age_s: float = Field(300, gt=0)
     # bound to the caller by its subject (sub = token subject), its certificate
     # (cnf.x5t#S256 = client certificate thumbprint), or either
@@ -718,7 +730,8 @@ class RateLimit(_Model):
 
 
 class RouteAuthn(_Model):
-    require: Literal["none", "user", "workload", "user+workload", "any"] = "none"
+    # "any" by default: a route open to anonymous callers is written down as such.
+    require: Literal["none", "user", "workload", "user+workload", "any"] = "any"
     bound_token: bool = False
 
 
@@ -783,6 +796,11 @@ class Route(_Model):
     responses: RouteResponses = RouteResponses()
     # Longest time to receive the whole request body; None: limits.body_deadline_s.
     body_deadline_s: float | None = Field(None, gt=0)
+    # Raise limits.max_body_bytes for this route only (uploads, blobs).
+    max_body_bytes: int | None = Field(None, ge=0)
+    # The client's Authorization header reaches the upstream only when the route says so:
+    # the PEP verified it, the app should trust the PEP's headers, not re-read the token.
+    forward_authorization: bool = False
     body: RouteBody | None = None  # the policy reads the JSON body (docs/policy-input.md)
 
     @model_validator(mode="after")
@@ -839,7 +857,9 @@ class Sanitize(_Model):
     strip_headers: tuple[str, ...] = DEFAULT_STRIP_HEADERS
     strip_header_prefixes: tuple[str, ...] = DEFAULT_STRIP_PREFIXES
     policy_headers: tuple[str, ...] = DEFAULT_POLICY_HEADERS
-    reject_semicolon: bool = False
+    # `;` path parameters are refused: `pii;v=1/ssn` would be judged as one data class
+    # and served by a Tomcat-like upstream as `pii/ssn`.
+    reject_semicolon: bool = True
     reject_encoded_percent: bool = True
     allow_underscore_headers: bool = False
 
@@ -859,7 +879,8 @@ class Limits(_Model):
     # More query parameters than this → 400: each one lands in the policy input and
     # the audit record (no request may write much more to the log than it sent).
     max_query_params: int = Field(64, ge=1)
-    max_body_bytes: int = Field(1 << 30, ge=0)
+    # A few MiB: enough for secrets and vectors; routes that take blobs raise it.
+    max_body_bytes: int = Field(8 << 20, ge=0)
     max_total_header_bytes: int = Field(65_536, ge=1024)
     # Longest wait for the next piece of a request body (slow-body attacks hold
     # an upstream connection otherwise).

@@ -196,6 +196,7 @@ class Upstreams:
         header_policy: responses.HeaderPolicy = responses.DEFAULT_POLICY,
         body_deadline_s: float = 60.0,
         prefix: bytes = b"",
+        max_body_bytes: int | None = None,
     ) -> tuple[web.StreamResponse, Outcome]:
         """Forward and stream the answer back; PepError if nothing was sent yet."""
         up = self._config[name]
@@ -213,7 +214,8 @@ class Upstreams:
             send["Accept-Encoding"] = "identity"  # the PEP must read what it redacts
         if up.tls and up.tls.server_hostname:
             send["Host"] = up.tls.server_hostname
-        budget = _Body(self._max_body, self._body_idle, asyncio.get_running_loop().time() + body_deadline_s)
+        limit = self._max_body if max_body_bytes is None else max_body_bytes
+        budget = _Body(limit, self._body_idle, asyncio.get_running_loop().time() + body_deadline_s)
         body: AsyncIterator[bytes] | bytes | None = None
         if content_length or chunked:
             # Received before a pooled connection is taken, up to the buffer size.

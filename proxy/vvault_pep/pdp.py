@@ -191,6 +191,18 @@ class PdpClient:
             return None
         return None
 
+    async def get_data(self, path: str, timeout_s: float = 2.0) -> Any:
+        """A document of OPA's data (None when undefined); PepError(pdp.*) when OPA cannot be asked."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                async with self._session.get(f"{self._base}/v1/data/{path}") as resp:
+                    doc = orjson.loads(await resp.read())
+        except TimeoutError as exc:
+            raise PepError("pdp.timeout", "OPA did not answer in time") from exc
+        except (aiohttp.ClientError, OSError, orjson.JSONDecodeError) as exc:
+            raise PepError("pdp.unavailable", f"OPA unreachable: {type(exc).__name__}") from exc
+        return doc.get("result") if isinstance(doc, dict) else None
+
     async def delete_data(self, path: str) -> int:
         """DELETE a document from OPA's data; returns OPA's HTTP status (404 if absent)."""
         return await self._put(f"/v1/data/{path}", b"", "application/json", method="DELETE")

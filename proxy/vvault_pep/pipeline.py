@@ -35,6 +35,7 @@ from .containment import Containment
 from .enforce import Decision
 from .errors import STATUS, PepError, Refusal
 from .forward import Upstreams
+from .hosts import served_hosts
 from .listener import MtlsServer
 from .pdp import PdpClient
 from .policy_input import Facts, build_input
@@ -100,6 +101,11 @@ class Pipeline:
             per_client=config.limits.max_in_flight_per_client, per_subject=config.limits.max_in_flight_per_subject
         )
         self.header_policies = {r.name: responses.policy_for(config.responses, r.responses) for r in config.routes}
+        self.hosts = served_hosts(config)
+        # The largest body any route takes: a larger one is refused before routing.
+        self.max_body_any = max(
+            (config.limits.max_body_bytes, *(r.max_body_bytes for r in config.routes if r.max_body_bytes is not None))
+        )
         self.server: MtlsServer | None = None  # set by the runtime once listening
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -187,14 +193,17 @@ class Pipeline:
             )
             span.set_attribute("server.address", headers.host)
             span.set_attribute("server.port", headers.port or 443)
-            if config.listener.hosts and headers.host not in config.listener.hosts:
+            if not self.hosts.serves(headers.host):
                 raise PepError("sanitize.unknown_host", "this listener does not serve that host")
-            if headers.content_length is not None and headers.content_length > config.limits.max_body_bytes:
+            if headers.content_length is not None and headers.content_length > self.max_body_any:
                 raise PepError("sanitize.body_too_large", "request body exceeds the limit")
         # route: no match is a 404, never a default upstream
         with self._stage(trail, "route"):
             match = self.routes.match(headers.host, request.method, target.segments, target.trailing_slash)
         route = match.route
+        max_body = route.max_body_bytes if route.max_body_bytes is not None else config.limits.max_body_bytes
+        if headers.content_length is not None and headers.content_length > max_body:
+            raise PepError("sanitize.body_too_large", "request body exceeds the limit")
         trail.fields["route"] = route.name
         trail.fields["decision_path"] = route.policy
         trail.http_route = route.path
@@ -304,6 +313,7 @@ class Pipeline:
                     hints=hints,
                     token_exp=identity.user.expires_at if identity.user else None,
                     now=time.time(),
+                    time_dependent=self.cache.time_dependent(route),
                 )
                 self.cache.store(
                     route, policy_input, answer.result, ttl_s=ttl, hints=hints, revision=revision, epochs=epochs
@@ -363,6 +373,7 @@ class Pipeline:
                 header_policy=self.header_policies[route.name],
                 body_deadline_s=route.body_deadline_s or config.limits.body_deadline_s,
                 prefix=inspected.raw if inspected else b"",
+                max_body_bytes=max_body,
             )
             up_span.set_attribute("http.response.status_code", outcome.status)
             self.tel.upstream_duration.observe(
@@ -412,6 +423,8 @@ class Pipeline:
         # never sits beside it: frameworks read the first of duplicate headers.
         # x-forwarded-client-cert is the PEP's to set (xfcc.emit), whatever sanitize is configured to strip.
         owned = {name.lower() for name, _ in pep} | {xfcc.HEADER}
+        if not facts.match.route.forward_authorization:
+            owned.add("authorization")  # the PEP judged the credential; the app reads the PEP's headers
         return [(k, v) for k, v in headers.forward if k.lower() not in owned] + pep
 
     def _deny(self, request: web.BaseRequest, decision: Decision, trail: _Trail) -> web.StreamResponse:

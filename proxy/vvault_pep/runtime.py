@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from . import __version__
+from . import __version__, deps
 from .admin import AdminApi
 from .audit import AuditLog
 from .authn import Authenticator
@@ -88,12 +88,14 @@ class PepRuntime:
         self._tls_stamp = _stamp(config.listener.tls)
         self.audit = AuditLog(config.audit)
         self.audit.start()
+        derived: dict[str, tuple[str, ...]] | None = None
         if config.opa.managed:
             # The managed OPA's own address (a private socket by default), never opa.url.
             self.supervisor = OpaSupervisor(config.opa)
             self.pdp = PdpClient(config.opa, url=self.supervisor.url)
             self.supervisor.client = self.pdp
             await self.supervisor.start()
+            derived = await self._managed_policy_paths()
         else:
             self.pdp = PdpClient(config.opa)
         self.upstreams = Upstreams(
@@ -109,6 +111,8 @@ class PepRuntime:
         self.cache = DecisionCache(config.cache, self.shared)
         self.cache.opa_instance = await self.pdp.instance_id()
         await self._refresh_revision()
+        if derived is not None:
+            self.cache.use_policy_paths(derived, self.cache.opa_revision)
         self._revision_task = asyncio.create_task(self._revision_loop(), name="opa-revision")
         self.containment = Containment(self.shared)
         await self.containment.start()
@@ -284,6 +288,47 @@ class PepRuntime:
             elif left > 0:
                 self._crl_stale_logged.discard(key)
 
+    async def _managed_policy_paths(self) -> dict[str, tuple[str, ...]]:
+        """What the managed OPA's policies read, per decision path; routes whose key omits a path refuse to start."""
+        config = self.config
+        assert config.opa.policy_dir is not None
+        try:
+            found = await asyncio.to_thread(
+                deps.compute, config.opa.binary, config.opa.policy_dir, {r.policy for r in config.routes}
+            )
+        except deps.DepsError as exc:
+            raise RuntimeError(str(exc)) from exc
+        problems = deps.key_problems(config.routes, found)
+        if problems:
+            raise RuntimeError("; ".join(message for _, message in problems))
+        return {k: tuple(v) for k, v in found.items()}
+
+    async def _shipped_policy_paths(self) -> None:
+        """The bundle's own input paths (data.vvault_pep.input_paths), when they are for the running revision."""
+        assert self.pdp is not None
+        assert self.cache is not None
+        revision = self.cache.opa_revision
+        if not revision.startswith("b:") or self.cache.paths_revision == revision:
+            return
+        try:
+            shipped = deps.parse_document(await self.pdp.get_data(deps.DATA_PATH))
+        except PepError as err:
+            log.warning("cannot read the bundle's input paths (%s)", err.code)
+            return
+        try:
+            running = set(orjson.loads(revision[2:]).values())
+        except orjson.JSONDecodeError:
+            running = set()
+        if shipped is None or shipped[0] not in running:
+            # None shipped, or not for this revision: whole-input keys, which are never wrong.
+            self.cache.forget_policy_paths()
+            return
+        problems = deps.key_problems(self.config.routes, shipped[1])
+        for _, message in problems:
+            log.error("bundle %s: %s; the route is not cached under this revision", shipped[0], message)
+        refused = frozenset(self.config.routes[i].name for i, _ in problems)
+        self.cache.use_policy_paths(shipped[1], revision, refused)
+
     async def _refresh_revision(self, *, modules: bool = True) -> None:
         assert self.pdp is not None
         assert self.cache is not None
@@ -300,6 +345,7 @@ class PepRuntime:
                 self.cache.opa_instance = instance
             if revision is not None:
                 self.cache.opa_revision = revision
+            await self._shipped_policy_paths()
         except PepError as err:
             # Unknown revision: keep the last one; decisions still go to OPA on a miss.
             log.warning("cannot read OPA's policy revision (%s)", err.code)
