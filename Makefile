@@ -127,7 +127,7 @@ mutate: setup
 
 # docs/pep.schema.json from the config models (editors read it; a test checks it is current)
 schema: $(VENV)/.installed
-	$(PY) -m vvault_pep.schema --output docs/pep.schema.json
+	$(PY) -m vvault_pep.config.jsonschema --output docs/pep.schema.json
 
 $(KUSTOMIZE):
 	$(call go_tool,$(KUSTOMIZE),$(KUSTOMIZE_MODULE),$(KUSTOMIZE_VERSION))

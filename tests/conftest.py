@@ -25,7 +25,7 @@ from examples.vvault_api.app import SEEN, make_app
 from tests.idp import Issuer, Trap
 from tests.support import STARTED, OpaProcess, client_context, free_port, make_config, start_opa
 
-from vvault_pep.runtime import PepRuntime
+from vvault_pep.app.runtime import PepRuntime
 
 
 @pytest.fixture(autouse=True)

@@ -15,8 +15,8 @@ from examples.pki import issue_client
 from tests.conftest import Upstream
 from tests.support import OpaProcess, client_context, config_doc
 
+from vvault_pep.app.runtime import PepRuntime
 from vvault_pep.config import Config
-from vvault_pep.runtime import PepRuntime
 
 QUARANTINES = "/admin/quarantines"
 

@@ -14,8 +14,8 @@ import pytest
 from tests.conftest import Upstream
 from tests.support import OpaProcess, client_context, config_doc, raw_https
 
+from vvault_pep.app.runtime import PepRuntime
 from vvault_pep.config import Config, Route
-from vvault_pep.runtime import PepRuntime
 
 QUERY = "/v1/tenants/acme/collections/docs/query"
 BODY_ROUTES: list[dict[str, Any]] = [
