@@ -27,6 +27,27 @@ from tests.support import STARTED, OpaProcess, client_context, free_port, make_c
 
 from vvault_pep.app.runtime import PepRuntime
 
+# `make unit`: tests that start no server and no process (no OPA, no Redis, no PEP) are
+# marked `unit`.  A test is one when none of its fixtures is a server and its module starts
+# nothing itself.
+_SERVERS = frozenset(
+    {"opa", "own_opa", "redis_server", "pep", "upstream", "hanging_upstream", "idp", "devices", "trap", "client"}
+    | {"base"}
+)
+_STARTS = (
+    "start_opa(", "start_serve(", "RedisServer(", "create_subprocess_exec", "PepRuntime(", "running_pep(", "subprocess."
+)  # fmt: skip
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    starts: dict[Path, bool] = {}
+    for item in items:
+        path = item.path
+        if path not in starts:
+            starts[path] = any(s in path.read_text() for s in _STARTS)
+        if not starts[path] and not _SERVERS & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.unit)
+
 
 @pytest.fixture(autouse=True)
 async def _no_pep_left_running() -> AsyncIterator[None]:

@@ -168,5 +168,5 @@ def test_services_never_import_the_edge_or_the_app(package: str) -> None:
 def test_the_checks_can_fail() -> None:
     """The cycle finder and the resolver see what they must (a guard against a blind test)."""
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
-    assert "vvault_pep.core.sanitize" in _graph()["vvault_pep.app.pipeline"]
+    assert "vvault_pep.core.sanitize" in _graph()["vvault_pep.app.stages"]
     assert "vvault_pep.errors" in _graph()["vvault_pep.core.routing"]

@@ -15,7 +15,7 @@ no certificate a 401.  Every refusal is ``application/problem+json`` with a
 ``code``; a malformed body from an authorised caller is a 400 naming the field.
 
 * ``POST /admin/cache/invalidate`` ``{"scope": …, "value": "…"}`` (a scope of
-  :data:`~.principal.SCOPES`) bumps the scope's epoch: its cached decisions die on every replica.
+  :data:`~vvault_pep.core.principal.SCOPES`) bumps the scope's epoch: its cached decisions die on every replica.
 * ``PUT /admin/opa/data/{path}`` with a JSON body writes OPA's data document
   and bumps the shared revision: every cached decision is re-asked.
 * ``PUT /admin/opa/policies/{id}`` with Rego text: the same for a policy module.

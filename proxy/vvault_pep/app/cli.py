@@ -1,9 +1,14 @@
-"""``vvault-pep serve | check`` — the two commands.
+"""``vvault-pep serve | check | explain | probe`` — the four commands.
 
 ``serve`` loads the config (exit 2 on a bad one, before listening), starts the
-runtime and runs until SIGINT/SIGTERM.  ``check`` loads the config and reports,
-one line per dependency, whether OPA answers, each route's decision path is
-defined and each upstream accepts connections; exit 1 on any problem.
+runtime and runs until SIGINT/SIGTERM (``--workers N``: N processes sharing the
+listener).  ``check`` loads the config and reports, one line per dependency,
+whether OPA answers, each route's decision path is defined and each upstream
+accepts connections; exit 1 on any problem (``--offline``: the config alone;
+``--strict``: also fail on a departure from the secure defaults).  ``explain``
+runs the pipeline's own stages for one described request and prints the input,
+the decision, the cache key and the answer (:mod:`.explain`).  ``probe`` exits 0
+when a loopback URL answers 200, for container health checks.
 """
 
 from __future__ import annotations

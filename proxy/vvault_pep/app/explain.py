@@ -1,39 +1,59 @@
 """``vvault-pep explain``: why would this request be allowed or denied?
 
-Runs the walk for one described request — method, path, host, bearer token
-file, client certificate, posture assertion file — up to the decision, with
-the real OPA (with ``opa.managed``, a managed OPA of its own) and the
-configured issuers, and prints the policy input, the decision and its
-reasons, the cache key the PEP would use, and the answer the client would
-get.  Nothing is forwarded; Redis is not touched (risk shows as unavailable).
+Runs the pipeline's own stage list (:func:`~.stages.walk`) for one described request —
+method, path, host, bearer token file, client certificate, posture assertion file — with the
+real OPA (with ``opa.managed``, a managed OPA of its own), the configured issuers and, when
+configured, Redis: the host and body checks, containment and rate limits run as they would
+for a live request, and the cache key printed is the one a live request reads or stores.  The
+walk is not live: the forwarder sends nothing, nothing is stored in the cache, no obligation
+is carried out and no denial is counted (a rate limit does count this request).
 
-The client certificate given here is parsed, not verified against the CA
-bundle: this is a diagnostic tool for people who already hold the request.
+The client certificate given here is parsed, not verified against the CA bundle: this is a
+diagnostic tool for people who already hold the request.
 """
 
 from __future__ import annotations
 
-import datetime as dt
+import contextlib
+import os
+import time
 import uuid
 from typing import Any
 
+from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from opentelemetry.trace import INVALID_SPAN
 
-from .. import __version__
 from ..config.models import Config
-from ..core import decision as enforce
-from ..core import sanitize
-from ..core.policy_input import Facts, build_input
 from ..core.request import Connection, parse_peer
-from ..core.routing import RouteTable
-from ..decide.cache import digest, project, whole_input
+from ..decide import revision
+from ..decide.cache import DecisionCache
 from ..decide.pdp import PdpClient
+from ..edge.forward import Outcome
 from ..edge.opa_supervisor import OpaSupervisor
 from ..errors import PepError
 from ..identity.authn import Authenticator
 from ..identity.posture import PostureVerifier
-from ..shared.risk import unavailable
+from ..observe.audit import AuditLog
+from ..observe.telemetry import Telemetry
+from ..shared.containment import Containment
+from ..shared.ratelimit import RateLimiter
+from ..shared.risk import RiskSignals
+from ..shared.state import SharedState
+from .exchange import Exchange, Trail
+from .pipeline import Pipeline
+
+
+class SendNothing:
+    """The forwarder of ``explain``: says where the request would go, sends nothing."""
+
+    def __init__(self) -> None:
+        self.headers: list[tuple[str, str]] = []
+
+    async def send(self, x: Exchange, headers: list[tuple[str, str]]) -> tuple[web.StreamResponse, Outcome]:
+        self.headers = headers
+        return web.Response(status=204), Outcome(0, 0, 0)
 
 
 async def explain(
@@ -69,71 +89,95 @@ async def explain(
         supervisor.client = pdp
     else:
         pdp = PdpClient(config.opa)
+    shared = SharedState(config.redis) if config.redis is not None else None
+    cache = DecisionCache(config.cache, shared)
     await authn.start()
     await devices.start()
     try:
+        derived: dict[str, tuple[str, ...]] | None = None
         if supervisor is not None:
             try:
                 await supervisor.start()
+                derived = await revision.managed_policy_paths(config)
             except (OSError, RuntimeError) as exc:
                 out["answer"] = {"status": 503, "code": "pdp.unavailable", "detail": str(exc), "stage": "pdp"}
                 return out
-        try:
-            target = sanitize.canonical_target(path, config.sanitize)
-            headers = sanitize.check_headers(
-                raw_headers, config.sanitize, config.limits, frozenset({config.posture.header})
-            )
-            match = RouteTable(config.routes).match(headers.host, method, target.segments, target.trailing_slash)
-            identity = await authn.authenticate(headers.authorization, target.query_params, peer, match.route.authn)
-        except PepError as err:
-            out["answer"] = {"status": err.status, "code": err.code, "detail": err.detail, "stage": "before the policy"}
-            return out
-        device = await devices.assess(
-            [v.decode() for k, v in raw_headers if k.lower() == config.posture.header.encode()], identity, peer
-        )
-        facts = Facts(
-            request_id=uuid.uuid4().hex, method=method, http_version="HTTP/1.1", target=target, headers=headers,
-            source_ip="127.0.0.1", source_port=None,
-            connection=Connection("TLSv1.3", None, "http/1.1", peer), match=match, identity=identity,
-            device=device, risk=unavailable(), now=dt.datetime.now(dt.UTC),
+        # The revision and the input paths, as the runtime learns them at start (an OPA that
+        # does not answer is the decide stage's refusal, below).
+        with contextlib.suppress(PepError):
+            cache.opa_instance = await pdp.instance_id()
+        await revision.refresh(config, pdp, cache)
+        if derived is not None:
+            cache.use_policy_paths(derived, cache.opa_revision)
+        forwarder = SendNothing()
+        pipeline = Pipeline(
+            config, pdp, None, authn, cache, Telemetry(config.telemetry), AuditLog(config.audit),
+            Containment(shared), RateLimiter(shared), devices, RiskSignals(config.risk, shared),
+            forwarder=forwarder, live=False,
         )  # fmt: skip
-        policy_input = build_input(facts, pep_version=__version__)
-        out["route"] = {"name": match.route.name, "policy": match.route.policy, "upstream": match.route.upstream}
-        out["input"] = policy_input
+        trail = Trail(os.urandom(16).hex(), str(uuid.uuid4()), time.perf_counter())
+        x = Exchange(
+            None, trail, INVALID_SPAN, method, path, tuple(raw_headers), (1, 1), ("127.0.0.1", None),
+            Connection("TLSv1.3", None, "http/1.1", peer),
+        )  # fmt: skip
+        stage_name = ""
         try:
-            revision = await pdp.revision()
-            answer = await pdp.decide(match.route.policy, policy_input, deadline_s=5.0)
+            for stage in pipeline.stages:
+                stage_name = type(stage).__name__.lower()
+                await stage.run(x)
+                if x.response is not None:
+                    break
         except PepError as err:
-            out["answer"] = {"status": err.status, "code": err.code, "detail": err.detail, "stage": "pdp"}
+            _describe(out, x)
+            out["answer"] = {"status": err.status, "code": err.code, "detail": err.detail, "stage": stage_name}
             return out
-        decision = enforce.interpret(answer.result, defined=answer.defined)
-        out["opa_result"] = answer.result if answer.defined else "(undefined)"
-        out["decision"] = {
-            "allow": decision.allow,
-            "status": decision.status,
-            "code": decision.code,
-            "reason": decision.reason,
-            "reasons": answer.result.get("reasons", []) if isinstance(answer.result, dict) else [],
-            "obligations": [list(o) for o in decision.obligations],
-            "redact": list(decision.redact),
-        }
-        out["cache"] = {
-            "enabled": match.route.cache.enabled,
-            "revision": revision,
-            "key": digest("entry", match.route.policy, f"{revision}#?#0", "(epochs from Redis)",
-                          whole_input(policy_input) if match.route.cache.key is None
-                          else project(policy_input, match.route.cache.key)),
-            "note": "the live key also covers the shared revision counter and scope epochs held in Redis",
-        }  # fmt: skip
-        enforced = match.route.mode == "enforce" and not decision.monitor_only
+        _describe(out, x)
+        decision = x.decision
+        enforced = x.match.route.mode == "enforce" and not decision.monitor_only
         if decision.allow or not enforced:
-            out["answer"] = {"status": "forwarded", "to": match.route.upstream, "enforced": enforced}
+            out["answer"] = {"status": "forwarded", "to": x.match.route.upstream, "enforced": enforced}
         else:
             out["answer"] = {"status": decision.status, "code": decision.code, "detail": decision.reason}
         return out
     finally:
         await authn.stop()
         await devices.stop()
+        await cache.stop()
+        if shared is not None:
+            await shared.close()
         await pdp.close()
         if supervisor is not None:
             await supervisor.stop()
+
+
+def _describe(out: dict[str, Any], x: Exchange) -> None:
+    """What the walk found, as far as it went."""
+    fields = x.trail.fields
+    if "route" in fields:
+        route = x.match.route
+        out["route"] = {"name": route.name, "policy": route.policy, "upstream": route.upstream}
+    if x.trail.policy_input is not None:
+        out["input"] = x.trail.policy_input
+    if "shared_state" in fields:
+        out["shared_state"] = fields["shared_state"]
+    if not x.trail.has_result and "cache" not in fields:
+        return
+    raw = x.trail.raw_result
+    out["opa_result"] = raw if x.trail.has_result else "(undefined)"
+    if "result" in fields:
+        decision = x.decision
+        out["decision"] = {
+            "allow": decision.allow,
+            "status": decision.status,
+            "code": decision.code,
+            "reason": decision.reason,
+            "reasons": raw.get("reasons", []) if isinstance(raw, dict) else [],
+            "obligations": fields.get("obligations", [list(o) for o in decision.obligations]),
+            "redact": list(decision.redact),
+        }
+    out["cache"] = {
+        "enabled": x.match.route.cache.enabled,
+        "layer": fields.get("cache"),
+        "revision": x.revision or None,
+        "key": x.cache_key,
+    }

@@ -25,7 +25,7 @@ from aiohttp import web
 from .. import __version__
 from ..config.models import Config, ListenerTls
 from ..core.policy_input import SCHEMA
-from ..decide import deps
+from ..decide import revision
 from ..decide.cache import DecisionCache
 from ..decide.pdp import PdpClient
 from ..edge.forward import Upstreams
@@ -290,66 +290,12 @@ class PepRuntime:
                 self._crl_stale_logged.discard(key)
 
     async def _managed_policy_paths(self) -> dict[str, tuple[str, ...]]:
-        """What the managed OPA's policies read, per decision path; routes whose key omits a path refuse to start."""
-        config = self.config
-        assert config.opa.policy_dir is not None
-        try:
-            found = await asyncio.to_thread(
-                deps.compute, config.opa.binary, config.opa.policy_dir, {r.policy for r in config.routes}
-            )
-        except deps.DepsError as exc:
-            raise RuntimeError(str(exc)) from exc
-        problems = deps.key_problems(config.routes, found)
-        if problems:
-            raise RuntimeError("; ".join(message for _, message in problems))
-        return {k: tuple(v) for k, v in found.items()}
-
-    async def _shipped_policy_paths(self) -> None:
-        """The bundle's own input paths (data.vvault_pep.input_paths), when they are for the running revision."""
-        assert self.pdp is not None
-        assert self.cache is not None
-        revision = self.cache.opa_revision
-        if not revision.startswith("b:") or self.cache.paths_revision == revision:
-            return
-        try:
-            shipped = deps.parse_document(await self.pdp.get_data(deps.DATA_PATH))
-        except PepError as err:
-            log.warning("cannot read the bundle's input paths (%s)", err.code)
-            return
-        try:
-            running = set(orjson.loads(revision[2:]).values())
-        except orjson.JSONDecodeError:
-            running = set()
-        if shipped is None or shipped[0] not in running:
-            # None shipped, or not for this revision: whole-input keys, which are never wrong.
-            self.cache.forget_policy_paths()
-            return
-        problems = deps.key_problems(self.config.routes, shipped[1])
-        for _, message in problems:
-            log.error("bundle %s: %s; the route is not cached under this revision", shipped[0], message)
-        refused = frozenset(self.config.routes[i].name for i, _ in problems)
-        self.cache.use_policy_paths(shipped[1], revision, refused)
+        return await revision.managed_policy_paths(self.config)
 
     async def _refresh_revision(self, *, modules: bool = True) -> None:
         assert self.pdp is not None
         assert self.cache is not None
-        try:
-            current = self.cache.opa_revision
-            # The module hash is fetched when asked, and whenever there is no module hash to keep.
-            revision = await self.pdp.revision(modules=modules or not current.startswith("p:"))
-            if revision is None or not revision.startswith("b:"):
-                # A restarted OPA has lost what was pushed to it: it gets a new name, and
-                # every key with it.
-                instance = await self.pdp.instance_id()
-                if revision is None and instance != self.cache.opa_instance:
-                    revision = await self.pdp.revision()  # and may run other modules: hash them again
-                self.cache.opa_instance = instance
-            if revision is not None:
-                self.cache.opa_revision = revision
-            await self._shipped_policy_paths()
-        except PepError as err:
-            # Unknown revision: keep the last one; decisions still go to OPA on a miss.
-            log.warning("cannot read OPA's policy revision (%s)", err.code)
+        await revision.refresh(self.config, self.pdp, self.cache, modules=modules)
 
     async def _revision_loop(self) -> None:
         loop = asyncio.get_running_loop()

@@ -8,7 +8,7 @@ key is a SHA-256 over a canonical JSON array (orjson, sorted keys) of:
   modules, plus a counter in Redis bumped by every data change pushed through
   the PEP's admin API — a new revision changes every key;
 * the **epochs** of the request's scopes (every scope of its verified
-  :class:`~.principal.Subject`): a counter per scope value in Redis, bumped on
+  :class:`~vvault_pep.core.principal.Subject`): a counter per scope value in Redis, bumped on
   revocation — every entry of that subject dies at once, on every replica.
   Epochs and the revision counter only move forward: a replica takes the
   larger of what Redis says and what it remembers, and :meth:`DecisionCache.reconcile`
@@ -17,7 +17,7 @@ key is a SHA-256 over a canonical JSON array (orjson, sorted keys) of:
   never comes back as a cached allow;
 * the **material**: the projection of the policy input the route names
   (``cache.key``); else the input paths the policy itself reads for the
-  route's decision path (:mod:`~vvault_pep.deps`: shipped with the bundle or
+  route's decision path (:mod:`~vvault_pep.decide.deps`: shipped with the bundle or
   computed from a managed OPA's policies, used only while that revision is
   the one OPA runs); else the whole input minus the fields that differ on
   every request by nature (:data:`VOLATILE`).  The policy may replace it per
@@ -319,6 +319,30 @@ class DecisionCache:
                 del self._index[k]
         self._index[ikey] = (vary, until)
 
+    def _key(
+        self, route: Route, revision: str, epochs: list[Any], doc: dict[str, Any], vary: tuple[str, ...] | None
+    ) -> str:
+        """The entry's key, the one place it is made (lookup, store and ``explain``)."""
+        # The route is part of the question: two routes may share a decision path and a
+        # projection, and still be judged differently.
+        return digest("entry", route.policy, route.name, revision, epochs, self._material(route, doc, vary))
+
+    async def key_of(self, route: Route, doc: dict[str, Any], context: tuple[str, list[Any]] | None) -> str | None:
+        """The key :meth:`lookup` would read for this input now (None: the route bypasses the cache)."""
+        if not self._cacheable(route) or context is None:
+            return None
+        revision, epochs = context
+        return self._key(route, revision, epochs, doc, await self._vary(route, revision))
+
+    def entry_key(
+        self, route: Route, doc: dict[str, Any], revision: str, epochs: list[Any], vary: tuple[str, ...] | None
+    ) -> str | None:
+        """The key :meth:`store` writes for this answer (None: the route stores nothing)."""
+        return self._key(route, revision, epochs, doc, vary) if self._cacheable(route) else None
+
+    def _cacheable(self, route: Route) -> bool:
+        return route.cache.enabled and not (route.name in self._refused_routes and self.policy_paths(route) is not None)
+
     async def lookup(
         self,
         route: Route,
@@ -345,9 +369,7 @@ class DecisionCache:
             return None, "bypass", "", []
         revision, epochs = context
         vary = await self._vary(route, revision)
-        # The route is part of the question: two routes may share a decision path and a
-        # projection, and still be judged differently.
-        key = digest("entry", route.policy, route.name, revision, epochs, self._material(route, doc, vary))
+        key = self._key(route, revision, epochs, doc, vary)
         now = time.time()
         entry = self._l1.get(key)
         if entry is not None:
@@ -394,12 +416,10 @@ class DecisionCache:
         revision: str,
         epochs: list[Any],
     ) -> None:
-        if ttl_s <= 0 or not route.cache.enabled:
-            return
-        if route.name in self._refused_routes and self.policy_paths(route) is not None:
+        if ttl_s <= 0 or not self._cacheable(route):
             return
         self._remember_index(self._index_key(route, revision), hints.vary, time.time() + ttl_s)
-        key = digest("entry", route.policy, route.name, revision, epochs, self._material(route, doc, hints.vary))
+        key = self._key(route, revision, epochs, doc, hints.vary)
         expires = time.time() + ttl_s
         payload = orjson.dumps(result)
         self._put_l1(key, payload, expires)

@@ -18,11 +18,15 @@ from ..core.sanitize import Headers
 from ..errors import PepError
 
 
-async def inspect(request: web.BaseRequest, cfg: RouteBody, headers: Headers, idle_timeout_s: float) -> Inspected:
-    """Read up to ``cfg.max_bytes`` of the body (never more) and parse it."""
+async def inspect(
+    request: web.BaseRequest | None, cfg: RouteBody, headers: Headers, idle_timeout_s: float
+) -> Inspected:
+    """Read up to ``cfg.max_bytes`` of the body (never more) and parse it (None: nothing was received)."""
     has_body = bool(headers.content_length) or headers.chunked
     if not has_body:
         return NOTHING
+    if request is None:
+        raise PepError("sanitize.malformed", "a body was announced but none can be read")
     # The Content-Type the upstream will receive is the one judged.
     types = [v for k, v in headers.forward if k.lower() == "content-type"]
     if len(types) != 1 or not is_json(types[0]):

@@ -19,7 +19,7 @@
 * The PEP sets ``X-Forwarded-For/-Proto/-Host`` and ``X-Request-Id`` itself
   (the client's copies were stripped by sanitize) and adds the decision's
   ``upstream_headers``.  The answer's headers pass the route's header policy
-  (:mod:`.responses`) before the PEP adds its own.
+  (:mod:`vvault_pep.core.responses`) before the PEP adds its own.
 * Refused connection → 502 ``upstream.unavailable``; connect or read timeout
   → 504 ``upstream.timeout``.  A fault after the response has started cannot
   change the status any more: the client connection is aborted instead.

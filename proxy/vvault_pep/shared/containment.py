@@ -4,7 +4,7 @@ A quarantine names a scope — ``subject``, ``workload``, ``certificate``,
 ``token`` (a ``jti``), ``device`` or ``tenant`` — a value, a reason and a
 lifetime.  It is written to Redis (``q:<scope>:<value>``, expiring by itself)
 and published on a channel; every replica checks **every** scope of the
-request's verified :class:`~.principal.Subject` before the decision cache and
+request's verified :class:`~vvault_pep.core.principal.Subject` before the decision cache and
 OPA, so a cached allow cannot outlive it.  A token revocation is a ``token``
 quarantine that lives until the token's ``exp``.
 
@@ -16,7 +16,7 @@ The shared set never shrinks by absence.  Each replica keeps every entry it
 knows (made here, heard on the channel, read from Redis) until the entry's
 own expiry or an explicit lift, and :meth:`Containment.reconcile` — on every
 (re)connection, when Redis shows it lost its data, and every
-:data:`~.shared_state.FULL_S` (:meth:`~.shared_state.SharedState.watch`) —
+:data:`~vvault_pep.shared.state.FULL_S` (:meth:`~vvault_pep.shared.state.SharedState.watch`) —
 runs both ways: entries Redis lacks (made during an outage, lost by a
 restart, a flush or a failover) are written back with their remaining
 lifetime and published; entries Redis holds that this replica lacks are

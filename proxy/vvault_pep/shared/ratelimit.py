@@ -5,7 +5,7 @@ theoretical arrival time of the next request — so a limit costs one small
 Lua call and no sliding-window lists.  A route's ``rate_limit`` names the
 key (``subject``, ``tenant``, ``certificate``, ``workload``, ``client`` — the
 certificate thumbprint or source address — or ``route``), the sustained rate
-and the burst.  Every key is built from the verified :class:`~.principal.Subject`
+and the burst.  Every key is built from the verified :class:`~vvault_pep.core.principal.Subject`
 (:func:`key_of`): ``tenant`` is the caller's verified tenant, and a caller
 without one is limited per subject (else per client), never in a bucket some
 tenant's callers share — a path parameter names no bucket.  The clock

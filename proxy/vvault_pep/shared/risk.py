@@ -1,7 +1,8 @@
 """Risk: how the subject has been behaving, from counters every replica shares.
 
-Per subject (the verified user, else the workload, else the client
-certificate or address — :class:`~.principal.Subject`, never the input), in Redis, with one atomic script per request:
+Per subject (the verified user, else the workload, else the client certificate or
+address — :class:`~vvault_pep.core.principal.Subject`, never the input), in Redis, with
+one atomic script per request:
 
 * ``rate_spike`` — requests in the current window above ``spike_factor`` ×
   the learned baseline (an exponentially weighted average of past windows)
