@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from vvault_pep.config import Config, Issuer, Limits, Sanitize, parse_config
 from vvault_pep.core import sanitize
 from vvault_pep.errors import STATUS, ConfigError, PepError
-from vvault_pep.identity.authn import JwtVerifier, strict_problem
+from vvault_pep.identity.jwt import JwtVerifier, strict_problem
 from vvault_pep.observe.sinks import encode
 
 

@@ -28,7 +28,7 @@ from ..config.models import Posture as PostureConfig
 from ..core.principal import Identity
 from ..core.request import PeerCertificate
 from ..errors import PepError
-from .authn import JwtVerifier
+from .jwt import JwtVerifier
 
 _CLAIMS = {
     "device_id": "id",
