@@ -46,7 +46,7 @@ from ..core.principal import Identity
 from ..core.request import PeerCertificate, parse_peer
 from ..errors import PepError
 from ..observe.sinks import now_rfc3339
-from .services import Services
+from .services import Services, quarantine
 
 _DATA_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(/[A-Za-z0-9_-]+)*$")
 MAX_BODY = 4 << 20
@@ -335,10 +335,11 @@ class AdminApi:
         assert self.runtime.containment is not None
         assert self.runtime.cache is not None
         try:
-            q, shared = await self.runtime.containment.add(str(scope), value, float(ttl), reason[:256], by="admin")
+            q, shared = await quarantine(
+                self.runtime.containment, self.runtime.cache, str(scope), value, float(ttl), reason[:256], by="admin"
+            )
         except ValueError as exc:
             raise web.HTTPBadRequest(text=str(exc)) from exc
-        await self.runtime.cache.invalidate(q.scope, q.value)
         self._record(
             "quarantine.add", True, admin=admin, scope=q.scope, value=q.value, reason=q.reason, ttl_s=ttl, shared=shared
         )
@@ -364,8 +365,9 @@ class AdminApi:
         ttl = max(1.0, float(exp) - time.time() + 60)  # kept until the token could no longer be used
         assert self.runtime.containment is not None
         assert self.runtime.cache is not None
-        q, shared = await self.runtime.containment.add("token", jti, min(ttl, 30 * 86_400), "revoked", by="admin")
-        await self.runtime.cache.invalidate("token", jti)
+        q, shared = await quarantine(
+            self.runtime.containment, self.runtime.cache, "token", jti, min(ttl, 30 * 86_400), "revoked", by="admin"
+        )
         self._record("token.revoke", True, admin=admin, jti=jti, shared=shared)
         return web.json_response({**q.doc(), "shared": shared}, status=201)
 

@@ -44,6 +44,7 @@ from ..shared.containment import Containment
 from ..shared.ratelimit import RateLimiter
 from ..shared.risk import RiskSignals
 from .exchange import Exchange, Trail
+from .services import quarantine
 
 # Answers never stored: they say nothing about the next request's answer.
 NEVER_CACHED = frozenset({"pdp.undefined", "pdp.malformed_decision", "enforce.unsupported_obligation"})
@@ -395,8 +396,8 @@ class Obligations:
                     why = "no such scope" if value is None else "explain carries out nothing"
                     done.append({"type": "quarantine", "scope": scope, "executed": False, "why": why})
                     continue
-                _, shared = await self.containment.add(scope, value, ttl_s, reason, by=f"policy:{trail.decision_id}")
-                await self.cache.invalidate(scope, value)
+                by = f"policy:{trail.decision_id}"
+                _, shared = await quarantine(self.containment, self.cache, scope, value, ttl_s, reason, by=by)
                 done.append(
                     {"type": "quarantine", "scope": scope, "value": value, "ttl_s": ttl_s, "reason": reason,
                      "executed": True, "shared": shared}
