@@ -1,4 +1,4 @@
-"""Enforce: turn OPA's answer into a decision, and a refusal into problem+json.
+"""The decision: OPA's answer interpreted, with every obligation it carries.
 
 The decision starts as *denied*.  It becomes *allowed* only when the answer
 strictly parses as allowed:
@@ -11,8 +11,9 @@ strictly parses as allowed:
   status outside 400–599, a header with CR/LF, an obligation this PEP cannot
   carry out — is a deny with a reason code saying why.
 
-Deny bodies follow RFC 9457: ``type``, ``title``, ``status``, ``detail``,
-plus ``code``, ``decision_id`` and ``request_id``.  No internals.
+Obligations: ``quarantine`` (:func:`parse_obligation`; carried out by the pipeline's
+obligations stage) and ``redact`` (field names removed from the JSON answer by the
+forwarder); any other type denies.  A refusal's body is :mod:`.problem`'s.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ before any HTTP byte, whatever the route would require.
 No session is ever resumed, by session ID or ticket, on TLS 1.2 or 1.3: a
 resumed session skips certificate verification — and with it revocation.
 
-The verified certificate becomes a :class:`PeerCertificate`; nothing a client
+The verified certificate becomes a :class:`~vvault_pep.core.request.PeerCertificate`; nothing a client
 writes in a header can stand in for it.
 """
 
