@@ -25,7 +25,7 @@ re-read the survivors (``mutmut show NAME`` in the staging directory).
 Usage::
 
     python -m tests.mutation                      # every module in MODULES
-    python -m tests.mutation enforce sanitize     # only these
+    python -m tests.mutation core.decision core.sanitize   # only these
     python -m tests.mutation --budget-s 600       # overall wall-clock budget
 """
 
@@ -44,28 +44,37 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 STAGE = ROOT / ".mutation"
 
-# module → the tests that exercise it (unit tables first: they are the fast killers).
+# module (dotted, under vvault_pep) → the tests that exercise it (unit tables first: they are the fast killers).
 MODULES: dict[str, list[str]] = {
-    "enforce": ["tests/test_enforce.py", "tests/test_proofs_enforce.py", "tests/test_proofs_decisions.py"],
-    "sanitize": ["tests/test_sanitize.py", "tests/test_proofs_sanitize.py"],
-    "authn": ["tests/test_authn.py"],
-    "jwks": ["tests/test_authn.py"],
-    "spiffe": ["tests/test_spiffe.py", "tests/test_listener.py", "tests/test_proofs_identity.py"],
-    "listener": ["tests/test_listener.py", "tests/test_hardening.py", "tests/test_proofs_identity.py"],
-    "posture": ["tests/test_posture_risk.py"],
-    "cache": ["tests/test_cache.py", "tests/test_proofs_cache.py"],
-    "containment": ["tests/test_containment.py", "tests/test_proofs_containment.py"],
-    "scopes": ["tests/test_containment.py"],
-    "forward": ["tests/test_pipeline.py", "tests/test_streaming.py", "tests/test_proofs_forward.py"],
-    "audit": ["tests/test_audit.py", "tests/test_proofs_audit.py"],
-    "pdp": ["tests/test_pdp.py", "tests/test_proofs_pdp.py"],
+    "core.decision": ["tests/test_enforce.py", "tests/test_proofs_enforce.py", "tests/test_proofs_decisions.py"],
+    "core.sanitize": ["tests/test_sanitize.py", "tests/test_proofs_sanitize.py"],
+    "identity.authn": ["tests/test_authn.py"],
+    "identity.jwt": ["tests/test_authn.py"],
+    "identity.jwks": ["tests/test_authn.py"],
+    "core.spiffe": ["tests/test_spiffe.py", "tests/test_listener.py", "tests/test_proofs_identity.py"],
+    "core.request": ["tests/test_listener.py", "tests/test_hardening.py", "tests/test_proofs_identity.py"],
+    "edge.listener": ["tests/test_listener.py", "tests/test_hardening.py", "tests/test_proofs_identity.py"],
+    "identity.posture": ["tests/test_posture_risk.py"],
+    "decide.cache": ["tests/test_cache.py", "tests/test_proofs_cache.py"],
+    "shared.containment": ["tests/test_containment.py", "tests/test_proofs_containment.py"],
+    "core.principal": ["tests/test_principal.py", "tests/test_containment.py"],
+    "edge.forward": ["tests/test_pipeline.py", "tests/test_streaming.py", "tests/test_proofs_forward.py"],
+    "observe.audit": ["tests/test_audit.py", "tests/test_proofs_audit.py"],
+    "decide.pdp": ["tests/test_pdp.py", "tests/test_proofs_pdp.py"],
 }
+
+
+def source(module: str) -> str:
+    """The module's file under the staged ``src/``: ``core.decision`` → ``src/vvault_pep/core/decision.py``."""
+    return f"src/vvault_pep/{module.replace('.', '/')}.py"
+
 
 # mutant name → why no test can tell it from the original.
 EQUIVALENT: dict[str, str] = {
-    "vvault_pep.enforce.x__deny__mutmut_10": "no caller passes `status`: the default branch is the only one reached",
+    "vvault_pep.core.decision.x__deny__mutmut_10": "no caller passes `status`:"
+    " the default branch is the only one reached",
     **{
-        f"vvault_pep.enforce.x_refusal_of__mutmut_{n}": "the fallback title is overwritten on the next line"
+        f"vvault_pep.core.decision.x_refusal_of__mutmut_{n}": "the fallback title is overwritten on the next line"
         " whenever it is used (code not in STATUS)"
         for n in (6, 7, 8)
     },
@@ -90,7 +99,7 @@ def stage(module: str, tests: list[str]) -> Path:
             "",
             "[tool.mutmut]",
             'source_paths = ["src/vvault_pep/"]',
-            f'only_mutate = ["src/vvault_pep/{module}.py"]',
+            f'only_mutate = ["{source(module)}"]',
             'also_copy = ["examples/", "policies/"]',
             f"pytest_add_cli_args_test_selection = {json.dumps(existing)}",
             'pytest_add_cli_args = ["-p", "no:cacheprovider", "-p", "no:randomly", "-q"]',
@@ -179,11 +188,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown module(s): {', '.join(unknown)}")
     deadline = time.monotonic() + args.budget_s
     failed = False
-    print(f"{'module':<12} {'mutants':>7} {'killed':>6} {'equiv':>5} {'alive':>5} {'ratio':>7} {'s':>6}")
+    print(f"{'module':<20} {'mutants':>7} {'killed':>6} {'equiv':>5} {'alive':>5} {'ratio':>7} {'s':>6}")
     for i, module in enumerate(modules):
         left = deadline - time.monotonic()
         if left <= 0:
-            print(f"{module:<12} skipped: the budget is spent")
+            print(f"{module:<20} skipped: the budget is spent")
             failed = True
             continue
         # share what is left fairly among the modules still to run
@@ -191,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         ratio = s["kill_ratio"]
         shown = f"{ratio:.1%}" if isinstance(ratio, float) else "-"
         print(
-            f"{module:<12} {s['mutants']:>7} {s['killed']:>6} {len(s['equivalent']):>5}"  # type: ignore[arg-type]
+            f"{module:<20} {s['mutants']:>7} {s['killed']:>6} {len(s['equivalent']):>5}"  # type: ignore[arg-type]
             f" {len(s['survived']):>5} {shown:>7} {s['seconds']:>6}"  # type: ignore[arg-type]
         )
         for name in s["survived"]:  # type: ignore[attr-defined]
