@@ -52,6 +52,7 @@ from ..config.models import Route
 from ..core.principal import SCOPES
 from ..shared.state import SharedState
 from . import deps
+from .store import DecisionStore, RedisStore
 
 log = logging.getLogger("vvault_pep.cache")
 
@@ -180,9 +181,13 @@ class _Entry:
 
 
 class DecisionCache:
-    def __init__(self, cfg: CacheConfig, shared: SharedState | None) -> None:
+    def __init__(self, cfg: CacheConfig, shared: SharedState | None, store: DecisionStore | None = None) -> None:
         self.cfg = cfg
         self.shared = shared
+        # L2: Redis when configured; a store given here instead (another backend, a test's).
+        if store is None and shared is not None:
+            store = RedisStore(shared)
+        self.l2: DecisionStore | None = store
         self._l1: OrderedDict[str, _Entry] = OrderedDict()
         self._l1_bytes = 0
         self._index: dict[str, tuple[tuple[str, ...] | None, float]] = {}
@@ -300,8 +305,8 @@ class DecisionCache:
         if local is not None and local[1] > now:
             return local[0]
         vary: tuple[str, ...] | None = None
-        if self.shared is not None:
-            raw = await self.shared.one(lambda p: p.get(self.shared.key("idx", ikey)))  # type: ignore[union-attr]
+        if self.l2 is not None:
+            raw = await self.l2.get("idx", ikey)
             if raw is not None:
                 try:
                     doc = orjson.loads(raw)
@@ -389,8 +394,8 @@ class DecisionCache:
                         self._interpreted[entry.result] = result
                     return result, "l1", revision, epochs
             self._drop(key)
-        if self.shared is not None:
-            raw = await self.shared.one(lambda p: p.get(self.shared.key("dec", key)))  # type: ignore[union-attr]
+        if self.l2 is not None:
+            raw = await self.l2.get("dec", key)
             if raw is not None:
                 stored = _load(raw)
                 if (
@@ -424,8 +429,8 @@ class DecisionCache:
         payload = orjson.dumps(result)
         self._put_l1(key, payload, expires)
         self.stats["stored"] += 1
-        if self.shared is not None:
-            shared = self.shared
+        if self.l2 is not None:
+            store = self.l2
             ikey = self._index_key(route, revision)
             vary = hints.vary
 
@@ -434,10 +439,7 @@ class DecisionCache:
                 index = orjson.dumps(list(vary) if vary is not None else None)
                 ms = max(1, int(ttl_s * 1000))
                 # Both ride in the round trip of this loop turn's other Redis reads and writes.
-                await asyncio.gather(
-                    shared.one(lambda p: p.set(shared.key("dec", key), blob, px=ms)),
-                    shared.one(lambda p: p.set(shared.key("idx", ikey), index, px=ms)),
-                )
+                await asyncio.gather(store.put("dec", key, blob, ms), store.put("idx", ikey, index, ms))
 
             self._spawn(write(), "cache-l2-write")
 
