@@ -111,7 +111,7 @@ async def explain(
             cache.use_policy_paths(derived, cache.opa_revision)
         forwarder = SendNothing()
         pipeline = Pipeline(
-            config, pdp, None, authn, cache, Telemetry(config.telemetry), AuditLog(config.audit),
+            config, pdp, None, authn, cache, _quiet(config), AuditLog(config.audit),
             Containment(shared), RateLimiter(shared), devices, RiskSignals(config.risk, shared),
             forwarder=forwarder, live=False,
         )  # fmt: skip
@@ -181,3 +181,9 @@ def _describe(out: dict[str, Any], x: Exchange) -> None:
         "revision": x.revision or None,
         "key": x.cache_key,
     }
+
+
+def _quiet(config: Config) -> Telemetry:
+    """Metrics and timings as a live walk has them, but no span sent anywhere."""
+    traces = config.telemetry.traces.model_copy(update={"exporter": "none"})
+    return Telemetry(config.telemetry.model_copy(update={"traces": traces}))
