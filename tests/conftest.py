@@ -22,6 +22,7 @@ import pytest
 from aiohttp import web
 from examples.pki import make_pki
 from examples.vvault_api.app import SEEN, make_app
+from tests.helpers import running_pep
 from tests.idp import Issuer, Trap
 from tests.support import STARTED, OpaProcess, client_context, free_port, make_config, start_opa
 
@@ -205,10 +206,8 @@ async def pep(pki: Path, opa: OpaProcess, upstream: Upstream, hanging_upstream: 
     config = make_config(
         pki, opa_url=opa.url, upstream_port=upstream.port, hang_port=hanging_upstream, down_port=free_port()
     )
-    runtime = PepRuntime(config)
-    await runtime.start()
-    yield runtime
-    await runtime.stop()
+    async with running_pep(config) as runtime:
+        yield runtime
 
 
 @pytest.fixture(scope="session")
