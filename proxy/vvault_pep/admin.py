@@ -24,7 +24,9 @@ no certificate a 401.  Every refusal is ``application/problem+json`` with a
 The OPA pushes can rewrite every rule and grant, so they are authorised with
 their bodies (the policy sees ``admin.body`` and ``admin.data_path``; the
 shipped one wants the ``policy-admin`` role and a recent MFA sign-in, sent as
-the admin's own bearer token), the limits of ``/admin/grants`` hold on a data
+the admin's own bearer token bound to the admin certificate by RFC 8705
+``cnf.x5t#S256``, so a stolen certificate and the thief's own MFA token are not
+enough), the limits of ``/admin/grants`` hold on a data
 push that writes a grant (in this module too, whichever way the caller is
 authenticated), and the audit record carries the SHA-256 of what was written.
 """
@@ -180,7 +182,7 @@ class AdminApi:
                     **(extra or {}),
                 },
                 "tls": {"client_cert": peer.as_input()},
-                "identity": await self._admin_identity(request, action),
+                "identity": await self._admin_identity(request, action, peer),
                 "time": {"unix_ns": int(now.timestamp() * 1_000_000_000)},
             }
             assert self.runtime.pdp is not None
@@ -206,8 +208,11 @@ class AdminApi:
         body, _ = await self._body(request, action, "token", read)
         return "token", body
 
-    async def _admin_identity(self, request: web.Request, action: str) -> dict[str, Any]:
-        """The admin's own bearer token, verified like any other (for MFA and recency); else anonymous."""
+    async def _admin_identity(self, request: web.Request, action: str, peer: PeerCertificate) -> dict[str, Any]:
+        """The admin's own bearer token, verified like any other (for MFA and recency); else anonymous.
+
+        ``cert_bound`` is true only for a token bound to this admin certificate (RFC 8705
+        ``cnf.x5t#S256``); a token bound to another certificate is refused, as on a route."""
         authn = self.runtime.authn
         header = request.headers.get("Authorization")
         if authn is None or header is None or not authn.cfg.issuers:
@@ -220,7 +225,13 @@ class AdminApi:
         except PepError as err:
             self._record(action, False, admin=None, code=err.code)
             raise _problem(401, err.code, "the admin's bearer token was refused") from err
-        return Identity(user, None).as_input()
+        bound = user.cnf_x5t_s256 is not None and hmac.compare_digest(
+            peer.x5t_s256.encode(), user.cnf_x5t_s256.encode()
+        )
+        if user.cnf_x5t_s256 is not None and not bound:
+            self._record(action, False, admin=_admin_name(peer), code="authn.cert_binding_mismatch")
+            raise _problem(401, "authn.cert_binding_mismatch", "the admin's token is bound to another certificate")
+        return Identity(user, None, bound).as_input()
 
     def _record(self, action: str, ok: bool, **fields: Any) -> None:
         assert self.runtime.audit is not None

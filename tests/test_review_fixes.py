@@ -1,0 +1,142 @@
+"""Fixes from a security review of the merged PEP, each tried as the reviewer's attack.
+
+Real OPA with the repo's policies, real TLS with generated certificates, really signed
+tokens; each test checks the status, the reason code, whether the upstream was reached
+and, where it matters, the audit record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tests.conftest import Upstream
+from tests.support import OpaProcess, client_context, config_doc, raw_https
+from tests.test_body_policy import BODY_ROUTES, QUERY
+
+from vvault_pep.config import Config
+from vvault_pep.runtime import PepRuntime
+
+# ------------------------------------------------------------------ inspected bodies: deadline and in-flight slot
+
+DEADLINE_S = 1.0
+
+
+@pytest.fixture
+async def body_pep(pki: Path, opa: OpaProcess, upstream: Upstream) -> AsyncIterator[PepRuntime]:
+    routes = [{**BODY_ROUTES[0], "body_deadline_s": DEADLINE_S}, *BODY_ROUTES[1:]]
+    doc = config_doc(
+        pki,
+        opa_url=opa.url,
+        upstream_port=upstream.port,
+        routes=routes,
+        limits={"body_idle_timeout_s": 30, "max_in_flight_per_client": 1},
+    )
+    runtime = PepRuntime(Config.model_validate(doc))
+    await runtime.start()
+    yield runtime
+    await runtime.stop()
+
+
+async def trickle(port: int, pki: Path, started: asyncio.Event) -> tuple[int, dict[str, Any], float]:
+    """A JSON body sent a byte every 100 ms (never idle long enough for the idle timeout)."""
+    body = b'{"vector": [0.1, 0.9], "top_k": 3' + b" " * 200 + b"}"
+    head = (
+        f"POST {QUERY} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", port, ssl=client_context(pki, "reader"), server_hostname="localhost"
+    )
+    t0 = time.monotonic()
+
+    async def send() -> None:
+        writer.write(head)
+        await writer.drain()
+        started.set()
+        for byte in body:
+            writer.write(bytes([byte]))
+            await writer.drain()
+            await asyncio.sleep(0.1)
+
+    sender = asyncio.create_task(send())
+    try:
+        async with asyncio.timeout(20):
+            head_out = await reader.readuntil(b"\r\n\r\n")
+            elapsed = time.monotonic() - t0  # the answer, not the server's lingering close
+            length = next(
+                int(line.split(b":", 1)[1])
+                for line in head_out.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            )
+            rest = await reader.readexactly(length)
+    finally:
+        sender.cancel()
+        writer.close()
+    return int(head_out.split(b" ")[1]), json.loads(rest), elapsed
+
+
+async def test_a_trickled_json_body_ends_at_the_body_deadline_holding_its_slot(
+    body_pep: PepRuntime, pki: Path, upstream: Upstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    started = asyncio.Event()
+    with caplog.at_level(logging.INFO, logger="vvault_pep.audit"):
+        slow = asyncio.create_task(trickle(body_pep.port, pki, started))
+        await started.wait()
+        # the slow body holds this client's one in-flight slot while it trickles
+        quick = b'{"vector": [0.1], "top_k": 3}'
+        for _ in range(200):
+            if body_pep.pipeline.inflight.count(f"client:cert:{_sha(pki)}"):
+                break
+            await asyncio.sleep(0.02)
+        second = await raw_https(body_pep.port, client_context(pki, "reader"), _post(quick))
+        assert (second.status, json.loads(second.body)["code"]) == (429, "ratelimit.concurrency")
+        status, doc, elapsed = await slow
+    assert (status, doc["code"]) == (408, "sanitize.body_deadline")
+    assert elapsed < DEADLINE_S + 5  # not the 20 s the whole trickle would take
+    [record] = [r.audit for r in caplog.records if getattr(r, "audit", {}).get("status") == 408]
+    assert record["result"]["code"] == "sanitize.body_deadline"
+    assert upstream.seen_with(doc["request_id"]) == []
+    # the slot is released: the client is served again
+    again = await raw_https(body_pep.port, client_context(pki, "reader"), _post(quick))
+    assert again.status == 200, again.body
+
+
+def _sha(pki: Path) -> str:
+    import hashlib
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    cert = x509.load_pem_x509_certificate((pki / "client-reader.pem").read_bytes())
+    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+def _post(body: bytes) -> bytes:
+    head = (
+        f"POST {QUERY} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+# ------------------------------------------------------------------ duplicate JSON keys
+
+
+async def test_a_json_body_with_a_duplicate_key_is_refused(body_pep: PepRuntime, pki: Path, upstream: Upstream) -> None:
+    # orjson keeps the last top_k (3, allowed); a first-wins upstream would read 5000
+    resp = await raw_https(
+        body_pep.port, client_context(pki, "reader"), _post(b'{"top_k": 5000, "vector": [0.1], "top_k": 3}')
+    )
+    doc = json.loads(resp.body)
+    assert (resp.status, doc["code"]) == (400, "sanitize.invalid_json")
+    assert upstream.seen_with(resp.headers["x-request-id"]) == []
+    nested = b'{"top_k": 3, "vector": [0.1], "filter": {"tenant": "acme", "tenant": "globex"}}'
+    resp = await raw_https(body_pep.port, client_context(pki, "reader"), _post(nested))
+    assert (resp.status, json.loads(resp.body)["code"]) == (400, "sanitize.invalid_json")
