@@ -140,3 +140,97 @@ async def test_a_json_body_with_a_duplicate_key_is_refused(body_pep: PepRuntime,
     nested = b'{"top_k": 3, "vector": [0.1], "filter": {"tenant": "acme", "tenant": "globex"}}'
     resp = await raw_https(body_pep.port, client_context(pki, "reader"), _post(nested))
     assert (resp.status, json.loads(resp.body)["code"]) == (400, "sanitize.invalid_json")
+
+
+# ------------------------------------------------------------------ the cache: vary, body, time, absence
+
+VARY_BODY_ROUTE = {
+    "name": "vary_query",
+    "path": "/v1/tenants/{tenant}/collections/{collection}/query",
+    "methods": ["POST"],
+    "upstream": "vvault",
+    "policy": "faults/vary_subject",  # cache.vary: [identity.subject], nothing of the body
+    "body": {"inspect": "json", "cache_key": True},
+    "cache": {"ttl_s": 30},
+}
+
+
+@pytest.fixture
+async def vary_pep(pki: Path, opa: OpaProcess, upstream: Upstream) -> AsyncIterator[PepRuntime]:
+    doc = config_doc(pki, opa_url=opa.url, upstream_port=upstream.port, routes=[VARY_BODY_ROUTE], cache=True)
+    runtime = PepRuntime(Config.model_validate(doc))
+    await runtime.start()
+    yield runtime
+    await runtime.stop()
+
+
+async def test_a_vary_hint_never_drops_the_body_from_the_key(
+    vary_pep: PepRuntime, pki: Path, upstream: Upstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    layers = []
+    with caplog.at_level(logging.INFO, logger="vvault_pep.audit"):
+        for body in (b'{"top_k": 3}', b'{"top_k": 3}', b'{"top_k": 5000, "filter": {"tenant": "globex"}}'):
+            resp = await raw_https(vary_pep.port, client_context(pki, "reader"), _post(body))
+            assert resp.status == 200, resp.body
+            rid = resp.headers["x-request-id"]
+            [record] = [r.audit for r in caplog.records if getattr(r, "audit", {}).get("request_id") == rid]
+            layers.append(record["cache"])
+    # the same body is a hit; another body is asked of OPA, never answered from the first's entry
+    assert layers == ["miss", "l1", "miss"]
+
+
+def _cache_route(pki: Path, **route: Any) -> Any:
+    doc = config_doc(pki, opa_url="http://127.0.0.1:9", upstream_port=9, routes=[route], cache=True)
+    return Config.model_validate(doc)
+
+
+def test_a_vary_that_omits_a_path_the_policy_reads_is_ignored(pki: Path) -> None:
+    from vvault_pep.cache import CacheHints, DecisionCache
+
+    config = _cache_route(
+        pki, name="r", path="/x/{a}", methods=["GET"], upstream="vvault", policy="p/decision", cache={"ttl_s": 30}
+    )
+    [route] = config.routes
+    cache = DecisionCache(config.cache, None)
+    cache.opa_revision = "p:rev"
+    cache.use_policy_paths({"p/decision": ("identity.subject", "request.method")}, "p:rev")
+    revision, epochs = "p:rev#0#0@x", []
+    alice_get = {"identity": {"subject": "alice"}, "request": {"method": "GET"}}
+    alice_delete = {"identity": {"subject": "alice"}, "request": {"method": "DELETE"}}
+    hints = CacheHints(30.0, ("identity.subject",), False)  # leaves out request.method, which the policy reads
+    cache.store(route, alice_get, {"allow": True}, ttl_s=30, hints=hints, revision=revision, epochs=epochs)
+
+    async def layer(doc: dict[str, Any]) -> str:
+        return (await cache.lookup(route, doc, (revision, epochs)))[1]
+
+    assert asyncio.run(layer(alice_delete)) == "miss"
+    assert asyncio.run(layer(alice_get)) == "l1"
+    # a vary that covers what the policy reads is honoured: other fields do not split the key
+    wide = CacheHints(30.0, ("identity", "request.method"), False)
+    cache.store(route, alice_get, {"allow": True}, ttl_s=30, hints=wide, revision=revision, epochs=epochs)
+    assert asyncio.run(layer({**alice_get, "device": {"id": "d1"}})) == "l1"
+
+
+def test_unknown_policy_paths_after_a_push_count_as_reading_the_clock(pki: Path) -> None:
+    from vvault_pep.cache import DecisionCache
+
+    config = _cache_route(
+        pki, name="r", path="/x/{a}", methods=["GET"], upstream="vvault", policy="p/decision", cache={"ttl_s": 30}
+    )
+    [route] = config.routes
+    cache = DecisionCache(config.cache, None)
+    cache.opa_revision = "p:rev"
+    cache.use_policy_paths({"p/decision": ("identity.subject",)}, "p:rev")
+    assert cache.time_dependent(route) is False  # known not to read the clock
+    cache.forget_policy_paths()  # an admin pushed a module nobody analysed
+    assert cache.time_dependent(route) is True
+
+
+def test_a_client_value_cannot_spell_an_absent_field() -> None:
+    from vvault_pep.cache import project
+
+    paths = ("request.body.owner",)
+    absent = project({"request": {"body": {}}}, paths)
+    spelled = project({"request": {"body": {"owner": {"$missing": True}}}}, paths)
+    assert absent != spelled
+    assert project({"request": {"body": {"owner": None}}}, paths) != absent
