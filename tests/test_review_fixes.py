@@ -234,3 +234,90 @@ def test_a_client_value_cannot_spell_an_absent_field() -> None:
     spelled = project({"request": {"body": {"owner": {"$missing": True}}}}, paths)
     assert absent != spelled
     assert project({"request": {"body": {"owner": None}}}, paths) != absent
+
+
+# ------------------------------------------------------------------ a trusted front proxy: one element, no address
+
+FRONT = "spiffe://demo.vvault/client/ops"  # the front proxy, by its own certificate
+READER = "spiffe://demo.vvault/client/reader"
+INDEXER = "spiffe://prod.vvault/ns/platform/sa/indexer"
+SECRET = "/v1/tenants/acme/secrets/db-password"
+
+
+async def _front_pep(pki: Path, opa: OpaProcess, upstream: Upstream, **xfcc: Any) -> PepRuntime:
+    doc = config_doc(
+        pki,
+        opa_url=opa.url,
+        upstream_port=upstream.port,
+        listener={"tls": {"client_auth": "optional"}},
+        identity={"workload": {"trust_domains": ["demo.vvault", "prod.vvault"]}},
+        xfcc={"trusted_proxies": [{"spiffe_id": FRONT}], **xfcc},
+    )
+    runtime = PepRuntime(Config.model_validate(doc))
+    await runtime.start()
+    return runtime
+
+
+def _get(path: str, *headers: str) -> bytes:
+    return "\r\n".join([f"GET {path} HTTP/1.1", "Host: localhost", *headers, "Connection: close", "", ""]).encode()
+
+
+def _reader_hash(pki: Path) -> str:
+    return _sha(pki)
+
+
+async def test_more_than_one_xfcc_element_from_the_front_proxy_is_refused(
+    pki: Path, opa: OpaProcess, upstream: Upstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    # a front proxy in append mode: the client wrote the first element (as the indexer), the
+    # proxy appended the second
+    value = f"By={FRONT};Hash={'1' * 64};URI={INDEXER},By={FRONT};Hash={_reader_hash(pki)};URI={READER}"
+    runtime = await _front_pep(pki, opa, upstream)
+    try:
+        with caplog.at_level(logging.INFO, logger="vvault_pep.audit"):
+            resp = await raw_https(
+                runtime.port, client_context(pki, "ops"), _get(SECRET, f"X-Forwarded-Client-Cert: {value}")
+            )
+        rid = resp.headers["x-request-id"]
+        assert (resp.status, json.loads(resp.body)["code"]) == (400, "sanitize.bad_xfcc")
+        assert upstream.seen_with(rid) == []
+        [record] = [r.audit for r in caplog.records if getattr(r, "audit", {}).get("request_id") == rid]
+        assert record["result"]["code"] == "sanitize.bad_xfcc"
+        # one element, as SANITIZE_SET sends: believed
+        one = f"By={FRONT};Hash={_reader_hash(pki)};URI={READER}"
+        resp = await raw_https(
+            runtime.port, client_context(pki, "ops"), _get(SECRET, f"X-Forwarded-Client-Cert: {one}")
+        )
+        assert resp.status != 400
+    finally:
+        await runtime.stop()
+    # only where every hop is yours: the last element is believed again
+    runtime = await _front_pep(pki, opa, upstream, require_single_element=False)
+    try:
+        resp = await raw_https(
+            runtime.port, client_context(pki, "ops"), _get(SECRET, f"X-Forwarded-Client-Cert: {value}")
+        )
+        assert resp.status != 400
+    finally:
+        await runtime.stop()
+
+
+async def test_behind_the_front_proxy_a_request_without_a_forwarded_certificate_is_refused(
+    pki: Path, opa: OpaProcess, upstream: Upstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    # client_auth optional: a direct client may come without a certificate, keyed on its address;
+    # through the proxy that address is everyone's, so nothing would name the caller
+    runtime = await _front_pep(pki, opa, upstream)
+    try:
+        with caplog.at_level(logging.INFO, logger="vvault_pep.audit"):
+            resp = await raw_https(runtime.port, client_context(pki, "ops"), _get(SECRET))
+        rid = resp.headers["x-request-id"]
+        assert (resp.status, json.loads(resp.body)["code"]) == (401, "tls.client_cert_required")
+        assert upstream.seen_with(rid) == []
+        [record] = [r.audit for r in caplog.records if getattr(r, "audit", {}).get("request_id") == rid]
+        assert record["forwarded_by"] == FRONT
+        # a direct client without a certificate is still let in (and keyed on its own address)
+        resp = await raw_https(runtime.port, client_context(pki, None), _get(SECRET))
+        assert json.loads(resp.body).get("code") != "tls.client_cert_required"
+    finally:
+        await runtime.stop()

@@ -525,6 +525,9 @@ class Xfcc(_Model):
     trusted_proxies: tuple[FrontProxy, ...] = ()
     # The By= value the PEP emits: its own URI (e.g. its SPIFFE ID); omitted if unset.
     by: str | None = None
+    # More than one XFCC element from a trusted proxy is refused (400): a front proxy that
+    # appends (APPEND_FORWARD) passes on an element its client wrote.  Envoy: SANITIZE_SET.
+    require_single_element: bool = True
 
 
 class Redis(_Model):

@@ -174,7 +174,10 @@ class Pipeline:
             )
             if conn.forwarded_by is not None:
                 trail.fields["forwarded_by"] = conn.forwarded_by.spiffe_id or conn.forwarded_by.sha256
-        if config.listener.tls.client_auth == "required" and (conn is None or conn.peer is None):
+        # Behind a trusted front proxy the source address is the proxy's, shared by every
+        # client: without a forwarded certificate nothing names this caller, so it is refused.
+        forwarded = conn is not None and conn.forwarded_by is not None
+        if (config.listener.tls.client_auth == "required" or forwarded) and (conn is None or conn.peer is None):
             raise PepError("tls.client_cert_required", "a client certificate is required")
         if conn and conn.peer:
             trail.fields["client_cert"] = {"sha256": conn.peer.sha256, "spiffe_id": conn.peer.spiffe_id}
@@ -257,7 +260,7 @@ class Pipeline:
         draft = build_input(facts, pep_version=__version__)
         with self._stage(trail, "context"):
             pending = (
-                self.risk.assess(who, facts.source_ip, facts.now),
+                self.risk.assess(who, None if forwarded else facts.source_ip, facts.now),
                 # contain: every scope of the subject, before any cached allow or OPA
                 self.containment.check(who),
                 self.cache.context(who.scopes) if route.cache.enabled else _no_context(),
