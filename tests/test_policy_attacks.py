@@ -226,7 +226,9 @@ async def test_a_cn_spelling_a_spiffe_id_is_not_an_admin(
     with caplog.at_level(logging.INFO, logger="vvault_pep.audit"):
         status, _ = await admin(pep, pki, "GET", "/admin/cache", cert="cn-spoof")
     assert status == 403
-    [record] = [r.audit for r in caplog.records if getattr(r, "audit", {}).get("admin_action") == "cache.read"]
+    records = [r.audit for r in caplog.records if getattr(r, "audit", {}).get("admin_action") == "cache.read"]
+    assert [r["result"]["allow"] for r in records] == [True, False]  # each call on record, once
+    record = records[-1]
     assert record["result"] == {"allow": False}
     assert record["admin"].startswith("x509:")  # named in its own namespace, not as the ops SPIFFE ID
 
@@ -365,7 +367,7 @@ async def test_grant_limits_hold_on_a_token_admin_api_too(
 ) -> None:
     secret = "attack-admin-token-0123456789abcdef-xyz"
     doc = _doc(pki, attack_opa, upstream, idp, other_idp)
-    doc["admin"] = {"host": "127.0.0.1", "port": 0, "token": secret}
+    doc["admin"] = {"host": "127.0.0.1", "port": 0, "token": secret, "token_may_push": True}
     runtime = PepRuntime(Config.model_validate(doc))
     await runtime.start()
     try:

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from tests.conftest import Upstream
 from tests.support import OpaProcess, client_context, config_doc, raw_https
@@ -321,3 +322,121 @@ async def test_behind_the_front_proxy_a_request_without_a_forwarded_certificate_
         assert json.loads(resp.body).get("code") != "tls.client_cert_required"
     finally:
         await runtime.stop()
+
+
+# ------------------------------------------------------------------ the admin API: token pushes, one record per call
+
+ADMIN_TOKEN = "review-admin-token-0123456789abcdef-0123"
+
+
+def _audit_of(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
+    return [r.audit for r in caplog.records if "admin_action" in getattr(r, "audit", {})]
+
+
+async def _admin_call(
+    port: int, pki: Path | None, method: str, path: str, body: Any = None, token: str | None = None
+) -> tuple[int, Any]:
+    scheme = "https" if pki is not None else "http"
+    connector = aiohttp.TCPConnector(ssl=client_context(pki, "ops") if pki is not None else False, force_close=True)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with aiohttp.ClientSession(connector=connector) as http:
+        async with http.request(method, f"{scheme}://localhost:{port}{path}", json=body, headers=headers) as resp:
+            text = await resp.text()
+            return resp.status, json.loads(text) if text[:1] == "{" else text
+
+
+async def test_the_shared_admin_token_may_not_push_opa_data_or_policies(
+    pki: Path, opa: OpaProcess, upstream: Upstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    doc = config_doc(
+        pki, opa_url=opa.url, upstream_port=upstream.port, admin={"host": "127.0.0.1", "port": 0, "token": ADMIN_TOKEN}
+    )
+    runtime = PepRuntime(Config.model_validate(doc))
+    await runtime.start()
+    try:
+        for path, body in (("/admin/opa/data/faults_data/x", {"a": 1}), ("/admin/opa/policies/extra", "package x")):
+            caplog.clear()
+            with caplog.at_level(logging.INFO, logger="vvault_pep.audit"):
+                status, answer = await _admin_call(runtime.admin_port, None, "PUT", path, body, ADMIN_TOKEN)
+            assert (status, answer["code"]) == (403, "admin.push_needs_certificate"), path
+            [record] = _audit_of(caplog)
+            assert (record["result"], record["admin"], record["code"]) == (
+                {"allow": False},
+                "token",
+                "admin.push_needs_certificate",
+            )
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{opa.url}/v1/data/faults_data/x") as resp:
+                assert (await resp.json()).get("result") is None  # OPA never written
+        # the token still does what it is for
+        assert (await _admin_call(runtime.admin_port, None, "GET", "/admin/cache", token=ADMIN_TOKEN))[0] == 200
+    finally:
+        await runtime.stop()
+
+
+def test_the_report_names_an_admin_api_on_every_interface_and_without_tls(pki: Path) -> None:
+    from vvault_pep.hardening import findings
+
+    doc = config_doc(
+        pki,
+        opa_url="http://127.0.0.1:9",
+        upstream_port=9,
+        admin={"host": "0.0.0.0", "port": 9901, "token": ADMIN_TOKEN},
+    )
+    fields = {f.field for f in findings(Config.model_validate(doc))}
+    assert {"admin.host", "admin.tls", "admin.token"} <= fields
+    doc["admin"]["token_may_push"] = True
+    assert "admin.token_may_push" in {f.field for f in findings(Config.model_validate(doc))}
+    doc["admin"] = {"host": "127.0.0.1", "port": 9901}  # off: nothing to report
+    assert not {"admin.host", "admin.tls"} & {f.field for f in findings(Config.model_validate(doc))}
+
+
+@pytest.fixture
+async def cert_admin_pep(pki: Path, opa: OpaProcess, upstream: Upstream) -> AsyncIterator[PepRuntime]:
+    tls = {
+        "cert_file": str(pki / "server.pem"),
+        "key_file": str(pki / "server-key.pem"),
+        "client_ca_file": str(pki / "ca.pem"),
+    }
+    doc = config_doc(
+        pki,
+        opa_url=opa.url,
+        upstream_port=upstream.port,
+        identity={"workload": {"trust_domains": ["demo.vvault"]}},
+        admin={"host": "127.0.0.1", "port": 0, "policy": "vvault/admin/decision", "tls": tls},
+    )
+    runtime = PepRuntime(Config.model_validate(doc))
+    await runtime.start()
+    yield runtime
+    await runtime.stop()
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status", "action"),
+    [
+        ("GET", "/admin/cache", None, 200, "cache.read"),
+        ("GET", "/admin/quarantines", None, 200, "quarantine.list"),
+        ("POST", "/admin/quarantines", {"scope": "subject"}, 400, "quarantine.add"),
+        ("DELETE", "/admin/quarantines/nonsense/x", None, 400, "quarantine.lift"),
+        ("POST", "/admin/cache/invalidate", {"scope": "subject"}, 400, "cache.invalidate"),
+    ],
+)
+async def test_every_admin_call_gets_exactly_one_audit_record(
+    cert_admin_pep: PepRuntime,
+    pki: Path,
+    caplog: pytest.LogCaptureFixture,
+    method: str,
+    path: str,
+    body: Any,
+    status: int,
+    action: str,
+) -> None:
+    with caplog.at_level(logging.INFO, logger="vvault_pep.audit"):
+        got, _ = await _admin_call(cert_admin_pep.admin_port, pki, method, path, body)
+    assert got == status
+    [record] = _audit_of(caplog)
+    assert record["admin_action"] == action
+    assert record["admin"] == "spiffe://demo.vvault/client/ops"
+    assert record["result"] == {"allow": status < 400}
+    if status >= 400:
+        assert record["code"] == "admin.bad_request"

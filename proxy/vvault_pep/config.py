@@ -285,6 +285,10 @@ class Admin(_Model):
     tls: ListenerTls | None = None
     policy: str | None = None
     token: str | None = Field(None, repr=False, min_length=32)
+    # Whether the shared token may push OPA data and policy modules (opa.data.put,
+    # opa.policy.put): a push can rewrite every rule, and the token carries no MFA and
+    # names nobody.  Off: those pushes need admin.tls with admin.policy.
+    token_may_push: bool = False
 
     @model_validator(mode="after")
     def _policy_needs_tls(self) -> Admin:
