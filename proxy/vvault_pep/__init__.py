@@ -7,9 +7,9 @@ The few ideas to hold before reading the code:
   :class:`~vvault_pep.app.exchange.Exchange`: peer (mTLS, the client certificate as
   data) → sanitize (one canonical path and header set, or 400) → route (declarative
   table, 404 on no match) → authenticate (bearer JWTs, SPIFFE workloads) → posture
-  (signed device assertions) → body → context (the verified subject; risk, containment
-  and cache epochs in one Redis round trip; the versioned ``input`` document) → rate
-  limit → decide (L1, Redis L2, OPA with a hard deadline) → obligations → enforce (deny
+  (signed device assertions) → name (the verified subject) → body → context (risk,
+  containment and cache epochs in one Redis round trip; the versioned ``input`` document)
+  → rate limit → decide (L1, Redis L2, OPA with a hard deadline) → obligations → enforce (deny
   unless the answer strictly reads as allow) → forward (streamed, pooled), then audit and
   telemetry.  ``explain`` runs the same list with a forwarder that sends nothing.
 * **Packages by role**, importing only downward (``tests/test_layout.py`` checks it):

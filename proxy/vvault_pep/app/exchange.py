@@ -10,8 +10,9 @@ stage that owns it (reading it before is an ``AttributeError``, a bug, never a d
 ``match``       route: the route and its parameters; ``max_body`` its body limit
 ``identity``    authenticate: the verified token and/or workload
 ``device``      posture: the verified device assertion, as data
+``subject``     name: the caller's verified names (containment, limits, risk, cache)
 ``inspected``   body: the JSON body the policy may read (None when the route reads none)
-``facts``       context: every fact of the request; ``subject`` its verified names;
+``facts``       context: every fact of the request;
                 ``risk``; ``policy_input`` (built once, for OPA and the cache key);
                 ``cache_context`` (revision and epochs)
 ``decision``    decide: the interpreted answer; ``layer`` where it came from
@@ -96,6 +97,11 @@ class Exchange:
     def host(self) -> str:
         """The request's host as aiohttp reads it (for X-Forwarded-Host); else the checked Host."""
         return self.request.host if self.request is not None else self.headers.host
+
+    @property
+    def forwarded(self) -> bool:
+        """Whether the connection is a trusted front proxy's, speaking for its client (XFCC)."""
+        return self.conn is not None and self.conn.forwarded_by is not None
 
     @property
     def source_ip(self) -> str | None:

@@ -1,8 +1,8 @@
 """The request's walk: the stage list of :func:`~.stages.walk`, run in order over one exchange.
 
-    peer → sanitize → route → authenticate → posture → body → context (subject, risk,
-    containment, cache epochs) → rate limit → decide (L1 → L2 → OPA) → obligations
-    → enforce → forward
+    peer → sanitize → route → authenticate → posture → name (the verified subject) → body
+    → context (risk, containment, cache epochs; the policy input) → rate limit
+    → decide (L1 → L2 → OPA) → obligations → enforce → forward
                   └→ audit, trace, metrics
 
 Each stage is a class of :mod:`.stages` over the request's :class:`~.exchange.Exchange`;

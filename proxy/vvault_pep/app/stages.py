@@ -88,8 +88,9 @@ def walk(
         Route(config, routes, tel),
         Authenticate(authn, tel),
         Posture(config, posture, tel),
-        Body(config, tel),
-        Context(config, risk, containment, cache, tel),
+        Name(config),
+        Body(config, in_flight, tel),
+        Context(risk, containment, cache, tel),
         RateLimit(limiter),
         Decide(config, cache, pdp, tel, live=live),
         Obligations(containment, cache, limiter, live=live),
@@ -143,7 +144,9 @@ class Peer:
             if conn.forwarded_by is not None:
                 x.trail.fields["forwarded_by"] = conn.forwarded_by.spiffe_id or conn.forwarded_by.sha256
             x.conn = conn
-        if self.tls.client_auth == "required" and (conn is None or conn.peer is None):
+        # Behind a trusted front proxy the source address is the proxy's, shared by every
+        # client: without a forwarded certificate nothing names this caller, so it is refused.
+        if (self.tls.client_auth == "required" or x.forwarded) and (conn is None or conn.peer is None):
             raise PepError("tls.client_cert_required", "a client certificate is required")
         if conn and conn.peer:
             x.trail.fields["client_cert"] = {"sha256": conn.peer.sha256, "spiffe_id": conn.peer.spiffe_id}
@@ -232,33 +235,44 @@ class Posture:
         x.trail.fields["device_id"] = device.get("id")
 
 
-class Body:
-    """body: read before the decision only where the route lets the policy see it."""
+class Name:
+    """The subject, from verified names only: containment, rate limits, risk, cache epochs,
+    in-flight limits and the audit record all read it, never the input or the client's words."""
 
-    def __init__(self, config: Config, tel: Telemetry) -> None:
-        self.idle_timeout_s, self.tel = config.limits.body_idle_timeout_s, tel
+    def __init__(self, config: Config) -> None:
+        self.tenants = config.identity.workload.tenants
 
     async def run(self, x: Exchange) -> None:
-        cfg = x.match.route.body
+        peer = x.conn.peer if x.conn else None
+        x.subject = x.trail.subject = subject_of(x.identity, peer, x.device, self.tenants)
+
+
+class Body:
+    """body: read before the decision only where the route lets the policy see it, under the
+    body deadline and holding the caller's in-flight slot while it arrives."""
+
+    def __init__(self, config: Config, in_flight: inflight.InFlight, tel: Telemetry) -> None:
+        self.limits, self.inflight, self.tel = config.limits, in_flight, tel
+
+    async def run(self, x: Exchange) -> None:
+        route = x.match.route
+        cfg = route.body
         if cfg is not None:
+            who = x.subject
+            x.trail.release = self.inflight.take(inflight.client_of(who, x.source_ip), who.principal)
             with Timed(self.tel, x.trail, "body"):
-                x.inspected = await body.inspect(x.request, cfg, x.headers, self.idle_timeout_s)
+                deadline = route.body_deadline_s or self.limits.body_deadline_s
+                x.inspected = await body.inspect(x.request, cfg, x.headers, self.limits.body_idle_timeout_s, deadline)
 
 
 class Context:
-    """The subject, then risk, containment and the cache's revision/epochs in one Redis round trip.
+    """Risk, containment and the cache's revision/epochs in one Redis round trip, for the subject.
 
-    One subject, from verified names only: containment, rate limits, risk, cache epochs and
-    the audit record all read it, never the input or the client's words.  The policy input is
-    built here, once.
+    The policy input is built here, once: for OPA and the cache key, never read by a stage.
     """
 
-    def __init__(
-        self, config: Config, risk: RiskSignals, containment: Containment, cache: DecisionCache, tel: Telemetry
-    ) -> None:
-        self.tenants, self.risk, self.containment, self.cache, self.tel = (
-            config.identity.workload.tenants, risk, containment, cache, tel
-        )  # fmt: skip
+    def __init__(self, risk: RiskSignals, containment: Containment, cache: DecisionCache, tel: Telemetry) -> None:
+        self.risk, self.containment, self.cache, self.tel = risk, containment, cache, tel
 
     async def run(self, x: Exchange) -> None:
         trail, route = x.trail, x.match.route
@@ -277,15 +291,13 @@ class Context:
             now=now(),
             body=x.inspected,
         )
-        x.subject = trail.subject = who = subject_of(
-            x.identity, x.conn.peer if x.conn else None, x.device, self.tenants
-        )
+        who = x.subject
         # risk, containment and the cache's revision/epochs all read Redis: the three reads
         # are queued now and share one round trip (with those of other requests in flight).
         draft = build_input(facts, pep_version=__version__)
         with Timed(self.tel, trail, "context"):
             pending = (
-                self.risk.assess(who, facts.source_ip, facts.now),
+                self.risk.assess(who, None if x.forwarded else facts.source_ip, facts.now),
                 # contain: every scope of the subject, before any cached allow or OPA
                 self.containment.check(who),
                 self.cache.context(who.scopes) if route.cache.enabled else _no_context(),
@@ -453,7 +465,8 @@ class Forward:
 
     async def run(self, x: Exchange) -> None:
         config, trail, route, headers, inspected = self.config, x.trail, x.match.route, x.headers, x.inspected
-        trail.release = self.inflight.take(inflight.client_of(x.subject, x.source_ip), x.subject.principal)
+        if route.body is None:  # a body route took its slot before reading the body
+            trail.release = self.inflight.take(inflight.client_of(x.subject, x.source_ip), x.subject.principal)
         request = x.request
         if (
             request is not None

@@ -1,4 +1,4 @@
-"""Reading a request body the policy may see: at most ``max_bytes``, with an idle deadline.
+"""Reading a request body the policy may see: at most ``max_bytes``, with idle and overall deadlines.
 
 What the policy sees of the bytes read (and the whole contract) is :mod:`..core.body`'s; this
 module only takes them off the connection, answering ``Expect: 100-continue`` first.
@@ -19,9 +19,26 @@ from ..errors import PepError
 
 
 async def inspect(
+    request: web.BaseRequest | None,
+    cfg: RouteBody,
+    headers: Headers,
+    idle_timeout_s: float,
+    deadline_s: float = 60.0,
+) -> Inspected:
+    """Read up to ``cfg.max_bytes`` of the body (never more) and parse it, all within ``deadline_s``.
+
+    ``request`` is None when nothing was received (``explain``): a body announced then is refused.
+    """
+    try:
+        async with asyncio.timeout(deadline_s):
+            return await _inspect(request, cfg, headers, idle_timeout_s)
+    except TimeoutError as exc:
+        raise PepError("sanitize.body_deadline", "the request body took too long") from exc
+
+
+async def _inspect(
     request: web.BaseRequest | None, cfg: RouteBody, headers: Headers, idle_timeout_s: float
 ) -> Inspected:
-    """Read up to ``cfg.max_bytes`` of the body (never more) and parse it (None: nothing was received)."""
     has_body = bool(headers.content_length) or headers.chunked
     if not has_body:
         return NOTHING
