@@ -5,7 +5,9 @@
 * ``explain`` stores nothing itself: after it, Redis holds no decision;
 * a quarantine another replica wrote to Redis makes ``explain`` answer 403
   ``containment.quarantined`` (stage ``context``), as a live request would be answered;
-* a ``Host`` the listener does not serve is 421 ``sanitize.unknown_host`` (stage ``sanitize``).
+* a ``Host`` the listener does not serve is 421 ``sanitize.unknown_host`` (stage ``sanitize``);
+* a route's rate limit counts ``explain`` like a request, in Redis: a live request uses the
+  one token there is, and ``explain`` is then 429 ``ratelimit.exceeded`` (stage ``ratelimit``).
 """
 
 from __future__ import annotations
@@ -51,6 +53,16 @@ async def setup(
         risk={"enabled": False},
     )
     doc["routes"] = [{**r, "cache": {"ttl_s": 60, "key": KEY}} if r["name"] == "secrets" else r for r in doc["routes"]]
+    # About one request per certificate an hour on this route, counted in Redis.
+    doc["routes"].insert(
+        0,
+        {
+            **next(r for r in doc["routes"] if r["name"] == "secrets"),
+            "name": "limited",
+            "path": "/v1/limited/{path*}",
+            "rate_limit": {"per": "certificate", "rate_per_s": 0.0003},
+        },
+    )
     path = tmp_path / "pep.yaml"
     path.write_text(yaml.safe_dump(doc))
     async with running_pep(Config.model_validate({**doc, "source": str(path)})) as runtime:
@@ -117,3 +129,14 @@ async def test_explain_runs_containment_and_the_host_check(
     assert elsewhere["answer"]["status"] == 421
     assert elsewhere["answer"]["code"] == "sanitize.unknown_host"
     assert elsewhere["answer"]["stage"] == "sanitize"
+
+
+async def test_explain_counts_against_the_rate_limit_a_live_request_used(
+    setup: tuple[PepRuntime, Path, aioredis.Redis, str], pki: Path
+) -> None:
+    runtime, path, _, _ = setup
+    assert (await mtls_request(pki, runtime.port, "/v1/limited/x")).status != 429  # the one token
+    limited = await explain(path, pki, "/v1/limited/x")
+    assert limited["answer"]["status"] == 429
+    assert limited["answer"]["code"] == "ratelimit.exceeded"
+    assert limited["answer"]["stage"] == "ratelimit"
