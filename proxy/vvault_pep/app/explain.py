@@ -14,7 +14,6 @@ diagnostic tool for people who already hold the request.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 import uuid
@@ -29,9 +28,7 @@ from ..config.models import Config
 from ..core.request import Connection, parse_peer
 from ..decide import revision
 from ..decide.cache import DecisionCache
-from ..decide.pdp import PdpClient
 from ..edge.forward import Outcome
-from ..edge.opa_supervisor import OpaSupervisor
 from ..errors import PepError
 from ..identity.authn import Authenticator
 from ..identity.posture import PostureVerifier
@@ -43,6 +40,7 @@ from ..shared.risk import RiskSignals
 from ..shared.state import SharedState
 from .exchange import Exchange, Trail
 from .pipeline import Pipeline
+from .services import key_decisions, policy_client
 
 
 class SendNothing:
@@ -81,14 +79,9 @@ async def explain(
             trust_domains=config.identity.workload.trust_domains,
         )
     authn, devices = Authenticator(config.identity), PostureVerifier(config.posture)
-    supervisor: OpaSupervisor | None = None
-    if config.opa.managed:
-        # Its own managed OPA on a private socket, as `serve` would: never whatever answers on opa.url.
-        supervisor = OpaSupervisor(config.opa)
-        pdp = PdpClient(config.opa, url=supervisor.url)
-        supervisor.client = pdp
-    else:
-        pdp = PdpClient(config.opa)
+    # With opa.managed, its own managed OPA on a private socket, as `serve` would: never
+    # whatever answers on opa.url.
+    pdp, supervisor = policy_client(config)
     shared = SharedState(config.redis) if config.redis is not None else None
     cache = DecisionCache(config.cache, shared)
     await authn.start()
@@ -102,13 +95,9 @@ async def explain(
             except (OSError, RuntimeError) as exc:
                 out["answer"] = {"status": 503, "code": "pdp.unavailable", "detail": str(exc), "stage": "pdp"}
                 return out
-        # The revision and the input paths, as the runtime learns them at start (an OPA that
-        # does not answer is the decide stage's refusal, below).
-        with contextlib.suppress(PepError):
-            cache.opa_instance = await pdp.instance_id()
-        await revision.refresh(config, pdp, cache)
-        if derived is not None:
-            cache.use_policy_paths(derived, cache.opa_revision)
+        # What OPA runs and what its policies read, as the runtime learns them at start (an OPA
+        # that does not answer is the decide stage's refusal, below).
+        await key_decisions(config, pdp, cache, derived)
         forwarder = SendNothing()
         pipeline = Pipeline(
             config, pdp, None, authn, cache, _quiet(config), AuditLog(config.audit),

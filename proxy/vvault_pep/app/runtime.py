@@ -42,6 +42,7 @@ from ..shared.risk import RiskSignals
 from ..shared.state import SharedState
 from .admin import AdminApi
 from .pipeline import Pipeline
+from .services import key_decisions, policy_client
 
 log = logging.getLogger("vvault_pep.runtime")
 
@@ -90,15 +91,10 @@ class PepRuntime:
         self.audit = AuditLog(config.audit)
         self.audit.start()
         derived: dict[str, tuple[str, ...]] | None = None
-        if config.opa.managed:
-            # The managed OPA's own address (a private socket by default), never opa.url.
-            self.supervisor = OpaSupervisor(config.opa)
-            self.pdp = PdpClient(config.opa, url=self.supervisor.url)
-            self.supervisor.client = self.pdp
+        self.pdp, self.supervisor = policy_client(config)
+        if self.supervisor is not None:
             await self.supervisor.start()
             derived = await self._managed_policy_paths()
-        else:
-            self.pdp = PdpClient(config.opa)
         self.upstreams = Upstreams(
             config.upstreams,
             max_body_bytes=config.limits.max_body_bytes,
@@ -110,10 +106,7 @@ class PepRuntime:
         await self.authn.start()
         self.shared = SharedState(config.redis) if config.redis is not None else None
         self.cache = DecisionCache(config.cache, self.shared)
-        self.cache.opa_instance = await self.pdp.instance_id()
-        await self._refresh_revision()
-        if derived is not None:
-            self.cache.use_policy_paths(derived, self.cache.opa_revision)
+        await key_decisions(config, self.pdp, self.cache, derived)
         self._revision_task = asyncio.create_task(self._revision_loop(), name="opa-revision")
         self.containment = Containment(self.shared)
         await self.containment.start()

@@ -1,4 +1,5 @@
-"""The services a running PEP holds, as the admin API sees them; acts that need several.
+"""The services a running PEP holds, as the admin API sees them; the pieces the runtime and
+``explain`` build alike (so they cannot drift); acts that need several services.
 
 :class:`~.runtime.PepRuntime` builds them once at start; the admin API reads them through
 this protocol, so it depends on what it uses and not on the runtime that builds it.  ``None``
@@ -10,8 +11,10 @@ from __future__ import annotations
 from typing import Protocol
 
 from ..config.models import Config
+from ..decide import revision
 from ..decide.cache import DecisionCache
 from ..decide.pdp import PdpClient
+from ..edge.opa_supervisor import OpaSupervisor
 from ..identity.authn import Authenticator
 from ..observe.audit import AuditLog
 from ..shared.containment import Containment, Quarantine
@@ -30,6 +33,33 @@ class Services(Protocol):
     def cache(self) -> DecisionCache | None: ...
     @property
     def containment(self) -> Containment | None: ...
+
+
+def policy_client(config: Config) -> tuple[PdpClient, OpaSupervisor | None]:
+    """The OPA client, and the managed OPA when the config says so (not started yet).
+
+    A managed OPA is asked at its own address (a private socket by default), never opa.url.
+    """
+    if config.opa.managed:
+        supervisor = OpaSupervisor(config.opa)
+        pdp = PdpClient(config.opa, url=supervisor.url)
+        supervisor.client = pdp
+        return pdp, supervisor
+    return PdpClient(config.opa), None
+
+
+async def key_decisions(
+    config: Config, pdp: PdpClient, cache: DecisionCache, derived: dict[str, tuple[str, ...]] | None
+) -> None:
+    """Teach the cache what OPA runs (its instance, its revision) and what the policies read.
+
+    Those are the cache key's inputs beside the request: the runtime at start and ``explain``
+    learn them the same way, so ``explain`` prints the key a live request uses.
+    """
+    cache.opa_instance = await pdp.instance_id()
+    await revision.refresh(config, pdp, cache)
+    if derived is not None:
+        cache.use_policy_paths(derived, cache.opa_revision)
 
 
 async def quarantine(
