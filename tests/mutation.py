@@ -79,6 +79,13 @@ MODULES: dict[str, list[str]] = {
 
 # mutant name → why no test can tell it from the original.
 EQUIVALENT: dict[str, str] = {
+    **{
+        f"vvault_pep.responses.x_cookie_passes__mutmut_{n}": "only the part before the first '=' is read:"
+        " `split('=')[0]` and `split('=', 2)[0]` are that part too"
+        for n in (25, 28)
+    },
+    "vvault_pep.responses.x_partial_reason__mutmut_26": "'multipart/byteranges' holds no ';': a value starts"
+    " with it exactly when its first ';'-separated part does",
     "vvault_pep.principal.x_subject_of__mutmut_42": "`workload_tenants.get(None)` is None: the mapping is"
     " keyed by SPIFFE IDs (str), so asking it without a workload finds nothing either way",
     "vvault_pep.enforce.x__deny__mutmut_10": "no caller passes `status`: the default branch is the only one reached",
