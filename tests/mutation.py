@@ -158,18 +158,23 @@ def run_module(module: str, budget_s: float, workers: int) -> dict[str, object]:
     env.pop("COVERAGE_PROCESS_START", None)  # no coverage inside mutants
     started = time.monotonic()
     timed_out = False
-    try:
-        subprocess.run(
-            [sys.executable, "-m", "mutmut", "run", "--max-children", str(workers)],
-            cwd=work,
-            env=env,
-            timeout=budget_s,
-            check=False,
-            stdout=subprocess.DEVNULL,
-        )
-    except subprocess.TimeoutExpired:
-        timed_out = True
-    status = results(work, env)
+    for attempt in (1, 2):
+        try:
+            subprocess.run(
+                [sys.executable, "-m", "mutmut", "run", "--max-children", str(workers)],
+                cwd=work,
+                env=env,
+                timeout=max(budget_s - (time.monotonic() - started), 1),
+                check=False,
+                stdout=subprocess.DEVNULL,
+            )
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        status = results(work, env)
+        # mutmut stops before any mutant when its clean run fails; a timing test on busy
+        # cores can do that once (the first run also compiles the trampolined copy): again.
+        if timed_out or attempt == 2 or any(s != "not checked" for s in status.values()):
+            break
     killed = sum(1 for s in status.values() if s in ("killed", "timeout"))
     survivors = sorted(n for n, s in status.items() if s == "survived")
     equivalent = [n for n in survivors if n in EQUIVALENT]
