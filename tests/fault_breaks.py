@@ -434,7 +434,7 @@ def stage() -> None:
         shutil.rmtree(STAGE)
     STAGE.mkdir(parents=True)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for name in ("proxy", "tests", "examples", "policies"):
+    for name in ("proxy", "tests", "examples", "policies", "docs"):
         shutil.copytree(ROOT / name, STAGE / name, ignore=ignore)
     shutil.copy2(ROOT / "pyproject.toml", STAGE / "pyproject.toml")
 

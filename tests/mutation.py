@@ -51,7 +51,7 @@ MODULES: dict[str, list[str]] = {
     "inflight": ["tests/test_slow_bodies.py", "tests/test_proofs_inflight.py"],
     "body": ["tests/test_proofs_body.py", "tests/test_body_policy.py"],
     "xfcc": ["tests/test_xfcc.py"],
-    "posture": ["tests/test_posture_risk.py", "tests/test_proofs_posture.py"],
+    "posture": ["tests/test_proofs_posture.py", "tests/test_posture_risk.py"],
     "enforce": ["tests/test_enforce.py", "tests/test_proofs_enforce.py", "tests/test_proofs_decisions.py"],
     "sanitize": ["tests/test_sanitize.py", "tests/test_proofs_sanitize.py"],
     "audit": ["tests/test_audit.py", "tests/test_proofs_audit.py", "tests/test_redact.py"],
@@ -79,6 +79,13 @@ MODULES: dict[str, list[str]] = {
 
 # mutant name → why no test can tell it from the original.
 EQUIVALENT: dict[str, str] = {
+    **{
+        f"vvault_pep.posture.xǁPostureVerifierǁ__init____mutmut_{n}": "the realm only goes into a 400/401"
+        " challenge; posture turns every such refusal into data (`verified: false`), so no client sees it"
+        for n in (5, 10, 11)
+    },
+    "vvault_pep.posture.xǁPostureVerifierǁassess__mutmut_68": "the age is a float from time.time(): an"
+    " assertion exactly max_age_s old cannot be produced",
     **{
         f"vvault_pep.body.x_is_json__mutmut_{n}": "only the part before the first ';' is read: `split(';')[0]`"
         " and `split(';', 2)[0]` are that part too"
@@ -119,7 +126,7 @@ def stage(module: str, tests: list[str]) -> Path:
     (work / "src").mkdir(parents=True)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache")
     shutil.copytree(ROOT / "proxy" / "vvault_pep", work / "src" / "vvault_pep", ignore=ignore)
-    for name in ("tests", "examples", "policies"):
+    for name in ("tests", "examples", "policies", "docs"):
         shutil.copytree(ROOT / name, work / name, ignore=ignore)
     existing = [t for t in tests if (ROOT / t).exists()]
     section = "\n".join(
@@ -128,7 +135,7 @@ def stage(module: str, tests: list[str]) -> Path:
             "[tool.mutmut]",
             'source_paths = ["src/vvault_pep/"]',
             f'only_mutate = ["src/vvault_pep/{module}.py"]',
-            'also_copy = ["examples/", "policies/"]',
+            'also_copy = ["examples/", "policies/", "docs/"]',
             f"pytest_add_cli_args_test_selection = {json.dumps(existing)}",
             'pytest_add_cli_args = ["-p", "no:cacheprovider", "-p", "no:randomly", "-q"]',
             "timeout_multiplier = 5.0",

@@ -9,7 +9,9 @@ sees it.  Real device issuer over HTTP, real OPA, real TLS.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -20,7 +22,10 @@ from tests.conftest import Upstream
 from tests.idp import Issuer, posture_assertion
 from tests.support import ROUTES, OpaProcess, client_context, config_doc
 
-from vvault_pep.config import Config
+from vvault_pep.authn import Identity, UserToken
+from vvault_pep.config import Config, Posture
+from vvault_pep.listener import PeerCertificate
+from vvault_pep.posture import PostureVerifier
 from vvault_pep.runtime import PepRuntime
 
 QUERY = "/v1/tenants/acme/collections/customers/query"
@@ -83,3 +88,115 @@ async def test_device_keys_unavailable_is_503_and_reaches_neither_policy_nor_ups
         assert record.get("input") is None  # the policy was never asked
     finally:
         await pep.stop()
+
+
+# -- the verifier itself: real assertions, real JWKS over HTTP, the whole answer compared ----------
+
+X5T = "EyhP8tY76VIAaI_fN4EwKoTpl37TVuJ0f5AVPkuYJ_A"
+
+
+@pytest.fixture
+async def own_devices() -> AsyncIterator[Issuer]:
+    """A device service with two ES256 keys: a verifier that forgot the kid could not choose."""
+    issuer = Issuer()
+    issuer.add_key("ec-2")
+    await issuer.start()
+    yield issuer
+    await issuer.stop()
+
+
+def verifier(devices: Issuer, binding: str = "either") -> PostureVerifier:
+    cfg = Posture.model_validate(
+        {
+            "issuers": [{"name": "devices", "issuer": devices.url, "audiences": ["vvault-pep"], "allow_http": True}],
+            "max_age_s": 60,
+            "binding": binding,
+        }
+    )
+    return PostureVerifier(cfg)
+
+
+def alice() -> Identity:
+    return Identity(UserToken("https://idp", "alice", None, (), (), (), (), None, None, None, None, 0, None), None)
+
+
+def cert(x5t: str = X5T) -> PeerCertificate:
+    now = dt.datetime.now(dt.UTC)
+    return PeerCertificate("CN=x", "CN=ca", "x", (), (), None, "ab" * 32, x5t, "1", "", "", now, now)
+
+
+async def test_a_verified_assertion_is_the_whole_device(own_devices: Issuer) -> None:
+    v = verifier(own_devices)
+    await v.start()
+    try:
+        got = await v.assess([posture_assertion(own_devices, key="ec-2", iat=time.time() - 10.5)], alice(), None)
+    finally:
+        await v.stop()
+    age = got.pop("age_s")
+    assert isinstance(age, float) and 10 <= age < 40
+    assert age == round(age, 3)
+    assert got == {
+        "issuer": own_devices.url,
+        "id": "dev-7f3a",
+        "managed": True,
+        "platform": "macOS",
+        "os_version": "15.4",
+        "patch_age_days": 3,
+        "disk_encrypted": True,
+        "screen_lock": True,
+        "edr_running": True,
+        "compliance_score": 92,
+        "verified": True,
+        "reason": None,
+    }
+
+
+async def test_an_assertion_without_iat_is_stale_not_an_error(own_devices: Issuer) -> None:
+    v = verifier(own_devices)
+    await v.start()
+    try:
+        got = await v.assess([posture_assertion(own_devices, iat=None)], alice(), None)
+    finally:
+        await v.stop()
+    assert (got["verified"], got["reason"], got["age_s"]) == (False, "stale", None)
+
+
+@pytest.mark.parametrize(
+    ("binding", "sub", "cnf", "verified"),
+    [
+        ("subject", "alice", None, True),
+        ("subject", "mallory", X5T, False),  # bound by subject only: a matching certificate is not enough
+        ("cnf", "alice", None, False),  # bound by certificate only: a matching subject is not enough
+        ("cnf", "mallory", X5T, True),
+        ("either", "alice", None, True),
+        ("either", "alice", "other-thumbprint", False),  # a cnf names one device: its subject does not rescue it
+        ("either", "mallory", X5T, True),
+    ],
+)
+async def test_binding_modes(own_devices: Issuer, binding: str, sub: str, cnf: str | None, verified: bool) -> None:
+    v = verifier(own_devices, binding)
+    await v.start()
+    try:
+        claims = {"cnf": {"x5t#S256": cnf}} if cnf else {}
+        got = await v.assess([posture_assertion(own_devices, sub=sub, **claims)], alice(), cert())
+    finally:
+        await v.stop()
+    assert (got["verified"], got["reason"]) == ((True, None) if verified else (False, "not_bound"))
+
+
+async def test_an_assertion_over_8_kib_is_invalid(own_devices: Issuer) -> None:
+    def of_length(n: int) -> str:
+        pad = n
+        while True:
+            token = posture_assertion(own_devices, pad="x" * pad)
+            if len(token) == n:
+                return token
+            pad += n - len(token) if abs(n - len(token)) > 2 else (1 if len(token) < n else -1)
+
+    v = verifier(own_devices)
+    await v.start()
+    try:
+        assert (await v.assess([of_length(8192)], alice(), None))["verified"] is True
+        assert await v.assess([of_length(8193)], alice(), None) == {"verified": False, "reason": "invalid"}
+    finally:
+        await v.stop()
