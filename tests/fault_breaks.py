@@ -288,7 +288,7 @@ BREAKS = (
         "forward.py",
         "            async with asyncio.timeout(min(budget.idle_s, left)):",
         "            async with asyncio.timeout(budget.idle_s):",
-        ("tests/test_slow_bodies.py",),
+        ("tests/test_proofs_slow_bodies.py",),
     ),
     Break(
         "slow bodies: the in-flight limit",
