@@ -50,7 +50,7 @@ MODULES: dict[str, list[str]] = {
     "responses": ["tests/test_responses.py", "tests/test_proofs_responses.py"],
     "inflight": ["tests/test_slow_bodies.py", "tests/test_proofs_inflight.py"],
     "body": ["tests/test_proofs_body.py", "tests/test_body_policy.py"],
-    "xfcc": ["tests/test_xfcc.py"],
+    "xfcc": ["tests/test_proofs_xfcc.py", "tests/test_xfcc.py"],
     "posture": ["tests/test_proofs_posture.py", "tests/test_posture_risk.py"],
     "enforce": ["tests/test_enforce.py", "tests/test_proofs_enforce.py", "tests/test_proofs_decisions.py"],
     "sanitize": ["tests/test_sanitize.py", "tests/test_proofs_sanitize.py"],
