@@ -79,6 +79,13 @@ MODULES: dict[str, list[str]] = {
 
 # mutant name → why no test can tell it from the original.
 EQUIVALENT: dict[str, str] = {
+    "vvault_pep.xfcc.x__split__mutmut_6": "`escaped = None` is as false as `False`",
+    "vvault_pep.xfcc.x__unquote__mutmut_12": "a quoted value that does not end in a quote has its closing"
+    " quote inside, which the loop refuses with the same reason",
+    "vvault_pep.xfcc.x_accept__mutmut_18": "codec names are case-insensitive: 'UTF-8' is 'utf-8'",
+    "vvault_pep.xfcc.x_forwarded_peer__mutmut_93": "base64url of 32 bytes ends in one of AEIMQUYcgkosw048"
+    " before its '=': stripping 'X' as well never changes it",
+    "vvault_pep.xfcc.x_forwarded_peer__mutmut_95": "codec names are case-insensitive: 'ASCII' is 'ascii'",
     **{
         f"vvault_pep.posture.xǁPostureVerifierǁ__init____mutmut_{n}": "the realm only goes into a 400/401"
         " challenge; posture turns every such refusal into data (`verified: false`), so no client sees it"

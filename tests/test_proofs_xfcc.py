@@ -37,6 +37,7 @@ def peer_of(pki: Path, name: str) -> PeerCertificate:
         (f'Hash={H1};Subject=a"b"c', "a quote inside an unquoted value"),
         (f"Hash={H1};Subject=a\\b", "a quote inside an unquoted value"),
         (f'Hash={H1};Subject="a"x"y"', "text after a quoted value"),
+        (f'Hash={H1};Subject="a"x', "text after a quoted value"),
         (f"Hash={H1};Subject", "a pair without '='"),
         (f"Hash={H1};=x", "a pair without '='"),
         (f"Hash={H1};Hash={H1}", "Hash appears twice in one element"),
@@ -108,6 +109,8 @@ def test_forwarded_peer_refusals_say_why(pki: Path) -> None:
             require_client_auth_eku=True,
         )
     assert str(refused.value) == str(direct.value)
+    relaxed = forwarded_peer(Element(by=(FRONT,), hash=server.sha256, cert=spem), ops, require_client_auth_eku=False)
+    assert relaxed == server
     assert (
         forwarded_peer(Element(by=(FRONT,), hash=reader.sha256, cert=pem), ops, require_client_auth_eku=True) == reader
     )
