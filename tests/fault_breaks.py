@@ -1,7 +1,7 @@
 """Does each test the README fault table names fail when its row's behaviour breaks?
 
 For every row (and a few promises beside the table): one deliberate bug (a
-text substitution in one module, named by its path under ``vvault_pep/``), applied to a copy of the package in
+text substitution in one module), applied to a copy of the package in
 ``.mutation/faults/``, and the row's tests run against that copy
 (``PYTHONPATH`` puts it first, for the CLI subprocesses too).  A row passes
 when the tests fail on the bug.  The working tree is never
@@ -32,6 +32,8 @@ class Break:
     old: str
     new: str
     tests: tuple[str, ...]
+    # further substitutions in the same module, for a behaviour two checks hold
+    more: tuple[tuple[str, str], ...] = ()
 
 
 BREAKS = (
@@ -44,8 +46,8 @@ BREAKS = (
     ),
     Break(
         "tls: two SPIFFE IDs in one certificate",
-        "edge/listener.py",
-        "    if len(spiffe) > 1:",
+        "core/request.py",
+        "    if spiffe and len(uris) > 1:",
         "    if False:",
         ("tests/test_proofs_identity.py",),
     ),
@@ -138,16 +140,16 @@ BREAKS = (
     ),
     Break(
         "response: Connection-named headers",
-        "edge/forward.py",
-        "if low in _RESPONSE_HOP_BY_HOP or low in connection_named:",
-        "if low in _RESPONSE_HOP_BY_HOP:",
+        "core/responses.py",
+        "if low in HOP_BY_HOP or low in connection_named or low in PEP_OWNED",
+        "if low in HOP_BY_HOP or low in PEP_OWNED",
         ("tests/test_proofs_forward.py::test_response_headers_named_by_connection_stay_with_the_upstream_hop",),
     ),
     Break(
         "aborted: upstream dies mid-response",
         "edge/forward.py",
-        'return out, Outcome(upstream.status, counter.count, sent, "upstream_failed")',
-        "return out, Outcome(upstream.status, counter.count, sent)",
+        'return out, Outcome(upstream.status, budget.count, sent, "upstream_failed")',
+        "return out, Outcome(upstream.status, budget.count, sent)",
         ("tests/test_proofs_forward.py::test_upstream_dying_mid_response_cuts_the_client_and_is_recorded",),
     ),
     Break(
@@ -174,8 +176,8 @@ BREAKS = (
     Break(
         "413: chunked body too large",
         "edge/forward.py",
-        "            if counter.count > counter.limit:",
-        "            if False:",
+        "        budget.count += len(chunk)\n        if budget.count > budget.limit:",
+        "        budget.count += len(chunk)\n        if False:",
         ("tests/test_proofs_forward.py::test_oversize_chunked_body_is_cut_and_never_stored",),
     ),
     Break(
@@ -209,9 +211,17 @@ BREAKS = (
     Break(
         "quarantine: before the cache",
         "app/stages.py",
-        "                contained.raise_if_held()\n",
-        "",
+        "                contained.raise_if_held()\n                x.cache_context = await pending[2]",
+        "                x.cache_context = await pending[2]",
         ("tests/test_proofs_cache.py::test_a_quarantine_from_redis_beats_a_cached_allow_without_any_reset",),
+        more=(
+            (
+                '        trail.fields["cache"] = layer\n',
+                '        trail.fields["cache"] = layer\n'
+                '        if layer not in ("l1", "l2"):\n'
+                "            x.contained.raise_if_held()\n",
+            ),
+        ),
     ),
     Break(
         "cache: the route in the key",
@@ -227,6 +237,195 @@ BREAKS = (
         "",
         ("tests/test_proofs_audit.py",),
     ),
+    Break(
+        "redaction: max_redact_bytes",
+        "edge/forward.py",
+        "        if declared is not None and declared > limit:",
+        "        if declared is not None and declared > limit * 2:",
+        ("tests/test_proofs_redact.py",),
+        more=(
+            ("raw = await upstream.read(limit)", "raw = await upstream.read(limit * 2)"),
+            ("        if len(raw) > limit:", "        if len(raw) > limit * 2:"),
+        ),
+    ),
+    Break(
+        "posture: device keys unavailable",
+        "identity/posture.py",
+        '            if err.code == "authn.keys_unavailable":\n                raise',
+        "            if False:\n                raise",
+        ("tests/test_proofs_posture.py",),
+    ),
+    Break(
+        "quarantine: an unverified device is no scope",
+        "core/principal.py",
+        '    if device is not None and device.get("verified") is True:',
+        "    if device is not None:",
+        ("tests/test_proofs_principal.py",),
+    ),
+    Break(
+        "response: partial answers on a redacted route",
+        "core/responses.py",
+        "    if status == 206:\n        return",
+        "    if False:\n        return",
+        ("tests/test_responses.py",),
+    ),
+    Break(
+        "upstream framing: a malformed answer",
+        "edge/upstream_http.py",
+        '            self._fail(UpstreamFailure(f"malformed answer: {exc}"))',
+        "            pass",
+        ("tests/test_upstream_http.py",),
+    ),
+    Break(
+        "response: fingerprinting and debug headers",
+        "core/responses.py",
+        "        elif low in policy.drop or low.startswith(policy.drop_prefixes):",
+        "        elif False:",
+        ("tests/test_responses.py::test_a_misbehaving_upstreams_headers_stop_at_the_pep",),
+    ),
+    Break(
+        "slow bodies: the body deadline",
+        "edge/forward.py",
+        "            async with asyncio.timeout(min(budget.idle_s, left)):",
+        "            async with asyncio.timeout(budget.idle_s):",
+        ("tests/test_proofs_slow_bodies.py",),
+    ),
+    Break(
+        "slow bodies: the in-flight limit",
+        "decide/inflight.py",
+        "            if self._counts.get(key, 0) >= limit:",
+        "            if False:",
+        ("tests/test_slow_bodies.py",),
+    ),
+    Break(
+        "config: an OTLP exporter not installed",
+        "config/models.py",
+        "    if found:\n        return None",
+        "    if True:\n        return None",
+        ("tests/test_packaging.py",),
+    ),
+    Break(
+        "body: not JSON",
+        "edge/body.py",
+        "    if len(types) != 1 or not is_json(types[0]):",
+        "    if False:",
+        ("tests/test_body_policy.py",),
+    ),
+    Break(
+        "xfcc: from a client that is not a trusted proxy",
+        "core/xfcc.py",
+        "if proxy is None or not cfg.trusted_proxies or not trusted(cfg, proxy):",
+        "if proxy is None or not cfg.trusted_proxies:",
+        ("tests/test_xfcc.py",),
+    ),
+    Break(
+        "decision log: attempts are bounded, the rest counted",
+        "observe/decision_log.py",
+        "            if attempt >= self.cfg.max_attempts or self._stopping:",
+        "            if self._stopping:",
+        ("tests/test_decision_log.py::test_http_sink_counts_what_it_cannot_deliver",),
+    ),
+    Break(
+        "opa: token authentication",
+        "decide/pdp.py",
+        '        auth = {"Authorization": f"Bearer {opa.token}"} if opa.token else None',
+        "        auth = None",
+        ("tests/test_conventions.py::test_opa_with_token_authentication",),
+    ),
+    Break(
+        "redis restarted empty: quarantines written back",
+        "shared/containment.py",
+        "            if theirs is None or theirs.until < q.until - 1.0:\n                writes.append(q)",
+        "            if False:\n                writes.append(q)",
+        ("tests/test_containment_holds.py::test_redis_restarted_empty_lifts_nothing_and_gets_every_quarantine_back",),
+    ),
+    Break(
+        "quarantine: every scope checked",
+        "shared/containment.py",
+        "        pairs = subject.scopes\n",
+        "        pairs = subject.scopes[:1]\n",
+        ("tests/test_containment_holds.py::test_every_scope_holds_whatever_credentials_ride_with_it",),
+    ),
+    Break(
+        "tls: a revoked certificate",
+        "edge/listener.py",
+        "        ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_CHAIN if tls.crl_check",
+        "        ctx.verify_flags |= 0 if tls.crl_check",
+        ("tests/test_tls_hardening.py::test_a_revoked_certificate_fails_the_handshake",),
+    ),
+    Break(
+        "tls: an invalid SVID",
+        "core/request.py",
+        "    if spiffe:\n        try:\n            sid = parse_spiffe_id(spiffe[0])",
+        "    if False:\n        try:\n            sid = parse_spiffe_id(spiffe[0])",
+        ("tests/test_tls_hardening.py::test_an_invalid_svid_is_refused_even_where_a_user_token_is_enough",),
+    ),
+    Break(
+        "tls: session resumption",
+        "edge/listener.py",
+        "    ctx.options |= ssl.OP_NO_TICKET\n    ctx.num_tickets = 0\n    if not disable_session_cache(ctx):",
+        "    if False:",
+        ("tests/test_tls_hardening.py::test_sessions_never_resume",),
+        more=(("        if ssl_object.session_reused:", "        if False:"),),
+    ),
+    Break(
+        "strict claims: a NumericDate that is a string",
+        "identity/jwt.py",
+        "        if name in payload and (isinstance(value, bool) or not isinstance(value, int | float)):",
+        "        if False:",
+        ("tests/test_input_hardening.py::test_loosely_typed_claims_are_refused_with_one_record",),
+    ),
+    Break(
+        "audit: a record past max_record_bytes",
+        "observe/sinks.py",
+        "    if len(line) <= max_bytes:\n        return line, escaped, False",
+        "    if True:\n        return line, escaped, False",
+        ("tests/test_input_hardening.py::test_an_oversized_record_is_cut_and_marked",),
+    ),
+    Break(
+        "400: more than max_query_params",
+        "core/sanitize.py",
+        '    if query.count("&") >= max_params:',
+        "    if False:",
+        ("tests/test_input_hardening.py::test_too_many_query_parameters_is_400",),
+    ),
+    Break(
+        "serve: the pure-Python HTTP parser",
+        "app/cli.py",
+        "        if problem is not None and not args.allow_python_http_parser:",
+        "        if False:",
+        ("tests/test_input_hardening.py::test_serve_refuses_the_pure_python_parser",),
+    ),
+    Break(
+        "managed OPA: a private socket",
+        "edge/opa_supervisor.py",
+        "            os.chmod(self._dir, 0o700)",
+        "            os.chmod(self._dir, 0o755)",
+        ("tests/test_managed_opa.py",),
+    ),
+    Break(
+        "admin: no certificate is a 401",
+        "app/admin.py",
+        '                status = 401 if no.code == "admin.no_certificate" else 403',
+        "                status = 403",
+        ("tests/test_admin_hardening.py",),
+    ),
+    Break(
+        "config: errors name the line",
+        "config/loader.py",
+        'return ConfigError(f"{self.filename}:{node.start_mark.line + 1}: {field}: {message}")',
+        'return ConfigError(f"{self.filename}:{node.start_mark.line}: {field}: {message}")',
+        ("tests/test_config_hardening.py",),
+    ),
+    Break(
+        "serve: a port in use is one line",
+        "app/cli.py",
+        '        print(f"vvault-pep: cannot start: {_one_line(exc)}", file=sys.stderr)\n'
+        "        await runtime.stop()\n"
+        "        return 1",
+        "        raise",
+        ("tests/test_config_hardening.py::test_a_port_in_use_is_exit_1_with_one_line",),
+    ),
 )
 
 
@@ -235,7 +434,7 @@ def stage() -> None:
         shutil.rmtree(STAGE)
     STAGE.mkdir(parents=True)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for name in ("proxy", "tests", "examples", "policies"):
+    for name in ("proxy", "tests", "examples", "policies", "docs"):
         shutil.copytree(ROOT / name, STAGE / name, ignore=ignore)
     shutil.copy2(ROOT / "pyproject.toml", STAGE / "pyproject.toml")
 
@@ -262,9 +461,12 @@ def pytest(tests: tuple[str, ...]) -> int:
 def check(b: Break) -> str:
     target = STAGE / "proxy" / "vvault_pep" / b.module
     original = (ROOT / "proxy" / "vvault_pep" / b.module).read_text()
-    if b.old not in original:
-        return "stale"
-    target.write_text(original.replace(b.old, b.new))
+    broken = original
+    for old, new in ((b.old, b.new), *b.more):
+        if old not in broken:
+            return "stale"
+        broken = broken.replace(old, new)
+    target.write_text(broken)
     try:
         returncode = pytest(b.tests)
     finally:

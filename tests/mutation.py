@@ -46,20 +46,47 @@ STAGE = ROOT / ".mutation"
 
 # module (dotted, under vvault_pep) → the tests that exercise it (unit tables first: they are the fast killers).
 MODULES: dict[str, list[str]] = {
+    "core.principal": ["tests/test_principal.py", "tests/test_proofs_principal.py", "tests/test_containment.py"],
+    "core.responses": ["tests/test_responses.py", "tests/test_proofs_responses.py"],
+    "decide.inflight": ["tests/test_slow_bodies.py", "tests/test_proofs_inflight.py"],
+    "core.body": ["tests/test_proofs_body.py", "tests/test_body_policy.py"],
+    "edge.body": ["tests/test_proofs_body.py", "tests/test_body_policy.py"],
+    "core.xfcc": ["tests/test_proofs_xfcc.py", "tests/test_xfcc.py"],
+    "identity.posture": ["tests/test_proofs_posture.py", "tests/test_posture_risk.py"],
     "core.decision": ["tests/test_enforce.py", "tests/test_proofs_enforce.py", "tests/test_proofs_decisions.py"],
     "core.sanitize": ["tests/test_sanitize.py", "tests/test_proofs_sanitize.py"],
-    "identity.authn": ["tests/test_authn.py"],
-    "identity.jwt": ["tests/test_authn.py"],
+    "observe.audit": ["tests/test_audit.py", "tests/test_proofs_audit.py", "tests/test_redact.py"],
+    "observe.sinks": ["tests/test_audit.py", "tests/test_proofs_audit.py", "tests/test_input_hardening.py"],
+    "identity.authn": ["tests/test_authn.py", "tests/test_input_hardening.py"],
+    "identity.jwt": ["tests/test_authn.py", "tests/test_input_hardening.py"],
     "identity.jwks": ["tests/test_authn.py"],
     "core.spiffe": ["tests/test_spiffe.py", "tests/test_listener.py", "tests/test_proofs_identity.py"],
-    "core.request": ["tests/test_listener.py", "tests/test_hardening.py", "tests/test_proofs_identity.py"],
-    "edge.listener": ["tests/test_listener.py", "tests/test_hardening.py", "tests/test_proofs_identity.py"],
-    "identity.posture": ["tests/test_posture_risk.py"],
+    "edge.listener": [
+        "tests/test_listener.py",
+        "tests/test_hardening.py",
+        "tests/test_tls_hardening.py",
+        "tests/test_proofs_identity.py",
+    ],
+    "core.request": [
+        "tests/test_listener.py",
+        "tests/test_hardening.py",
+        "tests/test_tls_hardening.py",
+        "tests/test_proofs_identity.py",
+    ],
+    "shared.containment": [
+        "tests/test_containment.py",
+        "tests/test_containment_holds.py",
+        "tests/test_proofs_cache.py",
+    ],
+    "edge.upstream_http": ["tests/test_upstream_http.py", "tests/test_proofs_forward.py"],
+    "edge.forward": [
+        "tests/test_proofs_forward.py",
+        "tests/test_responses.py",
+        "tests/test_pipeline.py",
+        "tests/test_streaming.py",
+    ],
+    # last: the cache key composition and the PDP client are still moving elsewhere
     "decide.cache": ["tests/test_cache.py", "tests/test_proofs_cache.py"],
-    "shared.containment": ["tests/test_containment.py", "tests/test_proofs_containment.py"],
-    "core.principal": ["tests/test_principal.py", "tests/test_containment.py"],
-    "edge.forward": ["tests/test_pipeline.py", "tests/test_streaming.py", "tests/test_proofs_forward.py"],
-    "observe.audit": ["tests/test_audit.py", "tests/test_proofs_audit.py"],
     "decide.pdp": ["tests/test_pdp.py", "tests/test_proofs_pdp.py"],
 }
 
@@ -71,6 +98,41 @@ def source(module: str) -> str:
 
 # mutant name → why no test can tell it from the original.
 EQUIVALENT: dict[str, str] = {
+    "vvault_pep.core.xfcc.x__split__mutmut_6": "`escaped = None` is as false as `False`",
+    "vvault_pep.core.xfcc.x__unquote__mutmut_12": "a quoted value that does not end in a quote has its closing"
+    " quote inside, which the loop refuses with the same reason",
+    "vvault_pep.core.xfcc.x_accept__mutmut_18": "codec names are case-insensitive: 'UTF-8' is 'utf-8'",
+    "vvault_pep.core.xfcc.x_forwarded_peer__mutmut_93": "base64url of 32 bytes ends in one of AEIMQUYcgkosw048"
+    " before its '=': stripping 'X' as well never changes it",
+    "vvault_pep.core.xfcc.x_forwarded_peer__mutmut_95": "codec names are case-insensitive: 'ASCII' is 'ascii'",
+    **{
+        f"vvault_pep.identity.posture.xǁPostureVerifierǁ__init____mutmut_{n}": "the realm only goes into a 400/401"
+        " challenge; posture turns every such refusal into data (`verified: false`), so no client sees it"
+        for n in (5, 10, 11)
+    },
+    "vvault_pep.identity.posture.xǁPostureVerifierǁassess__mutmut_68": "the age is a float from time.time(): an"
+    " assertion exactly max_age_s old cannot be produced",
+    **{
+        f"vvault_pep.core.body.x_is_json__mutmut_{n}": "only the part before the first ';' is read: `split(';')[0]`"
+        " and `split(';', 2)[0]` are that part too"
+        for n in (8, 11)
+    },
+    "vvault_pep.edge.body.x_inspect__mutmut_86": "`parse` tests `not complete`: None and False take the same branch",
+    **{
+        f"vvault_pep.edge.body.x_inspect__mutmut_{n}": "the `sanitize.malformed` branch: a framing error in the"
+        " middle of a body is answered 400 by aiohttp's server itself, which closes the connection; no"
+        " client sees this code or detail (a client that leaves is a ConnectionResetError, handled above)"
+        for n in range(58, 66)
+    },
+    **{
+        f"vvault_pep.core.responses.x_cookie_passes__mutmut_{n}": "only the part before the first '=' is read:"
+        " `split('=')[0]` and `split('=', 2)[0]` are that part too"
+        for n in (25, 28)
+    },
+    "vvault_pep.core.responses.x_partial_reason__mutmut_26": "'multipart/byteranges' holds no ';': a value starts"
+    " with it exactly when its first ';'-separated part does",
+    "vvault_pep.core.principal.x_subject_of__mutmut_42": "`workload_tenants.get(None)` is None: the mapping is"
+    " keyed by SPIFFE IDs (str), so asking it without a workload finds nothing either way",
     "vvault_pep.core.decision.x__deny__mutmut_10": "no caller passes `status`:"
     " the default branch is the only one reached",
     **{
@@ -91,7 +153,7 @@ def stage(module: str, tests: list[str]) -> Path:
     (work / "src").mkdir(parents=True)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache")
     shutil.copytree(ROOT / "proxy" / "vvault_pep", work / "src" / "vvault_pep", ignore=ignore)
-    for name in ("tests", "examples", "policies"):
+    for name in ("tests", "examples", "policies", "docs"):
         shutil.copytree(ROOT / name, work / name, ignore=ignore)
     existing = [t for t in tests if (ROOT / t).exists()]
     section = "\n".join(
@@ -100,7 +162,7 @@ def stage(module: str, tests: list[str]) -> Path:
             "[tool.mutmut]",
             'source_paths = ["src/vvault_pep/"]',
             f'only_mutate = ["{source(module)}"]',
-            'also_copy = ["examples/", "policies/"]',
+            'also_copy = ["examples/", "policies/", "docs/"]',
             f"pytest_add_cli_args_test_selection = {json.dumps(existing)}",
             'pytest_add_cli_args = ["-p", "no:cacheprovider", "-p", "no:randomly", "-q"]',
             "timeout_multiplier = 5.0",
@@ -142,18 +204,23 @@ def run_module(module: str, budget_s: float, workers: int) -> dict[str, object]:
     env.pop("COVERAGE_PROCESS_START", None)  # no coverage inside mutants
     started = time.monotonic()
     timed_out = False
-    try:
-        subprocess.run(
-            [sys.executable, "-m", "mutmut", "run", "--max-children", str(workers)],
-            cwd=work,
-            env=env,
-            timeout=budget_s,
-            check=False,
-            stdout=subprocess.DEVNULL,
-        )
-    except subprocess.TimeoutExpired:
-        timed_out = True
-    status = results(work, env)
+    for attempt in (1, 2):
+        try:
+            subprocess.run(
+                [sys.executable, "-m", "mutmut", "run", "--max-children", str(workers)],
+                cwd=work,
+                env=env,
+                timeout=max(budget_s - (time.monotonic() - started), 1),
+                check=False,
+                stdout=subprocess.DEVNULL,
+            )
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        status = results(work, env)
+        # mutmut stops before any mutant when its clean run fails; a timing test on busy
+        # cores can do that once (the first run also compiles the trampolined copy): again.
+        if timed_out or attempt == 2 or any(s != "not checked" for s in status.values()):
+            break
     killed = sum(1 for s in status.values() if s in ("killed", "timeout"))
     survivors = sorted(n for n, s in status.items() if s == "survived")
     equivalent = [n for n in survivors if n in EQUIVALENT]

@@ -99,3 +99,11 @@ policy_limited := {"allow": true, "rate_limit": {"per": "subject", "rate_per_s":
 
 # A "lister" may see that secrets exist, never their values (field-level least privilege).
 lister := {"allow": true, "obligations": [{"type": "redact", "fields": ["value"]}]}
+
+# Denies and quarantines the device the request comes from (automated response).
+quarantine_device := {
+	"allow": false,
+	"code": "policy.compromised",
+	"reason": "suspicious device",
+	"obligations": [{"type": "quarantine", "scope": "device", "ttl_s": 60, "reason": "device trip-wire"}],
+}

@@ -13,7 +13,7 @@ stage that owns it (reading it before is an ``AttributeError``, a bug, never a d
 ``subject``     name: the caller's verified names (containment, limits, risk, cache)
 ``inspected``   body: the JSON body the policy may read (None when the route reads none)
 ``facts``       context: every fact of the request;
-                ``risk``; ``policy_input`` (built once, for OPA and the cache key);
+                ``risk``; ``contained``; ``policy_input`` (built once, for OPA and the cache key);
                 ``cache_context`` (revision and epochs)
 ``decision``    decide: the interpreted answer; ``layer`` where it came from
 ``response``    enforce (a deny) or forward: the answer; the walk ends when it is set
@@ -39,6 +39,7 @@ from ..core.request import Connection
 from ..core.routing import Match
 from ..core.sanitize import Headers, Target
 from ..decide import inflight
+from ..shared.containment import Contained
 
 
 @dataclass(slots=True)
@@ -84,6 +85,7 @@ class Exchange:
     facts: Facts = field(init=False)
     subject: Subject = field(init=False)
     risk: dict[str, Any] = field(init=False)
+    contained: Contained = field(init=False)  # what containment found for the subject
     policy_input: dict[str, Any] = field(init=False)
     cache_context: tuple[str, list[Any]] | None = field(init=False)
     decision: Decision = field(init=False)

@@ -304,7 +304,7 @@ class Context:
             )
             try:
                 x.risk = risk = await pending[0]
-                contained = await pending[1]
+                x.contained = contained = await pending[1]
                 if self.containment.shared is not None:
                     # Said in the record: a request judged while Redis could not answer was
                     # checked against what this replica knows only.

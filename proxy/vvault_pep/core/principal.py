@@ -67,16 +67,6 @@ class Subject:
             return value
         return None
 
-    def audit(self) -> dict[str, Any]:
-        return {
-            "user": self.user,
-            "workload": self.workload,
-            "certificate": self.certificate,
-            "token_id": self.token,
-            "device": self.device,
-            "tenants": list(self.tenants),
-        }
-
 
 NOBODY = Subject()
 
