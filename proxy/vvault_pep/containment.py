@@ -73,7 +73,10 @@ class Containment:
     async def start(self) -> None:
         if self.shared is not None:
             await self.sync()
-            self._listener = asyncio.create_task(self._listen(), name="quarantine-listener")
+            # Every (re)subscription re-reads Redis: what was published meanwhile is not lost.
+            self._listener = self.shared.follow(
+                self.shared.key(CHANNEL), self._on_event, self.sync, name="quarantine-listener"
+            )
             self._syncer = asyncio.create_task(self._sync_loop(), name="quarantine-sync")
 
     async def sync(self) -> bool:
@@ -161,13 +164,11 @@ class Containment:
             return q, False
         shared, key, blob = self.shared, self._key(scope, value), orjson.dumps(q.doc())
 
-        async def op(c: Any) -> Any:
-            pipe = c.pipeline(transaction=True)
-            pipe.set(key, blob, px=max(1, int(ttl_s * 1000)))
-            pipe.publish(shared.key(CHANNEL), orjson.dumps({"op": "add", **q.doc()}))
-            return await pipe.execute()
-
-        done = await shared.call(op)
+        # Written, then published (a Cluster cannot put both in one transaction): a replica
+        # that misses the message reads the key at its next sync.
+        done = await shared.call(lambda c: c.set(key, blob, px=max(1, int(ttl_s * 1000))))
+        if done is not None:
+            await shared.publish(shared.key(CHANNEL), orjson.dumps({"op": "add", **q.doc()}))
         if done is None:
             self._unshared.add((scope, value))
         else:
@@ -181,13 +182,10 @@ class Containment:
             return True
         shared, key = self.shared, self._key(scope, value)
 
-        async def op(c: Any) -> Any:
-            pipe = c.pipeline(transaction=True)
-            pipe.delete(key)
-            pipe.publish(shared.key(CHANNEL), orjson.dumps({"op": "lift", "scope": scope, "value": value}))
-            return await pipe.execute()
-
-        return await shared.call(op) is not None
+        if await shared.call(lambda c: c.delete(key)) is None:
+            return False
+        await shared.publish(shared.key(CHANNEL), orjson.dumps({"op": "lift", "scope": scope, "value": value}))
+        return True
 
     async def list(self) -> list[dict[str, Any]]:
         now = time.time()
@@ -198,7 +196,8 @@ class Containment:
 
             async def op(c: Any) -> list[tuple[bytes, bytes]]:
                 keys = [k async for k in c.scan_iter(match=prefix + "*", count=500)]
-                return list(zip(keys, await c.mget(keys), strict=True)) if keys else []
+                mget = getattr(c, "mget_nonatomic", None) or c.mget
+                return list(zip(keys, await mget(keys), strict=True)) if keys else []
 
             for key, raw in await shared.call(op, deadline_s=2.0) or []:
                 scope, _, value = key.decode()[len(prefix) :].partition(":")
@@ -206,37 +205,19 @@ class Containment:
                     found[(scope, value)] = _load(scope, value, raw, now)
         return [q.doc() for q in found.values()]
 
-    async def _listen(self) -> None:
-        """Mirror other replicas' quarantines locally (for when Redis later fails)."""
-        assert self.shared is not None
-        shared = self.shared
-        while True:
-            try:
-                pubsub = shared.client.pubsub()
-                await pubsub.subscribe(shared.key(CHANNEL))
-                async for message in pubsub.listen():
-                    if message.get("type") != "message":
-                        continue
-                    try:
-                        event = orjson.loads(message["data"])
-                        pair = (str(event["scope"]), str(event["value"]))
-                        if event.get("op") == "lift":
-                            self._local.pop(pair, None)
-                        else:
-                            self._local[pair] = Quarantine(
-                                pair[0],
-                                pair[1],
-                                str(event.get("reason", "")),
-                                float(event["until"]),
-                                str(event.get("by", "")),
-                            )
-                    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-                        continue
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("quarantine channel lost (%s); resubscribing", type(exc).__name__)
-                await asyncio.sleep(1.0)
+    def _on_event(self, data: bytes) -> None:
+        """Mirror another replica's quarantine locally (for when Redis later fails)."""
+        try:
+            event = orjson.loads(data)
+            pair = (str(event["scope"]), str(event["value"]))
+            if event.get("op") == "lift":
+                self._local.pop(pair, None)
+            else:
+                self._local[pair] = Quarantine(
+                    pair[0], pair[1], str(event.get("reason", "")), float(event["until"]), str(event.get("by", ""))
+                )
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            return
 
 
 def _load(scope: str, value: str, raw: bytes, now: float) -> Quarantine:

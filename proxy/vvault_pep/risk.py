@@ -126,7 +126,7 @@ class RiskSignals:
             return _ready(unavailable())
         shared, window = self.shared, self.cfg.window_s
         bucket = int(time.time()) // window
-        base = shared.key("risk", subject)
+        base = shared.key_for("risk", subject)  # one hash tag: the script's keys share a slot
         keys = [
             f"{base}:w:{bucket}",
             f"{base}:w:{bucket - 1}",
@@ -171,7 +171,7 @@ class RiskSignals:
         subject = subject_of(doc)
         if not self.cfg.enabled or self.shared is None or subject is None:
             return
-        shared, key, ttl = self.shared, self.shared.key("risk", subject, "denials"), self.cfg.denial_window_s
+        shared, key, ttl = self.shared, self.shared.key_for("risk", subject, "denials"), self.cfg.denial_window_s
 
         async def op(c: Any) -> Any:
             pipe = c.pipeline(transaction=True)
