@@ -186,6 +186,24 @@ class ClusterTopology:
                 return False
         return True
 
+    def _roles(self) -> list[tuple[int, str]]:
+        for port in self.ports:
+            if self._procs.alive(port):
+                with contextlib.suppress(redis.RedisError, OSError):
+                    return [
+                        (int(row[1].split(":")[1].split("@")[0]), "master" if "master" in row[2] else "replica")
+                        for row in self._view(port)
+                        if ("fail" not in row[2] and row[7] == "connected") or "myself" in row[2]
+                    ]
+        return []
+
+    def masters(self) -> list[int]:
+        """Ports of the masters now (the nodes that take writes)."""
+        return [p for p, role in self._roles() if role == "master" and self._procs.alive(p)]
+
+    def replicas(self) -> list[int]:
+        return [p for p, role in self._roles() if role == "replica" and self._procs.alive(p)]
+
     def master_of(self, key: str) -> int:
         """The port of the master serving ``key``'s slot now."""
         for port in self.ports:

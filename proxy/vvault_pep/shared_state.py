@@ -350,9 +350,10 @@ class SharedState:
             except Exception as exc:  # a lost node, a failover, a moved slot: subscribe again
                 log.warning("channel %s lost (%s); subscribing again", channel, type(exc).__name__)
                 if self.cluster:
-                    with contextlib.suppress(Exception):
-                        async with asyncio.timeout(confirm_s):
-                            await self.client.nodes_manager.initialize()
+                    # A keyed command for the channel's slot: on a lost node the client
+                    # refreshes its slot map (its own way), so the next SSUBSCRIBE goes
+                    # to the new owner even when no request is flowing.
+                    await self.call(lambda c: c.exists(channel))
                 await asyncio.sleep(0.2)
             finally:
                 if pubsub is not None:
