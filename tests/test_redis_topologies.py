@@ -178,7 +178,13 @@ async def test_a_message_published_by_one_replica_reaches_the_other(topology: To
 
 
 def pep_config(
-    pki: Path, opa: OpaProcess, upstream: Upstream, idp: Issuer, topology: Topology, **redis_extra: Any
+    pki: Path,
+    opa: OpaProcess,
+    upstream: Upstream,
+    idp: Issuer,
+    topology: Topology,
+    risk: dict[str, Any] | None = None,
+    **redis_extra: Any,
 ) -> Config:
     doc = config_doc(
         pki,
@@ -188,7 +194,7 @@ def pep_config(
         routes=T_ROUTES + ROUTES,
         redis={**topology.redis, "key_prefix": topology.prefix, "timeout_ms": 300, "retry_after_failure_s": 0.2,
                **redis_extra},
-        risk={"enabled": False},  # risk bands would split cache keys as the load runs
+        risk=risk or {"enabled": False},  # risk bands would split cache keys as the load runs
         admin={"host": "127.0.0.1", "port": 0, "token": ADMIN},
         identity={"issuers": [{"name": "corp", "issuer": idp.url, "audiences": ["vvault"], "allow_http": True}]},
     )  # fmt: skip
@@ -460,3 +466,75 @@ async def test_cluster_master_of_the_quarantined_slot_killed_under_load_keeps_ev
         await asyncio.to_thread(cluster.heal)
     print(f"\ncluster failover: {figures}")
     assert figures["recovery_s"] < 30
+
+
+@pytest.mark.parametrize("topology", ["standalone", "cluster"], indirect=True)
+async def test_memory_per_cached_decision_and_per_subject(
+    pki: Path, opa: OpaProcess, upstream: Upstream, idp: Issuer, topology: Topology
+) -> None:
+    """MEMORY USAGE of what one request leaves in Redis: the sizing figures of docs/deploy.md."""
+    pep = PepRuntime(pep_config(pki, opa, upstream, idp, topology, risk={"enabled": True, "timeout_ms": 2000}))
+    await pep.start()
+    client = Client(pki, pep)
+    try:
+        name = f"mem-{uuid.uuid4().hex[:6]}"
+        assert await client.get("gate.t.test", idp.token(sub=name)) == (200, "")
+        assert pep.cache is not None
+        await pep.cache.drain()
+        assert (await quarantine(pep, f"{idp.url}|{name}", 60, "sizing"))[0] == 201
+        usage: dict[str, int] = {}
+        ports = topology.masters()
+        for port in ports:
+            with redis.Redis(host="127.0.0.1", port=port, socket_timeout=2) as c:
+                for key in c.scan_iter(match=f"{topology.prefix}*", count=500):
+                    kind = key.decode()[len(topology.prefix) :].split(":")[0]
+                    usage[kind] = usage.get(kind, 0) + int(c.memory_usage(key, samples=0) or 0)
+    finally:
+        await client.close()
+        await pep.stop()
+    print(f"\n{topology.name}: bytes in Redis after one request and one quarantine: {usage}")
+    # one cached decision = its entry (dec) and the route's index (idx, shared by the route)
+    assert 0 < usage["dec"] < 1024 and 0 < usage["idx"] < 512
+    # a subject's risk state (window counter, baseline, networks) and one quarantine
+    assert 0 < usage["risk"] < 2048 and 0 < usage["q"] < 1024
+
+
+@pytest.mark.parametrize("topology", ["standalone", "cluster"], indirect=True)
+async def test_risk_signals_add_one_script_to_the_same_round_trip(
+    pki: Path, opa: OpaProcess, upstream: Upstream, idp: Issuer, topology: Topology
+) -> None:
+    pep = PepRuntime(pep_config(pki, opa, upstream, idp, topology, risk={"enabled": True, "timeout_ms": 2000}))
+    await pep.start()
+    client = Client(pki, pep)
+    try:
+        token = idp.token(sub=f"risky-{uuid.uuid4().hex[:6]}")
+        assert await client.get("gate.t.test", token) == (200, "")
+        assert pep.cache is not None and pep.shared is not None
+        await pep.cache.drain()
+        nodes = topology.masters()
+        before, trips, l1 = all_calls(nodes), pep.shared.batches, pep.cache.stats["l1"]
+        assert await client.get("gate.t.test", token) == (200, "")
+        after = all_calls(nodes)
+        assert pep.cache.stats["l1"] == l1 + 1
+        assert pep.shared.batches - trips == 1  # the script rides in the scope reads' pipeline
+        scripts = sum(after.get(k, 0) - before.get(k, 0) for k in ("cmdstat_eval", "cmdstat_evalsha"))
+        assert scripts == 1  # its six keys share the subject's hash tag: one slot, one script
+    finally:
+        await client.close()
+        await pep.stop()
+
+
+async def test_a_command_that_cannot_be_sent_fails_only_its_caller(topology: Topology, shared: SharedState) -> None:
+    """On a Cluster a script over keys of two slots cannot be routed: its caller alone gets None."""
+    a, b = shared.key("a"), shared.key("b")  # untagged: two slots (checked below)
+    assert key_slot(a.encode()) != key_slot(b.encode())
+    assert await shared.call(lambda c: c.set(a, b"1")) is True
+    script = "return redis.call('GET', KEYS[1])"
+    good, cross, alone = await asyncio.gather(
+        shared.mget([a]),
+        shared.one(lambda p: p.eval(script + " .. (redis.call('GET', KEYS[2]) or '')", 2, a, b)),
+        shared.one(lambda p: p.eval(script, 1, a)),
+    )
+    assert good == [b"1"] and alone == b"1"
+    assert cross is None if topology.cluster is not None else cross == b"1"
+    assert shared.available  # not an outage

@@ -45,7 +45,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.sentinel import Sentinel
 from redis.crc import key_slot
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from .config import Redis as RedisConfig
 
@@ -242,7 +242,15 @@ class SharedState:
             self.batches += 1
             self.batched_commands += len(batch)
         except Exception as exc:  # any failure of the round trip (cluster errors are not RedisError)
-            self._failed(exc)
+            if type(exc) is RedisClusterException:
+                # A command the Cluster client cannot route (keys of several slots): it
+                # fails its own caller only, as a bad reply does on a single primary.
+                if len(batch) > 1:
+                    await asyncio.gather(*(self._send([one]) for one in batch))
+                    return
+                self._checked(exc)
+            else:
+                self._failed(exc)
             replies = []
         except BaseException:  # cancelled: nobody may be left waiting
             for _, fut in batch:
