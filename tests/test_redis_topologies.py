@@ -370,6 +370,23 @@ async def _failover_under_load(
     for client in clients:
         assert await client.get("gate.t.test", bad) == (403, "containment.quarantined")
         assert await client.get("gate.t.test", good) == (200, "")
+    # A subscriber on a channel of the killed node's slot (hash tag: the quarantine's key).
+    channel = f"{topology.prefix}events{{{qkey}}}"
+    assert key_slot(channel.encode()) == key_slot(qkey.encode())
+    heard: list[bytes] = []
+    watcher = SharedState(topology.config(timeout_ms=300, retry_after_failure_s=0.2))
+    subscribed = asyncio.Event()
+
+    async def on_subscribed() -> None:
+        subscribed.set()
+
+    watcher.follow(channel, heard.append, on_subscribed, name="test-watcher")
+    async with asyncio.timeout(20):
+        await subscribed.wait()
+    assert await a.shared.publish(channel, b"before")
+    async with asyncio.timeout(10):
+        while b"before" not in heard:
+            await asyncio.sleep(0.02)
 
     load = Load()
     workers = [
@@ -394,12 +411,19 @@ async def _failover_under_load(
             while not (await redis_back(a) and await redis_back(b)):
                 await asyncio.sleep(0.05)
         recovered_at = time.monotonic()
+        # The subscriber is back too: a message published now is heard.
+        async with asyncio.timeout(40):
+            while not [m for m in heard if m.startswith(b"after")]:
+                await a.shared.publish(channel, b"after")
+                await asyncio.sleep(0.1)
+        heard_at = time.monotonic()
         async with asyncio.timeout(10):  # some load after the recovery too
             while sum(1 for t, *_ in load.answers if t > recovered_at) < 30:
                 await asyncio.sleep(0.02)
     finally:
         load.stop.set()
         await asyncio.gather(*workers)
+        await watcher.close()
 
     during = [x for x in load.answers if killed_at <= x[0] <= recovered_at]
     # Never an allow for the quarantined subject: before, during and after the failover.
@@ -418,6 +442,7 @@ async def _failover_under_load(
     assert await clients[0].get("gate.t.test", idp.token(sub=late)) == (403, "containment.quarantined")
     return {
         "recovery_s": recovered_at - killed_at,
+        "pubsub_recovery_s": heard_at - killed_at,
         "requests": len(load.answers),
         "requests_during": len(during),
     }
