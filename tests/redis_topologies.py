@@ -25,12 +25,14 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import redis
 from tests.support import free_port
 
 SERVICE = "pep-primary"  # the Sentinel master name
+T = TypeVar("T", "ClusterTopology", "SentinelTopology")
 
 
 def _binary(name: str) -> str:
@@ -50,6 +52,16 @@ def wait_for(what: str, check: Callable[[], bool], timeout: float = 30.0) -> flo
         if time.monotonic() - started > timeout:
             raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}")
         time.sleep(0.05)
+
+
+def _ports(n: int, *, cluster: bool = False) -> list[int]:
+    """``n`` distinct free ports (for a cluster node, its bus port, port + 10000, free too)."""
+    ports: list[int] = []
+    while len(ports) < n:
+        port = _cluster_port() if cluster else free_port()
+        if port not in ports and port + 10000 not in ports and port - 10000 not in ports:
+            ports.append(port)
+    return ports
 
 
 def _cluster_port() -> int:
@@ -76,18 +88,31 @@ def _ping(port: int) -> bool:
         return bool(c.ping())
 
 
+class PortTaken(Exception):
+    """Our redis-server exited at start: something else took its port meanwhile."""
+
+
 class _Processes:
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
+        self._all: list[subprocess.Popen[bytes]] = []  # every process started, for stop_all
 
     def spawn(self, port: int, *args: str) -> None:
         log = (self.workdir / f"redis-{port}.log").open("ab")
-        self.procs[port] = subprocess.Popen(
+        proc = subprocess.Popen(
             [_binary("redis-server"), *args], stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir
         )
         log.close()
-        wait_for(f"redis-server on port {port}", lambda: _ping(port), timeout=20)
+        self.procs[port] = proc
+        self._all.append(proc)
+
+        def up() -> bool:
+            if proc.poll() is not None:
+                raise PortTaken(f"redis-server for port {port} exited with {proc.returncode}")
+            return _ping(port)
+
+        wait_for(f"redis-server on port {port}", up, timeout=20)
 
     def kill(self, port: int) -> None:
         proc = self.procs[port]
@@ -99,10 +124,10 @@ class _Processes:
         return self.procs[port].poll() is None
 
     def stop_all(self) -> None:
-        for proc in self.procs.values():
+        for proc in self._all:
             if proc.poll() is None:
                 proc.terminate()
-        for proc in self.procs.values():
+        for proc in self._all:
             try:
                 proc.wait(10)
             except subprocess.TimeoutExpired:
@@ -120,7 +145,7 @@ class ClusterTopology:
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
-        self.ports = [_cluster_port() for _ in range(6)]
+        self.ports = _ports(6, cluster=True)
         self._procs = _Processes(workdir)
 
     @property
@@ -244,8 +269,9 @@ class SentinelTopology:
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
-        self.data_ports = [free_port(), free_port()]  # [initial primary, initial replica]
-        self.sentinel_ports = [free_port() for _ in range(3)]
+        ports = _ports(5)
+        self.data_ports = ports[:2]  # [initial primary, initial replica]
+        self.sentinel_ports = ports[2:]
         self._procs = _Processes(workdir)
 
     @property
@@ -338,10 +364,22 @@ class SentinelTopology:
 # ------------------------------------------------------------------ fixtures (see conftest.py)
 
 
+def _started(make: Callable[[], T]) -> T:
+    """Start a topology; again on fresh ports if another process took one of them meanwhile."""
+    for attempt in range(3):
+        topology = make()
+        try:
+            topology.start()
+            return topology
+        except PortTaken:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
 @pytest.fixture(scope="session")
 def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterTopology]:
-    topology = ClusterTopology(tmp_path_factory.mktemp("redis-cluster"))
-    topology.start()
+    topology = _started(lambda: ClusterTopology(tmp_path_factory.mktemp("redis-cluster")))
     try:
         yield topology
     finally:
@@ -350,8 +388,7 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterT
 
 @pytest.fixture(scope="session")
 def redis_sentinel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SentinelTopology]:
-    topology = SentinelTopology(tmp_path_factory.mktemp("redis-sentinel"))
-    topology.start()
+    topology = _started(lambda: SentinelTopology(tmp_path_factory.mktemp("redis-sentinel")))
     try:
         yield topology
     finally:

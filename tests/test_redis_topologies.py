@@ -55,6 +55,16 @@ T_ROUTES: list[dict[str, Any]] = [
         "cache": "off",
         "authn": {"require": "user"},
     },
+    {
+        "name": "t_limited",
+        "host": "limited.t.test",
+        "path": SECRET_PATH,
+        "methods": ["GET"],
+        "upstream": "vvault",
+        "policy": "faults/plain_true",
+        "authn": {"require": "user"},
+        "rate_limit": {"per": "subject", "rate_per_s": 0.5, "burst": 3},
+    },
 ]
 
 
@@ -288,6 +298,14 @@ async def test_a_quarantine_made_on_one_replica_is_enforced_on_the_other(
     assert (await admin(pair[1], "DELETE", f"/admin/quarantines/subject/{idp.url}|{name}"))[0] == 200
     for client in clients:
         assert await client.get("gate.t.test", token) == (200, "")
+
+
+async def test_a_rate_limit_is_shared_by_the_replicas(clients: tuple[Client, Client], idp: Issuer) -> None:
+    token = idp.token(sub=f"burst-{uuid.uuid4().hex[:6]}")
+    statuses = [(await client.get("limited.t.test", token))[0] for client in (clients[0], clients[1], clients[0])]
+    assert statuses == [200, 200, 200]  # the burst of 3, spread over both replicas
+    assert await clients[1].get("limited.t.test", token) == (429, "ratelimit.exceeded")
+    assert await clients[0].get("limited.t.test", idp.token(sub=f"other-{uuid.uuid4().hex[:6]}")) == (200, "")
 
 
 async def test_what_a_request_costs_redis(

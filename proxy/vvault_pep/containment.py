@@ -73,9 +73,10 @@ class Containment:
     async def start(self) -> None:
         if self.shared is not None:
             await self.sync()
-            # Every (re)subscription re-reads Redis: what was published meanwhile is not lost.
+            # Not sync() on every (re)subscription yet: it replaces the local mirror, and run
+            # beside add() it could drop a quarantine just made here.  The 5-s sync covers it.
             self._listener = self.shared.follow(
-                self.shared.key(CHANNEL), self._on_event, self.sync, name="quarantine-listener"
+                self.shared.key(CHANNEL), self._on_event, None, name="quarantine-listener"
             )
             self._syncer = asyncio.create_task(self._sync_loop(), name="quarantine-sync")
 
@@ -164,16 +165,13 @@ class Containment:
             return q, False
         shared, key, blob = self.shared, self._key(scope, value), orjson.dumps(q.doc())
 
-        # Written, then published (a Cluster cannot put both in one transaction): a replica
-        # that misses the message reads the key at its next sync.
-        done = await shared.call(lambda c: c.set(key, blob, px=max(1, int(ttl_s * 1000))))
-        if done is not None:
-            await shared.publish(shared.key(CHANNEL), orjson.dumps({"op": "add", **q.doc()}))
-        if done is None:
+        ms, event = max(1, int(ttl_s * 1000)), orjson.dumps({"op": "add", **q.doc()})
+        done = await shared.write_and_publish(lambda p: p.set(key, blob, px=ms), shared.key(CHANNEL), event)
+        if not done:
             self._unshared.add((scope, value))
         else:
             self._unshared.discard((scope, value))
-        return q, done is not None
+        return q, done
 
     async def lift(self, scope: str, value: str) -> bool:
         self._local.pop((scope, value), None)
@@ -182,10 +180,8 @@ class Containment:
             return True
         shared, key = self.shared, self._key(scope, value)
 
-        if await shared.call(lambda c: c.delete(key)) is None:
-            return False
-        await shared.publish(shared.key(CHANNEL), orjson.dumps({"op": "lift", "scope": scope, "value": value}))
-        return True
+        event = orjson.dumps({"op": "lift", "scope": scope, "value": value})
+        return await shared.write_and_publish(lambda p: p.delete(key), shared.key(CHANNEL), event)
 
     async def list(self) -> list[dict[str, Any]]:
         now = time.time()

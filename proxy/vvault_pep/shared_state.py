@@ -299,6 +299,32 @@ class SharedState:
             return await self.call(lambda c: c.spublish(channel, payload)) is not None
         return await self.call(lambda c: c.publish(channel, payload)) is not None
 
+    async def write_and_publish(self, write: Callable[[Any], object], channel: str, payload: bytes) -> bool:
+        """``write(pipe)`` and a publish on ``channel``, in one round trip; False if either failed.
+
+        On a single primary the two are one transaction (``MULTI``): a subscriber never
+        hears of a write that did not happen.  On a Cluster the write's key and the
+        channel may be in different slots, so the two are one pipeline, not atomic, and
+        the publish is sharded (``SPUBLISH``).
+        """
+
+        async def op(c: Any) -> list[Any]:
+            pipe = c.pipeline(transaction=not self.cluster)
+            write(pipe)
+            if self.cluster:
+                pipe.spublish(channel, payload)
+            else:
+                pipe.publish(channel, payload)
+            return list(await pipe.execute(raise_on_error=False))
+
+        replies = await self.call(op)
+        if replies is None or len(replies) != 2:
+            return False
+        failed = [r for r in replies if isinstance(r, Exception)]
+        for reply in failed:
+            self._checked(reply)  # counted and logged
+        return not failed
+
     def follow(
         self,
         channel: str,
@@ -329,6 +355,7 @@ class SharedState:
         wanted = ("ssubscribe",) if self.cluster else ("subscribe",)
         kinds = ("smessage",) if self.cluster else ("message",)
         confirm_s = max(1.0, 10 * self.cfg.timeout_ms / 1000)
+        pause = 0.2  # doubles up to 1 s while subscribing keeps failing
         while True:
             pubsub: Any = None
             try:
@@ -345,6 +372,7 @@ class SharedState:
                         if first is not None and _text(first.get("type")) in wanted:
                             break
                 self.subscriptions += 1
+                pause = 0.2
                 if on_subscribed is not None:
                     await on_subscribed()
                 while True:
@@ -356,13 +384,14 @@ class SharedState:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a lost node, a failover, a moved slot: subscribe again
-                log.warning("channel %s lost (%s); subscribing again", channel, type(exc).__name__)
+                log.warning("channel %s lost (%s); subscribing again in %.1fs", channel, type(exc).__name__, pause)
                 if self.cluster:
                     # A keyed command for the channel's slot: on a lost node the client
                     # refreshes its slot map (its own way), so the next SSUBSCRIBE goes
                     # to the new owner even when no request is flowing.
                     await self.call(lambda c: c.exists(channel))
-                await asyncio.sleep(0.2)
+                await asyncio.sleep(pause)
+                pause = min(1.0, pause * 2)
             finally:
                 if pubsub is not None:
                     with contextlib.suppress(Exception):
