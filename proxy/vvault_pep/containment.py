@@ -41,7 +41,7 @@ import orjson
 
 from .errors import PepError
 from .principal import SCOPES, Subject
-from .shared_state import SharedState
+from .shared_state import CONTAINMENT_TAG, SharedState
 
 log = logging.getLogger("vvault_pep.containment")
 
@@ -82,26 +82,35 @@ def parse_obligation(raw: Any) -> tuple[str, float, str] | None:
     return scope, float(ttl), reason[:256]
 
 
-# Every Redis key of containment is built here (a Cluster hash tag is one change).
+# Every Redis key of containment is built here.  All of them carry one hash tag
+# (CONTAINMENT_TAG, shared with the cache epochs): on a Cluster they are in one slot,
+# so a request's quarantine check is one MGET on one node and reconciliation scans
+# that one node.  They are few and small (see docs/deploy.md, sizing).
+
+
 def quarantine_key(shared: SharedState, scope: str, value: str) -> str:
-    return shared.key("q", scope, value)
+    return shared.key_for("q", CONTAINMENT_TAG, scope, value)
 
 
 def quarantine_prefix(shared: SharedState) -> str:
-    return shared.key("q", "")
+    return shared.key_for("q", CONTAINMENT_TAG) + ":"
 
 
 def lift_key(shared: SharedState, scope: str, value: str) -> str:
-    return shared.key("ql", scope, value)
+    return shared.key_for("ql", CONTAINMENT_TAG, scope, value)
 
 
 def lift_prefix(shared: SharedState) -> str:
-    return shared.key("ql", "")
+    return shared.key_for("ql", CONTAINMENT_TAG) + ":"
 
 
 def scan_pattern(shared: SharedState) -> str:
     """A SCAN pattern matching both kinds above (and, harmlessly, other ``q*`` keys)."""
     return shared.key("q") + "*"
+
+
+def channel_key(shared: SharedState) -> str:
+    return shared.key(CHANNEL)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,7 +142,12 @@ class Containment:
     async def start(self) -> None:
         if self.shared is not None:
             await self.reconcile()
-            self._listener = asyncio.create_task(self._listen(), name="quarantine-listener")
+            # Every (re)subscription reconciles: what was published while this replica
+            # was not listening is read back (nothing is dropped by absence, so running
+            # beside add() or lift() loses nothing).
+            self._listener = self.shared.follow(
+                channel_key(self.shared), self._on_event, self._resubscribed, name="quarantine-listener"
+            )
 
     async def reconcile(self, lost: bool = True) -> bool:
         """Both ways with Redis; True when Redis answered.
@@ -149,10 +163,12 @@ class Containment:
         q_prefix, l_prefix = quarantine_prefix(shared), lift_prefix(shared)
 
         async def read(c: Any) -> list[tuple[bytes, Any]]:
-            # One SCAN for quarantines and lift records, then their values.
+            # One SCAN for quarantines and lift records, then their values.  On a Cluster
+            # they share one slot: the SCAN goes to the master that owns it.
+            where = {"target_nodes": c.get_node_from_key(q_prefix)} if shared.cluster else {}
             keys = [
                 k
-                async for k in c.scan_iter(match=scan_pattern(shared), count=500)
+                async for k in c.scan_iter(match=scan_pattern(shared), count=500, **where)
                 if k.decode(errors="replace").startswith((q_prefix, l_prefix))
             ]
             # A Cluster client reads keys of different slots with mget_nonatomic.
@@ -208,17 +224,18 @@ class Containment:
     ) -> bool:
         assert self.shared is not None
         shared = self.shared
-        channel = shared.key(CHANNEL)
+        channel = channel_key(shared)
 
         async def op(c: Any) -> Any:
             pipe = c.pipeline(transaction=False)
+            publish = pipe.spublish if shared.cluster else pipe.publish  # sharded on a Cluster
             for q in writes:
                 pipe.set(quarantine_key(shared, q.scope, q.value), orjson.dumps(q.doc()), px=_ms(q.until - now))
-                pipe.publish(channel, orjson.dumps({"op": "add", **q.doc()}))
+                publish(channel, orjson.dumps({"op": "add", **q.doc()}))
             for (scope, value), at, keep in lifts:
                 lift = {"at": at, "keep": keep}
                 pipe.set(lift_key(shared, scope, value), orjson.dumps(lift), px=_ms(keep - now))
-                pipe.publish(channel, orjson.dumps({"op": "lift", "scope": scope, "value": value, **lift}))
+                publish(channel, orjson.dumps({"op": "lift", "scope": scope, "value": value, **lift}))
             for scope, value in stale:
                 pipe.delete(quarantine_key(shared, scope, value))
             return await pipe.execute()
@@ -307,16 +324,11 @@ class Containment:
             return q, False
         shared, key, blob = self.shared, quarantine_key(self.shared, scope, value), orjson.dumps(q.doc())
 
-        async def op(c: Any) -> Any:
-            pipe = c.pipeline(transaction=True)
-            pipe.set(key, blob, px=_ms(ttl_s))
-            pipe.publish(shared.key(CHANNEL), orjson.dumps({"op": "add", **q.doc()}))
-            return await pipe.execute()
-
-        done = await shared.call(op)
-        if done is None:
+        event = orjson.dumps({"op": "add", **q.doc()})
+        done = await shared.write_and_publish(lambda p: p.set(key, blob, px=_ms(ttl_s)), channel_key(shared), event)
+        if not done:
             self._unshared.add((scope, value))  # reconcile() writes it back
-        return q, done is not None
+        return q, done
 
     async def lift(self, scope: str, value: str) -> bool:
         """End a quarantine everywhere (an explicit, audited act); whether Redis shared it."""
@@ -329,15 +341,14 @@ class Containment:
             return True
         shared = self.shared
 
-        async def op(c: Any) -> Any:
-            pipe = c.pipeline(transaction=True)
-            pipe.delete(quarantine_key(shared, scope, value))
-            lift = {"at": now, "keep": keep}
-            pipe.set(lift_key(shared, scope, value), orjson.dumps(lift), px=_ms(keep - now))
-            pipe.publish(shared.key(CHANNEL), orjson.dumps({"op": "lift", "scope": scope, "value": value, **lift}))
-            return await pipe.execute()
+        lift = {"at": now, "keep": keep}
 
-        done = await shared.call(op) is not None
+        def write(pipe: Any) -> None:
+            pipe.delete(quarantine_key(shared, scope, value))
+            pipe.set(lift_key(shared, scope, value), orjson.dumps(lift), px=_ms(keep - now))
+
+        event = orjson.dumps({"op": "lift", "scope": scope, "value": value, **lift})
+        done = await shared.write_and_publish(write, channel_key(shared), event)
         if not done:
             self._unshared.add(pair)  # the lift record is written back by reconcile()
         return done
@@ -350,7 +361,8 @@ class Containment:
             prefix = quarantine_prefix(shared)
 
             async def op(c: Any) -> list[tuple[bytes, bytes]]:
-                keys = [k async for k in c.scan_iter(match=prefix + "*", count=500)]
+                where = {"target_nodes": c.get_node_from_key(prefix)} if shared.cluster else {}
+                keys = [k async for k in c.scan_iter(match=prefix + "*", count=500, **where)]
                 mget = getattr(c, "mget_nonatomic", None) or c.mget
                 return list(zip(keys, await mget(keys), strict=True)) if keys else []
 
@@ -362,26 +374,16 @@ class Containment:
                         found.setdefault((scope, value), q)
         return [q.doc() for q in found.values()]
 
-    async def _listen(self) -> None:
+    def _on_event(self, data: bytes) -> None:
         """Mirror other replicas' quarantines and lifts as they happen."""
-        assert self.shared is not None
-        shared = self.shared
-        while True:
-            try:
-                pubsub = shared.client.pubsub()
-                await pubsub.subscribe(shared.key(CHANNEL))
-                async for message in pubsub.listen():
-                    if message.get("type") != "message":
-                        continue
-                    try:
-                        self._heard(orjson.loads(message["data"]))
-                    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-                        continue
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("quarantine channel lost (%s); resubscribing", type(exc).__name__)
-                await asyncio.sleep(1.0)
+        try:
+            self._heard(orjson.loads(data))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+            return
+
+    async def _resubscribed(self) -> None:
+        if not await self.reconcile():
+            log.warning("reconciling after subscribing failed; the watcher retries")
 
     def _heard(self, event: dict[str, Any]) -> None:
         pair = (str(event["scope"]), str(event["value"]))
