@@ -308,14 +308,14 @@ async def test_a_rate_limit_is_shared_by_the_replicas(clients: tuple[Client, Cli
     assert await clients[0].get("limited.t.test", idp.token(sub=f"other-{uuid.uuid4().hex[:6]}")) == (200, "")
 
 
-async def test_what_a_request_costs_redis(
+async def _request_costs(
     topology: Topology, pair: tuple[PepRuntime, PepRuntime], clients: tuple[Client, Client], idp: Issuer
-) -> None:
-    """Operations per request (INFO commandstats on the data nodes): the figures of docs/deploy.md."""
+) -> dict[str, dict[str, int]]:
+    """A miss, an L2 hit and an L1 hit; ``background`` is non-empty when a watcher's probe
+    (an EVAL every 0.5 s per replica, then perhaps a reconciliation) fell inside one."""
     a, b = pair
-    assert a.shared is not None and a.cache is not None and b.shared is not None
     token = idp.token(sub=f"cost-{uuid.uuid4().hex[:6]}")
-    cost: dict[str, dict[str, int]] = {}
+    cost: dict[str, dict[str, int]] = {"background": {}}
     for label, client, pep in (("miss", 0, a), ("l2", 1, b), ("l1", 1, b)):
         nodes = topology.masters()
         before, trips = all_calls(nodes), pep.shared.batches  # type: ignore[union-attr]
@@ -328,19 +328,42 @@ async def test_what_a_request_costs_redis(
         # connection set-up (this test's, and a Sentinel client's PING on a new pooled
         # connection), replicas' acknowledgements, and the background re-read of
         # quarantines (every 5 s): none of them per request
+        for probe in ("eval", "scan"):
+            if probe in cost[label]:
+                cost["background"][probe] = cost[label][probe]
         for other in ("info", "hello", "client|setinfo", "ping", "replconf", "scan", "cluster|slots", "cluster|shards"):
             cost[label].pop(other, None)
         cost[label]["round_trips"] = pep.shared.batches - trips  # type: ignore[union-attr]
+    return cost
+
+
+async def test_what_a_request_costs_redis(
+    topology: Topology, pair: tuple[PepRuntime, PepRuntime], clients: tuple[Client, Client], idp: Issuer
+) -> None:
+    """Operations per request (INFO commandstats on the data nodes): the figures of docs/deploy.md."""
+    a, b = pair
+    assert a.shared is not None and a.cache is not None and b.shared is not None
+    for _ in range(40):
+        cost = await _request_costs(topology, pair, clients, idp)
+        if not cost.pop("background"):
+            break
+    else:
+        raise AssertionError("the watchers' probes never left a request alone")
     print(f"\n{topology.name}: redis operations per request: {cost}")
-    # quarantines + revision + epochs of the subject, tenant and token: one MGET on a
-    # primary; on a Cluster one per slot of those 7 keys (a slot is one key unless tagged)
+    # quarantines + revision + epochs of the subject, tenant and token: one MGET on every
+    # topology (on a Cluster they share one hash tag, so one slot and one node)
     scope_mgets = cost["l1"]["mget"]
-    assert scope_mgets == 1 if topology.cluster is None else 1 <= scope_mgets <= 7
+    assert scope_mgets == 1
     assert cost["l1"] == {"mget": scope_mgets, "round_trips": 1}
-    # + the route's index (once per route and revision per replica, then remembered) and the entry
-    assert cost["l2"] == {"mget": scope_mgets, "get": 2, "round_trips": 3}
+    # + the route's index (once per route and revision per replica, then remembered for
+    # 5 s: a second attempt finds it known) and the entry
+    index = cost["l2"].get("get", 0) - 1
+    assert index in (0, 1)
+    assert cost["l2"] == {"mget": scope_mgets, "get": 1 + index, "round_trips": 2 + index}
     # + the entry and its index written, off the request path, in one more round trip
-    assert cost["miss"] == {"mget": scope_mgets, "get": 2, "set": 2, "round_trips": 4}
+    index = cost["miss"].get("get", 0) - 1
+    assert index in (0, 1)
+    assert cost["miss"] == {"mget": scope_mgets, "get": 1 + index, "set": 2, "round_trips": 3 + index}
 
 
 # ------------------------------------------------------------------ failover under load
@@ -363,7 +386,7 @@ class Load:
 
 
 def _quarantine_key(topology: Topology, issuer: str, name: str) -> str:
-    return f"{topology.prefix}q:subject:{issuer}|{name}"
+    return f"{topology.prefix}q:{{c}}:subject:{issuer}|{name}"  # containment's hash tag
 
 
 async def _failover_under_load(
@@ -389,7 +412,7 @@ async def _failover_under_load(
         assert await client.get("gate.t.test", bad) == (403, "containment.quarantined")
         assert await client.get("gate.t.test", good) == (200, "")
     # A subscriber on a channel of the killed node's slot (hash tag: the quarantine's key).
-    channel = f"{topology.prefix}events{{{qkey}}}"
+    channel = f"{topology.prefix}events{{c}}"
     assert key_slot(channel.encode()) == key_slot(qkey.encode())
     heard: list[bytes] = []
     watcher = SharedState(topology.config(timeout_ms=300, retry_after_failure_s=0.2))

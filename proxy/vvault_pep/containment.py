@@ -161,15 +161,18 @@ class Containment:
             return False
         shared = self.shared
         q_prefix, l_prefix = quarantine_prefix(shared), lift_prefix(shared)
+        # Keys without the hash tag, as an earlier version wrote them: read, and written
+        # back under the tagged names, so an upgrade loses no quarantine and no lift.
+        old_q, old_l = shared.key("q", ""), shared.key("ql", "")
 
         async def read(c: Any) -> list[tuple[bytes, Any]]:
             # One SCAN for quarantines and lift records, then their values.  On a Cluster
             # they share one slot: the SCAN goes to the master that owns it.
-            where = {"target_nodes": c.get_node_from_key(q_prefix)} if shared.cluster else {}
+            where = {"target_nodes": await _owner(c, q_prefix)} if shared.cluster else {}
             keys = [
                 k
                 async for k in c.scan_iter(match=scan_pattern(shared), count=500, **where)
-                if k.decode(errors="replace").startswith((q_prefix, l_prefix))
+                if k.decode(errors="replace").startswith((q_prefix, l_prefix, old_q, old_l))
             ]
             # A Cluster client reads keys of different slots with mget_nonatomic.
             mget = getattr(c, "mget_nonatomic", None) or c.mget
@@ -181,20 +184,25 @@ class Containment:
         now = time.time()
         in_redis: dict[tuple[str, str], Quarantine] = {}
         lifts_in_redis: set[tuple[str, str]] = set()
+        untagged: list[Quarantine] = []
         for key, raw in rows:
             name = key.decode(errors="replace")
-            is_lift = name.startswith(l_prefix)
-            scope, _, value = name[len(l_prefix if is_lift else q_prefix) :].partition(":")
+            prefix = next(p for p in (q_prefix, l_prefix, old_q, old_l) if name.startswith(p))
+            is_lift, tagged = prefix in (l_prefix, old_l), prefix in (q_prefix, l_prefix)
+            scope, _, value = name[len(prefix) :].partition(":")
             if raw is None or scope not in SCOPES:
                 continue
             if is_lift:
-                lifts_in_redis.add((scope, value))
+                if tagged:
+                    lifts_in_redis.add((scope, value))
                 self._note_lift((scope, value), *_lift_doc(raw, now))
-            else:
+            elif tagged:
                 in_redis[(scope, value)] = _load(scope, value, raw, now)
+            else:
+                untagged.append(_load(scope, value, raw, now))
         self._expire(now)
-        for pair, q in in_redis.items():
-            if self._is_lifted(pair, q):
+        for q in [*in_redis.values(), *untagged]:
+            if self._is_lifted((q.scope, q.value), q):
                 continue
             self._merge(q)
         # Written back: every live entry Redis lacks (or holds for less long), every lift
@@ -361,7 +369,7 @@ class Containment:
             prefix = quarantine_prefix(shared)
 
             async def op(c: Any) -> list[tuple[bytes, bytes]]:
-                where = {"target_nodes": c.get_node_from_key(prefix)} if shared.cluster else {}
+                where = {"target_nodes": await _owner(c, prefix)} if shared.cluster else {}
                 keys = [k async for k in c.scan_iter(match=prefix + "*", count=500, **where)]
                 mget = getattr(c, "mget_nonatomic", None) or c.mget
                 return list(zip(keys, await mget(keys), strict=True)) if keys else []
@@ -403,6 +411,12 @@ class Containment:
         )
         if q.until > now and not self._is_lifted(pair, q):
             self._merge(q)
+
+
+async def _owner(cluster: Any, key: str) -> Any:
+    """The master owning ``key``'s slot (the client learns the slot map first if it must)."""
+    await cluster.initialize()
+    return cluster.get_node_from_key(key)
 
 
 def _ms(seconds: float) -> int:
