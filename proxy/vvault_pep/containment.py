@@ -2,7 +2,7 @@
 
 A quarantine names a scope — ``subject``, ``workload``, ``certificate``,
 ``token`` (a ``jti``), ``device`` or ``tenant`` — a value, a reason and a
-lifetime.  It is written to Redis (``q:<scope>:<value>``, expiring by itself)
+lifetime.  It is written to Redis (``q:{c}:<scope>:<value>``, expiring by itself)
 and published on a channel; every replica checks **every** scope of the
 request's verified :class:`~.principal.Subject` before the decision cache and
 OPA, so a cached allow cannot outlive it.  A token revocation is a ``token``
@@ -15,13 +15,13 @@ the admin API, or another replica (through Redis).
 The shared set never shrinks by absence.  Each replica keeps every entry it
 knows (made here, heard on the channel, read from Redis) until the entry's
 own expiry or an explicit lift, and :meth:`Containment.reconcile` — on every
-(re)connection, when Redis shows it lost its data, and every
+(re)subscription of the channel, every (re)connection, when Redis shows it lost its data, and every
 :data:`~.shared_state.FULL_S` (:meth:`~.shared_state.SharedState.watch`) —
 runs both ways: entries Redis lacks (made during an outage, lost by a
 restart, a flush or a failover) are written back with their remaining
 lifetime and published; entries Redis holds that this replica lacks are
 added.  A lift deletes the entry and leaves a lift record
-(``ql:<scope>:<value>``, the lift's time) for as long as the lifted entry
+(``ql:{c}:<scope>:<value>``, the lift's time) for as long as the lifted entry
 could have lived, so a replica that was cut off when the lift happened drops
 its copy when it reconnects instead of writing it back; a quarantine made
 *after* the lift (later ``since``) stands.
