@@ -201,7 +201,11 @@ def main() -> int:
 
         helm_configs = [cfg for name in charts for cfg in embedded_pep_configs(rendered[name], tmp)]
         good &= step("the chart renders a pep.yaml for each values file", len(helm_configs) == len(charts))
-        for cfg in (DEPLOY / "k8s/base/pep.yaml", *sorted((DEPLOY / "compose/config").glob("pep*.yaml")), *helm_configs):
+        for cfg in (
+            DEPLOY / "k8s/base/pep.yaml",
+            *sorted((DEPLOY / "compose/config").glob("pep*.yaml")),
+            *helm_configs,
+        ):
             shown = cfg.relative_to(ROOT) if cfg.is_relative_to(ROOT) else f"{cfg.name} (rendered by helm)"
             res = run(
                 [sys.executable, "-m", "vvault_pep.cli", "check", "--offline", "--config", str(cfg)],
