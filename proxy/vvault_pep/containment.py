@@ -48,6 +48,7 @@ log = logging.getLogger("vvault_pep.containment")
 CHANNEL = "quarantine"
 MAX_TTL_S = 30 * 86_400
 _LIFT_MIN_S = 60.0  # a lift record outlives the entry it lifted by at least this much
+_FIRST_SUBSCRIPTION_S = 2.0  # how long start() waits for the channel before reading Redis alone
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,19 +136,26 @@ class Containment:
         self._lifted: dict[tuple[str, str], tuple[float, float]] = {}
         self._unshared: set[tuple[str, str]] = set()  # not yet known written to Redis
         self._listener: asyncio.Task[None] | None = None
+        self._subscribed = asyncio.Event()  # set after the first (re)subscription's reconciliation
         self.reconciles = 0
         self.written_back = 0  # entries this replica wrote back to a Redis that lacked them
         self.last_reconciled: float | None = None  # unix time
 
     async def start(self) -> None:
         if self.shared is not None:
-            await self.reconcile()
-            # Every (re)subscription reconciles: what was published while this replica
-            # was not listening is read back (nothing is dropped by absence, so running
-            # beside add() or lift() loses nothing).
+            # Subscribe first, then reconcile (on every (re)subscription): what is published
+            # between the two is heard, what was published before is read back, and nothing
+            # is dropped by absence, so running beside add() or lift() loses nothing.  The
+            # first reconciliation is awaited here, so a replica starts knowing what Redis holds.
+            self._subscribed = asyncio.Event()
             self._listener = self.shared.follow(
                 channel_key(self.shared), self._on_event, self._resubscribed, name="quarantine-listener"
             )
+            try:
+                async with asyncio.timeout(_FIRST_SUBSCRIPTION_S):
+                    await self._subscribed.wait()
+            except TimeoutError:  # Redis slow or away: read what it holds now; the watcher carries on
+                await self.reconcile()
 
     async def reconcile(self, lost: bool = True) -> bool:
         """Both ways with Redis; True when Redis answered.
@@ -390,7 +398,9 @@ class Containment:
             return
 
     async def _resubscribed(self) -> None:
-        if not await self.reconcile():
+        done = await self.reconcile()
+        self._subscribed.set()
+        if not done:
             log.warning("reconciling after subscribing failed; the watcher retries")
 
     def _heard(self, event: dict[str, Any]) -> None:
