@@ -101,7 +101,7 @@ def cache_config(pki: Path, opa: OpaProcess, upstream: Upstream, idp: Issuer, re
         listener={"tls": {"client_auth": "optional"}},
         redis={"url": redis_url, "timeout_ms": 200},
         risk={"enabled": False},  # risk bands would (rightly) split keys as denials pile up
-        admin={"host": "127.0.0.1", "port": 0, "token": ADMIN_TOKEN},
+        admin={"host": "127.0.0.1", "port": 0, "token": ADMIN_TOKEN, "token_may_push": True},
         identity={
             "issuers": [
                 {"name": "corp", "issuer": idp.url, "audiences": ["vvault"], "allow_http": True},

@@ -171,6 +171,23 @@ def mfa_token(idp: Issuer, sub: str, **claims: Any) -> str:
     return idp.token(sub=sub, tenant="acme", amr=["pwd", "mfa"], auth_time=int(time.time()) - 30, **claims)
 
 
+def bound_mfa_token(idp: Issuer, pki: Path, sub: str, cert: str = "ops") -> str:
+    """An MFA token bound (RFC 8705 cnf.x5t#S256) to the client certificate ``cert``."""
+    return mfa_token(idp, sub, cnf={"x5t#S256": thumbprint(pki, cert)})
+
+
+def thumbprint(pki: Path, cert: str) -> str:
+    import base64
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    der = x509.load_pem_x509_certificate((pki / f"client-{cert}.pem").read_bytes()).public_bytes(
+        serialization.Encoding.DER
+    )
+    return base64.urlsafe_b64encode(hashlib.sha256(der).digest()).rstrip(b"=").decode()
+
+
 # ------------------------------------------------------------------ workload grants: kind and segment
 
 
@@ -209,7 +226,9 @@ async def test_a_cn_spelling_a_spiffe_id_is_not_an_admin(
     with caplog.at_level(logging.INFO, logger="vvault_pep.audit"):
         status, _ = await admin(pep, pki, "GET", "/admin/cache", cert="cn-spoof")
     assert status == 403
-    [record] = [r.audit for r in caplog.records if getattr(r, "audit", {}).get("admin_action") == "cache.read"]
+    records = [r.audit for r in caplog.records if getattr(r, "audit", {}).get("admin_action") == "cache.read"]
+    assert [r["result"]["allow"] for r in records] == [True, False]  # each call on record, once
+    record = records[-1]
     assert record["result"] == {"allow": False}
     assert record["admin"].startswith("x509:")  # named in its own namespace, not as the ops SPIFFE ID
 
@@ -269,7 +288,7 @@ async def test_opa_pushes_need_a_policy_admin_with_mfa(
         assert (await admin(pep, pki, "PUT", "/admin/opa/data/vvault/classes", classes, token=stale))[0] == 403
         with caplog.at_level(logging.INFO, logger="vvault_pep.audit"):
             status, _ = await admin(
-                pep, pki, "PUT", "/admin/opa/data/vvault/classes", classes, token=mfa_token(idp, "pat")
+                pep, pki, "PUT", "/admin/opa/data/vvault/classes", classes, token=bound_mfa_token(idp, pki, "pat")
             )
         assert status == 200
         records = [r.audit for r in caplog.records if getattr(r, "audit", {}).get("admin_action") == "opa.data.put"]
@@ -285,8 +304,36 @@ async def test_opa_pushes_need_a_policy_admin_with_mfa(
             url = f"https://localhost:{pep.admin_port}/admin/opa/policies/extra"
             async with http.put(url, data=rego) as resp:
                 assert resp.status == 403  # no MFA
-            async with http.put(url, data=rego, headers={"Authorization": f"Bearer {mfa_token(idp, 'pat')}"}) as resp:
+            async with http.put(
+                url, data=rego, headers={"Authorization": f"Bearer {bound_mfa_token(idp, pki, 'pat')}"}
+            ) as resp:
                 assert resp.status == 200
+    finally:
+        await opa_data(attack_opa, "vvault/admins", {"spiffe://demo.vvault/client/ops": ["*"]})
+
+
+async def test_a_stolen_admin_certificate_with_the_thiefs_own_mfa_token_cannot_push(
+    pep: PepRuntime, pki: Path, idp: Issuer, attack_opa: OpaProcess, caplog: pytest.LogCaptureFixture
+) -> None:
+    classes = await opa_data(attack_opa, "vvault/classes")
+    await opa_data(attack_opa, "vvault/admins", {"spiffe://demo.vvault/client/ops": ["*", "policy-admin"]})
+    try:
+        path = "/admin/opa/data/vvault/classes"
+        # the thief's own MFA sign-in, unbound: not the admin's
+        assert (await admin(pep, pki, "PUT", path, classes, token=mfa_token(idp, "mallory")))[0] == 403
+        # bound, but to the thief's own certificate
+        with caplog.at_level(logging.INFO, logger="vvault_pep.audit"):
+            status, text = await admin(
+                pep, pki, "PUT", path, classes, token=bound_mfa_token(idp, pki, "mallory", "reader")
+            )
+        assert (status, json.loads(text)["code"]) == (401, "authn.cert_binding_mismatch")
+        records = [r.audit for r in caplog.records if getattr(r, "audit", {}).get("admin_action") == "opa.data.put"]
+        assert [(r["result"]["allow"], r["code"]) for r in records] == [
+            (False, "admin.denied"),
+            (False, "authn.cert_binding_mismatch"),
+        ]
+        # the admin's own token, bound to the admin certificate
+        assert (await admin(pep, pki, "PUT", path, classes, token=bound_mfa_token(idp, pki, "pat")))[0] == 200
     finally:
         await opa_data(attack_opa, "vvault/admins", {"spiffe://demo.vvault/client/ops": ["*"]})
 
@@ -296,7 +343,7 @@ async def test_a_data_push_cannot_write_a_grant_the_grant_api_would_refuse(
 ) -> None:
     await opa_data(attack_opa, "vvault/admins", {"spiffe://demo.vvault/client/ops": ["*", "policy-admin"]})
     try:
-        token = mfa_token(idp, "pat")
+        token = bound_mfa_token(idp, pki, "pat")
         seventy_years = grant(idp, "CHG-70Y", "kim", "key-admin", minutes=70 * 365 * 24 * 60)
         status, _ = await admin(pep, pki, "PUT", "/admin/opa/data/vvault/grants/CHG-70Y", seventy_years, token=token)
         assert status == 403
@@ -320,7 +367,7 @@ async def test_grant_limits_hold_on_a_token_admin_api_too(
 ) -> None:
     secret = "attack-admin-token-0123456789abcdef-xyz"
     doc = _doc(pki, attack_opa, upstream, idp, other_idp)
-    doc["admin"] = {"host": "127.0.0.1", "port": 0, "token": secret}
+    doc["admin"] = {"host": "127.0.0.1", "port": 0, "token": secret, "token_may_push": True}
     runtime = PepRuntime(Config.model_validate(doc))
     await runtime.start()
     try:

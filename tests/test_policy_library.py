@@ -51,7 +51,7 @@ async def pep(
         # Risk must be judged on every request here: past its deadline it is unknown, and
         # the risk test would see a read where it expects a quarantine.
         risk={"timeout_ms": 1000},
-        admin={"host": "127.0.0.1", "port": 0, "token": ADMIN},
+        admin={"host": "127.0.0.1", "port": 0, "token": ADMIN, "token_may_push": True},
         identity={
             "issuers": [{"name": "corp", "issuer": idp.url, "audiences": ["vvault"], "allow_http": True}],
             "workload": {"trust_domains": ["prod.vvault", "demo.vvault"]},

@@ -87,7 +87,7 @@ def proof_config(pki: Path, opa: OpaProcess, upstream: Upstream, idp: Issuer, re
             routes=PROOF_ROUTES + ROUTES,
             redis={"url": redis_url, "timeout_ms": 200, "retry_after_failure_s": 0.2},
             risk={"enabled": False},
-            admin={"host": "127.0.0.1", "port": 0, "token": ADMIN},
+            admin={"host": "127.0.0.1", "port": 0, "token": ADMIN, "token_may_push": True},
             identity={"issuers": [{"name": "corp", "issuer": idp.url, "audiences": ["vvault"], "allow_http": True}]},
         )
     )

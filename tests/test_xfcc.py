@@ -155,12 +155,9 @@ async def test_xfcc_from_the_trusted_front_proxy_becomes_the_identity(
     pep: PepRuntime, pki: Path, upstream: Upstream, caplog: pytest.LogCaptureFixture
 ) -> None:
     peer = reader_peer(pki)
-    # a forged element from farther out, then the one the front proxy appended (APPEND_FORWARD,
-    # with the client certificate itself: Envoy's set_current_client_cert_details cert: true)
-    value = (
-        f"By=spiffe://evil/x;Hash={'1' * 64};URI={INDEXER},"
-        f'By={FRONT};Hash={peer.sha256};Cert="{pem_of(pki, "reader")}";URI={READER}'
-    )
+    # the one element the front proxy set (SANITIZE_SET, with the client certificate itself:
+    # Envoy's set_current_client_cert_details cert: true)
+    value = f'By={FRONT};Hash={peer.sha256};Cert="{pem_of(pki, "reader")}";URI={READER}'
     with caplog.at_level(logging.INFO, logger="vvault_pep.audit"):
         status, _, rid = await get(pep, pki, "ops", value)
         assert status == 200

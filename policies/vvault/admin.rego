@@ -27,7 +27,10 @@ grants := object.get(data.vvault.admins, caller, [])
 now_ns := input.time.unix_ns
 
 # OPA data and policy pushes can rewrite every rule and grant: they need the explicit
-# policy-admin role (never implied by "*") and a fresh MFA sign-in of the same person.
+# policy-admin role (never implied by "*") and a fresh MFA sign-in of the same person:
+# the token must be bound to the admin certificate (RFC 8705 cnf.x5t#S256, checked by
+# the PEP as identity.cert_bound), so a stolen certificate plus the thief's own MFA
+# token is not enough.
 push_actions := {"opa.data.put", "opa.policy.put"}
 
 may_act if {
@@ -48,6 +51,7 @@ max_auth_age_s := data.vvault.control.max_auth_age_s
 
 mfa_recent if {
 	input.identity.kind in {"user", "user+workload"}
+	input.identity.cert_bound == true
 	some method in input.identity.amr
 	method in data.vvault.control.mfa_methods
 	age_s := (now_ns / 1000000000) - input.identity.auth_time

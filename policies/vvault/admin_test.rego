@@ -16,7 +16,7 @@ grant_add(body) := at({"admin": {"action": "grant.add", "body": body}, "tls": {"
 
 push(path, body) := at({"admin": {"action": "opa.data.put", "data_path": path, "body": body}, "tls": {"client_cert": ops}})
 
-mfa_admin := {"kind": "user", "subject": "pat", "issuer": "https://idp", "amr": ["pwd", "mfa"], "auth_time": (now / 1000000000) - 60}
+mfa_admin := {"kind": "user", "subject": "pat", "issuer": "https://idp", "amr": ["pwd", "mfa"], "auth_time": (now / 1000000000) - 60, "cert_bound": true}
 
 policy_admins := {"spiffe://demo.vvault/client/ops": ["*", "policy-admin"]}
 
@@ -74,6 +74,12 @@ test_policy_admin_with_mfa_may_push_data if {
 test_policy_admin_without_mfa_may_not_push if {
 	refused(object.union(push("vvault/classes", {}), {"identity": object.union(mfa_admin, {"amr": ["pwd"]})})) with data.vvault.admins as policy_admins
 	refused(push("vvault/classes", {})) with data.vvault.admins as policy_admins
+}
+
+test_policy_admin_with_an_unbound_mfa_token_may_not_push if {
+	# a stolen admin certificate plus the thief's own MFA token: not bound to the certificate
+	refused(object.union(push("vvault/classes", {}), {"identity": object.union(mfa_admin, {"cert_bound": false})})) with data.vvault.admins as policy_admins
+	refused(object.union(push("vvault/classes", {}), {"identity": json.remove(mfa_admin, ["cert_bound"])})) with data.vvault.admins as policy_admins
 }
 
 test_policy_admin_with_stale_mfa_may_not_push if {

@@ -4,7 +4,9 @@ Who may call it: with ``admin.tls`` and ``admin.policy``, a client certificate
 from the admin CA bundle, authorised per action by OPA at ``admin.policy``
 (input: ``admin.action``, ``admin.method``, ``admin.path``,
 ``tls.client_cert``); otherwise ``Authorization: Bearer <admin.token>``
-(compared in constant time).  With neither configured the API is off (404).
+(compared in constant time), which may not push OPA data or policies (403
+``admin.push_needs_certificate``) unless ``admin.token_may_push``.  With
+neither configured the API is off (404).
 Every call, allowed or refused, is audited with who made it.
 
 Order per call: who is calling (certificate or token) before a byte of the body
@@ -24,7 +26,9 @@ no certificate a 401.  Every refusal is ``application/problem+json`` with a
 The OPA pushes can rewrite every rule and grant, so they are authorised with
 their bodies (the policy sees ``admin.body`` and ``admin.data_path``; the
 shipped one wants the ``policy-admin`` role and a recent MFA sign-in, sent as
-the admin's own bearer token), the limits of ``/admin/grants`` hold on a data
+the admin's own bearer token bound to the admin certificate by RFC 8705
+``cnf.x5t#S256``, so a stolen certificate and the thief's own MFA token are not
+enough), the limits of ``/admin/grants`` hold on a data
 push that writes a grant (in this module too, whichever way the caller is
 authenticated), and the audit record carries the SHA-256 of what was written.
 """
@@ -36,6 +40,7 @@ import hashlib
 import hmac
 import re
 import uuid
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -52,6 +57,12 @@ if TYPE_CHECKING:
 
 _DATA_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(/[A-Za-z0-9_-]+)*$")
 MAX_BODY = 4 << 20
+_PUSHES = frozenset({"opa.data.put", "opa.policy.put"})
+
+
+# The admin call being served (each request runs in its own task): what was asked, by whom,
+# and whether its one audit record was written.
+_CALL: ContextVar[dict[str, Any] | None] = ContextVar("admin_call", default=None)
 
 
 class _NoPeer(Exception):
@@ -138,6 +149,7 @@ class AdminApi:
 
     def install(self, app: web.Application) -> None:
         app.middlewares.append(problems)
+        app.middlewares.append(self._audited)
         app.router.add_post("/admin/cache/invalidate", self._invalidate)
         app.router.add_put("/admin/opa/data/{path:.+}", self._put_data)
         app.router.add_put("/admin/opa/policies/{id:.+}", self._put_policy)
@@ -149,6 +161,35 @@ class AdminApi:
         app.router.add_post("/admin/grants", self._add_grant)
         app.router.add_delete("/admin/grants/{ticket}", self._remove_grant)
 
+    @web.middleware
+    async def _audited(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """Exactly one audit record per admin call: the handlers write theirs; any call that
+        ended without one (a read, a 400 after authorisation, an unexpected error) gets it here."""
+        if not request.path.startswith("/admin/"):
+            return await handler(request)  # type: ignore[no-any-return]
+        call: dict[str, Any] = {"action": None, "admin": None, "recorded": False}
+        token = _CALL.set(call)
+        status, code = 500, "admin.error"
+        try:
+            response: web.StreamResponse = await handler(request)
+            status, code = response.status, ""
+            return response
+        except web.HTTPException as exc:
+            status = exc.status
+            code = _CODES.get(exc.status, "admin.error")
+            if exc.content_type == "application/problem+json" and exc.text:
+                code = orjson.loads(exc.text).get("code", code)
+            raise
+        finally:
+            _CALL.reset(token)
+            if not call["recorded"]:
+                fields: dict[str, Any] = {"admin": call["admin"]}
+                if status >= 400:
+                    fields["code"] = code
+                if call["admin"] is None:
+                    fields["source_ip"] = request.remote
+                self._emit(call["action"] or f"{request.method} {request.path}", status < 400, fields)
+
     async def _authorise(
         self, request: web.Request, action: str, *, read: str = "none", extra: dict[str, Any] | None = None
     ) -> tuple[str, Any]:
@@ -159,6 +200,9 @@ class AdminApi:
         *what* an admin may grant, push or quarantine, not only whether they may.
         Returns (who, body): the parsed JSON, or the raw bytes for ``text``."""
         cfg = self.runtime.config.admin
+        call = _CALL.get()
+        if call is not None:
+            call["action"] = action
         if cfg.policy is not None:
             try:
                 peer = _peer(request, self.runtime.config.identity.workload.trust_domains)
@@ -167,6 +211,8 @@ class AdminApi:
                 status = 401 if no.code == "admin.no_certificate" else 403
                 raise _problem(status, no.code, "a valid admin client certificate is required") from None
             who = _admin_name(peer)
+            if call is not None:
+                call["admin"] = who
             body, seen = await self._body(request, action, who, read)
             extra = {**(extra or {}), **({"sha256": _sha256(body)} if read == "text" else {})}
             now = dt.datetime.now(dt.UTC)
@@ -180,7 +226,7 @@ class AdminApi:
                     **(extra or {}),
                 },
                 "tls": {"client_cert": peer.as_input()},
-                "identity": await self._admin_identity(request, action),
+                "identity": await self._admin_identity(request, action, peer),
                 "time": {"unix_ns": int(now.timestamp() * 1_000_000_000)},
             }
             assert self.runtime.pdp is not None
@@ -203,11 +249,22 @@ class AdminApi:
             exc = _problem(401, "admin.bad_token")
             exc.headers["WWW-Authenticate"] = 'Bearer realm="vvault-pep-admin"'
             raise exc
+        if call is not None:
+            call["admin"] = "token"
+        if action in _PUSHES and not cfg.token_may_push:
+            # A push rewrites every rule: not on a shared secret that names nobody and has no MFA.
+            self._record(action, False, admin="token", code="admin.push_needs_certificate")
+            raise _problem(
+                403, "admin.push_needs_certificate", "OPA pushes need an admin certificate (admin.tls, admin.policy)"
+            )
         body, _ = await self._body(request, action, "token", read)
         return "token", body
 
-    async def _admin_identity(self, request: web.Request, action: str) -> dict[str, Any]:
-        """The admin's own bearer token, verified like any other (for MFA and recency); else anonymous."""
+    async def _admin_identity(self, request: web.Request, action: str, peer: PeerCertificate) -> dict[str, Any]:
+        """The admin's own bearer token, verified like any other (for MFA and recency); else anonymous.
+
+        ``cert_bound`` is true only for a token bound to this admin certificate (RFC 8705
+        ``cnf.x5t#S256``); a token bound to another certificate is refused, as on a route."""
         authn = self.runtime.authn
         header = request.headers.get("Authorization")
         if authn is None or header is None or not authn.cfg.issuers:
@@ -220,9 +277,25 @@ class AdminApi:
         except PepError as err:
             self._record(action, False, admin=None, code=err.code)
             raise _problem(401, err.code, "the admin's bearer token was refused") from err
-        return Identity(user, None).as_input()
+        bound = user.cnf_x5t_s256 is not None and hmac.compare_digest(
+            peer.x5t_s256.encode(), user.cnf_x5t_s256.encode()
+        )
+        if user.cnf_x5t_s256 is not None and not bound:
+            self._record(action, False, admin=_admin_name(peer), code="authn.cert_binding_mismatch")
+            raise _problem(401, "authn.cert_binding_mismatch", "the admin's token is bound to another certificate")
+        return Identity(user, None, bound).as_input()
 
     def _record(self, action: str, ok: bool, **fields: Any) -> None:
+        call = _CALL.get()
+        if call is not None:
+            if call["recorded"]:
+                return  # one record per call: the first says what happened
+            call["recorded"] = True
+            if "admin" not in fields:
+                fields["admin"] = call["admin"]  # who was authorised, on every record after that
+        self._emit(action, ok, fields)
+
+    def _emit(self, action: str, ok: bool, fields: dict[str, Any]) -> None:
         assert self.runtime.audit is not None
         self.runtime.audit.emit(
             {

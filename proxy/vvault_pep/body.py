@@ -13,11 +13,17 @@ upstream receives exactly the bytes the policy judged (no re-serialisation).
 * A body that is not ``application/json`` (or ``+json``) → 415; one that is
   not valid JSON → 400: the route said its bodies are JSON, so anything else
   is refused before the policy rather than shown to it as "no body".
+  An object with the same key twice is not valid here either (400): parsers
+  disagree on which one counts, and the upstream must see what the policy saw.
+* The whole read runs under the route's ``body_deadline_s`` (else
+  ``limits.body_deadline_s``) as well as the per-chunk idle timeout: a body
+  trickled a byte at a time ends in 408 ``sanitize.body_deadline``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -58,13 +64,50 @@ def parse(raw: bytes, *, complete: bool) -> Inspected:
     if not raw:
         return Inspected(None, False, raw)
     try:
-        return Inspected(orjson.loads(raw), False, raw)
+        value = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:  # also: nesting past orjson's depth limit
         raise PepError("sanitize.invalid_json", "the request body is not valid JSON") from exc
+    if b"{" in raw and _has_duplicate_keys(raw):
+        raise PepError("sanitize.invalid_json", "the request body repeats a key in an object")
+    return Inspected(value, False, raw)
 
 
-async def inspect(request: web.BaseRequest, cfg: RouteBody, headers: Headers, idle_timeout_s: float) -> Inspected:
-    """Read up to ``cfg.max_bytes`` of the body (never more) and parse it."""
+class _Duplicate(Exception):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _Duplicate
+        out[key] = value
+    return out
+
+
+def _has_duplicate_keys(raw: bytes) -> bool:
+    """Whether an object in ``raw`` (valid JSON: orjson parsed it) names a key twice."""
+    try:
+        json.loads(raw, object_pairs_hook=_no_duplicates)
+    except _Duplicate:
+        return True
+    except (ValueError, RecursionError):
+        return True  # orjson took it, the standard parser cannot check it: refused, not believed
+    return False
+
+
+async def inspect(
+    request: web.BaseRequest, cfg: RouteBody, headers: Headers, idle_timeout_s: float, deadline_s: float = 60.0
+) -> Inspected:
+    """Read up to ``cfg.max_bytes`` of the body (never more) and parse it, all within ``deadline_s``."""
+    try:
+        async with asyncio.timeout(deadline_s):
+            return await _inspect(request, cfg, headers, idle_timeout_s)
+    except TimeoutError as exc:
+        raise PepError("sanitize.body_deadline", "the request body took too long") from exc
+
+
+async def _inspect(request: web.BaseRequest, cfg: RouteBody, headers: Headers, idle_timeout_s: float) -> Inspected:
     has_body = bool(headers.content_length) or headers.chunked
     if not has_body:
         return NOTHING

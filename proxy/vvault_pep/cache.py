@@ -68,7 +68,10 @@ VOLATILE: tuple[tuple[str, ...], ...] = (
     ("risk", "signals", "requests_in_window"),
     ("risk", "signals", "baseline"),
 )
-_MISSING = {"$missing": True}
+# The key material says whether each path is present apart from its value, so no value a
+# client can send (a JSON body's {"$missing": true} included) stands for an absent field.
+_ABSENT = [False]
+_BODY_PATHS = ("request.body", "request.body_truncated")
 
 
 def _get(doc: Any, path: tuple[str, ...]) -> tuple[bool, Any]:
@@ -84,7 +87,7 @@ def project(doc: dict[str, Any], paths: tuple[str, ...]) -> list[Any]:
     out = []
     for dotted in sorted(set(paths)):
         present, value = _get(doc, tuple(dotted.split(".")))
-        out.append([dotted, value if present else _MISSING])
+        out.append([dotted, True, value] if present else [dotted, *_ABSENT])
     return out
 
 
@@ -203,6 +206,9 @@ class DecisionCache:
         self._paths: dict[str, tuple[str, ...]] = {}
         self._paths_revision: str | None = None
         self._refused_routes: frozenset[str] = frozenset()
+        # Set once the policy's paths were ever known: from then on, unknown paths (a pushed
+        # module nobody analysed, a newer revision) may read the clock.
+        self._analysed = False
 
     # ------------------------------------------------------------ keys from the policy
 
@@ -215,6 +221,7 @@ class DecisionCache:
         they are not cached at all under this revision.
         """
         self._paths, self._paths_revision, self._refused_routes = dict(paths), revision, refused_routes
+        self._analysed = True
 
     def forget_policy_paths(self) -> None:
         """The policy changed in a way nobody analysed (a pushed module): back to whole-input keys."""
@@ -230,8 +237,13 @@ class DecisionCache:
         return self._paths.get(route.policy)
 
     def time_dependent(self, route: Route) -> bool:
+        """Whether the route's policy may read the clock.
+
+        Once the paths were known, unknown ones (after :meth:`forget_policy_paths`, or for a
+        revision nobody analysed) count as reading it: a pushed module may well do so.
+        """
         paths = self.policy_paths(route)
-        return paths is not None and deps.reads_time(paths)
+        return self._analysed if paths is None else deps.reads_time(paths)
 
     # ------------------------------------------------------------ context
 
@@ -273,14 +285,22 @@ class DecisionCache:
     # ------------------------------------------------------------ lookup / store
 
     def _material(self, route: Route, doc: dict[str, Any], vary: tuple[str, ...] | None) -> Any:
+        # On a body route the body is always in the key, whatever else names the paths.
+        body = _BODY_PATHS if route.body is not None else ()
+        read = self.policy_paths(route)
+        if vary is not None and read is not None:
+            # A vary that leaves out a path the policy reads would let one answer serve
+            # inputs the policy tells apart: ignored, the default key is used instead.
+            needed = deps.key_paths(read)
+            if "" in read or not all(any(deps.covers(v, p) for v in vary) for p in needed):
+                vary = None
         if vary is not None:
             paths = vary if route.cache.key is None else (*route.cache.key, *vary)
-            return project(doc, paths)
+            return project(doc, (*paths, *body))
         if route.cache.key is not None:
-            return project(doc, route.cache.key)
-        read = self.policy_paths(route)
+            return project(doc, (*route.cache.key, *body))
         if read is not None and "" not in read:
-            return project(doc, deps.key_paths(read))
+            return project(doc, (*deps.key_paths(read), *body))
         return whole_input(doc)
 
     def _index_key(self, route: Route, revision: str) -> str:

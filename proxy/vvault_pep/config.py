@@ -285,6 +285,10 @@ class Admin(_Model):
     tls: ListenerTls | None = None
     policy: str | None = None
     token: str | None = Field(None, repr=False, min_length=32)
+    # Whether the shared token may push OPA data and policy modules (opa.data.put,
+    # opa.policy.put): a push can rewrite every rule, and the token carries no MFA and
+    # names nobody.  Off: those pushes need admin.tls with admin.policy.
+    token_may_push: bool = False
 
     @model_validator(mode="after")
     def _policy_needs_tls(self) -> Admin:
@@ -525,6 +529,9 @@ class Xfcc(_Model):
     trusted_proxies: tuple[FrontProxy, ...] = ()
     # The By= value the PEP emits: its own URI (e.g. its SPIFFE ID); omitted if unset.
     by: str | None = None
+    # More than one XFCC element from a trusted proxy is refused (400): a front proxy that
+    # appends (APPEND_FORWARD) passes on an element its client wrote.  Envoy: SANITIZE_SET.
+    require_single_element: bool = True
 
 
 class Redis(_Model):

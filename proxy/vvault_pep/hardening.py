@@ -164,6 +164,34 @@ def findings(config: Config) -> list[Finding]:
                 "admin.tls with admin.policy",
             )
         )
+    admin = config.admin
+    if (admin.token is not None or admin.policy is not None) and admin.host in ("0.0.0.0", "::", ""):
+        add(
+            Finding(
+                "admin.host",
+                f"the admin API binds every interface ({admin.host})",
+                "quarantines, grants and cache control are reachable from every network the host is on",
+                "127.0.0.1, or a NetworkPolicy that admits only the operators' namespace",
+            )
+        )
+    if admin.token is not None and admin.tls is None:
+        add(
+            Finding(
+                "admin.tls",
+                "the admin API is plain HTTP",
+                "the admin token crosses the network in clear text",
+                "admin.tls (with admin.policy)",
+            )
+        )
+    if admin.token is not None and admin.token_may_push:
+        add(
+            Finding(
+                "admin.token_may_push",
+                "the shared admin token may push OPA data and policies",
+                "one secret, no MFA, rewrites every rule and grant",
+                "false (pushes through admin.tls with admin.policy)",
+            )
+        )
     if config.cache.debug_headers:
         add(
             Finding(

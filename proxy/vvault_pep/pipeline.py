@@ -174,7 +174,10 @@ class Pipeline:
             )
             if conn.forwarded_by is not None:
                 trail.fields["forwarded_by"] = conn.forwarded_by.spiffe_id or conn.forwarded_by.sha256
-        if config.listener.tls.client_auth == "required" and (conn is None or conn.peer is None):
+        # Behind a trusted front proxy the source address is the proxy's, shared by every
+        # client: without a forwarded certificate nothing names this caller, so it is refused.
+        forwarded = conn is not None and conn.forwarded_by is not None
+        if (config.listener.tls.client_auth == "required" or forwarded) and (conn is None or conn.peer is None):
             raise PepError("tls.client_cert_required", "a client certificate is required")
         if conn and conn.peer:
             trail.fields["client_cert"] = {"sha256": conn.peer.sha256, "spiffe_id": conn.peer.spiffe_id}
@@ -222,12 +225,21 @@ class Pipeline:
             assertions = [v.decode("utf-8", "replace") for k, v in request.raw_headers if k.lower() == wanted]
             device = await self.posture.assess(assertions, identity, conn.peer if conn else None)
         trail.fields["device_id"] = device.get("id")
-        # body: read before the decision only where the route lets the policy see it
+        # One subject, from verified names only: containment, rate limits, risk, cache
+        # epochs and the audit record all read it, never the input or the client's words.
+        who = subject_of(identity, conn.peer if conn else None, device, config.identity.workload.tenants)
+        trail.subject = who
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        # body: read before the decision only where the route lets the policy see it, under
+        # the body deadline and holding the caller's in-flight slot while it arrives
         inspected = None
         if route.body is not None:
+            trail.release = self.inflight.take(inflight.client_of(who, peer[0] if peer else None), who.principal)
             with self._stage(trail, "body"):
-                inspected = await body.inspect(request, route.body, headers, config.limits.body_idle_timeout_s)
-        peer = request.transport.get_extra_info("peername") if request.transport else None
+                deadline = route.body_deadline_s or config.limits.body_deadline_s
+                inspected = await body.inspect(
+                    request, route.body, headers, config.limits.body_idle_timeout_s, deadline
+                )
         facts = Facts(
             request_id=trail.request_id,
             method=request.method,
@@ -243,16 +255,12 @@ class Pipeline:
             now=_now(),
             body=inspected,
         )
-        # One subject, from verified names only: containment, rate limits, risk, cache
-        # epochs and the audit record all read it, never the input or the client's words.
-        who = subject_of(identity, conn.peer if conn else None, device, config.identity.workload.tenants)
-        trail.subject = who
         # risk, containment and the cache's revision/epochs all read Redis: the three reads
         # are queued now and share one round trip (with those of other requests in flight).
         draft = build_input(facts, pep_version=__version__)
         with self._stage(trail, "context"):
             pending = (
-                self.risk.assess(who, facts.source_ip, facts.now),
+                self.risk.assess(who, None if forwarded else facts.source_ip, facts.now),
                 # contain: every scope of the subject, before any cached allow or OPA
                 self.containment.check(who),
                 self.cache.context(who.scopes) if route.cache.enabled else _no_context(),
@@ -347,7 +355,8 @@ class Pipeline:
             self.tel.would_deny.inc(route.name, decision.code)
         # forward: one slot for this caller while the request is in flight, taken before
         # 100 Continue so that a caller over its limit is refused without sending its body
-        trail.release = self.inflight.take(inflight.client_of(who, facts.source_ip), who.principal)
+        if route.body is None:  # a body route took its slot before reading the body
+            trail.release = self.inflight.take(inflight.client_of(who, facts.source_ip), who.principal)
         if headers.expect_continue and request.version >= (1, 1) and not (inspected and inspected.continued):
             # Only now that the request is allowed may the client send its body.
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")

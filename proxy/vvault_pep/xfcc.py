@@ -15,7 +15,9 @@ describes the client it identified — ``By`` (``xfcc.by``, the PEP's own URI),
 
 **Accepting** (``xfcc.trusted_proxies``): only on a connection whose own
 verified client certificate is one of the configured front proxies (by SPIFFE
-ID or SHA-256 thumbprint).  Then the *last* element — the one that proxy
+ID or SHA-256 thumbprint).  The value must hold exactly one element unless
+``xfcc.require_single_element`` is false (a proxy that appends passes on what
+its client wrote).  Then the *last* element — the one that proxy
 appended — describes the real client and becomes the connection's peer for
 everything after (authentication, posture binding, policy input, audit); a
 request from the proxy without XFCC has no client certificate at all (the
@@ -233,6 +235,8 @@ def accept(
         return dataclasses.replace(conn, peer=None, forwarded_by=proxy)
     try:
         elements = parse(",".join(values))  # repeated headers are one list (RFC 9110 §5.3)
+        if cfg.require_single_element and len(elements) > 1:
+            raise XfccError("more than one element: the front proxy must replace, not append (SANITIZE_SET)")
         peer = forwarded_peer(elements[-1], proxy, require_client_auth_eku=require_client_auth_eku)
     except XfccError as exc:
         raise PepError("sanitize.bad_xfcc", f"x-forwarded-client-cert from the front proxy: {exc}") from exc
