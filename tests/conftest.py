@@ -27,6 +27,9 @@ from tests.support import STARTED, OpaProcess, client_context, free_port, make_c
 
 from vvault_pep.runtime import PepRuntime
 
+# The Redis Cluster and Sentinel fixtures (started only by the tests that ask for them).
+pytest_plugins = ["tests.redis_topologies"]
+
 
 @pytest.fixture(autouse=True)
 async def _no_pep_left_running() -> AsyncIterator[None]:

@@ -51,7 +51,7 @@ from . import deps
 from .config import Cache as CacheConfig
 from .config import Route
 from .principal import SCOPES
-from .shared_state import SharedState
+from .shared_state import CONTAINMENT_TAG, SharedState
 
 log = logging.getLogger("vvault_pep.cache")
 
@@ -595,11 +595,11 @@ return want
 
 
 def rev_key(shared: SharedState) -> str:
-    return shared.key("rev")
+    return shared.key_for("rev", CONTAINMENT_TAG)
 
 
 def epoch_key(shared: SharedState, scope: str, value: str) -> str:
-    return shared.key("epoch", scope, value)
+    return shared.key_for("epoch", CONTAINMENT_TAG, scope, value)
 
 
 def _load(raw: bytes) -> Any:
