@@ -19,10 +19,14 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import random
 import shutil
+import socket
 import ssl
+import subprocess
 import sys
 import tempfile
+import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +79,7 @@ class Lab:
         self.upstream_port = free_port()
         self.opa_port = free_port()
         self.redis_port = free_port()
+        self.cluster_ports: list[int] = []
         self.endpoints: dict[str, Endpoint] = {}
 
     # --- the shared services -------------------------------------------------------------
@@ -109,6 +114,40 @@ class Lab:
         wait_http_sync(f"http://127.0.0.1:{self.upstream_port}/v1/tenants/acme/collections", alive=upstream)
         wait_http_sync(f"http://127.0.0.1:{self.opa_port}/health", alive=opa)
         redis_ping(self.redis_port, alive=redis)
+
+    def start_cluster(self) -> str | None:
+        """A three-master Redis Cluster for the ``*-cluster`` scenarios; None, or why not."""
+        if self.cluster_ports:
+            return None
+        if shutil.which("redis-cli") is None:
+            return "redis-cli not found (it creates the cluster)"
+        ports = _cluster_ports(3)
+        if not ports:
+            return "no three free ports with their cluster-bus ports (+10000) free"
+        where = self.work / "redis-cluster"
+        where.mkdir()
+        try:
+            for port in ports:
+                proc = self.stack.start(
+                    f"redis-cluster-{port}",
+                    ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(where),
+                     "--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf",
+                     "--cluster-node-timeout", "5000", "--save", "", "--appendonly", "no"],
+                    "sut",
+                )  # fmt: skip
+                redis_ping(port, alive=proc)
+            subprocess.run(
+                ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports), "--cluster-yes"],
+                check=True,
+                capture_output=True,
+                timeout=60,
+            )
+            for port in ports:
+                _cluster_ok(port)
+        except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+            return f"the cluster did not start: {exc}"
+        self.cluster_ports = ports
+        return None
 
     # --- scenarios -----------------------------------------------------------------------
 
@@ -145,9 +184,14 @@ class Lab:
         cold_tokens: bool = False,
         side: Side = "sut",
         code: Path | None = None,
+        cluster: bool = False,
     ) -> Endpoint:
-        """A PEP; ``code``: a directory holding another ``vvault_pep`` package to run instead."""
+        """A PEP; ``code``: a directory holding another ``vvault_pep`` package to run instead;
+        ``cluster``: on the Redis Cluster of :meth:`start_cluster` instead of the standalone."""
         config = self.pep_config(name, cache)
+        if cluster:
+            nodes = [f"127.0.0.1:{p}" for p in self.cluster_ports]
+            config["redis"] = {"url": f"redis://{nodes[0]}", "mode": "cluster", "nodes": nodes[1:]}
         path = self.work / f"{name}.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         argv = [sys.executable, "-m", "vvault_pep.cli", "serve", "--config", str(path), "--log-level", "ERROR"]
@@ -376,3 +420,31 @@ class Lab:
         finally:
             self.issuer.stop()
             shutil.rmtree(self.work, ignore_errors=True)
+
+
+def _cluster_ports(n: int) -> list[int]:
+    """n ports, each with its cluster-bus port (port + 10000) free too."""
+    found: list[int] = []
+    for _ in range(200):
+        port = random.randint(20_000, 40_000)
+        try:
+            for p in (port, port + 10_000):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        if port not in found:
+            found.append(port)
+        if len(found) == n:
+            return found
+    return []
+
+
+def _cluster_ok(port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        res = subprocess.run(["redis-cli", "-p", str(port), "cluster", "info"], capture_output=True, timeout=5)
+        if b"cluster_state:ok" in res.stdout:
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"cluster node {port} never reported cluster_state:ok")

@@ -15,6 +15,8 @@ policies, redis-server, the proxies, the peer.  Load comes from vegeta over mTLS
                     HTTP/1.1, keep-alive upstream, no access log) — the anchor of another stack
     pep-l1          the PEP, every stage on, decision from its in-process cache
     pep-l2          the same with L1 off (cache.l1_max_entries: 0): decisions from Redis
+    pep-l1-cluster  pep-l1 on a three-master Redis Cluster (skipped, saying why, if the
+    pep-l2-cluster  cluster cannot start here); pep-l2 likewise
     pep-opa         the same with the route's cache off: OPA asked on every request
     pep-cold-token  cache on, a token never seen before on every request (signature checked
                     each time; the token's jti is part of the default decision-cache key, so
@@ -59,6 +61,8 @@ SCENARIOS: dict[str, str] = {
     "caddy": "Caddy v2 (Go) as a bare mTLS reverse proxy: the best-known proxy of another stack",
     "pep-l1": "the PEP, every stage on, decision from the in-process cache",
     "pep-l2": "the PEP with L1 off: decisions from Redis",
+    "pep-l1-cluster": "pep-l1 with Redis a three-master Cluster",
+    "pep-l2-cluster": "pep-l2 with Redis a three-master Cluster: decisions from the Cluster",
     "pep-opa": "the PEP with the route's cache off: OPA on every request",
     "pep-cold-token": "cache on, a new token on every request (signature + OPA each time)",
     "peer": "oauth2-proxy v7 validating the same JWTs (no client-certificate verification)",
@@ -528,6 +532,13 @@ def run(
         "pep-opa": lambda: lab.add_pep("pep-opa", "off"),
         "pep-cold-token": lambda: lab.add_pep("pep-cold-token", "l1", cold_tokens=True),
     }
+    if {"pep-l1-cluster", "pep-l2-cluster"} & set(wanted):
+        why = lab.start_cluster()
+        if why is None:
+            makers["pep-l1-cluster"] = lambda: lab.add_pep("pep-l1-cluster", "l1", cluster=True)
+            makers["pep-l2-cluster"] = lambda: lab.add_pep("pep-l2-cluster", "l2", cluster=True)
+        else:
+            print(f"pep-l1-cluster, pep-l2-cluster: SKIPPED — {why}")
     caddy = tools.get("caddy")
     if caddy is not None:
         makers["caddy"] = lambda: lab.add_caddy(caddy)

@@ -50,6 +50,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.unit)
 
 
+# The Redis Cluster and Sentinel fixtures (started only by the tests that ask for them).
+pytest_plugins = ["tests.redis_topologies"]
+
+
 @pytest.fixture(autouse=True)
 async def _no_pep_left_running() -> AsyncIterator[None]:
     """A `vvault-pep serve` a test started is gone after it, whatever the test did."""

@@ -66,8 +66,8 @@ def test_good_config_loads_frozen(tmp_path: Path, pki: Path) -> None:
         (lambda t: t.replace("server.pem", "missing.pem"), ":5: listener.tls.cert_file: file not found"),
         (lambda t: t + "opa:\n  managed: true\n", ":17: opa: managed: true needs policy_dir"),
         (
-            lambda t: t + "redis:\n  url: redis://127.0.0.1:7000\n  mode: cluster\n",
-            ":17: redis: mode: cluster is not supported yet",
+            lambda t: t + "redis:\n  url: redis://127.0.0.1:7000\n  mode: cluster\n  nodes: [10.0.0.5]\n",
+            ":17: redis: nodes: '10.0.0.5' is not host:port",
         ),
         (
             lambda t: t + "opa:\n  url: ${NOPE_NOT_SET}\n",

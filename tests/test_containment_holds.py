@@ -300,7 +300,7 @@ class Setup:
             ("tenant", self.tenant),
             ("certificate", thumbprint(pki, "ops")),
         ]
-        self.keys = [f"holds:q:{s}:{v}" for s, v in self.entries]
+        self.keys = [f"holds:q:{{c}}:{s}:{v}" for s, v in self.entries]
 
     def callers(self) -> list[dict[str, Any]]:
         return [
@@ -489,7 +489,7 @@ async def test_an_epoch_bumped_during_an_outage_leaves_no_stale_cached_allow(
     assert (await call(a, pki, token=token)).cache == "miss"  # honoured here at once
     own_redis.start()
     started = time.monotonic()
-    key = f"holds:epoch:subject:{idp.url}|{user}"
+    key = f"holds:epoch:{{c}}:subject:{idp.url}|{user}"
     client = direct(own_redis)
     try:
 
@@ -743,7 +743,7 @@ async def test_a_lift_reaches_a_replica_that_was_cut_off_and_nothing_is_resurrec
         took = await until(lifted_on_b, "the lift reaching replica B")
         print(f"\nrecovery[partition, lift meanwhile]: the cut-off replica serves again {took:.2f}s after it ended")
         # B did not write its old copy back: the lift stands everywhere.
-        assert not await quarantined_in_redis(own_redis, [f"cut:q:subject:{value}"])
+        assert not await quarantined_in_redis(own_redis, [f"cut:q:{{c}}:subject:{value}"])
         assert (await call(a, pki, token=token)).status == 200
         # A quarantine made after the lift is not taken for the lifted one (B may still be
         # reconnecting its pool: shared now or written back, it reaches A either way).

@@ -172,7 +172,7 @@ async def test_a_quarantine_from_redis_beats_a_cached_allow_without_any_reset(
     status, _, record = await ask(pep, pki, audit, "gate.proof.test", token)
     assert (status, record["cache"]) == (200, "l1")
     # Another replica's quarantine: the key only — no epoch bump, no publish.
-    key = f"vvault-pep:q:subject:{idp.url}|q-user"
+    key = f"vvault-pep:q:{{c}}:subject:{idp.url}|q-user"
     client = aioredis.from_url(redis.url)
     try:
         doc = {"reason": "from another replica", "until": time.time() + 60, "by": "replica-b"}

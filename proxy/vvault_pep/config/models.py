@@ -533,6 +533,7 @@ class Redis(_Model):
     url: str = Field(..., repr=False)  # redis://, rediss:// (TLS) or unix://; may carry user:password
     mode: Literal["standalone", "sentinel", "cluster"] = "standalone"
     sentinels: tuple[str, ...] = ()  # host:port, for mode: sentinel
+    nodes: tuple[str, ...] = ()  # host:port startup nodes for mode: cluster (the url's host is one too)
     service_name: str | None = None  # the Sentinel master name
     username: str | None = None
     password: str | None = Field(None, repr=False)
@@ -549,11 +550,17 @@ class Redis(_Model):
             raise ValueError("url must be redis://, rediss:// or unix://")
         if self.mode == "sentinel" and (not self.sentinels or not self.service_name):
             raise ValueError("mode: sentinel needs sentinels and service_name")
-        if self.mode == "cluster":
-            # Quarantines are shared with MULTI and the risk script reads keys of several
-            # slots: on a Cluster they would silently stay local.  Refused rather than
-            # half-working; a Sentinel-managed primary is supported.
-            raise ValueError("mode: cluster is not supported yet (use standalone or sentinel)")
+        for field in ("sentinels", "nodes"):
+            for value in getattr(self, field):
+                host, _, port = value.rpartition(":")
+                if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                    raise ValueError(f"{field}: {value!r} is not host:port")
+        if self.nodes and self.mode != "cluster":
+            raise ValueError("nodes is for mode: cluster")
+        if self.sentinels and self.mode != "sentinel":
+            raise ValueError("sentinels is for mode: sentinel")
+        if self.mode == "cluster" and scheme == "unix":
+            raise ValueError("mode: cluster needs a redis:// or rediss:// url")
         return self
 
 

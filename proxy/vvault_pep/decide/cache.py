@@ -50,7 +50,7 @@ import orjson
 from ..config.models import Cache as CacheConfig
 from ..config.models import Route
 from ..core.principal import SCOPES
-from ..shared.state import SharedState
+from ..shared.state import CONTAINMENT_TAG, SharedState
 from . import deps
 from .store import DecisionStore, RedisStore
 
@@ -617,11 +617,11 @@ return want
 
 
 def rev_key(shared: SharedState) -> str:
-    return shared.key("rev")
+    return shared.key_for("rev", CONTAINMENT_TAG)
 
 
 def epoch_key(shared: SharedState, scope: str, value: str) -> str:
-    return shared.key("epoch", scope, value)
+    return shared.key_for("epoch", CONTAINMENT_TAG, scope, value)
 
 
 def _load(raw: bytes) -> Any:

@@ -2,7 +2,7 @@
 
 A quarantine names a scope — ``subject``, ``workload``, ``certificate``,
 ``token`` (a ``jti``), ``device`` or ``tenant`` — a value, a reason and a
-lifetime.  It is written to Redis (``q:<scope>:<value>``, expiring by itself)
+lifetime.  It is written to Redis (``q:{c}:<scope>:<value>``, expiring by itself)
 and published on a channel; every replica checks **every** scope of the
 request's verified :class:`~vvault_pep.core.principal.Subject` before the decision cache and
 OPA, so a cached allow cannot outlive it.  A token revocation is a ``token``
@@ -15,13 +15,13 @@ the admin API, or another replica (through Redis).
 The shared set never shrinks by absence.  Each replica keeps every entry it
 knows (made here, heard on the channel, read from Redis) until the entry's
 own expiry or an explicit lift, and :meth:`Containment.reconcile` — on every
-(re)connection, when Redis shows it lost its data, and every
+(re)subscription of the channel, every (re)connection, when Redis shows it lost its data, and every
 :data:`~vvault_pep.shared.state.FULL_S` (:meth:`~vvault_pep.shared.state.SharedState.watch`) —
 runs both ways: entries Redis lacks (made during an outage, lost by a
 restart, a flush or a failover) are written back with their remaining
 lifetime and published; entries Redis holds that this replica lacks are
 added.  A lift deletes the entry and leaves a lift record
-(``ql:<scope>:<value>``, the lift's time) for as long as the lifted entry
+(``ql:{c}:<scope>:<value>``, the lift's time) for as long as the lifted entry
 could have lived, so a replica that was cut off when the lift happened drops
 its copy when it reconnects instead of writing it back; a quarantine made
 *after* the lift (later ``since``) stands.
@@ -42,12 +42,13 @@ import orjson
 from ..core.decision import MAX_TTL_S
 from ..core.principal import SCOPES, Subject
 from ..errors import PepError
-from .state import SharedState
+from .state import CONTAINMENT_TAG, SharedState
 
 log = logging.getLogger("vvault_pep.containment")
 
 CHANNEL = "quarantine"
 _LIFT_MIN_S = 60.0  # a lift record outlives the entry it lifted by at least this much
+_FIRST_SUBSCRIPTION_S = 2.0  # how long start() waits for the channel before reading Redis alone
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,26 +71,33 @@ class Quarantine:
         }
 
 
-# Every Redis key of containment is built here (a Cluster hash tag is one change).
+# Every Redis key of containment is built here.  All of them carry one hash tag
+# (CONTAINMENT_TAG, shared with the cache epochs): on a Cluster they are in one slot,
+# so a request's quarantine check is one MGET on one node and reconciliation scans
+# that one node.  They are few and small (see docs/deploy.md, sizing).
 def quarantine_key(shared: SharedState, scope: str, value: str) -> str:
-    return shared.key("q", scope, value)
+    return shared.key_for("q", CONTAINMENT_TAG, scope, value)
 
 
 def quarantine_prefix(shared: SharedState) -> str:
-    return shared.key("q", "")
+    return shared.key_for("q", CONTAINMENT_TAG) + ":"
 
 
 def lift_key(shared: SharedState, scope: str, value: str) -> str:
-    return shared.key("ql", scope, value)
+    return shared.key_for("ql", CONTAINMENT_TAG, scope, value)
 
 
 def lift_prefix(shared: SharedState) -> str:
-    return shared.key("ql", "")
+    return shared.key_for("ql", CONTAINMENT_TAG) + ":"
 
 
 def scan_pattern(shared: SharedState) -> str:
     """A SCAN pattern matching both kinds above (and, harmlessly, other ``q*`` keys)."""
     return shared.key("q") + "*"
+
+
+def channel_key(shared: SharedState) -> str:
+    return shared.key(CHANNEL)
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,14 +122,26 @@ class Containment:
         self._lifted: dict[tuple[str, str], tuple[float, float]] = {}
         self._unshared: set[tuple[str, str]] = set()  # not yet known written to Redis
         self._listener: asyncio.Task[None] | None = None
+        self._subscribed = asyncio.Event()  # set after the first (re)subscription's reconciliation
         self.reconciles = 0
         self.written_back = 0  # entries this replica wrote back to a Redis that lacked them
         self.last_reconciled: float | None = None  # unix time
 
     async def start(self) -> None:
         if self.shared is not None:
-            await self.reconcile()
-            self._listener = asyncio.create_task(self._listen(), name="quarantine-listener")
+            # Subscribe first, then reconcile (on every (re)subscription): what is published
+            # between the two is heard, what was published before is read back, and nothing
+            # is dropped by absence, so running beside add() or lift() loses nothing.  The
+            # first reconciliation is awaited here, so a replica starts knowing what Redis holds.
+            self._subscribed = asyncio.Event()
+            self._listener = self.shared.follow(
+                channel_key(self.shared), self._on_event, self._resubscribed, name="quarantine-listener"
+            )
+            try:
+                async with asyncio.timeout(_FIRST_SUBSCRIPTION_S):
+                    await self._subscribed.wait()
+            except TimeoutError:  # Redis slow or away: read what it holds now; the watcher carries on
+                await self.reconcile()
 
     async def reconcile(self, lost: bool = True) -> bool:
         """Both ways with Redis; True when Redis answered.
@@ -135,13 +155,18 @@ class Containment:
             return False
         shared = self.shared
         q_prefix, l_prefix = quarantine_prefix(shared), lift_prefix(shared)
+        # Keys without the hash tag, as an earlier version wrote them: read, and written
+        # back under the tagged names, so an upgrade loses no quarantine and no lift.
+        old_q, old_l = shared.key("q", ""), shared.key("ql", "")
 
         async def read(c: Any) -> list[tuple[bytes, Any]]:
-            # One SCAN for quarantines and lift records, then their values.
+            # One SCAN for quarantines and lift records, then their values.  On a Cluster
+            # they share one slot: the SCAN goes to the master that owns it.
+            where = {"target_nodes": await _owner(c, q_prefix)} if shared.cluster else {}
             keys = [
                 k
-                async for k in c.scan_iter(match=scan_pattern(shared), count=500)
-                if k.decode(errors="replace").startswith((q_prefix, l_prefix))
+                async for k in c.scan_iter(match=scan_pattern(shared), count=500, **where)
+                if k.decode(errors="replace").startswith((q_prefix, l_prefix, old_q, old_l))
             ]
             # A Cluster client reads keys of different slots with mget_nonatomic.
             mget = getattr(c, "mget_nonatomic", None) or c.mget
@@ -153,20 +178,25 @@ class Containment:
         now = time.time()
         in_redis: dict[tuple[str, str], Quarantine] = {}
         lifts_in_redis: set[tuple[str, str]] = set()
+        untagged: list[Quarantine] = []
         for key, raw in rows:
             name = key.decode(errors="replace")
-            is_lift = name.startswith(l_prefix)
-            scope, _, value = name[len(l_prefix if is_lift else q_prefix) :].partition(":")
+            prefix = next(p for p in (q_prefix, l_prefix, old_q, old_l) if name.startswith(p))
+            is_lift, tagged = prefix in (l_prefix, old_l), prefix in (q_prefix, l_prefix)
+            scope, _, value = name[len(prefix) :].partition(":")
             if raw is None or scope not in SCOPES:
                 continue
             if is_lift:
-                lifts_in_redis.add((scope, value))
+                if tagged:
+                    lifts_in_redis.add((scope, value))
                 self._note_lift((scope, value), *_lift_doc(raw, now))
-            else:
+            elif tagged:
                 in_redis[(scope, value)] = _load(scope, value, raw, now)
+            else:
+                untagged.append(_load(scope, value, raw, now))
         self._expire(now)
-        for pair, q in in_redis.items():
-            if self._is_lifted(pair, q):
+        for q in [*in_redis.values(), *untagged]:
+            if self._is_lifted((q.scope, q.value), q):
                 continue
             self._merge(q)
         # Written back: every live entry Redis lacks (or holds for less long), every lift
@@ -196,17 +226,18 @@ class Containment:
     ) -> bool:
         assert self.shared is not None
         shared = self.shared
-        channel = shared.key(CHANNEL)
+        channel = channel_key(shared)
 
         async def op(c: Any) -> Any:
             pipe = c.pipeline(transaction=False)
+            publish = pipe.spublish if shared.cluster else pipe.publish  # sharded on a Cluster
             for q in writes:
                 pipe.set(quarantine_key(shared, q.scope, q.value), orjson.dumps(q.doc()), px=_ms(q.until - now))
-                pipe.publish(channel, orjson.dumps({"op": "add", **q.doc()}))
+                publish(channel, orjson.dumps({"op": "add", **q.doc()}))
             for (scope, value), at, keep in lifts:
                 lift = {"at": at, "keep": keep}
                 pipe.set(lift_key(shared, scope, value), orjson.dumps(lift), px=_ms(keep - now))
-                pipe.publish(channel, orjson.dumps({"op": "lift", "scope": scope, "value": value, **lift}))
+                publish(channel, orjson.dumps({"op": "lift", "scope": scope, "value": value, **lift}))
             for scope, value in stale:
                 pipe.delete(quarantine_key(shared, scope, value))
             return await pipe.execute()
@@ -295,16 +326,11 @@ class Containment:
             return q, False
         shared, key, blob = self.shared, quarantine_key(self.shared, scope, value), orjson.dumps(q.doc())
 
-        async def op(c: Any) -> Any:
-            pipe = c.pipeline(transaction=True)
-            pipe.set(key, blob, px=_ms(ttl_s))
-            pipe.publish(shared.key(CHANNEL), orjson.dumps({"op": "add", **q.doc()}))
-            return await pipe.execute()
-
-        done = await shared.call(op)
-        if done is None:
+        event = orjson.dumps({"op": "add", **q.doc()})
+        done = await shared.write_and_publish(lambda p: p.set(key, blob, px=_ms(ttl_s)), channel_key(shared), event)
+        if not done:
             self._unshared.add((scope, value))  # reconcile() writes it back
-        return q, done is not None
+        return q, done
 
     async def lift(self, scope: str, value: str) -> bool:
         """End a quarantine everywhere (an explicit, audited act); whether Redis shared it."""
@@ -317,15 +343,14 @@ class Containment:
             return True
         shared = self.shared
 
-        async def op(c: Any) -> Any:
-            pipe = c.pipeline(transaction=True)
-            pipe.delete(quarantine_key(shared, scope, value))
-            lift = {"at": now, "keep": keep}
-            pipe.set(lift_key(shared, scope, value), orjson.dumps(lift), px=_ms(keep - now))
-            pipe.publish(shared.key(CHANNEL), orjson.dumps({"op": "lift", "scope": scope, "value": value, **lift}))
-            return await pipe.execute()
+        lift = {"at": now, "keep": keep}
 
-        done = await shared.call(op) is not None
+        def write(pipe: Any) -> None:
+            pipe.delete(quarantine_key(shared, scope, value))
+            pipe.set(lift_key(shared, scope, value), orjson.dumps(lift), px=_ms(keep - now))
+
+        event = orjson.dumps({"op": "lift", "scope": scope, "value": value, **lift})
+        done = await shared.write_and_publish(write, channel_key(shared), event)
         if not done:
             self._unshared.add(pair)  # the lift record is written back by reconcile()
         return done
@@ -338,7 +363,8 @@ class Containment:
             prefix = quarantine_prefix(shared)
 
             async def op(c: Any) -> list[tuple[bytes, bytes]]:
-                keys = [k async for k in c.scan_iter(match=prefix + "*", count=500)]
+                where = {"target_nodes": await _owner(c, prefix)} if shared.cluster else {}
+                keys = [k async for k in c.scan_iter(match=prefix + "*", count=500, **where)]
                 mget = getattr(c, "mget_nonatomic", None) or c.mget
                 return list(zip(keys, await mget(keys), strict=True)) if keys else []
 
@@ -350,26 +376,18 @@ class Containment:
                         found.setdefault((scope, value), q)
         return [q.doc() for q in found.values()]
 
-    async def _listen(self) -> None:
+    def _on_event(self, data: bytes) -> None:
         """Mirror other replicas' quarantines and lifts as they happen."""
-        assert self.shared is not None
-        shared = self.shared
-        while True:
-            try:
-                pubsub = shared.client.pubsub()
-                await pubsub.subscribe(shared.key(CHANNEL))
-                async for message in pubsub.listen():
-                    if message.get("type") != "message":
-                        continue
-                    try:
-                        self._heard(orjson.loads(message["data"]))
-                    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-                        continue
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("quarantine channel lost (%s); resubscribing", type(exc).__name__)
-                await asyncio.sleep(1.0)
+        try:
+            self._heard(orjson.loads(data))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+            return
+
+    async def _resubscribed(self) -> None:
+        done = await self.reconcile()
+        self._subscribed.set()
+        if not done:
+            log.warning("reconciling after subscribing failed; the watcher retries")
 
     def _heard(self, event: dict[str, Any]) -> None:
         pair = (str(event["scope"]), str(event["value"]))
@@ -389,6 +407,12 @@ class Containment:
         )
         if q.until > now and not self._is_lifted(pair, q):
             self._merge(q)
+
+
+async def _owner(cluster: Any, key: str) -> Any:
+    """The master owning ``key``'s slot (the client learns the slot map first if it must)."""
+    await cluster.initialize()
+    return cluster.get_node_from_key(key)
 
 
 def _ms(seconds: float) -> int:

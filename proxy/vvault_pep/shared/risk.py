@@ -90,7 +90,7 @@ def risk_subject(subject: Subject, source_ip: str | None) -> str:
 
 
 def risk_key(shared: SharedState, subject: str, *parts: str) -> str:
-    return shared.key("risk", subject, *parts)
+    return shared.key_for("risk", subject, *parts)  # one tag: the script's keys share a slot
 
 
 def score(signals: dict[str, Any]) -> tuple[int, str]:
