@@ -54,7 +54,7 @@ BREAKS = (
     Break(
         "401: invalid token",
         "authn.py",
-        "token = _bearer(authorization, realm) if self.cfg.issuers else None",
+        "token = _bearer(authorization, realm)",
         "token = None",
         ("tests/test_authn.py::test_bad_tokens_are_rejected_without_reaching_upstream",),
     ),
@@ -169,8 +169,8 @@ BREAKS = (
     Break(
         "413: declared body too large",
         "pipeline.py",
-        "headers.content_length > config.limits.max_body_bytes",
-        "headers.content_length > config.limits.max_body_bytes * 2",
+        "headers.content_length > self.max_body_any",
+        "headers.content_length > self.max_body_any * 2",
         ("tests/test_proofs_forward.py::test_declared_oversize_body_is_413_before_routing",),
     ),
     Break(
