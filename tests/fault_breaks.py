@@ -54,7 +54,7 @@ BREAKS = (
     Break(
         "401: invalid token",
         "identity/authn.py",
-        "token = _bearer(authorization, realm) if self.cfg.issuers else None",
+        "token = _bearer(authorization, realm)",
         "token = None",
         ("tests/test_authn.py::test_bad_tokens_are_rejected_without_reaching_upstream",),
     ),

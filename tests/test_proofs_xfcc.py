@@ -129,18 +129,21 @@ def test_a_forwarded_subject_gives_its_common_name(pki: Path, subject: str | Non
 def test_accept_reads_every_xfcc_line_from_a_trusted_proxy_only(pki: Path) -> None:
     ops = peer_of(pki, "client-ops")
     reader = peer_of(pki, "client-reader")
-    # a proxy that appends: allowed only when the config says so (one element by default)
-    cfg = Xfcc.model_validate({"trusted_proxies": [{"spiffe_id": FRONT}], "require_single_element": False})
+    cfg = Xfcc.model_validate({"trusted_proxies": [{"spiffe_id": FRONT}]})
     conn = Connection("TLSv1.3", "x", None, ops)
-    # two header lines are one list: the last element is the nearest proxy's
+    # two header lines are one list of two elements: refused by default (a proxy that
+    # appends would forward a client-written element), the last believed only when allowed
     lines = [
         (b"x-forwarded-client-cert", f"Hash={H1}".encode()),
         (b"X-Forwarded-Client-Cert", emit(reader, FRONT).encode()),
     ]
-    with pytest.raises(PepError, match="more than one element"):
-        accept(
-            Xfcc.model_validate({"trusted_proxies": [{"spiffe_id": FRONT}]}), conn, lines, require_client_auth_eku=True
-        )
+    with pytest.raises(PepError) as two:
+        accept(cfg, conn, lines, require_client_auth_eku=True)
+    assert two.value.code == "sanitize.bad_xfcc"
+    appending = Xfcc.model_validate({"trusted_proxies": [{"spiffe_id": FRONT}], "require_single_element": False})
+    seen = accept(appending, conn, lines, require_client_auth_eku=True)
+    assert (seen.peer.sha256 if seen.peer else None, seen.forwarded_by) == (reader.sha256, ops)
+    lines = lines[1:]  # what a SANITIZE_SET proxy sends: its own element only
     seen = accept(cfg, conn, lines, require_client_auth_eku=True)
     assert (seen.peer.sha256 if seen.peer else None, seen.forwarded_by) == (reader.sha256, ops)
     # no header from a trusted proxy: nobody is forwarded, the proxy is recorded
