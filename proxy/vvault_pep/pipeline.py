@@ -301,17 +301,24 @@ class Pipeline:
             trail.raw_result, trail.has_result = decision.raw, True
         else:
             with self._stage(trail, "pdp", SpanKind.CLIENT) as pdp_span:
+                sent = self.cache.opa_input(route, policy_input)
                 try:
                     answer = await self.pdp.decide(
-                        route.policy, policy_input, provenance=layer == "miss", headers=self.tel.inject(pdp_span)
+                        route.policy,
+                        sent,
+                        provenance=layer == "miss" or sent is not policy_input,
+                        headers=self.tel.inject(pdp_span),
                     )
+                    fresh = self.cache.note_bundles(answer.bundles)
+                    if sent is not policy_input and not fresh:
+                        # Decided by a revision the paths were not derived from: ask again whole.
+                        answer = await self.pdp.decide(route.policy, policy_input, headers=self.tel.inject(pdp_span))
                 except PepError as err:
                     self.tel.pdp_errors.inc(err.code)
                     raise
             trail.fields["opa_decision_id"] = answer.opa_decision_id
             trail.raw_result, trail.has_result = answer.result, answer.defined
             decision = enforce.interpret(answer.result, defined=answer.defined)
-            fresh = self.cache.note_bundles(answer.bundles)
             if layer == "miss" and fresh and answer.defined and decision.code not in _NEVER_CACHED:
                 hints = hints_of(answer.result)
                 ttl = lifetime(
