@@ -362,17 +362,24 @@ class Decide:
                 x.cache_key = await cache.key_of(route, doc, x.cache_context)
             return
         with Timed(self.tel, trail, "pdp", SpanKind.CLIENT) as pdp_span:
+            sent = cache.opa_input(route, doc)
             try:
                 answer = await self.pdp.decide(
-                    route.policy, doc, provenance=layer == "miss", headers=self.tel.inject(pdp_span)
+                    route.policy,
+                    sent,
+                    provenance=layer == "miss" or sent is not doc,
+                    headers=self.tel.inject(pdp_span),
                 )
+                fresh = cache.note_bundles(answer.bundles)
+                if sent is not doc and not fresh:
+                    # Decided by a revision the paths were not derived from: ask again whole.
+                    answer = await self.pdp.decide(route.policy, doc, headers=self.tel.inject(pdp_span))
             except PepError as err:
                 self.tel.pdp_errors.inc(err.code)
                 raise
         trail.fields["opa_decision_id"] = answer.opa_decision_id
         trail.raw_result, trail.has_result = answer.result, answer.defined
         x.decision = decision = enforce.interpret(answer.result, defined=answer.defined)
-        fresh = cache.note_bundles(answer.bundles)
         if layer == "miss" and fresh and answer.defined and decision.code not in NEVER_CACHED:
             hints = hints_of(answer.result)
             identity = x.identity

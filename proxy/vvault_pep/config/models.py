@@ -798,6 +798,9 @@ class Route(_Model):
     methods: tuple[str, ...] = ("GET", "HEAD")
     upstream: str
     policy: str
+    # projected: OPA gets only the input paths the policy reads, when they are known
+    # for the running revision; full: always the whole input.
+    opa_input: Literal["projected", "full"] = "projected"
     mode: Literal["enforce", "monitor"] = "enforce"
     authn: RouteAuthn = RouteAuthn()
     cache: RouteCache = RouteCache()

@@ -241,6 +241,12 @@ class DecisionCache:
             return None
         return self._paths.get(route.policy)
 
+    def opa_input(self, route: Route, doc: dict[str, Any]) -> dict[str, Any]:
+        """What OPA is sent: the projection on the paths the policy reads, else all of ``doc``."""
+        paths = self.policy_paths(route) if route.opa_input == "projected" else None
+        sent = deps.projection(doc, paths) if paths is not None else None
+        return doc if sent is None else sent
+
     def time_dependent(self, route: Route) -> bool:
         """Whether the route's policy may read the clock.
 

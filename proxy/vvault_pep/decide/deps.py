@@ -126,6 +126,33 @@ def key_problems(routes: Sequence[Any], paths: Mapping[str, Sequence[str]]) -> l
     return problems
 
 
+def projection(doc: Mapping[str, Any], paths: Sequence[str]) -> dict[str, Any] | None:
+    """``doc`` cut down to ``paths`` (plus ``version``): what OPA needs to decide.
+
+    A path absent from ``doc`` stays absent; None when a path is the whole input.
+    Only the dicts on the way are copied; the values are shared with ``doc``.
+    """
+    out: dict[str, Any] = {}
+    for dotted in (*paths, "version"):
+        if dotted == "":
+            return None
+        parts = dotted.split(".")
+        src: Any = doc
+        for part in parts:
+            if not isinstance(src, dict) or part not in src:
+                break
+            src = src[part]
+        else:
+            dst = out
+            for part in parts[:-1]:
+                nxt = dst.get(part)
+                if not isinstance(nxt, dict):
+                    nxt = dst[part] = {}
+                dst = nxt
+            dst[parts[-1]] = src
+    return out
+
+
 def reads_time(paths: Sequence[str]) -> bool:
     return any(covers(p, TIME) or p.startswith(TIME + ".") for p in paths)
 
