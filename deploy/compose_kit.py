@@ -56,7 +56,7 @@ def bundle(
 ) -> Path:
     """Build ``out_dir/vvault.tar.gz`` from ``source``, signed with ``out_dir/.signing-key.pem``."""
     sys.path.insert(0, str(ROOT / "proxy"))
-    from vvault_pep import deps
+    from vvault_pep.decide import deps
 
     revision = revision or _revision()
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -22,10 +22,33 @@ import pytest
 from aiohttp import web
 from examples.pki import make_pki
 from examples.vvault_api.app import SEEN, make_app
+from tests.helpers import running_pep
 from tests.idp import Issuer, Trap
 from tests.support import STARTED, OpaProcess, client_context, free_port, make_config, start_opa
 
-from vvault_pep.runtime import PepRuntime
+from vvault_pep.app.runtime import PepRuntime
+
+# `make unit`: tests that start no server and no process (no OPA, no Redis, no PEP) are
+# marked `unit`.  A test is one when none of its fixtures is a server and its module starts
+# nothing itself.
+_SERVERS = frozenset(
+    {"opa", "own_opa", "redis_server", "pep", "upstream", "hanging_upstream", "idp", "devices", "trap", "client"}
+    | {"base"}
+)
+_STARTS = (
+    "start_opa(", "start_serve(", "RedisServer(", "create_subprocess_exec", "PepRuntime(", "running_pep(", "subprocess."
+)  # fmt: skip
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    starts: dict[Path, bool] = {}
+    for item in items:
+        path = item.path
+        if path not in starts:
+            starts[path] = any(s in path.read_text() for s in _STARTS)
+        if not starts[path] and not _SERVERS & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.unit)
+
 
 # The Redis Cluster and Sentinel fixtures (started only by the tests that ask for them).
 pytest_plugins = ["tests.redis_topologies"]
@@ -187,10 +210,8 @@ async def pep(pki: Path, opa: OpaProcess, upstream: Upstream, hanging_upstream: 
     config = make_config(
         pki, opa_url=opa.url, upstream_port=upstream.port, hang_port=hanging_upstream, down_port=free_port()
     )
-    runtime = PepRuntime(config)
-    await runtime.start()
-    yield runtime
-    await runtime.stop()
+    async with running_pep(config) as runtime:
+        yield runtime
 
 
 @pytest.fixture(scope="session")

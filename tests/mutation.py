@@ -25,7 +25,7 @@ re-read the survivors (``mutmut show NAME`` in the staging directory).
 Usage::
 
     python -m tests.mutation                      # every module in MODULES
-    python -m tests.mutation enforce sanitize     # only these
+    python -m tests.mutation core.decision core.sanitize   # only these
     python -m tests.mutation --budget-s 600       # overall wall-clock budget
 """
 
@@ -44,79 +44,99 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 STAGE = ROOT / ".mutation"
 
-# module → the tests that exercise it (unit tables first: they are the fast killers).
+# module (dotted, under vvault_pep) → the tests that exercise it (unit tables first: they are the fast killers).
 MODULES: dict[str, list[str]] = {
-    "principal": ["tests/test_principal.py", "tests/test_proofs_principal.py", "tests/test_containment.py"],
-    "responses": ["tests/test_responses.py", "tests/test_proofs_responses.py"],
-    "inflight": ["tests/test_slow_bodies.py", "tests/test_proofs_inflight.py"],
-    "body": ["tests/test_proofs_body.py", "tests/test_body_policy.py"],
-    "xfcc": ["tests/test_proofs_xfcc.py", "tests/test_xfcc.py"],
-    "posture": ["tests/test_proofs_posture.py", "tests/test_posture_risk.py"],
-    "enforce": ["tests/test_enforce.py", "tests/test_proofs_enforce.py", "tests/test_proofs_decisions.py"],
-    "sanitize": ["tests/test_sanitize.py", "tests/test_proofs_sanitize.py"],
-    "audit": ["tests/test_audit.py", "tests/test_proofs_audit.py", "tests/test_redact.py"],
-    "authn": ["tests/test_authn.py", "tests/test_input_hardening.py"],
-    "jwks": ["tests/test_authn.py"],
-    "spiffe": ["tests/test_spiffe.py", "tests/test_listener.py", "tests/test_proofs_identity.py"],
-    "listener": [
+    "core.principal": ["tests/test_principal.py", "tests/test_proofs_principal.py", "tests/test_containment.py"],
+    "core.responses": ["tests/test_responses.py", "tests/test_proofs_responses.py"],
+    "decide.inflight": ["tests/test_slow_bodies.py", "tests/test_proofs_inflight.py"],
+    "core.body": ["tests/test_proofs_body.py", "tests/test_body_policy.py"],
+    "edge.body": ["tests/test_proofs_body.py", "tests/test_body_policy.py"],
+    "core.xfcc": ["tests/test_proofs_xfcc.py", "tests/test_xfcc.py"],
+    "identity.posture": ["tests/test_proofs_posture.py", "tests/test_posture_risk.py"],
+    "core.decision": ["tests/test_enforce.py", "tests/test_proofs_enforce.py", "tests/test_proofs_decisions.py"],
+    "core.sanitize": ["tests/test_sanitize.py", "tests/test_proofs_sanitize.py"],
+    "observe.audit": ["tests/test_audit.py", "tests/test_proofs_audit.py", "tests/test_redact.py"],
+    "observe.sinks": ["tests/test_audit.py", "tests/test_proofs_audit.py", "tests/test_input_hardening.py"],
+    "identity.authn": ["tests/test_authn.py", "tests/test_input_hardening.py"],
+    "identity.jwt": ["tests/test_authn.py", "tests/test_input_hardening.py"],
+    "identity.jwks": ["tests/test_authn.py"],
+    "core.spiffe": ["tests/test_spiffe.py", "tests/test_listener.py", "tests/test_proofs_identity.py"],
+    "edge.listener": [
         "tests/test_listener.py",
         "tests/test_hardening.py",
         "tests/test_tls_hardening.py",
         "tests/test_proofs_identity.py",
     ],
-    "containment": ["tests/test_containment.py", "tests/test_containment_holds.py", "tests/test_proofs_cache.py"],
-    "upstream_http": ["tests/test_upstream_http.py", "tests/test_proofs_forward.py"],
-    "forward": [
+    "core.request": [
+        "tests/test_listener.py",
+        "tests/test_hardening.py",
+        "tests/test_tls_hardening.py",
+        "tests/test_proofs_identity.py",
+    ],
+    "shared.containment": [
+        "tests/test_containment.py",
+        "tests/test_containment_holds.py",
+        "tests/test_proofs_cache.py",
+    ],
+    "edge.upstream_http": ["tests/test_upstream_http.py", "tests/test_proofs_forward.py"],
+    "edge.forward": [
         "tests/test_proofs_forward.py",
         "tests/test_responses.py",
         "tests/test_pipeline.py",
         "tests/test_streaming.py",
     ],
     # last: the cache key composition and the PDP client are still moving elsewhere
-    "cache": ["tests/test_cache.py", "tests/test_proofs_cache.py"],
-    "pdp": ["tests/test_pdp.py", "tests/test_proofs_pdp.py"],
+    "decide.cache": ["tests/test_cache.py", "tests/test_proofs_cache.py"],
+    "decide.pdp": ["tests/test_pdp.py", "tests/test_proofs_pdp.py"],
 }
+
+
+def source(module: str) -> str:
+    """The module's file under the staged ``src/``: ``core.decision`` → ``src/vvault_pep/core/decision.py``."""
+    return f"src/vvault_pep/{module.replace('.', '/')}.py"
+
 
 # mutant name → why no test can tell it from the original.
 EQUIVALENT: dict[str, str] = {
-    "vvault_pep.xfcc.x__split__mutmut_6": "`escaped = None` is as false as `False`",
-    "vvault_pep.xfcc.x__unquote__mutmut_12": "a quoted value that does not end in a quote has its closing"
+    "vvault_pep.core.xfcc.x__split__mutmut_6": "`escaped = None` is as false as `False`",
+    "vvault_pep.core.xfcc.x__unquote__mutmut_12": "a quoted value that does not end in a quote has its closing"
     " quote inside, which the loop refuses with the same reason",
-    "vvault_pep.xfcc.x_accept__mutmut_18": "codec names are case-insensitive: 'UTF-8' is 'utf-8'",
-    "vvault_pep.xfcc.x_forwarded_peer__mutmut_93": "base64url of 32 bytes ends in one of AEIMQUYcgkosw048"
+    "vvault_pep.core.xfcc.x_accept__mutmut_18": "codec names are case-insensitive: 'UTF-8' is 'utf-8'",
+    "vvault_pep.core.xfcc.x_forwarded_peer__mutmut_93": "base64url of 32 bytes ends in one of AEIMQUYcgkosw048"
     " before its '=': stripping 'X' as well never changes it",
-    "vvault_pep.xfcc.x_forwarded_peer__mutmut_95": "codec names are case-insensitive: 'ASCII' is 'ascii'",
+    "vvault_pep.core.xfcc.x_forwarded_peer__mutmut_95": "codec names are case-insensitive: 'ASCII' is 'ascii'",
     **{
-        f"vvault_pep.posture.xǁPostureVerifierǁ__init____mutmut_{n}": "the realm only goes into a 400/401"
+        f"vvault_pep.identity.posture.xǁPostureVerifierǁ__init____mutmut_{n}": "the realm only goes into a 400/401"
         " challenge; posture turns every such refusal into data (`verified: false`), so no client sees it"
         for n in (5, 10, 11)
     },
-    "vvault_pep.posture.xǁPostureVerifierǁassess__mutmut_68": "the age is a float from time.time(): an"
+    "vvault_pep.identity.posture.xǁPostureVerifierǁassess__mutmut_68": "the age is a float from time.time(): an"
     " assertion exactly max_age_s old cannot be produced",
     **{
-        f"vvault_pep.body.x_is_json__mutmut_{n}": "only the part before the first ';' is read: `split(';')[0]`"
+        f"vvault_pep.core.body.x_is_json__mutmut_{n}": "only the part before the first ';' is read: `split(';')[0]`"
         " and `split(';', 2)[0]` are that part too"
         for n in (8, 11)
     },
-    "vvault_pep.body.x_inspect__mutmut_86": "`parse` tests `not complete`: None and False take the same branch",
+    "vvault_pep.edge.body.x_inspect__mutmut_86": "`parse` tests `not complete`: None and False take the same branch",
     **{
-        f"vvault_pep.body.x_inspect__mutmut_{n}": "the `sanitize.malformed` branch: a framing error in the"
+        f"vvault_pep.edge.body.x_inspect__mutmut_{n}": "the `sanitize.malformed` branch: a framing error in the"
         " middle of a body is answered 400 by aiohttp's server itself, which closes the connection; no"
         " client sees this code or detail (a client that leaves is a ConnectionResetError, handled above)"
         for n in range(58, 66)
     },
     **{
-        f"vvault_pep.responses.x_cookie_passes__mutmut_{n}": "only the part before the first '=' is read:"
+        f"vvault_pep.core.responses.x_cookie_passes__mutmut_{n}": "only the part before the first '=' is read:"
         " `split('=')[0]` and `split('=', 2)[0]` are that part too"
         for n in (25, 28)
     },
-    "vvault_pep.responses.x_partial_reason__mutmut_26": "'multipart/byteranges' holds no ';': a value starts"
+    "vvault_pep.core.responses.x_partial_reason__mutmut_26": "'multipart/byteranges' holds no ';': a value starts"
     " with it exactly when its first ';'-separated part does",
-    "vvault_pep.principal.x_subject_of__mutmut_42": "`workload_tenants.get(None)` is None: the mapping is"
+    "vvault_pep.core.principal.x_subject_of__mutmut_42": "`workload_tenants.get(None)` is None: the mapping is"
     " keyed by SPIFFE IDs (str), so asking it without a workload finds nothing either way",
-    "vvault_pep.enforce.x__deny__mutmut_10": "no caller passes `status`: the default branch is the only one reached",
+    "vvault_pep.core.decision.x__deny__mutmut_10": "no caller passes `status`:"
+    " the default branch is the only one reached",
     **{
-        f"vvault_pep.enforce.x_refusal_of__mutmut_{n}": "the fallback title is overwritten on the next line"
+        f"vvault_pep.core.decision.x_refusal_of__mutmut_{n}": "the fallback title is overwritten on the next line"
         " whenever it is used (code not in STATUS)"
         for n in (6, 7, 8)
     },
@@ -141,7 +161,7 @@ def stage(module: str, tests: list[str]) -> Path:
             "",
             "[tool.mutmut]",
             'source_paths = ["src/vvault_pep/"]',
-            f'only_mutate = ["src/vvault_pep/{module}.py"]',
+            f'only_mutate = ["{source(module)}"]',
             'also_copy = ["examples/", "policies/", "docs/"]',
             f"pytest_add_cli_args_test_selection = {json.dumps(existing)}",
             'pytest_add_cli_args = ["-p", "no:cacheprovider", "-p", "no:randomly", "-q"]',
@@ -235,11 +255,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown module(s): {', '.join(unknown)}")
     deadline = time.monotonic() + args.budget_s
     failed = False
-    print(f"{'module':<12} {'mutants':>7} {'killed':>6} {'equiv':>5} {'alive':>5} {'ratio':>7} {'s':>6}")
+    print(f"{'module':<20} {'mutants':>7} {'killed':>6} {'equiv':>5} {'alive':>5} {'ratio':>7} {'s':>6}")
     for i, module in enumerate(modules):
         left = deadline - time.monotonic()
         if left <= 0:
-            print(f"{module:<12} skipped: the budget is spent")
+            print(f"{module:<20} skipped: the budget is spent")
             failed = True
             continue
         # share what is left fairly among the modules still to run
@@ -247,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         ratio = s["kill_ratio"]
         shown = f"{ratio:.1%}" if isinstance(ratio, float) else "-"
         print(
-            f"{module:<12} {s['mutants']:>7} {s['killed']:>6} {len(s['equivalent']):>5}"  # type: ignore[arg-type]
+            f"{module:<20} {s['mutants']:>7} {s['killed']:>6} {len(s['equivalent']):>5}"  # type: ignore[arg-type]
             f" {len(s['survived']):>5} {shown:>7} {s['seconds']:>6}"  # type: ignore[arg-type]
         )
         for name in s["survived"]:  # type: ignore[attr-defined]

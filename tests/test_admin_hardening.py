@@ -13,10 +13,11 @@ from typing import Any
 import pytest
 from examples.pki import issue_client
 from tests.conftest import Upstream
+from tests.helpers import running_pep
 from tests.support import OpaProcess, client_context, config_doc
 
+from vvault_pep.app.runtime import PepRuntime
 from vvault_pep.config import Config
-from vvault_pep.runtime import PepRuntime
 
 QUARANTINES = "/admin/quarantines"
 
@@ -41,10 +42,8 @@ async def admin_pep(pki: Path, opa: OpaProcess, upstream: Upstream) -> AsyncIter
             },
         },
     )
-    pep = PepRuntime(Config.model_validate(doc))
-    await pep.start()
-    yield pep
-    await pep.stop()
+    async with running_pep(Config.model_validate(doc)) as pep:
+        yield pep
 
 
 async def _raw(pep: PepRuntime, ctx: ssl.SSLContext, head: bytes, body: bytes = b"") -> tuple[int, dict[str, str], Any]:

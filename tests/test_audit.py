@@ -20,9 +20,9 @@ from tests.conftest import Upstream
 from tests.idp import Issuer
 from tests.support import ROUTES, OpaProcess, client_context, config_doc, start_opa
 
+from vvault_pep.app.runtime import PepRuntime
 from vvault_pep.config import Config
-from vvault_pep.runtime import PepRuntime
-from vvault_pep.telemetry import Telemetry
+from vvault_pep.observe.telemetry import Telemetry
 
 SECRET = "/v1/tenants/acme/secrets/db-password"
 SECRET_PATH = "/v1/tenants/{tenant}/secrets/{path*}"
@@ -404,7 +404,7 @@ async def test_otlp_http_exporters_ship_traces_and_decision_logs(
 def test_redaction_never_touches_the_policy_input() -> None:
     import copy
 
-    from vvault_pep.audit import redact
+    from vvault_pep.observe.audit import redact
 
     doc = {
         "request": {"headers": {"cookie": ["s=1"], "accept": ["*/*"]}, "query": {"k": ["secret"]}},
@@ -422,8 +422,8 @@ def test_redaction_never_touches_the_policy_input() -> None:
 
 def test_a_file_moved_away_does_not_stop_the_file_sink(tmp_path: Path) -> None:
     """logrotate (or an operator) moved the file: rotation starts a new one and records go on."""
-    from vvault_pep.audit import _FileSink
     from vvault_pep.config import AuditSink
+    from vvault_pep.observe.sinks import _FileSink
 
     path = tmp_path / "decisions.log"
     sink = _FileSink("file-0", AuditSink(type="file", path=path, max_bytes=200, backups=2))

@@ -22,8 +22,8 @@ from tests.conftest import Upstream
 from tests.idp import Issuer, Trap, b64, public_jwk, unsigned
 from tests.support import ROUTES, OpaProcess, client_context, config_doc
 
+from vvault_pep.app.runtime import PepRuntime
 from vvault_pep.config import Config
-from vvault_pep.runtime import PepRuntime
 
 HMAC_ISSUER = "https://hmac.example"
 HMAC_SECRET = "0123456789abcdef0123456789abcdef-test-only"
@@ -495,7 +495,7 @@ async def test_cached_token_never_outlives_its_exp(id_pep: PepRuntime, pki: Path
 
 
 def test_jwks_filters_unusable_keys() -> None:
-    from vvault_pep.jwks import parse_jwks
+    from vvault_pep.identity.jwks import parse_jwks
 
     rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     ec_key = ec.generate_private_key(ec.SECP256R1())

@@ -12,10 +12,11 @@ from typing import Any
 import aiohttp
 import pytest
 from tests.conftest import Upstream
+from tests.helpers import running_pep
 from tests.support import OpaProcess, client_context, config_doc, raw_https
 
+from vvault_pep.app.runtime import PepRuntime
 from vvault_pep.config import Config, Route
-from vvault_pep.runtime import PepRuntime
 
 QUERY = "/v1/tenants/acme/collections/docs/query"
 BODY_ROUTES: list[dict[str, Any]] = [
@@ -40,10 +41,8 @@ BODY_ROUTES: list[dict[str, Any]] = [
 @pytest.fixture
 async def pep(pki: Path, opa: OpaProcess, upstream: Upstream) -> AsyncIterator[PepRuntime]:
     doc = config_doc(pki, opa_url=opa.url, upstream_port=upstream.port, routes=BODY_ROUTES)
-    runtime = PepRuntime(Config.model_validate(doc))
-    await runtime.start()
-    yield runtime
-    await runtime.stop()
+    async with running_pep(Config.model_validate(doc)) as runtime:
+        yield runtime
 
 
 async def post(

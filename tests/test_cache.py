@@ -17,9 +17,9 @@ from tests.conftest import RedisServer, Upstream
 from tests.idp import Issuer
 from tests.support import ROUTES, OpaProcess, client_context, config_doc, start_opa
 
-from vvault_pep.cache import CacheHints, digest, hints_of, lifetime, project, whole_input
+from vvault_pep.app.runtime import PepRuntime
 from vvault_pep.config import Cache, Config, Route
-from vvault_pep.runtime import PepRuntime
+from vvault_pep.decide.cache import CacheHints, digest, hints_of, lifetime, project, whole_input
 
 ADMIN_TOKEN = "test-admin-token-0123456789abcdef-0123"
 SECRET_PATH = "/v1/tenants/{tenant}/secrets/{path*}"

@@ -14,10 +14,10 @@ from tests.conftest import RedisServer, Upstream
 from tests.idp import Issuer
 from tests.support import ROUTES, OpaProcess, client_context, config_doc
 
+from vvault_pep.app.runtime import PepRuntime
 from vvault_pep.config import Config, RateLimit
-from vvault_pep.containment import parse_obligation
-from vvault_pep.ratelimit import RateLimiter
-from vvault_pep.runtime import PepRuntime
+from vvault_pep.core.decision import parse_obligation
+from vvault_pep.shared.ratelimit import RateLimiter
 
 ADMIN = "containment-admin-token-0123456789abcdef"
 SECRET_PATH = "/v1/tenants/{tenant}/secrets/{path*}"

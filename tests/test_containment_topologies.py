@@ -36,8 +36,8 @@ from tests.test_redis_topologies import (  # noqa: F401 (fixtures)
     topology,
 )
 
-from vvault_pep.containment import quarantine_key
-from vvault_pep.runtime import PepRuntime
+from vvault_pep.app.runtime import PepRuntime
+from vvault_pep.shared.containment import quarantine_key
 
 REFUSED = (403, "containment.quarantined")
 

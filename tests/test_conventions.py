@@ -21,9 +21,9 @@ from tests.conftest import Upstream
 from tests.support import POLICIES, TEST_POLICIES, OpaProcess, client_context, config_doc, free_port, opa_binary
 
 from vvault_pep import __version__
+from vvault_pep.app.runtime import PepRuntime
 from vvault_pep.config import Config
-from vvault_pep.runtime import PepRuntime
-from vvault_pep.telemetry import Telemetry
+from vvault_pep.observe.telemetry import Telemetry
 
 SECRET = "/v1/tenants/acme/secrets/db-password"
 OPA_TOKEN = "opa-token-" + "k" * 30

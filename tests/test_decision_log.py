@@ -19,10 +19,10 @@ from aiohttp import web
 from tests.conftest import Upstream
 from tests.support import client_context, config_doc, free_port, start_opa
 
-from vvault_pep.audit import AuditLog
+from vvault_pep.app.runtime import PepRuntime
 from vvault_pep.config import Audit, AuditSink, Config
-from vvault_pep.decision_log import INSTANCE_ID, opa_event, pointer
-from vvault_pep.runtime import PepRuntime
+from vvault_pep.observe.audit import AuditLog
+from vvault_pep.observe.decision_log import INSTANCE_ID, opa_event, pointer
 
 SCHEMA = json.loads((Path(__file__).parent.parent / "docs" / "opa-decision-log-event.schema.json").read_text())
 VALIDATOR = jsonschema.Draft202012Validator(SCHEMA)

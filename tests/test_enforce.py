@@ -7,7 +7,8 @@ from typing import Any
 import orjson
 import pytest
 
-from vvault_pep.enforce import interpret, problem_body, refusal_of
+from vvault_pep.core.decision import interpret, refusal_of
+from vvault_pep.core.problem import problem_body
 from vvault_pep.errors import PepError
 
 

@@ -17,11 +17,11 @@ import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vvault_pep import sanitize
-from vvault_pep.audit import encode
-from vvault_pep.authn import JwtVerifier, strict_problem
 from vvault_pep.config import Config, Issuer, Limits, Sanitize, parse_config
+from vvault_pep.core import sanitize
 from vvault_pep.errors import STATUS, ConfigError, PepError
+from vvault_pep.identity.jwt import JwtVerifier, strict_problem
+from vvault_pep.observe.sinks import encode
 
 
 def _refused(call: Callable[[], Any]) -> tuple[Any, PepError | None]:

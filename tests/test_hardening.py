@@ -17,7 +17,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from tests.conftest import Upstream
 from tests.support import OpaProcess, client_context, get, make_config, raw_https
 
-from vvault_pep.runtime import PepRuntime
+from vvault_pep.app.runtime import PepRuntime
 
 
 async def test_decision_headers_replace_the_clients_never_sit_beside_them(

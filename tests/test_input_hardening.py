@@ -18,8 +18,8 @@ from tests.support import OpaProcess, client_context, config_doc, get, raw_https
 from tests.test_authn import SECRET, USER, call, id_pep  # noqa: F401  (the module's PEP fixture)
 from tests.test_posture_risk import assertion, pair, query  # noqa: F401
 
-from vvault_pep.audit import encode
-from vvault_pep.runtime import PepRuntime
+from vvault_pep.app.runtime import PepRuntime
+from vvault_pep.observe.sinks import encode
 
 
 def _records(caplog: pytest.LogCaptureFixture, request_id: str) -> list[dict[str, Any]]:

@@ -10,8 +10,8 @@ import pytest
 from tests.conftest import Upstream
 from tests.support import OpaProcess, client_context, get, make_config, raw_https
 
-from vvault_pep.listener import CertificateRefused, parse_peer
-from vvault_pep.runtime import PepRuntime
+from vvault_pep.app.runtime import PepRuntime
+from vvault_pep.core.request import CertificateRefused, parse_peer
 
 
 async def _handshake_then_get(port: int, ctx: ssl.SSLContext) -> int:
@@ -65,7 +65,7 @@ async def test_server_does_not_trust_the_system_store(pep: PepRuntime, pki: Path
         assert ssl_obj.version() in ("TLSv1.2", "TLSv1.3")
     finally:
         writer.close()
-    from vvault_pep.listener import server_context
+    from vvault_pep.edge.listener import server_context
 
     server_ctx = server_context(pep.config.listener.tls)
     names = [dict(x[0] for x in c["subject"])["commonName"] for c in server_ctx.get_ca_certs()]

@@ -18,8 +18,8 @@ from aiohttp import web
 from tests.conftest import Upstream
 from tests.support import POLICIES, client_context, config_doc, free_port, get, make_config, opa_binary, raw_https
 
-from vvault_pep.opa_supervisor import owns_port
-from vvault_pep.runtime import PepRuntime
+from vvault_pep.app.runtime import PepRuntime
+from vvault_pep.edge.opa_supervisor import owns_port
 
 CROSS_TENANT = "/v1/tenants/globex/secrets/db-password"  # the reader is acme's: the real policy says no
 

@@ -21,7 +21,7 @@ from tests.support import POLICIES, OpaProcess, opa_binary, start_opa
 from tests.test_policy_cache_key import SECRETS, SHIPPED, _doc, _pep, bundle_opa, layer
 from tests.test_policy_properties import batches, budget, judge, prop_opa
 
-from vvault_pep import deps
+from vvault_pep.decide import deps
 
 __all__ = ["bundle_opa", "prop_opa"]  # fixtures, used by name below
 

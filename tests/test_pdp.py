@@ -18,10 +18,10 @@ import pytest
 from tests.conftest import Upstream
 from tests.support import OpaProcess, client_context, free_port, get, make_config, raw_https, start_opa
 
+from vvault_pep.app.runtime import PepRuntime
 from vvault_pep.config import Opa
+from vvault_pep.decide.pdp import PdpClient
 from vvault_pep.errors import PepError
-from vvault_pep.pdp import PdpClient
-from vvault_pep.runtime import PepRuntime
 
 SECRET = "/v1/tenants/acme/secrets/db-password"
 

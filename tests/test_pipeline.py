@@ -12,7 +12,7 @@ import pytest
 from tests.conftest import Upstream
 from tests.support import client_context, get, raw_https
 
-from vvault_pep.runtime import PepRuntime
+from vvault_pep.app.runtime import PepRuntime
 
 
 async def test_allowed_read_reaches_upstream_with_pep_headers(

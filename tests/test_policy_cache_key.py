@@ -22,9 +22,9 @@ from deploy.compose_kit import bundle
 from tests.conftest import Upstream
 from tests.support import POLICIES, OpaProcess, _wait_healthy, client_context, config_doc, free_port, opa_binary
 
-from vvault_pep import deps
+from vvault_pep.app.runtime import PepRuntime
 from vvault_pep.config import Config
-from vvault_pep.runtime import PepRuntime
+from vvault_pep.decide import deps
 
 SHIPPED = [
     "device.disk_encrypted",

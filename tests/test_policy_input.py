@@ -14,10 +14,10 @@ from cryptography.hazmat.primitives import serialization
 from tests.support import ROOT, OpaProcess
 
 from vvault_pep.config import Limits, Route, Sanitize
-from vvault_pep.listener import Connection, parse_peer
-from vvault_pep.policy_input import Facts, build_input
-from vvault_pep.routing import RouteTable
-from vvault_pep.sanitize import canonical_target, check_headers
+from vvault_pep.core.policy_input import Facts, build_input
+from vvault_pep.core.request import Connection, parse_peer
+from vvault_pep.core.routing import RouteTable
+from vvault_pep.core.sanitize import canonical_target, check_headers
 
 SCHEMA = json.loads((ROOT / "docs" / "policy-input.v1.schema.json").read_text())
 EXAMPLES = sorted((ROOT / "examples" / "policy-input").glob("*.json"))
@@ -89,7 +89,7 @@ def test_built_input_matches_the_schema(pki: Path, with_cert: bool) -> None:
 def test_identity_block_matches_the_schema(pki: Path) -> None:
     import dataclasses
 
-    from vvault_pep.authn import Identity, UserToken, Workload
+    from vvault_pep.core.principal import Identity, UserToken, Workload
 
     user = UserToken(
         issuer="https://idp.example.com",

@@ -17,8 +17,8 @@ from tests.conftest import RedisServer, Upstream
 from tests.idp import Issuer, posture_assertion
 from tests.support import ROUTES, OpaProcess, client_context, config_doc, start_opa
 
+from vvault_pep.app.runtime import PepRuntime
 from vvault_pep.config import Config
-from vvault_pep.runtime import PepRuntime
 
 ADMIN = "library-admin-token-0123456789abcdef-xyz"
 ROTATIONS = {

@@ -15,9 +15,9 @@ from tests.conftest import RedisServer, Upstream
 from tests.idp import Issuer, posture_assertion
 from tests.support import ROUTES, OpaProcess, client_context, config_doc
 
+from vvault_pep.app.runtime import PepRuntime
 from vvault_pep.config import Config, Risk
-from vvault_pep.risk import network_of, off_hours, score
-from vvault_pep.runtime import PepRuntime
+from vvault_pep.shared.risk import network_of, off_hours, score
 
 QUERY = "/v1/tenants/acme/collections/customers/query"  # class pii: needs a compliant device
 

@@ -7,11 +7,10 @@ from typing import Any
 
 import pytest
 
-from vvault_pep.authn import Identity, UserToken, Workload
 from vvault_pep.config import RateLimit
-from vvault_pep.listener import PeerCertificate
-from vvault_pep.principal import NOBODY, Subject, subject_of
-from vvault_pep.ratelimit import key_of
+from vvault_pep.core.principal import NOBODY, Identity, Subject, UserToken, Workload, subject_of
+from vvault_pep.core.request import PeerCertificate
+from vvault_pep.shared.ratelimit import key_of
 
 ISS = "https://idp.example"
 SVID = "spiffe://demo.vvault/client/reader"

@@ -22,9 +22,9 @@ from tests.conftest import Upstream
 from tests.idp import Issuer
 from tests.support import OpaProcess, client_context, config_doc
 
+from vvault_pep.app.runtime import PepRuntime
 from vvault_pep.config import Config
-from vvault_pep.runtime import PepRuntime
-from vvault_pep.telemetry import Telemetry
+from vvault_pep.observe.telemetry import Telemetry
 
 SECRET = "/v1/tenants/acme/secrets/db-password"
 

@@ -19,10 +19,11 @@ import orjson
 import pytest
 from aiohttp import web
 
-from vvault_pep import body
 from vvault_pep.config import RouteBody
+from vvault_pep.core import body
+from vvault_pep.core.sanitize import Headers
+from vvault_pep.edge.body import inspect
 from vvault_pep.errors import PepError
-from vvault_pep.sanitize import Headers
 
 LIMIT = 64
 IDLE_S = 0.3
@@ -73,7 +74,7 @@ async def server() -> AsyncIterator[int]:
             expect_continue=request.headers.get("Expect", "").lower() == "100-continue",
         )
         try:
-            seen = await body.inspect(request, RouteBody(max_bytes=LIMIT), headers, IDLE_S)
+            seen = await inspect(request, RouteBody(max_bytes=LIMIT), headers, IDLE_S)
         except PepError as err:
             return web.json_response({"code": err.code, "detail": err.detail})
         return web.json_response(

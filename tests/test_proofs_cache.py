@@ -31,8 +31,8 @@ from tests.conftest import RedisServer, Upstream
 from tests.idp import Issuer
 from tests.support import ROUTES, OpaProcess, client_context, config_doc, start_opa
 
+from vvault_pep.app.runtime import PepRuntime
 from vvault_pep.config import Config
-from vvault_pep.runtime import PepRuntime
 
 ADMIN = "proofs-admin-token-0123456789abcdef-0123"
 SECRET_PATH = "/v1/tenants/{tenant}/secrets/{path*}"

@@ -18,7 +18,7 @@ import pytest
 from tests.conftest import Upstream
 from tests.support import ROUTES, OpaProcess, client_context, get, make_config, raw_https
 
-from vvault_pep.runtime import PepRuntime
+from vvault_pep.app.runtime import PepRuntime
 
 SHAPES = {
     "monitor_only_as_string": (403, "pdp.malformed_decision"),

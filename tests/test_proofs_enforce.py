@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from vvault_pep.config import RateLimit
-from vvault_pep.enforce import Decision, interpret, refusal_of
+from vvault_pep.core.decision import Decision, interpret, refusal_of
 
 MALFORMED = "pdp.malformed_decision"
 QUARANTINE = {"type": "quarantine", "scope": "subject", "ttl_s": 60, "reason": "trip-wire"}

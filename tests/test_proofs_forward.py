@@ -31,8 +31,8 @@ from examples.vvault_api.app import STORE
 from tests.conftest import Upstream
 from tests.support import ROUTES, OpaProcess, RawResponse, client_context, config_doc, get, raw_https
 
+from vvault_pep.app.runtime import PepRuntime
 from vvault_pep.config import Config
-from vvault_pep.runtime import PepRuntime
 
 LIMIT = 4096
 EXTRA_ROUTES: list[dict[str, Any]] = [

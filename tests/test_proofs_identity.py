@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from vvault_pep.listener import CertificateRefused, parse_peer
+from vvault_pep.core.request import CertificateRefused, parse_peer
 
 
 def _leaf_der(pki: Path, uris: list[str]) -> bytes:

@@ -30,7 +30,7 @@ from aiohttp import web
 from tests.conftest import Upstream
 from tests.support import POLICIES, client_context, free_port, get, make_config, opa_binary, raw_https
 
-from vvault_pep.runtime import PepRuntime
+from vvault_pep.app.runtime import PepRuntime
 
 DECISION = "faults/plain_true"  # the route /v1/tenants/{tenant}/stream/{n} (open_stream) asks this
 PATH = "/v1/tenants/acme/stream/1"

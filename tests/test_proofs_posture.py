@@ -22,11 +22,11 @@ from tests.conftest import Upstream
 from tests.idp import Issuer, posture_assertion
 from tests.support import ROUTES, OpaProcess, client_context, config_doc
 
-from vvault_pep.authn import Identity, UserToken
+from vvault_pep.app.runtime import PepRuntime
 from vvault_pep.config import Config, Posture
-from vvault_pep.listener import PeerCertificate
-from vvault_pep.posture import PostureVerifier
-from vvault_pep.runtime import PepRuntime
+from vvault_pep.core.principal import Identity, UserToken
+from vvault_pep.core.request import PeerCertificate
+from vvault_pep.identity.posture import PostureVerifier
 
 QUERY = "/v1/tenants/acme/collections/customers/query"
 

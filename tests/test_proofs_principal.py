@@ -22,11 +22,10 @@ from tests.conftest import RedisServer, Upstream
 from tests.idp import Issuer, posture_assertion
 from tests.support import OpaProcess, client_context, config_doc
 
-from vvault_pep.authn import Identity, UserToken, Workload
+from vvault_pep.app.runtime import PepRuntime
 from vvault_pep.config import Config
-from vvault_pep.listener import PeerCertificate
-from vvault_pep.principal import NOBODY, Subject, client_key, subject_of
-from vvault_pep.runtime import PepRuntime
+from vvault_pep.core.principal import NOBODY, Identity, Subject, UserToken, Workload, client_key, subject_of
+from vvault_pep.core.request import PeerCertificate
 
 ISS = "https://idp.example"
 SVID = "spiffe://demo.vvault/client/reader"

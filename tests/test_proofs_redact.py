@@ -20,7 +20,7 @@ from tests.conftest import Upstream
 from tests.support import OpaProcess, client_context, get, make_config, raw_https
 from tests.test_redact import LISTER
 
-from vvault_pep.runtime import PepRuntime
+from vvault_pep.app.runtime import PepRuntime
 
 LIMIT = 2048
 

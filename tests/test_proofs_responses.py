@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 
-from vvault_pep import responses
 from vvault_pep.config import Responses, RouteResponses
+from vvault_pep.core import responses
 from vvault_pep.errors import PepError
 
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 
 from vvault_pep.config import Sanitize
+from vvault_pep.core.sanitize import canonical_target
 from vvault_pep.errors import PepError
-from vvault_pep.sanitize import canonical_target
 
 # The dot-segment rule matters where ';' is accepted (by default it is refused outright).
 RULES = Sanitize(reject_semicolon=False)

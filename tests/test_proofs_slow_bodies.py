@@ -18,7 +18,7 @@ import pytest
 from tests.support import client_context
 from tests.test_slow_bodies import DEADLINE_S, _records, pep, slow_upstream
 
-from vvault_pep.runtime import PepRuntime
+from vvault_pep.app.runtime import PepRuntime
 
 __all__ = ["pep", "slow_upstream"]  # the fixtures, shared with test_slow_bodies.py
 

@@ -17,9 +17,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from vvault_pep.config import Xfcc
+from vvault_pep.core.request import Connection, PeerCertificate, parse_peer
+from vvault_pep.core.xfcc import Element, XfccError, _split, accept, emit, forwarded_peer, parse, trusted
 from vvault_pep.errors import PepError
-from vvault_pep.listener import Connection, PeerCertificate, parse_peer
-from vvault_pep.xfcc import Element, XfccError, _split, accept, emit, forwarded_peer, parse, trusted
 
 H1 = "468ed33be74eee6556d90c0149c1309e9ba61d6425303443c0748a02dd8de688"
 FRONT = "spiffe://demo.vvault/client/ops"

@@ -12,7 +12,7 @@ from examples.vvault_api.app import STORE
 from tests.conftest import Upstream
 from tests.support import ROUTES, OpaProcess, client_context, get, make_config, raw_https
 
-from vvault_pep.runtime import PepRuntime
+from vvault_pep.app.runtime import PepRuntime
 
 LISTER = [
     {

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from redis.asyncio.cluster import RedisCluster
 
 from vvault_pep.config import Redis
-from vvault_pep.shared_state import SharedState, _by_slot, make_client
+from vvault_pep.shared.state import SharedState, _by_slot, make_client
 
 
 @pytest.mark.parametrize(

@@ -28,9 +28,9 @@ from tests.idp import Issuer
 from tests.redis_topologies import SERVICE, ClusterTopology, SentinelTopology
 from tests.support import ROUTES, OpaProcess, client_context, config_doc
 
+from vvault_pep.app.runtime import PepRuntime
 from vvault_pep.config import Config, Redis
-from vvault_pep.runtime import PepRuntime
-from vvault_pep.shared_state import SharedState
+from vvault_pep.shared.state import SharedState
 
 ADMIN = "topology-admin-token-0123456789abcdef"
 SECRET_PATH = "/v1/tenants/{tenant}/secrets/{path*}"

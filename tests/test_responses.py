@@ -23,9 +23,9 @@ import pytest
 from aiohttp import web
 from tests.support import OpaProcess, client_context, config_doc
 
-from vvault_pep import responses
+from vvault_pep.app.runtime import PepRuntime
 from vvault_pep.config import Config
-from vvault_pep.runtime import PepRuntime
+from vvault_pep.core import responses
 
 PIN = "4711"
 DOC = {"path": "pin", "owner": "alice", "value": PIN}

@@ -21,8 +21,8 @@ from tests.conftest import Upstream
 from tests.support import OpaProcess, client_context, config_doc, raw_https
 from tests.test_body_policy import BODY_ROUTES, QUERY
 
+from vvault_pep.app.runtime import PepRuntime
 from vvault_pep.config import Config
-from vvault_pep.runtime import PepRuntime
 
 # ------------------------------------------------------------------ inspected bodies: deadline and in-flight slot
 
@@ -186,7 +186,7 @@ def _cache_route(pki: Path, **route: Any) -> Any:
 
 
 def test_a_vary_that_omits_a_path_the_policy_reads_is_ignored(pki: Path) -> None:
-    from vvault_pep.cache import CacheHints, DecisionCache
+    from vvault_pep.decide.cache import CacheHints, DecisionCache
 
     config = _cache_route(
         pki, name="r", path="/x/{a}", methods=["GET"], upstream="vvault", policy="p/decision", cache={"ttl_s": 30}
@@ -213,7 +213,7 @@ def test_a_vary_that_omits_a_path_the_policy_reads_is_ignored(pki: Path) -> None
 
 
 def test_unknown_policy_paths_after_a_push_count_as_reading_the_clock(pki: Path) -> None:
-    from vvault_pep.cache import DecisionCache
+    from vvault_pep.decide.cache import DecisionCache
 
     config = _cache_route(
         pki, name="r", path="/x/{a}", methods=["GET"], upstream="vvault", policy="p/decision", cache={"ttl_s": 30}
@@ -228,7 +228,7 @@ def test_unknown_policy_paths_after_a_push_count_as_reading_the_clock(pki: Path)
 
 
 def test_a_client_value_cannot_spell_an_absent_field() -> None:
-    from vvault_pep.cache import project
+    from vvault_pep.decide.cache import project
 
     paths = ("request.body.owner",)
     absent = project({"request": {"body": {}}}, paths)
@@ -375,7 +375,7 @@ async def test_the_shared_admin_token_may_not_push_opa_data_or_policies(
 
 
 def test_the_report_names_an_admin_api_on_every_interface_and_without_tls(pki: Path) -> None:
-    from vvault_pep.hardening import findings
+    from vvault_pep.app.hardening import findings
 
     doc = config_doc(
         pki,

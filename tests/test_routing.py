@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from vvault_pep.config import Route
+from vvault_pep.config.templates import TemplateError
+from vvault_pep.core.routing import RouteTable
 from vvault_pep.errors import PepError
-from vvault_pep.routing import RouteTable, TemplateError
 
 
 def _route(name: str, path: str, methods: tuple[str, ...] = ("GET",), host: str | None = None) -> Route:

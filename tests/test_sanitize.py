@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from vvault_pep.config import Limits, Sanitize
+from vvault_pep.core.sanitize import canonical_target, check_headers
 from vvault_pep.errors import PepError
-from vvault_pep.sanitize import canonical_target, check_headers
 
 RULES = Sanitize(reject_semicolon=False)  # the canonical form; refusing `;` is tested below
 LIMITS = Limits()

@@ -14,11 +14,11 @@ import yaml
 from tests.support import ROOT
 
 from vvault_pep.config import parse_config
+from vvault_pep.config.jsonschema import render
 from vvault_pep.errors import ConfigError
-from vvault_pep.schema import render
 
 SCHEMA_FILE = ROOT / "docs" / "pep.schema.json"
-REGENERATE = "make schema  (or: .venv/bin/python -m vvault_pep.schema --output docs/pep.schema.json)"
+REGENERATE = "make schema  (or: .venv/bin/python -m vvault_pep.config.jsonschema --output docs/pep.schema.json)"
 EXAMPLES = [
     ROOT / "examples/config/demo.yaml",
     ROOT / "examples/config/identity.yaml",

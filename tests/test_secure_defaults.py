@@ -19,9 +19,9 @@ import yaml
 from tests.conftest import Upstream
 from tests.support import OpaProcess, client_context, get, raw_https
 
+from vvault_pep.app.hardening import findings
+from vvault_pep.app.runtime import PepRuntime
 from vvault_pep.config import Config
-from vvault_pep.hardening import findings
-from vvault_pep.runtime import PepRuntime
 
 
 def minimal(pki: Path, opa_url: str, upstream_port: int) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from tests.conftest import RedisServer
 from tests.support import free_port
 
 from vvault_pep.config import Redis
-from vvault_pep.shared_state import SharedState
+from vvault_pep.shared.state import SharedState
 
 
 @pytest.fixture

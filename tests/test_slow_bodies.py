@@ -26,12 +26,12 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from tests.idp import Issuer
 from tests.support import OpaProcess, client_context, config_doc
 
-from vvault_pep.authn import Identity, UserToken, Workload
+from vvault_pep.app.runtime import PepRuntime
 from vvault_pep.config import Config
+from vvault_pep.core.principal import Identity, UserToken, Workload
+from vvault_pep.core.principal import subject_of as _subject
+from vvault_pep.decide.inflight import InFlight
 from vvault_pep.errors import PepError
-from vvault_pep.inflight import InFlight
-from vvault_pep.principal import subject_of as _subject
-from vvault_pep.runtime import PepRuntime
 
 POOL = 2
 DEADLINE_S = 1.5

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vvault_pep.spiffe import InvalidSpiffeId, parse_spiffe_id
+from vvault_pep.core.spiffe import InvalidSpiffeId, parse_spiffe_id
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ from __future__ import annotations
 from prometheus_client.parser import text_string_to_metric_families
 
 from vvault_pep.config import Telemetry as TelemetryConfig
-from vvault_pep.telemetry import Telemetry
+from vvault_pep.observe.telemetry import Telemetry
 
 
 def samples(tel: Telemetry) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -18,9 +18,9 @@ from tests.idp import Issuer
 from tests.support import OpaProcess, client_context, config_doc, get, raw_https
 from tests.test_authn import ID_ROUTES, SECRET, USER, identity_config
 
+from vvault_pep.app.runtime import PepRuntime
 from vvault_pep.config import Config, parse_config
 from vvault_pep.errors import ConfigError
-from vvault_pep.runtime import PepRuntime
 
 REFUSED = (ssl.SSLError, ConnectionError, asyncio.IncompleteReadError)
 
@@ -229,7 +229,7 @@ async def test_sessions_never_resume(
 
 
 def test_the_server_context_has_no_session_cache(pki: Path) -> None:
-    from vvault_pep.listener import disable_session_cache, server_context
+    from vvault_pep.edge.listener import disable_session_cache, server_context
 
     config = Config.model_validate(config_doc(pki, opa_url="http://127.0.0.1:1", upstream_port=1))
     ctx = server_context(config.listener.tls)

@@ -26,8 +26,8 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 from tests.support import OpaProcess, client_context, config_doc
 
+from vvault_pep.app.runtime import PepRuntime
 from vvault_pep.config import Config
-from vvault_pep.runtime import PepRuntime
 
 
 def ok(body: bytes = b"ok", *extra: str) -> bytes:

@@ -18,10 +18,10 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from tests.conftest import Upstream
 from tests.support import OpaProcess, client_context, config_doc
 
+from vvault_pep.app.runtime import PepRuntime
 from vvault_pep.config import Config, Xfcc
-from vvault_pep.listener import parse_peer
-from vvault_pep.runtime import PepRuntime
-from vvault_pep.xfcc import Element, XfccError, emit, forwarded_peer, parse
+from vvault_pep.core.request import parse_peer
+from vvault_pep.core.xfcc import Element, XfccError, emit, forwarded_peer, parse
 
 SECRET = "/v1/tenants/acme/secrets/db-password"
 FRONT = "spiffe://demo.vvault/client/ops"  # the front proxy, by its own certificate

@@ -2,17 +2,22 @@
 
 The few ideas to hold before reading the code:
 
-* **The walk.**  Every request takes the same stages, one module each, in the
-  order written once in :meth:`vvault_pep.pipeline.Pipeline._walk`:
-  ``listener`` (mTLS, the client certificate as data) → ``sanitize`` (one
-  canonical path and header set, or 400) → ``routing`` (declarative table,
-  404 on no match) → ``authn`` (bearer JWTs, SPIFFE workloads) → ``posture``
-  (signed device assertions) → ``risk`` (shared per-subject signals) →
-  ``policy_input`` (the versioned ``input`` document) → ``containment`` and
-  ``ratelimit`` (quarantines, revocations, limits) → ``cache`` (L1, Redis L2)
-  → ``pdp`` (OPA over REST, hard deadline) → ``enforce`` (deny unless the
-  answer strictly reads as allow) → ``forward`` (streamed, pooled) →
-  ``audit`` and ``telemetry``.
+* **The walk.**  Every request takes the same stages, in the order written once in
+  :func:`vvault_pep.app.stages.walk`, one small class each over a typed per-request
+  :class:`~vvault_pep.app.exchange.Exchange`: peer (mTLS, the client certificate as
+  data) → sanitize (one canonical path and header set, or 400) → route (declarative
+  table, 404 on no match) → authenticate (bearer JWTs, SPIFFE workloads) → posture
+  (signed device assertions) → name (the verified subject) → body → context (risk,
+  containment and cache epochs in one Redis round trip; the versioned ``input`` document)
+  → rate limit → decide (L1, Redis L2, OPA with a hard deadline) → obligations → enforce (deny
+  unless the answer strictly reads as allow) → forward (streamed, pooled), then audit and
+  telemetry.  ``explain`` runs the same list with a forwarder that sends nothing.
+* **Packages by role**, importing only downward (``tests/test_layout.py`` checks it):
+  ``config`` (models, loader) → ``core`` (pure: request, principal, sanitize, routing,
+  policy input, decision, problem) → ``identity``, ``shared`` (Redis state, containment,
+  rate limits, risk), ``decide`` (OPA client, decision cache) → ``observe`` (audit,
+  sinks, telemetry), ``edge`` (listener, forward, managed OPA) → ``app`` (exchange,
+  stages, pipeline, runtime, admin, cli, explain).
 * **Deny is the starting value.**  Every fault maps to a stable error code in
   :mod:`vvault_pep.errors`; the code picks the status, the problem+json body
   and the audit record's ``result.code``.

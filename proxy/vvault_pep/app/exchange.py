@@ -1,0 +1,114 @@
+"""One request's walk as typed data: what the stages found, in the order they found it.
+
+The pipeline makes an :class:`Exchange` per request and hands it to each stage in turn; a
+stage reads what earlier stages set and sets its own fields.  A field is set once, by the
+stage that owns it (reading it before is an ``AttributeError``, a bug, never a default):
+
+==============  ====================================================================
+``conn``        peer: the verified connection (a trusted front proxy's XFCC applied)
+``target``      sanitize: the canonical path and query; ``headers`` the checked set
+``match``       route: the route and its parameters; ``max_body`` its body limit
+``identity``    authenticate: the verified token and/or workload
+``device``      posture: the verified device assertion, as data
+``subject``     name: the caller's verified names (containment, limits, risk, cache)
+``inspected``   body: the JSON body the policy may read (None when the route reads none)
+``facts``       context: every fact of the request;
+                ``risk``; ``contained``; ``policy_input`` (built once, for OPA and the cache key);
+                ``cache_context`` (revision and epochs)
+``decision``    decide: the interpreted answer; ``layer`` where it came from
+``response``    enforce (a deny) or forward: the answer; the walk ends when it is set
+==============  ====================================================================
+
+:class:`Trail` is what the audit record needs, filled in as the walk goes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from opentelemetry.trace import INVALID_SPAN, Span
+
+from ..core.body import Inspected
+from ..core.decision import Decision
+from ..core.policy_input import Facts
+from ..core.principal import Identity, Subject
+from ..core.request import Connection
+from ..core.routing import Match
+from ..core.sanitize import Headers, Target
+from ..decide import inflight
+from ..shared.containment import Contained
+
+
+@dataclass(slots=True)
+class Trail:
+    """What the audit record needs, filled in as the walk goes."""
+
+    request_id: str
+    decision_id: str
+    started: float
+    span: Span = INVALID_SPAN
+    trace_id: str = ""
+    stages_ms: dict[str, float] = field(default_factory=dict)
+    fields: dict[str, Any] = field(default_factory=dict)
+    policy_input: dict[str, Any] | None = None
+    release: Callable[[], None] = inflight.nothing_held  # the caller's in-flight slot, once taken
+    raw_result: Any = None  # the policy's own answer, for OPA-format decision logs
+    http_route: str = ""  # the matched route's template (http.route)
+    error_code: str | None = None  # the PEP's refusal code, when it refused (error.type)
+    has_result: bool = False
+    subject: Subject | None = None
+
+
+@dataclass(slots=True)
+class Exchange:
+    # What arrived: the request line, headers and socket, as the listener gave them.
+    request: web.BaseRequest | None  # None when nothing was received (``explain``)
+    trail: Trail
+    span: Span
+    method: str
+    raw_path: str
+    raw_headers: tuple[tuple[bytes, bytes], ...]
+    version: tuple[int, int]
+    peername: tuple[Any, ...] | None
+    conn: Connection | None
+    # Set by the stages, in this order.
+    target: Target = field(init=False)
+    headers: Headers = field(init=False)
+    match: Match = field(init=False)
+    max_body: int = field(init=False)
+    identity: Identity = field(init=False)
+    device: dict[str, Any] = field(init=False)
+    inspected: Inspected | None = None
+    facts: Facts = field(init=False)
+    subject: Subject = field(init=False)
+    risk: dict[str, Any] = field(init=False)
+    contained: Contained = field(init=False)  # what containment found for the subject
+    policy_input: dict[str, Any] = field(init=False)
+    cache_context: tuple[str, list[Any]] | None = field(init=False)
+    decision: Decision = field(init=False)
+    layer: str = field(init=False)
+    revision: str = field(init=False)
+    epochs: list[Any] = field(init=False)
+    cache_key: str | None = None  # the decision cache's key, for ``explain``
+    response: web.StreamResponse | None = None
+
+    @property
+    def host(self) -> str:
+        """The request's host as aiohttp reads it (for X-Forwarded-Host); else the checked Host."""
+        return self.request.host if self.request is not None else self.headers.host
+
+    @property
+    def forwarded(self) -> bool:
+        """Whether the connection is a trusted front proxy's, speaking for its client (XFCC)."""
+        return self.conn is not None and self.conn.forwarded_by is not None
+
+    @property
+    def source_ip(self) -> str | None:
+        return self.peername[0] if self.peername else None
+
+    @property
+    def source_port(self) -> int | None:
+        return self.peername[1] if self.peername else None

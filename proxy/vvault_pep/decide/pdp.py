@@ -1,0 +1,300 @@
+"""PDP client: ask OPA over its REST API, with a hard deadline, never retrying.
+
+``POST /v1/data/<decision path>`` with ``{"input": …}`` over TCP or a Unix
+socket (``unix:///run/opa/opa.sock``), through one keep-alive pool.  Every
+call runs under the configured deadline (default 250 ms).  Faults map to
+stable codes at this one boundary:
+
+* refused / reset / DNS → ``pdp.unavailable`` (503)
+* past the deadline → ``pdp.timeout`` (503)
+* an answered error (non-200, unparsable body) → ``pdp.error`` (503); an
+  answered error is not retried — OPA said no, asking again changes nothing
+  and would spend the request's deadline.
+
+opa-python-client was weighed and not used: its async client has no Unix
+socket transport, retries 502/503/504 with sleeps inside the caller's time,
+and parses with the stdlib ``json``.  The PEP needs one POST; this is it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import ssl
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+import orjson
+
+from ..config.models import Opa
+from ..errors import PepError
+
+log = logging.getLogger("vvault_pep.pdp")
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    defined: bool
+    result: Any
+    opa_decision_id: str | None
+    bundles: str | None = None  # canonical JSON of {bundle: revision}, when asked for provenance
+
+
+class PdpClient:
+    def __init__(self, opa: Opa, *, url: str | None = None) -> None:
+        self._opa = opa
+        self._deadline = opa.timeout_ms / 1000
+        self.revision_checks = 0
+        self.module_downloads = 0  # GET /v1/policies made for the revision (every module's source)
+        self.url = url or opa.url  # a managed OPA's own socket overrides opa.url
+        parts = urlsplit(self.url)
+        connector: aiohttp.BaseConnector
+        if parts.scheme == "unix":
+            connector = aiohttp.UnixConnector(path=parts.path, limit=opa.max_connections, keepalive_timeout=30)
+            self._base = "http://opa"
+        else:
+            tls: ssl.SSLContext | bool = True
+            if parts.scheme == "https":
+                tls = ssl.create_default_context(cafile=str(opa.ca_file) if opa.ca_file else None)
+            connector = aiohttp.TCPConnector(limit=opa.max_connections, keepalive_timeout=30, ttl_dns_cache=60, ssl=tls)
+            self._base = self.url
+        # OPA's --authentication=token: the token on every call, never in a log line.
+        auth = {"Authorization": f"Bearer {opa.token}"} if opa.token else None
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=None),  # the deadline below rules
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent",),
+            headers=auth,
+        )
+
+    @property
+    def deadline_s(self) -> float:
+        return self._deadline
+
+    async def decide(
+        self,
+        path: str,
+        policy_input: dict[str, Any],
+        *,
+        deadline_s: float | None = None,
+        provenance: bool = False,
+        headers: dict[str, str] | None = None,
+    ) -> Answer:
+        body = orjson.dumps({"input": policy_input})
+        url = f"{self._base}/v1/data/{path}" + ("?provenance=true" if provenance else "")
+        try:
+            async with asyncio.timeout(deadline_s if deadline_s is not None else self._deadline):
+                async with self._session.post(url, data=body, headers={"Content-Type": "application/json"}) as resp:
+                    raw = await resp.read()
+                    status = resp.status
+        except TimeoutError as exc:
+            raise PepError("pdp.timeout", "the policy decision point did not answer in time") from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            log.warning("OPA unreachable: %s", type(exc).__name__)
+            raise PepError("pdp.unavailable", "the policy decision point is unreachable") from exc
+        if status != 200:
+            log.warning("OPA answered %s: %s", status, _opa_error_code(raw))
+            raise PepError("pdp.error", "the policy decision point answered with an error")
+        try:
+            doc = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise PepError("pdp.error", "the policy decision point answered garbage") from exc
+        if not isinstance(doc, dict):
+            raise PepError("pdp.error", "the policy decision point answered garbage")
+        decision_id = doc.get("decision_id")
+        return Answer(
+            "result" in doc,
+            doc.get("result"),
+            decision_id if isinstance(decision_id, str) else None,
+            _bundle_revisions(doc) if provenance else None,
+        )
+
+    async def revision(self, timeout_s: float = 2.0, *, modules: bool = True) -> str | None:
+        """What identifies the policy OPA runs: bundle revisions, else a hash of its modules.
+
+        The bundle revisions come with a one-line probe.  The module hash needs every
+        module's source (``GET /v1/policies``): with ``modules=False`` it is not fetched and
+        None means "no bundles; modules not checked".  Raises PepError(pdp.*) when OPA
+        cannot be asked.
+        """
+        self.revision_checks += 1
+        try:
+            async with asyncio.timeout(timeout_s):
+                async with self._session.post(
+                    f"{self._base}/v1/data/vvault_pep/revision_probe?provenance=true", data=b"{}"
+                ) as resp:
+                    bundles = _bundle_revisions(orjson.loads(await resp.read()))
+                if bundles != "{}":
+                    return "b:" + bundles
+                if not modules:
+                    return None
+                self.module_downloads += 1
+                async with self._session.get(f"{self._base}/v1/policies") as resp:
+                    doc = orjson.loads(await resp.read())
+        except TimeoutError as exc:
+            raise PepError("pdp.timeout", "OPA did not answer in time") from exc
+        except (aiohttp.ClientError, OSError, orjson.JSONDecodeError) as exc:
+            raise PepError("pdp.unavailable", f"OPA unreachable: {type(exc).__name__}") from exc
+        sources = sorted(
+            (str(m.get("id")), str(m.get("raw"))) for m in (doc.get("result") or []) if isinstance(m, dict)
+        )
+        return "p:" + hashlib.sha256(orjson.dumps(sources)).hexdigest()[:32]
+
+    async def version(self, timeout_s: float = 1.0) -> str | None:
+        """OPA's version, as its provenance reports it; None when OPA cannot be asked."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                async with self._session.post(
+                    f"{self._base}/v1/data/vvault_pep/revision_probe?provenance=true", data=b"{}"
+                ) as resp:
+                    doc = orjson.loads(await resp.read())
+        except (TimeoutError, aiohttp.ClientError, OSError, orjson.JSONDecodeError):
+            return None
+        prov = doc.get("provenance") if isinstance(doc, dict) else None
+        version = prov.get("version") if isinstance(prov, dict) else None
+        return version if isinstance(version, str) else None
+
+    async def put_policy(self, policy_id: str, rego: bytes) -> int:
+        """PUT a Rego module into OPA; returns OPA's HTTP status (400 on a compile error)."""
+        return await self._put(f"/v1/policies/{policy_id}", rego, "text/plain")
+
+    async def put_data(self, path: str, body: bytes) -> int:
+        """PUT a JSON document into OPA's data; returns OPA's HTTP status."""
+        return await self._put(f"/v1/data/{path}", body, "application/json")
+
+    async def instance_id(self) -> str | None:
+        """A name for the OPA process behind this client, shared by every PEP that uses it.
+
+        Stored in OPA's own data (``data.vvault_pep.instance``) on first use, so PEPs sharing
+        one OPA agree on it and PEPs with their own sidecars do not.  None when OPA cannot be
+        written to (bundle mode: every document is the bundle's).
+        """
+        import uuid
+
+        path = "/v1/data/vvault_pep/instance"
+        try:
+            async with asyncio.timeout(2.0):
+                for attempt in range(2):
+                    async with self._session.get(self._base + path) as resp:
+                        doc = orjson.loads(await resp.read())
+                    if isinstance(doc, dict) and isinstance(doc.get("result"), str):
+                        return str(doc["result"])
+                    if attempt == 0:
+                        status = await self._put(path, orjson.dumps(uuid.uuid4().hex), "application/json")
+                        if status not in (200, 204):
+                            return None
+        except (TimeoutError, aiohttp.ClientError, OSError, orjson.JSONDecodeError, PepError):
+            return None
+        return None
+
+    async def get_data(self, path: str, timeout_s: float = 2.0) -> Any:
+        """A document of OPA's data (None when undefined); PepError(pdp.*) when OPA cannot be asked."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                async with self._session.get(f"{self._base}/v1/data/{path}") as resp:
+                    doc = orjson.loads(await resp.read())
+        except TimeoutError as exc:
+            raise PepError("pdp.timeout", "OPA did not answer in time") from exc
+        except (aiohttp.ClientError, OSError, orjson.JSONDecodeError) as exc:
+            raise PepError("pdp.unavailable", f"OPA unreachable: {type(exc).__name__}") from exc
+        return doc.get("result") if isinstance(doc, dict) else None
+
+    async def delete_data(self, path: str) -> int:
+        """DELETE a document from OPA's data; returns OPA's HTTP status (404 if absent)."""
+        return await self._put(f"/v1/data/{path}", b"", "application/json", method="DELETE")
+
+    async def _put(self, path: str, body: bytes, content_type: str, timeout_s: float = 5.0, method: str = "PUT") -> int:
+        try:
+            async with asyncio.timeout(timeout_s):
+                async with self._session.request(
+                    method, self._base + path, data=body or None, headers={"Content-Type": content_type}
+                ) as resp:
+                    await resp.read()
+                    return resp.status
+        except TimeoutError as exc:
+            raise PepError("pdp.timeout", "OPA did not answer in time") from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise PepError("pdp.unavailable", f"OPA unreachable: {type(exc).__name__}") from exc
+
+    async def healthy(self, timeout_s: float = 1.0) -> bool:
+        try:
+            async with asyncio.timeout(timeout_s):
+                async with self._session.get(f"{self._base}/health") as resp:
+                    await resp.read()
+                    return resp.status == 200
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            return False
+
+    async def defined_paths(self, paths: list[str], timeout_s: float = 2.0) -> dict[str, bool]:
+        """Which decision paths name a rule, a package or a data document in OPA.
+
+        Raises PepError(pdp.*) when OPA cannot be asked.
+        """
+        try:
+            async with asyncio.timeout(timeout_s):
+                async with self._session.get(f"{self._base}/v1/policies") as resp:
+                    raw = await resp.read()
+                    if resp.status != 200:
+                        raise PepError("pdp.error", f"GET /v1/policies answered {resp.status}")
+                heads = _rule_paths(orjson.loads(raw))
+                out: dict[str, bool] = {}
+                for path in paths:
+                    want = tuple(path.split("/"))
+                    found = any(head[: len(want)] == want for head in heads)
+                    if not found:
+                        # Could be a plain data document rather than a rule.
+                        async with self._session.get(f"{self._base}/v1/data/{path}") as resp:
+                            doc = orjson.loads(await resp.read())
+                            found = resp.status == 200 and isinstance(doc, dict) and "result" in doc
+                    out[path] = found
+                return out
+        except TimeoutError as exc:
+            raise PepError("pdp.timeout", "OPA did not answer in time") from exc
+        except (aiohttp.ClientError, OSError, orjson.JSONDecodeError) as exc:
+            raise PepError("pdp.unavailable", f"OPA unreachable: {type(exc).__name__}") from exc
+
+    async def close(self) -> None:
+        await self._session.close()
+
+
+def _bundle_revisions(doc: Any) -> str:
+    prov = doc.get("provenance") if isinstance(doc, dict) else None
+    bundles = prov.get("bundles") if isinstance(prov, dict) else None
+    revs = {}
+    if isinstance(bundles, dict):
+        for name, info in bundles.items():
+            revs[str(name)] = str(info.get("revision", "")) if isinstance(info, dict) else ""
+    return orjson.dumps(revs, option=orjson.OPT_SORT_KEYS).decode()
+
+
+def _rule_paths(doc: Any) -> set[tuple[str, ...]]:
+    """Full paths (package + rule head ref) of every rule OPA has loaded."""
+    heads: set[tuple[str, ...]] = set()
+    for module in doc.get("result", []) if isinstance(doc, dict) else []:
+        ast = module.get("ast", {})
+        package = tuple(
+            str(term.get("value"))
+            for term in ast.get("package", {}).get("path", [])[1:]  # drop "data"
+        )
+        for rule in ast.get("rules", []):
+            head = rule.get("head", {})
+            ref = head.get("ref") or ([{"type": "var", "value": head["name"]}] if "name" in head else [])
+            parts: list[str] = []
+            for i, term in enumerate(ref):
+                if term.get("type") != ("var" if i == 0 else "string"):
+                    break  # a variable key (partial set/object): stop at the fixed prefix
+                parts.append(str(term.get("value")))
+            heads.add(package + tuple(parts))
+    return heads
+
+
+def _opa_error_code(raw: bytes) -> str:
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return "unparsable body"
+    return str(doc.get("code", "no code")) if isinstance(doc, dict) else "unexpected body"

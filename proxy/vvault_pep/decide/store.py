@@ -1,0 +1,57 @@
+"""Where L2 decision entries live: a store every replica shares, read when L1 misses.
+
+A store keeps opaque blobs by ``(kind, key)`` for a lifetime in milliseconds; ``kind`` is
+``dec`` (an entry) or ``idx`` (a route's ``cache.vary`` index).  What a blob holds, and how
+its key is made, is :mod:`.cache`'s.  :class:`RedisStore` is the PEP's; another backend is a
+class with the two methods, given to :class:`~.cache.DecisionCache`.  The revision counter and
+the scope epochs stay in :class:`~vvault_pep.shared.state.SharedState`: they are shared state
+that never shrinks, not cache entries.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable
+from typing import Any, Protocol
+
+from ..shared.state import SharedState
+
+
+class DecisionStore(Protocol):
+    def get(self, kind: str, key: str) -> Awaitable[bytes | None]:
+        """The blob, or None (absent, expired, or the store did not answer in time)."""
+        ...
+
+    def put(self, kind: str, key: str, blob: bytes, ttl_ms: int) -> Awaitable[Any]: ...
+
+
+class RedisStore:
+    """Entries in Redis, each command riding in the round trip of its loop turn."""
+
+    def __init__(self, shared: SharedState) -> None:
+        self.shared = shared
+
+    def get(self, kind: str, key: str) -> Awaitable[bytes | None]:
+        shared = self.shared
+        return shared.one(lambda p: p.get(shared.key(kind, key)))
+
+    def put(self, kind: str, key: str, blob: bytes, ttl_ms: int) -> Awaitable[Any]:
+        shared = self.shared
+        return shared.one(lambda p: p.set(shared.key(kind, key), blob, px=ttl_ms))
+
+
+class MemoryStore:
+    """Entries in this process, expiring like Redis keys: for unit tests and a single replica."""
+
+    def __init__(self) -> None:
+        self.blobs: dict[tuple[str, str], tuple[bytes, float]] = {}
+
+    async def get(self, kind: str, key: str) -> bytes | None:
+        found = self.blobs.get((kind, key))
+        if found is None or found[1] <= time.monotonic():
+            self.blobs.pop((kind, key), None)
+            return None
+        return found[0]
+
+    async def put(self, kind: str, key: str, blob: bytes, ttl_ms: int) -> None:
+        self.blobs[(kind, key)] = (blob, time.monotonic() + ttl_ms / 1000)

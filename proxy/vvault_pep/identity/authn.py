@@ -1,0 +1,200 @@
+"""Authenticate: who is calling — a user's bearer token, a workload's certificate, or both.
+
+Bearer tokens (RFC 6750, ``Authorization: Bearer`` only) are JWTs checked
+secure-by-default, in this order, each failure with its own code:
+
+1. size (``identity.max_token_bytes``, before any parsing) → 431;
+2. shape: three base64url parts (five is a JWE → refused), JSON objects with
+   no duplicate keys in header or payload, no string that UTF-8 cannot encode
+   (a lone surrogate such as ``"\ud800"``), and ``exp``/``nbf``/``iat``/
+   ``auth_time`` JSON numbers when present (RFC 7519 NumericDate: pyjwt would
+   read ``"exp": "9999999999"`` as a number);
+3. ``alg``: never ``none``; must be in the *issuer's* configured list;
+4. issuer chosen by exact string match of ``iss``; its key set only;
+5. ``typ`` when the issuer names one (``at+jwt`` refuses ID tokens);
+   any ``crit`` header → refused (no extension is understood);
+6. key by ``kid`` from that issuer's JWKS (``jku``/``x5u``/``jwk``/``x5c`` are
+   never used); signature, ``exp`` (required), ``nbf``, ``iat``, ``aud`` and
+   required claims via pyjwt with the algorithm pinned;
+7. RFC 8705: a token with ``cnf.x5t#S256`` is accepted only over a connection
+   whose client certificate has that thumbprint — checked on every request.
+
+Verified tokens are cached by SHA-256 until ``exp`` (and only while the key
+that signed them is still published), so a repeated token skips the
+signature, never the binding check.
+
+A workload identity is a client certificate whose single URI SAN is a valid
+SPIFFE ID in an allowed trust domain.  Routes say what they require.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import time
+from collections import OrderedDict
+from typing import Any
+
+from ..config.models import Identity as IdentityConfig
+from ..config.models import Issuer, RouteAuthn
+from ..core.principal import Identity, UserToken
+from ..core.request import PeerCertificate
+from .jwks import KeySet
+from .jwt import JwtVerifier, _fail
+from .workload import workload_of
+
+_B64TOKEN = re.compile(r"^[A-Za-z0-9\-._~+/]+=*$")
+
+
+def _strings(value: Any, *, split: bool = False) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return tuple(value.split()) if split else (value,)
+    if isinstance(value, list):
+        return tuple(v for v in value if isinstance(v, str))
+    return ()
+
+
+class Authenticator:
+    def __init__(self, cfg: IdentityConfig) -> None:
+        self.cfg = cfg
+        self.jwt = JwtVerifier(cfg.issuers, max_bytes=cfg.max_token_bytes, realm=cfg.realm)
+        self._verified: OrderedDict[bytes, tuple[UserToken, str, str | None]] = OrderedDict()
+
+    @property
+    def keysets(self) -> dict[str, KeySet]:
+        return self.jwt.keysets
+
+    async def start(self) -> None:
+        await self.jwt.start()
+
+    async def stop(self) -> None:
+        await self.jwt.stop()
+
+    def ready(self) -> dict[str, bool]:
+        return self.jwt.ready()
+
+    async def authenticate(
+        self,
+        authorization: str | None,
+        query: tuple[tuple[str, tuple[str, ...]], ...],
+        peer: PeerCertificate | None,
+        rules: RouteAuthn,
+    ) -> Identity:
+        realm = self.cfg.realm
+        if any(name == "access_token" for name, _ in query):
+            # RFC 6750 §2.3 tokens end up in logs and Referers: one source only, the header.
+            raise _fail("authn.token_in_query", realm)
+        # With no issuer configured the PEP can verify no token: a bearer token is
+        # refused, never passed on unverified for the upstream to believe.
+        token = _bearer(authorization, realm)
+        if token is not None and not self.cfg.issuers:
+            raise _fail("authn.unknown_issuer", realm, "this PEP accepts no bearer tokens")
+        workload = workload_of(peer, self.cfg.workload.trust_domains)
+        user: UserToken | None = None
+        bound = False
+        if token is not None:
+            user = await self.verify(token)
+            if user.cnf_x5t_s256 is not None:
+                if peer is None or not hmac.compare_digest(peer.x5t_s256.encode(), user.cnf_x5t_s256.encode()):
+                    raise _fail("authn.cert_binding_mismatch", realm)
+                bound = True
+        need = rules.require
+        if need in ("user", "user+workload") and user is None:
+            raise _fail("authn.required", realm, "a bearer token is required")
+        if need in ("workload", "user+workload") and workload is None:
+            raise _fail("authn.untrusted_workload", realm, "a workload certificate from a trusted domain is required")
+        if need == "any" and user is None and workload is None:
+            raise _fail("authn.required", realm, "a bearer token or workload certificate is required")
+        if rules.bound_token and user is not None and not bound:
+            raise _fail("authn.unbound_token", realm)
+        if rules.bound_token and user is None and need in ("user", "user+workload"):
+            raise _fail("authn.required", realm)
+        return Identity(user, workload, bound)
+
+    async def verify(self, token: str) -> UserToken:
+        """Verify a bearer JWT; return the mapped claims or raise PepError(authn.*)."""
+        # A token in the verified cache passed every check below (the config is fixed for
+        # the process's life); the cache re-checks exp and the signing key on each hit.
+        digest = hashlib.sha256(token.encode()).digest()
+        cached = self._cached(digest)
+        if cached is not None:
+            return cached
+        issuer, alg, kid = self.jwt.precheck(token)
+        user = self._map(issuer, await self.jwt.claims(token, issuer, alg, kid))
+        self._remember(digest, user, issuer.issuer, kid)
+        return user
+
+    def _map(self, issuer: Issuer, claims: dict[str, Any]) -> UserToken:
+        m = issuer.claims
+        cnf = claims.get("cnf")
+        thumb = cnf.get("x5t#S256") if isinstance(cnf, dict) else None
+        if cnf is not None and not isinstance(thumb, str):
+            raise _fail("authn.malformed", self.cfg.realm, "unsupported confirmation method")
+
+        def opt_str(name: str) -> str | None:
+            v = claims.get(name)
+            return v if isinstance(v, str) else None
+
+        def opt_int(name: str) -> int | None:
+            v = claims.get(name)
+            return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+        auth_time = opt_int("auth_time")
+        if auth_time is not None and auth_time > time.time() + issuer.leeway_s:
+            # A sign-in in the future is a forged or broken token, never a "recent" one.
+            raise _fail("authn.not_yet_valid", self.cfg.realm, "auth_time is in the future")
+        scopes = _strings(claims.get(m.scopes), split=True)
+        if not scopes and m.scopes == "scope":
+            scopes = _strings(claims.get("scp"))
+        exp = claims["exp"]
+        return UserToken(
+            issuer=issuer.issuer,
+            subject=opt_str(m.subject),
+            tenant=opt_str(m.tenant),
+            roles=_strings(claims.get(m.roles)),
+            groups=_strings(claims.get(m.groups)),
+            scopes=scopes,
+            amr=_strings(claims.get("amr")),
+            acr=opt_str("acr"),
+            auth_time=auth_time,
+            client_id=opt_str(m.client_id) or opt_str("azp"),
+            token_id=opt_str("jti"),
+            expires_at=int(exp),
+            cnf_x5t_s256=thumb,
+            claims={k: claims[k] for k in issuer.passthrough_claims if k in claims},
+        )
+
+    def _cached(self, digest: bytes) -> UserToken | None:
+        entry = self._verified.get(digest)
+        if entry is None:
+            return None
+        user, issuer, kid = entry
+        keyset = self.keysets.get(issuer)
+        # Never past exp, and never once the signing key was withdrawn.
+        if time.time() >= user.expires_at or (
+            keyset is not None and (kid not in keyset.kids or not keyset.fresh_enough())
+        ):
+            del self._verified[digest]
+            return None
+        self._verified.move_to_end(digest)
+        return user
+
+    def _remember(self, digest: bytes, user: UserToken, issuer: str, kid: str | None) -> None:
+        if self.cfg.verified_cache_entries == 0:
+            return
+        self._verified[digest] = (user, issuer, kid)
+        while len(self._verified) > self.cfg.verified_cache_entries:
+            self._verified.popitem(last=False)
+
+
+def _bearer(authorization: str | None, realm: str) -> str | None:
+    if authorization is None:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer":
+        return None  # another scheme is the upstream's business, not an identity here
+    token = token.strip()
+    if not token or not _B64TOKEN.fullmatch(token):
+        raise _fail("authn.malformed", realm)
+    return token
