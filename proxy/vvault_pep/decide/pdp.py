@@ -19,9 +19,11 @@ and parses with the stdlib ``json``.  The PEP needs one POST; this is it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import ssl
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -41,6 +43,18 @@ class Answer:
     result: Any
     opa_decision_id: str | None
     bundles: str | None = None  # canonical JSON of {bundle: revision}, when asked for provenance
+
+
+@contextlib.asynccontextmanager
+async def _asked(timeout_s: float) -> AsyncIterator[None]:
+    """A control-plane call to OPA under its deadline; every failure is a PepError(pdp.*)."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            yield
+    except TimeoutError as exc:
+        raise PepError("pdp.timeout", "OPA did not answer in time") from exc
+    except (aiohttp.ClientError, OSError, orjson.JSONDecodeError) as exc:
+        raise PepError("pdp.unavailable", f"OPA unreachable: {type(exc).__name__}") from exc
 
 
 class PdpClient:
@@ -122,23 +136,18 @@ class PdpClient:
         cannot be asked.
         """
         self.revision_checks += 1
-        try:
-            async with asyncio.timeout(timeout_s):
-                async with self._session.post(
-                    f"{self._base}/v1/data/vvault_pep/revision_probe?provenance=true", data=b"{}"
-                ) as resp:
-                    bundles = _bundle_revisions(orjson.loads(await resp.read()))
-                if bundles != "{}":
-                    return "b:" + bundles
-                if not modules:
-                    return None
-                self.module_downloads += 1
-                async with self._session.get(f"{self._base}/v1/policies") as resp:
-                    doc = orjson.loads(await resp.read())
-        except TimeoutError as exc:
-            raise PepError("pdp.timeout", "OPA did not answer in time") from exc
-        except (aiohttp.ClientError, OSError, orjson.JSONDecodeError) as exc:
-            raise PepError("pdp.unavailable", f"OPA unreachable: {type(exc).__name__}") from exc
+        async with _asked(timeout_s):
+            async with self._session.post(
+                f"{self._base}/v1/data/vvault_pep/revision_probe?provenance=true", data=b"{}"
+            ) as resp:
+                bundles = _bundle_revisions(orjson.loads(await resp.read()))
+            if bundles != "{}":
+                return "b:" + bundles
+            if not modules:
+                return None
+            self.module_downloads += 1
+            async with self._session.get(f"{self._base}/v1/policies") as resp:
+                doc = orjson.loads(await resp.read())
         sources = sorted(
             (str(m.get("id")), str(m.get("raw"))) for m in (doc.get("result") or []) if isinstance(m, dict)
         )
@@ -193,14 +202,9 @@ class PdpClient:
 
     async def get_data(self, path: str, timeout_s: float = 2.0) -> Any:
         """A document of OPA's data (None when undefined); PepError(pdp.*) when OPA cannot be asked."""
-        try:
-            async with asyncio.timeout(timeout_s):
-                async with self._session.get(f"{self._base}/v1/data/{path}") as resp:
-                    doc = orjson.loads(await resp.read())
-        except TimeoutError as exc:
-            raise PepError("pdp.timeout", "OPA did not answer in time") from exc
-        except (aiohttp.ClientError, OSError, orjson.JSONDecodeError) as exc:
-            raise PepError("pdp.unavailable", f"OPA unreachable: {type(exc).__name__}") from exc
+        async with _asked(timeout_s):
+            async with self._session.get(f"{self._base}/v1/data/{path}") as resp:
+                doc = orjson.loads(await resp.read())
         return doc.get("result") if isinstance(doc, dict) else None
 
     async def delete_data(self, path: str) -> int:
@@ -208,17 +212,12 @@ class PdpClient:
         return await self._put(f"/v1/data/{path}", b"", "application/json", method="DELETE")
 
     async def _put(self, path: str, body: bytes, content_type: str, timeout_s: float = 5.0, method: str = "PUT") -> int:
-        try:
-            async with asyncio.timeout(timeout_s):
-                async with self._session.request(
-                    method, self._base + path, data=body or None, headers={"Content-Type": content_type}
-                ) as resp:
-                    await resp.read()
-                    return resp.status
-        except TimeoutError as exc:
-            raise PepError("pdp.timeout", "OPA did not answer in time") from exc
-        except (aiohttp.ClientError, OSError) as exc:
-            raise PepError("pdp.unavailable", f"OPA unreachable: {type(exc).__name__}") from exc
+        async with _asked(timeout_s):
+            async with self._session.request(
+                method, self._base + path, data=body or None, headers={"Content-Type": content_type}
+            ) as resp:
+                await resp.read()
+                return resp.status
 
     async def healthy(self, timeout_s: float = 1.0) -> bool:
         try:
@@ -234,28 +233,23 @@ class PdpClient:
 
         Raises PepError(pdp.*) when OPA cannot be asked.
         """
-        try:
-            async with asyncio.timeout(timeout_s):
-                async with self._session.get(f"{self._base}/v1/policies") as resp:
-                    raw = await resp.read()
-                    if resp.status != 200:
-                        raise PepError("pdp.error", f"GET /v1/policies answered {resp.status}")
-                heads = _rule_paths(orjson.loads(raw))
-                out: dict[str, bool] = {}
-                for path in paths:
-                    want = tuple(path.split("/"))
-                    found = any(head[: len(want)] == want for head in heads)
-                    if not found:
-                        # Could be a plain data document rather than a rule.
-                        async with self._session.get(f"{self._base}/v1/data/{path}") as resp:
-                            doc = orjson.loads(await resp.read())
-                            found = resp.status == 200 and isinstance(doc, dict) and "result" in doc
-                    out[path] = found
-                return out
-        except TimeoutError as exc:
-            raise PepError("pdp.timeout", "OPA did not answer in time") from exc
-        except (aiohttp.ClientError, OSError, orjson.JSONDecodeError) as exc:
-            raise PepError("pdp.unavailable", f"OPA unreachable: {type(exc).__name__}") from exc
+        async with _asked(timeout_s):
+            async with self._session.get(f"{self._base}/v1/policies") as resp:
+                raw = await resp.read()
+                if resp.status != 200:
+                    raise PepError("pdp.error", f"GET /v1/policies answered {resp.status}")
+            heads = _rule_paths(orjson.loads(raw))
+            out: dict[str, bool] = {}
+            for path in paths:
+                want = tuple(path.split("/"))
+                found = any(head[: len(want)] == want for head in heads)
+                if not found:
+                    # Could be a plain data document rather than a rule.
+                    async with self._session.get(f"{self._base}/v1/data/{path}") as resp:
+                        doc = orjson.loads(await resp.read())
+                        found = resp.status == 200 and isinstance(doc, dict) and "result" in doc
+                out[path] = found
+            return out
 
     async def close(self) -> None:
         await self._session.close()
