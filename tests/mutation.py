@@ -54,6 +54,12 @@ MODULES: dict[str, list[str]] = {
     "core.xfcc": ["tests/test_proofs_xfcc.py", "tests/test_xfcc.py"],
     "identity.posture": ["tests/test_proofs_posture.py", "tests/test_posture_risk.py"],
     "core.decision": ["tests/test_enforce.py", "tests/test_proofs_enforce.py", "tests/test_proofs_decisions.py"],
+    "core.obligations": [
+        "tests/test_enforce.py",
+        "tests/test_proofs_decisions.py",
+        "tests/test_containment.py",
+        "tests/test_registries.py",
+    ],
     "core.sanitize": ["tests/test_sanitize.py", "tests/test_proofs_sanitize.py"],
     "observe.audit": ["tests/test_audit.py", "tests/test_proofs_audit.py", "tests/test_redact.py"],
     "observe.sinks": ["tests/test_audit.py", "tests/test_proofs_audit.py", "tests/test_input_hardening.py"],

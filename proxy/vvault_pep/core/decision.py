@@ -11,8 +11,8 @@ strictly parses as allowed:
   status outside 400–599, a header with CR/LF, an obligation this PEP cannot
   carry out — is a deny with a reason code saying why.
 
-Obligations: ``quarantine`` (:func:`parse_obligation`; carried out by the pipeline's
-obligations stage) and ``redact`` (field names removed from the JSON answer by the
+Obligations: the types registered in :mod:`.obligations` (``quarantine``, carried out by the
+pipeline's obligations stage, and ``redact``, field names removed from the JSON answer by the
 forwarder); any other type denies.  A refusal's body is :mod:`.problem`'s.
 """
 
@@ -23,7 +23,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import STATUS, Refusal
-from .principal import SCOPES
+from .obligations import MAX_TTL_S as MAX_TTL_S
+from .obligations import parse_all
+from .obligations import parse_obligation as parse_obligation
 from .sanitize import HOP_BY_HOP
 
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
@@ -78,7 +80,8 @@ def interpret(result: Any, *, defined: bool) -> Decision:
     response = _headers(result.get("response_headers"), _RESERVED_RESPONSE)
     if upstream is None or response is None:
         return _deny("pdp.malformed_decision", "decision headers are malformed or reserved")
-    obligations = _obligations(result.get("obligations"))
+    carried = parse_all(result.get("obligations"))
+    obligations = tuple(carried.quarantines) if carried is not None else None
     if not allow:
         status = result.get("status", 403)
         # bool is an int in Python: refuse it explicitly.
@@ -103,7 +106,7 @@ def interpret(result: Any, *, defined: bool) -> Decision:
         # the policy allowed *on condition* of it.
         return _deny("enforce.unsupported_obligation", "the decision carries an obligation this PEP cannot fulfil")
     extras = {k: v for k, v in result.items() if k in ("cache",)}
-    redact = _redactions(result.get("obligations"))
+    redact = tuple(carried.redact) if carried is not None else ()
     if "rate_limit" in result:
         limit = _rate_limit(result["rate_limit"])
         if limit is None:
@@ -122,42 +125,6 @@ def _rate_limit(raw: Any) -> Any:
         return RateLimit.model_validate(raw)
     except ValidationError:
         return None
-
-
-def _obligations(raw: Any) -> tuple[tuple[str, float, str], ...] | None:
-    """Quarantine obligations this PEP can carry out; None if any is unknown or malformed."""
-
-    if raw is None or raw == []:
-        return ()
-    if not isinstance(raw, list):
-        return None
-    out = []
-    for item in raw:
-        if isinstance(item, dict) and item.get("type") == "redact":
-            if _redact_fields(item) is None:
-                return None
-            continue  # carried out on the response, see _redactions
-        parsed = parse_obligation(item)
-        if parsed is None:
-            return None
-        out.append(parsed)
-    return tuple(out)
-
-
-def _redact_fields(item: dict[str, Any]) -> tuple[str, ...] | None:
-    fields = item.get("fields")
-    if not isinstance(fields, list) or not fields or not all(isinstance(f, str) and f for f in fields):
-        return None
-    return tuple(fields)
-
-
-def _redactions(raw: Any) -> tuple[str, ...]:
-    """Field names every ``redact`` obligation asks to remove from the response."""
-    out: list[str] = []
-    for item in raw if isinstance(raw, list) else []:
-        if isinstance(item, dict) and item.get("type") == "redact":
-            out.extend(f for f in _redact_fields(item) or () if f not in out)
-    return tuple(out)
 
 
 def _headers(value: Any, reserved: frozenset[str] | set[str]) -> tuple[tuple[str, str], ...] | None:
@@ -180,18 +147,3 @@ def refusal_of(decision: Decision) -> Refusal:
     if decision.code not in STATUS:
         title = "Forbidden" if decision.status == 403 else "Request denied"
     return Refusal(decision.code, decision.status, title, decision.reason)
-
-
-MAX_TTL_S = 30 * 86_400
-
-
-def parse_obligation(raw: Any) -> tuple[str, float, str] | None:
-    """``(scope, ttl_s, reason)`` of a well-formed quarantine obligation, else None."""
-    if not isinstance(raw, dict) or raw.get("type") != "quarantine":
-        return None
-    scope, ttl, reason = raw.get("scope"), raw.get("ttl_s", 900), raw.get("reason", "")
-    if scope not in SCOPES or not isinstance(reason, str):
-        return None
-    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl <= MAX_TTL_S:
-        return None
-    return scope, float(ttl), reason[:256]

@@ -52,7 +52,7 @@ from ..config.models import Route
 from ..core.principal import SCOPES
 from ..shared.state import CONTAINMENT_TAG, SharedState
 from . import deps
-from .store import DecisionStore, RedisStore
+from .store import DecisionStore, store_named
 
 log = logging.getLogger("vvault_pep.cache")
 
@@ -187,9 +187,9 @@ class DecisionCache:
     def __init__(self, cfg: CacheConfig, shared: SharedState | None, store: DecisionStore | None = None) -> None:
         self.cfg = cfg
         self.shared = shared
-        # L2: Redis when configured; a store given here instead (another backend, a test's).
+        # L2: the "redis" store when Redis is configured; a store given here instead (a test's).
         if store is None and shared is not None:
-            store = RedisStore(shared)
+            store = store_named("redis", shared)
         self.l2: DecisionStore | None = store
         self._l1: OrderedDict[str, _Entry] = OrderedDict()
         self._l1_bytes = 0

@@ -3,7 +3,9 @@
 A store keeps opaque blobs by ``(kind, key)`` for a lifetime in milliseconds; ``kind`` is
 ``dec`` (an entry) or ``idx`` (a route's ``cache.vary`` index).  What a blob holds, and how
 its key is made, is :mod:`.cache`'s.  :class:`RedisStore` is the PEP's; another backend is a
-class with the two methods, given to :class:`~.cache.DecisionCache`.  The revision counter and
+class with the two methods and a line in :data:`STORES` (a name → a factory of the shared
+state); :class:`~.cache.DecisionCache` picks ``"redis"`` when Redis is configured, or takes a
+store given to it.  There is no config option naming the store.  The revision counter and
 the scope epochs stay in :class:`~vvault_pep.shared.state.SharedState`: they are shared state
 that never shrinks, not cache entries.
 """
@@ -11,7 +13,7 @@ that never shrinks, not cache entries.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from ..shared.state import SharedState
@@ -55,3 +57,17 @@ class MemoryStore:
 
     async def put(self, kind: str, key: str, blob: bytes, ttl_ms: int) -> None:
         self.blobs[(kind, key)] = (blob, time.monotonic() + ttl_ms / 1000)
+
+
+StoreFactory = Callable[[SharedState], DecisionStore]
+
+# The L2 stores by name, the one list: adding one is a class and a line here.
+STORES: dict[str, StoreFactory] = {
+    "redis": RedisStore,
+    "memory": lambda _shared: MemoryStore(),
+}
+
+
+def store_named(name: str, shared: SharedState) -> DecisionStore:
+    """The store registered as ``name``, built on ``shared``; KeyError if none is."""
+    return STORES[name](shared)

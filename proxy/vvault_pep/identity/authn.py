@@ -25,6 +25,11 @@ signature, never the binding check.
 
 A workload identity is a client certificate whose single URI SAN is a valid
 SPIFFE ID in an allowed trust domain.  Routes say what they require.
+
+Each kind of credential is an :class:`IdentitySource` (a name and an ``authenticate`` step
+that adds what it verified to the :class:`Found` identity, or raises ``authn.*``), registered
+in :data:`SOURCES` and run in that order — the bearer token, then the workload certificate —
+before the route's requirements are checked.  Device posture is separate (:mod:`.posture`).
 """
 
 from __future__ import annotations
@@ -34,11 +39,13 @@ import hmac
 import re
 import time
 from collections import OrderedDict
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
 
 from ..config.models import Identity as IdentityConfig
 from ..config.models import Issuer, RouteAuthn
-from ..core.principal import Identity, UserToken
+from ..core.principal import Identity, UserToken, Workload
 from ..core.request import PeerCertificate
 from .jwks import KeySet
 from .jwt import JwtVerifier, _fail
@@ -55,11 +62,82 @@ def _strings(value: Any, *, split: bool = False) -> tuple[str, ...]:
     return ()
 
 
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """What a request presents: its ``Authorization`` header, its query, its client certificate."""
+
+    authorization: str | None
+    query: tuple[tuple[str, tuple[str, ...]], ...]
+    peer: PeerCertificate | None
+
+
+@dataclass(slots=True)
+class Found:
+    """The identity the sources verified so far."""
+
+    user: UserToken | None = None
+    workload: Workload | None = None
+    bound: bool = False  # the user's token is bound to the connection's certificate (RFC 8705)
+
+
+class IdentitySource(Protocol):
+    name: ClassVar[str]
+
+    async def authenticate(self, creds: Credentials, found: Found) -> None:
+        """Add what this source verifies to ``found``; raise PepError(authn.*) on a bad credential."""
+        ...
+
+
+class BearerSource:
+    """A user's bearer JWT from the ``Authorization`` header (RFC 6750), bound if it says so."""
+
+    name: ClassVar[str] = "bearer"
+
+    def __init__(self, authn: Authenticator) -> None:
+        self.authn = authn
+
+    async def authenticate(self, creds: Credentials, found: Found) -> None:
+        cfg, authorization, peer = self.authn.cfg, creds.authorization, creds.peer
+        realm = cfg.realm
+        if any(name == "access_token" for name, _ in creds.query):
+            # RFC 6750 §2.3 tokens end up in logs and Referers: one source only, the header.
+            raise _fail("authn.token_in_query", realm)
+        # With no issuer configured the PEP can verify no token: a bearer token is
+        # refused, never passed on unverified for the upstream to believe.
+        token = _bearer(authorization, realm)
+        if token is not None and not cfg.issuers:
+            raise _fail("authn.unknown_issuer", realm, "this PEP accepts no bearer tokens")
+        if token is not None:
+            user = await self.authn.verify(token)
+            if user.cnf_x5t_s256 is not None:
+                if peer is None or not hmac.compare_digest(peer.x5t_s256.encode(), user.cnf_x5t_s256.encode()):
+                    raise _fail("authn.cert_binding_mismatch", realm)
+                found.bound = True
+            found.user = user
+
+
+class WorkloadSource:
+    """A workload's client certificate: one SPIFFE ID in a trusted domain (never raises)."""
+
+    name: ClassVar[str] = "workload"
+
+    def __init__(self, authn: Authenticator) -> None:
+        self.trust_domains = authn.cfg.workload.trust_domains
+
+    async def authenticate(self, creds: Credentials, found: Found) -> None:
+        found.workload = workload_of(creds.peer, self.trust_domains)
+
+
+# The identity sources, in the order they run: adding one is a class and a line here.
+SOURCES: tuple[Callable[[Authenticator], IdentitySource], ...] = (BearerSource, WorkloadSource)
+
+
 class Authenticator:
     def __init__(self, cfg: IdentityConfig) -> None:
         self.cfg = cfg
         self.jwt = JwtVerifier(cfg.issuers, max_bytes=cfg.max_token_bytes, realm=cfg.realm)
         self._verified: OrderedDict[bytes, tuple[UserToken, str, str | None]] = OrderedDict()
+        self.sources: tuple[IdentitySource, ...] = tuple(make(self) for make in SOURCES)
 
     @property
     def keysets(self) -> dict[str, KeySet]:
@@ -82,23 +160,10 @@ class Authenticator:
         rules: RouteAuthn,
     ) -> Identity:
         realm = self.cfg.realm
-        if any(name == "access_token" for name, _ in query):
-            # RFC 6750 §2.3 tokens end up in logs and Referers: one source only, the header.
-            raise _fail("authn.token_in_query", realm)
-        # With no issuer configured the PEP can verify no token: a bearer token is
-        # refused, never passed on unverified for the upstream to believe.
-        token = _bearer(authorization, realm)
-        if token is not None and not self.cfg.issuers:
-            raise _fail("authn.unknown_issuer", realm, "this PEP accepts no bearer tokens")
-        workload = workload_of(peer, self.cfg.workload.trust_domains)
-        user: UserToken | None = None
-        bound = False
-        if token is not None:
-            user = await self.verify(token)
-            if user.cnf_x5t_s256 is not None:
-                if peer is None or not hmac.compare_digest(peer.x5t_s256.encode(), user.cnf_x5t_s256.encode()):
-                    raise _fail("authn.cert_binding_mismatch", realm)
-                bound = True
+        creds, found = Credentials(authorization, query, peer), Found()
+        for source in self.sources:
+            await source.authenticate(creds, found)
+        user, workload, bound = found.user, found.workload, found.bound
         need = rules.require
         if need in ("user", "user+workload") and user is None:
             raise _fail("authn.required", realm, "a bearer token is required")
