@@ -54,7 +54,7 @@ MODULES: dict[str, list[str]] = {
     "core.xfcc": ["tests/test_proofs_xfcc.py", "tests/test_xfcc.py"],
     "identity.posture": ["tests/test_proofs_posture.py", "tests/test_posture_risk.py"],
     "core.decision": ["tests/test_enforce.py", "tests/test_proofs_enforce.py", "tests/test_proofs_decisions.py"],
-    "core.sanitize": ["tests/test_sanitize.py", "tests/test_proofs_sanitize.py"],
+    "core.sanitize": ["tests/test_sanitize_headers.py", "tests/test_sanitize.py", "tests/test_proofs_sanitize.py"],
     "observe.audit": ["tests/test_audit.py", "tests/test_proofs_audit.py", "tests/test_redact.py"],
     "observe.sinks": ["tests/test_audit.py", "tests/test_proofs_audit.py", "tests/test_input_hardening.py"],
     "identity.authn": ["tests/test_authn.py", "tests/test_input_hardening.py"],
