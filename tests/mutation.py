@@ -60,7 +60,12 @@ MODULES: dict[str, list[str]] = {
     "identity.authn": ["tests/test_authn.py", "tests/test_input_hardening.py"],
     "identity.jwt": ["tests/test_authn.py", "tests/test_input_hardening.py"],
     "identity.jwks": ["tests/test_authn.py"],
-    "core.spiffe": ["tests/test_proofs_spiffe.py", "tests/test_spiffe.py", "tests/test_listener.py", "tests/test_proofs_identity.py"],
+    "core.spiffe": [
+        "tests/test_proofs_spiffe.py",
+        "tests/test_spiffe.py",
+        "tests/test_listener.py",
+        "tests/test_proofs_identity.py",
+    ],
     "edge.listener": [
         "tests/test_listener.py",
         "tests/test_hardening.py",
