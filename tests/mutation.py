@@ -73,6 +73,7 @@ MODULES: dict[str, list[str]] = {
         "tests/test_proofs_identity.py",
     ],
     "core.request": [
+        "tests/test_proofs_request.py",
         "tests/test_listener.py",
         "tests/test_hardening.py",
         "tests/test_tls_hardening.py",
