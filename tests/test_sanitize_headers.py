@@ -302,3 +302,9 @@ def test_forward_keeps_names_order_repeats_and_trims_values() -> None:
     headers = _ok(("Accept", " a\t"), ("X-B", "1"), ("accept", "b"), ("User-Agent", "ua"))
     assert headers.forward == (("Accept", "a"), ("X-B", "1"), ("accept", "b"), ("User-Agent", "ua"))
     assert headers.policy == (("accept", ("a", "b")), ("user-agent", ("ua",)))
+
+
+def test_only_spaces_and_tabs_are_trimmed() -> None:
+    # Other whitespace (a no-break space, a vertical tab) is part of the value, as RFC 9110 says.
+    headers = _ok(("X-A", " \tXv\u00a0 "), ("X-B", "\x0bv"))
+    assert headers.forward == (("X-A", "Xv\u00a0"), ("X-B", "\x0bv"))
