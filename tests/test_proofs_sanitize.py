@@ -142,6 +142,9 @@ def test_query_table(query: str, params: tuple[tuple[str, tuple[str, ...]], ...]
         ("a=%z0", "malformed query encoding"),
         ("a=%0z", "malformed query encoding"),
         ("a=%4", "malformed query encoding"),
+        # '+' is a space before decoding, and int() would read " 1" as 1: the hex check comes first.
+        ("a=%+1", "malformed query encoding"),
+        ("a=%1+", "malformed query encoding"),
         ("%4=a", "malformed query encoding"),
         ("a=%ff", "malformed query encoding"),
         ("%ff=a", "malformed query encoding"),
