@@ -159,6 +159,23 @@ EQUIVALENT: dict[str, str] = {
     },
     "vvault_pep.core.sanitize.x__parse_query__mutmut_1": "the default of `max_params` is never used: the only"
     " caller, canonical_target, always passes its own (whose default is tested)",
+    "vvault_pep.core.sanitize.x__decode_segment__mutmut_6": "codec names are case-insensitive: 'UTF-8' is 'utf-8'",
+    **{
+        f"vvault_pep.core.sanitize.x__remove_dot_segments__mutmut_{n}": "the initial `trailing` is never read: a"
+        " path starts with '/', so the loop runs at least once and every branch sets `trailing` or raises"
+        for n in (6, 7)
+    },
+    **{
+        f"vvault_pep.core.sanitize.x__remove_dot_segments__mutmut_{n}": "only the part before the first ';' is"
+        " read: `split(';')[0]` and `split(';', 2)[0]` are that part too"
+        for n in (19, 22)
+    },
+    "vvault_pep.core.sanitize.x__split_host__mutmut_5": "the Host pattern allows one ']' only: partition and"
+    " rpartition split at the same place",
+    "vvault_pep.core.sanitize.x__split_host__mutmut_10": "after ']' the Host pattern allows only ':digits' or"
+    " nothing: when `rest` does not start with ':' it is '', and `''[1:]` is '' as well",
+    "vvault_pep.core.sanitize.x__split_host__mutmut_22": "the Host value is lower-cased before: it has no 'X'"
+    " for `rstrip('XX.XX')` to strip beyond the dots",
 }
 
 _STATUS = re.compile(r"^\s*(\S+__mutmut_\d+): (.+)$")
