@@ -160,6 +160,10 @@ EQUIVALENT: dict[str, str] = {
     "vvault_pep.core.sanitize.x__parse_query__mutmut_1": "the default of `max_params` is never used: the only"
     " caller, canonical_target, always passes its own (whose default is tested)",
     "vvault_pep.core.sanitize.x__decode_segment__mutmut_6": "codec names are case-insensitive: 'UTF-8' is 'utf-8'",
+    "vvault_pep.core.sanitize.x_check_headers__mutmut_21": "codec names are case-insensitive: 'ASCII' is 'ascii'",
+    "vvault_pep.core.sanitize.x_check_headers__mutmut_25": "codec names are case-insensitive: 'UTF-8' is 'utf-8'",
+    "vvault_pep.core.sanitize.x_canonical_target__mutmut_50": "without '?' the query is '', and parsing ''"
+    " gives no parameters, exactly like not parsing it",
     **{
         f"vvault_pep.core.sanitize.x__remove_dot_segments__mutmut_{n}": "the initial `trailing` is never read: a"
         " path starts with '/', so the loop runs at least once and every branch sets `trailing` or raises"
