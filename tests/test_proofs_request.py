@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import hashlib
+import time
 from pathlib import Path
 
 import pytest
@@ -145,3 +146,15 @@ def test_trust_domains(pki: Path) -> None:
     # The check compares trust domains, not prefixes of the ID.
     with pytest.raises(CertificateRefused):
         parse_peer(der, trust_domains=("demo",))
+
+
+def test_times_are_utc_whatever_the_local_zone(pki: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    der = _leaf(pki)
+    monkeypatch.setenv("TZ", "IST-5:30")  # a POSIX zone string: no tz database needed
+    time.tzset()
+    try:
+        peer = parse_peer(der)
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    assert (peer.not_before, peer.not_after) == ("2025-01-02T03:04:05Z", "2036-06-07T08:09:10Z")
