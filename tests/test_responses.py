@@ -27,7 +27,7 @@ from vvault_pep.app.runtime import PepRuntime
 from vvault_pep.config import Config
 from vvault_pep.core import responses
 
-PIN = "4711"
+PIN = "4711-zq"  # not hex: a request or decision id can never contain it by chance
 DOC = {"path": "pin", "owner": "alice", "value": PIN}
 BODY = orjson.dumps(DOC)
 REDACTED = orjson.dumps({"path": "pin", "owner": "alice"})
@@ -206,7 +206,7 @@ async def test_the_test_upstream_really_leaks_through_range_and_validators(test_
     """Without the PEP, each of these would reveal the PIN: the attacks are real."""
     async with aiohttp.ClientSession() as direct:
         url = f"http://127.0.0.1:{test_upstream}/r/honest"
-        async with direct.get(url, headers={"Range": f"bytes={VALUE_AT}-{VALUE_AT + 3}"}) as resp:
+        async with direct.get(url, headers={"Range": f"bytes={VALUE_AT}-{VALUE_AT + len(PIN) - 1}"}) as resp:
             assert resp.status == 206
             assert await resp.read() == PIN.encode()
         async with direct.get(url, headers={"If-None-Match": ETAG}) as resp:
@@ -218,9 +218,9 @@ async def test_the_test_upstream_really_leaks_through_range_and_validators(test_
 @pytest.mark.parametrize(
     "headers",
     [
-        {"Range": f"bytes={VALUE_AT}-{VALUE_AT + 3}"},
-        {"Range": f"bytes={VALUE_AT}-{VALUE_AT + 3}", "If-Range": ETAG},
-        {"Range": f"bytes=0-1,{VALUE_AT}-{VALUE_AT + 3}"},
+        {"Range": f"bytes={VALUE_AT}-{VALUE_AT + len(PIN) - 1}"},
+        {"Range": f"bytes={VALUE_AT}-{VALUE_AT + len(PIN) - 1}", "If-Range": ETAG},
+        {"Range": f"bytes=0-1,{VALUE_AT}-{VALUE_AT + len(PIN) - 1}"},
         {"Range": f"bytes=-{len(BODY) - VALUE_AT}"},
     ],
     ids=["range", "if-range", "multi-range", "suffix-range"],
