@@ -1,0 +1,149 @@
+"""The compiled hot path: which modules a process really runs, and the fall back to the pure ones.
+
+``make pytest`` runs everything with ``VVAULT_PEP_PURE=1`` (coverage and the mutation drivers
+read the ``.py`` files); ``make unit-compiled`` runs the unit tests and a few end-to-end files
+with ``VVAULT_PEP_PURE=0``.  The first test says which of the two is in effect, so that neither
+run can quietly be the other.  The others run a copy of the package in a child interpreter:
+not built, a build that does not load, a source edited after its build, the switch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import os
+import shutil
+import subprocess
+import sys
+from importlib.machinery import EXTENSION_SUFFIXES, ExtensionFileLoader, SourceFileLoader
+from pathlib import Path
+
+import pytest
+
+from vvault_pep import compiled
+from vvault_pep.compiled import COMPILED, RUNTIME
+
+ROOT = Path(__file__).resolve().parent.parent
+PROXY = ROOT / "proxy"
+
+# In the child: import every compiled module, use one, print what was loaded.
+PROBE = """
+import importlib, json, sys
+from vvault_pep import compiled
+from vvault_pep.config.models import Sanitize
+mods = [importlib.import_module(m) for m in compiled.COMPILED]
+from vvault_pep.core.sanitize import canonical_target
+t = canonical_target("/v1/a/../b?x=1", Sanitize())
+print(json.dumps({"state": compiled.state(), "path": t.path, "files": [m.__file__ for m in mods]}))
+"""
+
+
+@pytest.mark.unit
+def test_the_mode_in_effect_is_the_one_asked_for() -> None:
+    setting = os.environ.get(compiled.ENV)
+    modules = [importlib.import_module(name) for name in COMPILED]
+    if setting == "1":
+        assert all(isinstance(m.__loader__, SourceFileLoader) for m in modules), [m.__file__ for m in modules]
+        assert all(m.__file__ and m.__file__.endswith(".py") for m in modules)
+        assert inspect.isfunction(modules[COMPILED.index("vvault_pep.core.sanitize")].canonical_target)
+        assert compiled.state()["reason"] == "VVAULT_PEP_PURE=1"
+    elif setting == "0":
+        assert all(isinstance(m.__loader__, ExtensionFileLoader) for m in modules), [m.__file__ for m in modules]
+        assert all(m.__file__ and m.__file__.endswith(tuple(EXTENSION_SUFFIXES)) for m in modules)
+        sanitize = modules[COMPILED.index("vvault_pep.core.sanitize")]
+        assert inspect.isbuiltin(sanitize.canonical_target)  # a mypyc function is a C built-in
+        assert compiled.state()["reason"] == ""
+    else:
+        kinds = {compiled.MODE.module_kind(m) for m in modules}
+        assert len(kinds) == 1, "compiled and pure modules mixed in one process"
+        assert (kinds == {"pure"}) == bool(compiled.state()["reason"])
+
+
+def _copy(into: Path, *, built: bool) -> Path:
+    """The package (and, if ``built``, this checkout's compiled build) under ``into``."""
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.so", "compiled.json")
+    shutil.copytree(PROXY / "vvault_pep", into / "vvault_pep", ignore=ignore)
+    if built:
+        record = PROXY / "vvault_pep" / compiled.BUILD_RECORD
+        assert record.exists(), "no compiled build in this checkout: make compiled"
+        shutil.copy2(record, into / "vvault_pep" / compiled.BUILD_RECORD)
+        for path in [*PROXY.glob(f"{RUNTIME}.*"), *(PROXY / "vvault_pep" / "core").glob("*.so")]:
+            shutil.copy2(path, into / path.relative_to(PROXY))
+    return into
+
+
+def _probe(code: Path, setting: str | None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COVERAGE_PROCESS")}
+    env.pop(compiled.ENV, None)
+    if setting is not None:
+        env[compiled.ENV] = setting
+    env["PYTHONPATH"] = str(code)
+    return subprocess.run(
+        [sys.executable, "-c", PROBE], cwd=code, env=env, capture_output=True, text=True, timeout=30, check=False
+    )
+
+
+def _state(res: subprocess.CompletedProcess[str], code: Path) -> dict[str, str]:
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["path"] == "/v1/b"
+    assert all(f.startswith(str(code)) for f in out["files"]), out["files"]  # the copy, not the checkout
+    state: dict[str, str] = out["state"]
+    return state
+
+
+def test_a_built_copy_runs_compiled_and_the_switch_makes_it_pure(tmp_path: Path) -> None:
+    code = _copy(tmp_path, built=True)
+    state = _state(_probe(code, None), code)
+    assert state == {**dict.fromkeys(COMPILED, "compiled"), "reason": ""}
+    forced = _probe(code, "1")
+    assert _state(forced, code) == {**dict.fromkeys(COMPILED, "pure"), "reason": "VVAULT_PEP_PURE=1"}
+    assert forced.stderr == ""  # asked for: no warning
+
+
+def test_an_unbuilt_copy_runs_pure_and_says_why(tmp_path: Path) -> None:
+    code = _copy(tmp_path, built=False)
+    res = _probe(code, None)
+    state = _state(res, code)
+    assert set(state.values()) == {"pure", state["reason"]}
+    assert state["reason"] == f"{COMPILED[0]} is not built for this interpreter"
+    assert "vvault-pep runs its pure-Python modules" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_compiled_required_but_not_built_is_an_import_error(tmp_path: Path) -> None:
+    res = _probe(_copy(tmp_path, built=False), "0")
+    assert res.returncode == 1
+    assert f"ImportError: VVAULT_PEP_PURE=0 asks for the compiled modules: {COMPILED[0]} is not built" in res.stderr
+
+
+def test_a_source_edited_after_the_build_runs_pure(tmp_path: Path) -> None:
+    """A stale extension never runs old code: the whole group falls back, none is mixed in."""
+    code = _copy(tmp_path, built=True)
+    edited = code / "vvault_pep" / "core" / "routing.py"
+    edited.write_text(edited.read_text() + "\n# edited after the build\n")
+    res = _probe(code, None)
+    state = _state(res, code)
+    assert state == {
+        **dict.fromkeys(COMPILED, "pure"),
+        "reason": "vvault_pep/core/routing.py changed since it was compiled",
+    }
+    assert "changed since it was compiled" in res.stderr
+
+
+def test_a_build_whose_runtime_does_not_load_runs_pure(tmp_path: Path) -> None:
+    """Extensions present and current, but the shared runtime is not a loadable library."""
+    code = _copy(tmp_path, built=True)
+    runtime = next(code.glob(f"{RUNTIME}.*"))
+    runtime.write_bytes(b"not an ELF file")
+    state = _state(_probe(code, None), code)
+    assert set(state.values()) - {state["reason"]} == {"pure"}
+    assert state["reason"].startswith(f"the compiled runtime {RUNTIME} does not load: ")
+    res = _probe(code, "0")
+    assert res.returncode == 1 and "ImportError: VVAULT_PEP_PURE=0 asks for the compiled modules" in res.stderr
+
+
+def test_an_unknown_switch_value_is_refused(tmp_path: Path) -> None:
+    res = _probe(_copy(tmp_path, built=False), "yes")
+    assert res.returncode == 1
+    assert "VVAULT_PEP_PURE='yes': use 1 (pure modules) or 0 (compiled modules, or fail)" in res.stderr
