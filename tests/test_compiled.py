@@ -9,6 +9,7 @@ not built, a build that does not load, a source edited after its build, the swit
 
 from __future__ import annotations
 
+import ast
 import importlib
 import inspect
 import json
@@ -147,3 +148,52 @@ def test_an_unknown_switch_value_is_refused(tmp_path: Path) -> None:
     res = _probe(_copy(tmp_path, built=False), "yes")
     assert res.returncode == 1
     assert "VVAULT_PEP_PURE='yes': use 1 (pure modules) or 0 (compiled modules, or fail)" in res.stderr
+
+
+def _patched_compiled_modules(tree: ast.AST) -> list[str]:
+    """``setattr``/``monkeypatch.setattr`` calls whose target is a compiled module (or a dotted path into one)."""
+    aliases: dict[str, str] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            for alias in node.names:
+                aliases[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                aliases[alias.asname or alias.name] = alias.name
+    found = []
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Call) and node.args):
+            continue
+        func = node.func
+        name = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
+        if name != "setattr":
+            continue
+        first = node.args[0]
+        target = aliases.get(first.id, "") if isinstance(first, ast.Name) else ""
+        if isinstance(first, ast.Constant) and isinstance(first.value, str):
+            target = first.value
+        if any(target == m or target.startswith(m + ".") for m in COMPILED):
+            found.append(f"line {node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+@pytest.mark.unit
+def test_no_test_patches_a_compiled_module() -> None:
+    """Patching a compiled module's function or global is invisible to compiled callers (they call
+    it directly, in C), so such a test would pass pure and lie compiled; mutate a registry instead
+    (``monkeypatch.setitem(obligations.TYPES, …)``), or patch the caller's module."""
+    found = {
+        path.name: hits
+        for path in sorted((ROOT / "tests").glob("*.py"))
+        if (hits := _patched_compiled_modules(ast.parse(path.read_text())))
+    }
+    assert found == {}
+
+
+@pytest.mark.unit
+def test_the_patch_finder_sees_a_patch() -> None:
+    code = "from vvault_pep.core import sanitize\nimport vvault_pep.core.routing as r\n"
+    code += "def t(monkeypatch):\n    monkeypatch.setattr(sanitize, 'HOP_BY_HOP', ())\n"
+    code += "    monkeypatch.setattr('vvault_pep.core.principal.subject_of', None)\n    setattr(r, 'x', 1)\n"
+    assert [hit.split(":")[0] for hit in _patched_compiled_modules(ast.parse(code))] == ["line 4", "line 5", "line 6"]
+    assert _patched_compiled_modules(ast.parse("from vvault_pep.identity import authn\nsetattr(authn, 'S', 1)")) == []
