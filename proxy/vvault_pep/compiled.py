@@ -12,7 +12,8 @@ first of them is imported:
   an image that must not run slower without saying so);
 * unset: the compiled modules when every one of them is built from exactly the source beside
   it (``compiled.json`` holds the SHA-256 of each source at build time) and the runtime library
-  loads; otherwise the pure modules, with one warning that says why.
+  loads; otherwise the pure modules, with one warning that says why when something was built
+  (an install with nothing built, such as the container image, is pure without a word).
 
 All or none, never a mix: a compiled function checks its arguments' classes, so a compiled
 ``policy_input`` would refuse the ``Headers`` of a pure ``sanitize``.  A stale build (a source
@@ -103,7 +104,9 @@ class Mode:
         self.reason = problem
         if setting == "0":
             raise ImportError(f"{ENV}=0 asks for the compiled modules: {problem}")
-        log.warning("vvault-pep runs its pure-Python modules: %s (make setup builds the compiled ones)", problem)
+        if (PACKAGE / BUILD_RECORD).exists() or any(extension_of(m) for m in COMPILED):
+            # built, yet unusable: say so; an install with nothing built is pure by choice
+            log.warning("vvault-pep runs its pure-Python modules: %s (make compiled rebuilds them)", problem)
 
     def _problem(self) -> str | None:
         """Why the compiled modules cannot be used, or None when they can."""
