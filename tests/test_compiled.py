@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from vvault_pep import compiled
-from vvault_pep.compiled import COMPILED, RUNTIME
+from vvault_pep.compiled import COMPILED, RUNTIME, Mode
 
 ROOT = Path(__file__).resolve().parent.parent
 PROXY = ROOT / "proxy"
@@ -211,3 +211,49 @@ def test_the_patch_finder_sees_a_patch() -> None:
     code += "    monkeypatch.setattr('vvault_pep.core.principal.subject_of', None)\n    setattr(r, 'x', 1)\n"
     assert [hit.split(":")[0] for hit in _patched_compiled_modules(ast.parse(code))] == ["line 4", "line 5", "line 6"]
     assert _patched_compiled_modules(ast.parse("from vvault_pep.identity import authn\nsetattr(authn, 'S', 1)")) == []
+
+
+# The same decision in this process, over a copy (coverage sees these lines; the children above
+# show the imports themselves).  The runtime is given a name that cannot load, so nothing native
+# is loaded into a process that runs the pure modules.
+NO_RUNTIME = "vvault_pep_no_such_runtime__mypyc"
+
+
+def _decided(package: Path, monkeypatch: pytest.MonkeyPatch, setting: str | None) -> Mode:
+    if setting is None:
+        monkeypatch.delenv(compiled.ENV, raising=False)
+    else:
+        monkeypatch.setenv(compiled.ENV, setting)
+    mode = Mode(package, runtime=NO_RUNTIME)
+    mode.decide()
+    mode.decide()  # once: the second call changes nothing
+    return mode
+
+
+def test_the_decision_in_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    bare = _copy(tmp_path / "bare", built=False) / "vvault_pep"
+    mode = _decided(bare, monkeypatch, None)
+    assert (mode.compiled, mode.reason) == (False, f"{COMPILED[0]} is not built for this interpreter")
+    assert caplog.records == []
+    assert _decided(bare, monkeypatch, "1").reason == "VVAULT_PEP_PURE=1"
+
+    built = _copy(tmp_path / "built", built=True) / "vvault_pep"
+    mode = _decided(built, monkeypatch, None)
+    assert mode.reason == f"the compiled runtime {NO_RUNTIME} does not load: No module named {NO_RUNTIME!r}"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"vvault-pep runs its pure-Python modules: {mode.reason} (make compiled rebuilds them)"
+    ]
+    with pytest.raises(ImportError, match=r"^VVAULT_PEP_PURE=0 asks for the compiled modules: the compiled runtime"):
+        _decided(built, monkeypatch, "0")
+    with pytest.raises(ImportError, match=r"^VVAULT_PEP_PURE='true': use 1"):
+        _decided(built, monkeypatch, "true")
+
+    record = built / compiled.BUILD_RECORD
+    record.write_text(json.dumps({"sources": {**json.loads(record.read_text())["sources"], COMPILED[-1]: "0" * 64}}))
+    assert _decided(built, monkeypatch, None).reason == "vvault_pep/core/spiffe.py changed since it was compiled"
+    record.write_text("{")
+    assert _decided(built, monkeypatch, None).reason == "no readable build record compiled.json (JSONDecodeError)"
+    record.unlink()
+    assert _decided(built, monkeypatch, None).reason == "no readable build record compiled.json (FileNotFoundError)"

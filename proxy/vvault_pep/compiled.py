@@ -81,7 +81,9 @@ def extension_of(module: str, package: Path = PACKAGE) -> Path | None:
 class Mode:
     """Which modules this process runs, decided once; ``reason`` says why when they are pure."""
 
-    def __init__(self) -> None:
+    def __init__(self, package: Path = PACKAGE, runtime: str = RUNTIME) -> None:
+        self.package = package
+        self.runtime = runtime
         self.decided = False
         self.compiled = False
         self.reason = ""
@@ -104,29 +106,30 @@ class Mode:
         self.reason = problem
         if setting == "0":
             raise ImportError(f"{ENV}=0 asks for the compiled modules: {problem}")
-        if (PACKAGE / BUILD_RECORD).exists() or any(extension_of(m) for m in COMPILED):
+        if (self.package / BUILD_RECORD).exists() or any(extension_of(m, self.package) for m in COMPILED):
             # built, yet unusable: say so; an install with nothing built is pure by choice
             log.warning("vvault-pep runs its pure-Python modules: %s (make compiled rebuilds them)", problem)
 
     def _problem(self) -> str | None:
         """Why the compiled modules cannot be used, or None when they can."""
         for module in COMPILED:
-            found = extension_of(module)
+            found = extension_of(module, self.package)
             if found is None:
                 return f"{module} is not built for this interpreter"
             self.extensions[module] = found
-        record = PACKAGE / BUILD_RECORD
+        record = self.package / BUILD_RECORD
         try:
             built = json.loads(record.read_text())["sources"]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             return f"no readable build record {record.name} ({type(exc).__name__})"
         for module in COMPILED:
-            if not isinstance(built, dict) or built.get(module) != digest(source_of(module)):
-                return f"{source_of(module).relative_to(PACKAGE.parent)} changed since it was compiled"
+            source = source_of(module, self.package)
+            if not isinstance(built, dict) or built.get(module) != digest(source):
+                return f"{source.relative_to(self.package.parent)} changed since it was compiled"
         try:
-            importlib.import_module(RUNTIME)
+            importlib.import_module(self.runtime)
         except ImportError as exc:
-            return f"the compiled runtime {RUNTIME} does not load: {exc}"
+            return f"the compiled runtime {self.runtime} does not load: {exc}"
         return None
 
     def module_kind(self, module: ModuleType) -> str:
