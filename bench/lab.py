@@ -185,8 +185,10 @@ class Lab:
         side: Side = "sut",
         code: Path | None = None,
         cluster: bool = False,
+        env: dict[str, str] | None = None,
     ) -> Endpoint:
-        """A PEP; ``code``: a directory holding another ``vvault_pep`` package to run instead;
+        """A PEP; ``code``: a directory holding another ``vvault_pep`` package to run instead
+        (``env``: variables it runs with, such as ``VVAULT_PEP_PURE``);
         ``cluster``: on the Redis Cluster of :meth:`start_cluster` instead of the standalone."""
         config = self.pep_config(name, cache)
         if cluster:
@@ -197,8 +199,8 @@ class Lab:
         argv = [sys.executable, "-m", "vvault_pep.cli", "serve", "--config", str(path), "--log-level", "ERROR"]
         if workers is not None:
             argv += ["--workers", str(workers)]
-        env = {**os.environ, "PYTHONPATH": str(code)} if code is not None else None
-        proc = self.stack.start(name, argv, side, cwd=ROOT, env=env)
+        extra = {**(env or {}), **({"PYTHONPATH": str(code)} if code is not None else {})}
+        proc = self.stack.start(name, argv, side, cwd=ROOT, env={**os.environ, **extra} if extra else None)
         admin_ports = tuple(config["admin"]["port"] + k for k in range(workers or 1))
         try:
             for port in admin_ports:

@@ -9,7 +9,10 @@ and served by the same virtualenv with ``PYTHONPATH`` pointing at it, in the sam
 interleaved rounds, closed loop, and the table gives, per revision: the median throughput,
 the ratio to the first revision, and the PEP's CPU milliseconds per request — the figure
 that says what a change saved, whatever else the machine was doing.  ``WORKTREE`` stands
-for the files as they are now, committed or not.
+for the files as they are now, committed or not, with the compiled hot path when it is built
+(``make compiled``; a stale build stops the PEP rather than measure the pure modules unsaid);
+``WORKTREE-PURE`` for the same files on the pure modules.  An exported revision runs pure (no
+build there).
 """
 
 from __future__ import annotations
@@ -31,19 +34,25 @@ from bench.stack import start_harness
 from bench.vegeta import Load, Vegeta
 
 WORKTREE = "WORKTREE"
+WORKTREE_PURE = "WORKTREE-PURE"
+PURE = {"VVAULT_PEP_PURE": "1"}
 
 
-def export(rev: str, into: Path) -> tuple[Path, str]:
-    """``proxy/`` at ``rev`` under ``into``; returns the directory to put on PYTHONPATH and a title."""
+def export(rev: str, into: Path) -> tuple[Path, str, dict[str, str]]:
+    """``proxy/`` at ``rev`` under ``into``: the directory to put on PYTHONPATH, a title, the env."""
+    if rev == WORKTREE_PURE:
+        return ROOT / "proxy", "the files as they are now, pure modules", PURE
     if rev == WORKTREE:
-        return ROOT / "proxy", "the files as they are now"
+        if (ROOT / "proxy" / "vvault_pep" / "compiled.json").exists():
+            return ROOT / "proxy", "the files as they are now, compiled hot path", {"VVAULT_PEP_PURE": "0"}
+        return ROOT / "proxy", "the files as they are now (not compiled)", PURE
     sha = _git("rev-parse", "--short", f"{rev}^{{commit}}")
     title = _git("log", "-1", "--format=%s", sha)
     archive = subprocess.run(["git", "archive", sha, "proxy"], cwd=ROOT, check=True, capture_output=True).stdout
     target = into / f"rev-{sha}"
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(target, filter="data")
-    return target / "proxy", title
+    return target / "proxy", title, PURE
 
 
 def _git(*args: str) -> str:
@@ -52,7 +61,9 @@ def _git(*args: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("revisions", nargs="+", help=f"git revisions (the first is the baseline), or {WORKTREE}")
+    parser.add_argument(
+        "revisions", nargs="+", help=f"git revisions (the first is the baseline), {WORKTREE} or {WORKTREE_PURE}"
+    )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--concurrency", type=int, default=16)
@@ -80,9 +91,9 @@ def run(lab: Lab, vegeta: Vegeta, args: argparse.Namespace, tools: dict[str, str
     endpoints: list[Endpoint] = []
     titles: dict[str, str] = {}
     for i, rev in enumerate(args.revisions):
-        code, title = export(rev, lab.work)
+        code, title, env = export(rev, lab.work)
         name = f"{i}-{rev}"
-        endpoints.append(lab.add_pep(name, cache, code=code))
+        endpoints.append(lab.add_pep(name, cache, code=code, env=env))
         titles[name] = title
     lines = [
         f"{pinning_line(lab)}; {args.rounds} interleaved rounds of {args.seconds:g} s, closed loop, "

@@ -200,7 +200,7 @@ def stage(module: str, tests: list[str]) -> Path:
     if work.exists():
         shutil.rmtree(work)
     (work / "src").mkdir(parents=True)
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache")
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache", "*.so")
     shutil.copytree(ROOT / "proxy" / "vvault_pep", work / "src" / "vvault_pep", ignore=ignore)
     for name in ("tests", "examples", "policies", "docs"):
         shutil.copytree(ROOT / name, work / name, ignore=ignore)
@@ -249,6 +249,7 @@ def run_module(module: str, budget_s: float, workers: int) -> dict[str, object]:
         **os.environ,
         "PYTHONPATH": str(work / "mutants" / "src"),
         "OPA_BIN": os.environ.get("OPA_BIN", str(ROOT / ".tools" / "bin" / "opa")),
+        "VVAULT_PEP_PURE": "1",  # the mutated .py files run, never an extension compiled from the originals
     }
     env.pop("COVERAGE_PROCESS_START", None)  # no coverage inside mutants
     started = time.monotonic()

@@ -24,7 +24,14 @@ The few ideas to hold before reading the code:
 * **Pure in the middle, I/O at the edges.**  Sanitizing, routing, building
   the input and interpreting a decision are pure functions over frozen
   dataclasses; sockets, OPA and upstreams sit behind small classes.
+* **Compiled where it pays** (:mod:`vvault_pep.compiled`): mypyc builds the hot pure
+  modules of ``core``; the pure ones stay the reference and the fallback.
 * **Config is validated once** (:mod:`vvault_pep.config`), into frozen models.
 """
 
+from . import compiled
+
 __version__ = "0.1.0"
+
+# Before any submodule: the hot path's modules load compiled or pure, all together (compiled.py).
+compiled.install()
