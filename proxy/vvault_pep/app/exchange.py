@@ -19,6 +19,10 @@ stage that owns it (reading it before is an ``AttributeError``, a bug, never a d
 ``response``    enforce (a deny) or forward: the answer; the walk ends when it is set
 ==============  ====================================================================
 
+``memo`` is the connection's memo (:mod:`.memo`) when there is one; ``static`` what it holds
+for this request's static part, once recalled or remembered: the stages after it read the
+draft input, the redacted draft and the upstream headers from there.
+
 :class:`Trail` is what the audit record needs, filled in as the walk goes.
 """
 
@@ -26,7 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from opentelemetry.trace import INVALID_SPAN, Span
@@ -40,6 +44,9 @@ from ..core.routing import Match
 from ..core.sanitize import Headers, Target
 from ..decide import inflight
 from ..shared.containment import Contained
+
+if TYPE_CHECKING:
+    from .memo import Memo, Static
 
 
 @dataclass(slots=True)
@@ -60,6 +67,7 @@ class Trail:
     error_code: str | None = None  # the PEP's refusal code, when it refused (error.type)
     has_result: bool = False
     subject: Subject | None = None
+    redacted: tuple[dict[str, Any], dict[str, list[str]]] | None = None  # the input, redacted from the memo's draft
 
 
 @dataclass(slots=True)
@@ -94,6 +102,8 @@ class Exchange:
     epochs: list[Any] = field(init=False)
     cache_key: str | None = None  # the decision cache's key, for ``explain``
     response: web.StreamResponse | None = None
+    memo: Memo | None = None  # the connection's memo (None: every request walked whole)
+    static: Static | None = None  # this request's static part, recalled or just remembered
 
     @property
     def host(self) -> str:
