@@ -93,11 +93,14 @@ class Static:
 class Memo:
     """One connection's memo: the last few requests' static parts, least recently used out."""
 
-    __slots__ = ("entries", "owner")
+    __slots__ = ("entries", "owner", "seen")
 
     def __init__(self, owner: Memoiser) -> None:
         self.owner = owner
         self.entries: OrderedDict[Key, Static] = OrderedDict()
+        # Requests seen once (their key's hash): a request is remembered when it comes again,
+        # so a connection that never repeats itself costs a hash, not a memo entry.
+        self.seen: OrderedDict[int, None] = OrderedDict()
 
 
 class Memoiser:
@@ -183,6 +186,14 @@ class Memoiser:
         memo = x.memo
         if memo is None or x.static is not None:
             return
+        key = (x.method, x.raw_path, x.version, x.raw_headers)
+        seen = memo.seen
+        sighted = hash(key)
+        if sighted not in seen:
+            seen[sighted] = None
+            while len(seen) > 2 * ENTRIES:
+                seen.popitem(last=False)
+            return
         if self.posture_read and any(k.lower() == self.posture_header for k, _ in x.raw_headers):
             return  # a posture assertion ages: judged afresh on every request
         stamp = self.stamp()
@@ -237,7 +248,6 @@ class Memoiser:
             forward=tuple((k, v) for k, v in x.headers.forward if k.lower() not in owned),
             xfcc=xfcc.emit(peer, self.xfcc_by) if peer is not None else None,
         )
-        key = (x.method, x.raw_path, x.version, x.raw_headers)
         entries = memo.entries
         entries[key] = entry
         entries.move_to_end(key)

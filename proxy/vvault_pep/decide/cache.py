@@ -567,11 +567,16 @@ class DecisionCache:
         replies = await shared.call(op, deadline_s=2.0)
         if replies is None:
             return False
-        self._revision_counter = max(self._revision_counter, _int(replies[0]))
+        counter = max(self._revision_counter, _int(replies[0]))
+        if counter != self._revision_counter:
+            self._revision_counter = counter
+            self.generation += 1
         self._unpushed_revision -= pending_rev
-        self.generation += 1
         for pair, raw in zip(pairs, replies[1:], strict=True):
-            self._epochs[pair] = max(self._epochs.get(pair, 0), _int(raw))
+            epoch = max(self._epochs.get(pair, 0), _int(raw))
+            if epoch != self._epochs.get(pair, 0):
+                self._epochs[pair] = epoch
+                self.generation += 1
             left = self._unpushed.get(pair, 0) - pending.get(pair, 0)
             if left > 0:
                 self._unpushed[pair] = left
