@@ -10,6 +10,7 @@ remembered when it is seen a second time on its connection, and recalled from th
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import logging
 import ssl
@@ -22,11 +23,15 @@ from typing import Any
 import aiohttp
 import httptools
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from tests.conftest import Upstream
 from tests.helpers import running_pep
-from tests.idp import Issuer
+from tests.idp import Issuer, posture_assertion
 from tests.support import ROUTES, OpaProcess, client_context, config_doc
 
 from vvault_pep.app.memo import ENTRIES
@@ -232,7 +237,7 @@ def recalled(record: dict[str, Any]) -> bool:
     if "stages_ms" not in record:
         return False  # refused by the HTTP parser, before any stage
     stages = record["stages_ms"]
-    assert ("memo" in stages) != ("sanitize" in stages), stages  # one or the other, never both
+    assert not ("memo" in stages and "sanitize" in stages), stages  # recalled, or walked: never both
     return "memo" in stages
 
 
@@ -356,6 +361,103 @@ async def test_a_token_expiring_mid_connection_gets_401(
     assert "Bearer" in late.headers["www-authenticate"]
     record = await record_of(records, late)
     assert not recalled(record) and record["result"]["code"] == "authn.expired"
+
+
+def short_lived_client(pki: Path, out: Path, seconds: int) -> ssl.SSLContext:
+    """A client context holding a certificate of the test CA that expires in ``seconds``."""
+    ca = x509.load_pem_x509_certificate((pki / "ca.pem").read_bytes())
+    ca_key = serialization.load_pem_private_key((pki / "ca-key.pem").read_bytes(), None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "memo-short-lived")]))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(now + dt.timedelta(seconds=seconds))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    (out / "short.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (out / "short-key.pem").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    ctx = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+    ctx.load_cert_chain(str(out / "short.pem"), str(out / "short-key.pem"))
+    return ctx
+
+
+async def test_a_client_certificate_expiring_mid_connection_is_refused(
+    pep: PepRuntime, pki: Path, tmp_path: Path, records: Records
+) -> None:
+    ctx = short_lived_client(pki, tmp_path, seconds=3)
+    until = x509.load_pem_x509_certificate((tmp_path / "short.pem").read_bytes()).not_valid_after_utc.timestamp()
+    raw = request()
+    async with KeepAlive(pep.port, ctx) as conn:  # the handshake while it is valid
+        await remembered(conn, raw)
+        hit = await conn.send(raw)
+        assert hit.status == 200 and recalled(await record_of(records, hit))
+        async with asyncio.timeout(10):
+            while time.time() <= until + 0.05:  # the certificate's notAfter passes mid-connection
+                await asyncio.sleep(0.05)
+        late = await conn.send(raw)
+    assert (late.status, late.code) == (401, "tls.client_cert_expired")
+    assert not recalled(await record_of(records, late))
+
+
+async def test_a_signing_key_withdrawn_mid_connection_gets_401(
+    pki: Path, opa: OpaProcess, upstream: Upstream, records: Records
+) -> None:
+    rotating = Issuer()  # its own issuer: the session's keeps its keys
+    await rotating.start()
+    try:
+        config = Config.model_validate(doc_for(pki, opa, upstream, rotating))
+        async with running_pep(config) as pep, connection(pep, pki) as conn:
+            raw = request(token=rotating.token("rsa-1", sub="memo-rotated"))
+            await remembered(conn, raw)
+            hit = await conn.send(raw)
+            assert hit.status == 200 and recalled(await record_of(records, hit))
+            rotating.add_key("ec-2")
+            rotating.published.discard("rsa-1")
+            assert pep.authn is not None
+            assert await pep.authn.keysets[rotating.url].refresh()  # as the refresher does when due
+            withdrawn = await conn.send(raw)
+            assert (withdrawn.status, withdrawn.code) == (401, "authn.unknown_key")
+            assert not recalled(await record_of(records, withdrawn))
+    finally:
+        await rotating.stop()
+
+
+async def test_a_request_with_a_posture_assertion_is_judged_afresh_every_time(
+    pki: Path, opa: OpaProcess, upstream: Upstream, idp: Issuer, devices: Issuer, records: Records
+) -> None:
+    doc = doc_for(pki, opa, upstream, idp)
+    doc["posture"] = {
+        "issuers": [{"name": "devices", "issuer": devices.url, "audiences": ["vvault-pep"], "allow_http": True}],
+        "max_age_s": 60,
+    }
+    token = idp.token(sub="alice")
+    assertion = posture_assertion(devices, sub="alice")
+    async with running_pep(Config.model_validate(doc)) as pep, connection(pep, pki) as conn:
+        with_device = request(token=token, headers=[("X-Device-Posture", assertion)])
+        answers = [await conn.send(with_device) for _ in range(4)]
+        got = [await record_of(records, a) for a in answers]
+        assert [a.status for a in answers] == [200] * 4
+        assert not any(recalled(r) for r in got)  # its age is part of the input
+        assert all(r["input"]["device"]["verified"] for r in got)
+        assert len({r["input"]["device"]["age_s"] for r in got}) > 1
+        # without an assertion there is nothing that ages: remembered as usual
+        plain = request(token=token)
+        await remembered(conn, plain)
+        hit = await conn.send(plain)
+        record = await record_of(records, hit)
+        assert recalled(record) and record["input"]["device"] == {"verified": False, "reason": "absent"}
 
 
 async def test_a_quarantine_between_two_requests_on_one_connection_gets_403(
