@@ -551,6 +551,52 @@ async def test_a_body_is_read_and_judged_on_every_request(
         assert back.status == 200 and record["input"]["request"]["body"] == {"top_k": 3}
 
 
+@pytest.mark.parametrize(
+    ("redact", "check"),
+    [
+        # paths in the static part: redacted once, with the draft
+        ({"erase": ["request.headers.accept"], "mask": ["identity.subject"]}, "static"),
+        # paths reaching the per-request parts: redacted per request, as they are new each time
+        ({"erase": ["risk"], "mask": ["request.id", "time.now"]}, "per-request"),
+        ({"erase": ["request"]}, "whole-request"),
+    ],
+)
+async def test_a_recalled_request_is_redacted_as_a_fresh_walk_would(
+    pki: Path,
+    opa: OpaProcess,
+    upstream: Upstream,
+    idp: Issuer,
+    records: Records,
+    redact: dict[str, Any],
+    check: str,
+) -> None:
+    doc = {**doc_for(pki, opa, upstream, idp), "audit": {"redact": redact}}
+    raw = request(BLOBS + "?q=secret", [("Accept", "text/plain")], token=idp.token(sub="memo-redacted"))
+    async with running_pep(Config.model_validate(doc)) as pep, connection(pep, pki) as conn:
+        answers = [await conn.send(raw) for _ in range(3)]
+    got = [await record_of(records, a) for a in answers]
+    assert [recalled(r) for r in got] == [False, False, True]
+    walked, hit = got[0], got[2]
+    assert hit["redacted"] == walked["redacted"]
+    done = sorted(hit["redacted"]["erased"] + hit["redacted"]["masked"])
+    assert done == sorted(["request.query", *redact.get("erase", ()), *redact.get("mask", ())])
+    if check == "static":
+        assert "accept" not in hit["input"]["request"]["headers"]
+        assert hit["input"]["identity"]["subject"].startswith("masked:sha256:")
+        assert hit["input"]["identity"]["subject"] == walked["input"]["identity"]["subject"]
+        assert hit["input"]["request"]["query"]["q"][0].startswith("masked:sha256:")
+    elif check == "per-request":
+        assert "risk" not in hit["input"] and "risk" not in walked["input"]
+        assert hit["input"]["request"]["id"].startswith("masked:sha256:")
+        assert hit["input"]["request"]["id"] != walked["input"]["request"]["id"]  # each its own id, masked
+        assert hit["input"]["time"]["now"].startswith("masked:sha256:")
+    else:
+        assert "request" not in hit["input"] and "request" not in walked["input"]
+    assert comparable({k: v for k, v in hit.items() if k != "input"}) == comparable(
+        {k: v for k, v in walked.items() if k != "input"}
+    )
+
+
 async def test_two_connections_never_share_a_memo(pep: PepRuntime, pki: Path, idp: Issuer, records: Records) -> None:
     raw = request(token=idp.token(sub="memo-two"))
     async with connection(pep, pki) as one, connection(pep, pki) as two, connection(pep, pki, "ops") as other:
