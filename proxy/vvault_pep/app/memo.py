@@ -114,13 +114,8 @@ class Memoiser:
         cache: DecisionCache,
         reloads: Callable[[], int],
     ) -> None:
-        self.config, self.authn, self.containment, self.cache, self.reloads = (
-            config,
-            authn,
-            containment,
-            cache,
-            reloads,
-        )
+        self.authn, self.containment, self.cache = authn, containment, cache
+        self.reloads = reloads
         self.posture_header = config.posture.header.lower().encode()
         self.posture_read = bool(config.posture.issuers)
         red = config.audit.redact
@@ -159,13 +154,8 @@ class Memoiser:
             return False
         memo.entries.move_to_end(key)
         x.static = entry
-        x.conn, x.target, x.headers, x.match, x.max_body = (
-            entry.conn,
-            entry.target,
-            entry.headers,
-            entry.match,
-            entry.max_body,
-        )
+        x.conn, x.target, x.headers = entry.conn, entry.target, entry.headers
+        x.match, x.max_body = entry.match, entry.max_body
         x.identity, x.device, x.subject = entry.identity, entry.device, entry.subject
         trail = x.trail
         trail.fields.update(entry.fields)
