@@ -37,70 +37,25 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from .. import __version__
 from ..config.models import Config
 from ..core import xfcc
 from ..core.policy_input import Facts, build_input, with_request_facts
-from ..core.principal import Identity, Subject
-from ..core.request import Connection
-from ..core.routing import Match
-from ..core.sanitize import Headers, Target
 from ..decide.cache import DecisionCache
 from ..identity.authn import Authenticator
 from ..observe.audit import redact
 from ..observe.telemetry import KNOWN_METHODS
 from ..shared.containment import Containment
-from .exchange import Exchange
+from .exchange import Exchange, Memo, Static
 
 ENTRIES = 4  # per connection: a client alternating between a few requests still hits
 _EPOCH = dt.datetime.fromtimestamp(0, dt.UTC)
 # The parts of the policy input that are new on every request: a redaction path reaching
 # one of them (or a parent of one) makes the record's redaction a per-request one.
 _PER_REQUEST = (("request", "id"), ("request", "body"), ("request", "body_truncated"), ("time",), ("risk",))
-
-Key = tuple[str, str, tuple[int, int], tuple[tuple[bytes, bytes], ...]]
-
-
-@dataclass(frozen=True, slots=True)
-class Static:
-    """What the static stages made of one request, and what keeps it valid."""
-
-    stamp: tuple[int, int, int]  # containment and cache generations, TLS reloads
-    valid_from: float  # unix time: the client certificate's validity
-    valid_until: float  # ... and the token's exp, whichever ends first
-    token_key: bytes | None  # the verified-token cache's key of the bearer token
-    conn: Connection | None
-    target: Target
-    headers: Headers
-    match: Match
-    max_body: int
-    identity: Identity
-    device: dict[str, Any]
-    subject: Subject
-    fields: tuple[tuple[str, Any], ...]  # what the stages wrote in the audit trail, in order
-    http_route: str
-    draft: dict[str, Any]  # the policy input without request id, time, body and risk
-    redacted: tuple[dict[str, Any], dict[str, list[str]]] | None  # the draft redacted for the record
-    forward: tuple[tuple[str, str], ...]  # client headers the upstream may see, before the decision's
-    xfcc: str | None  # the X-Forwarded-Client-Cert element of the peer
-
-
-class Memo:
-    """One connection's memo: the last few requests' static parts, least recently used out."""
-
-    __slots__ = ("entries", "owner", "seen")
-
-    def __init__(self, owner: Memoiser) -> None:
-        self.owner = owner
-        self.entries: OrderedDict[Key, Static] = OrderedDict()
-        # Requests seen once (their key's hash): a request is remembered when it comes again,
-        # so a connection that never repeats itself costs a hash, not a memo entry.
-        self.seen: OrderedDict[int, None] = OrderedDict()
 
 
 class Memoiser:
