@@ -27,6 +27,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from examples.pki import issue_crl
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from tests.conftest import Upstream
@@ -458,6 +459,26 @@ async def test_a_request_with_a_posture_assertion_is_judged_afresh_every_time(
         hit = await conn.send(plain)
         record = await record_of(records, hit)
         assert recalled(record) and record["input"]["device"] == {"verified": False, "reason": "absent"}
+
+
+async def test_a_crl_or_certificate_reload_drops_the_memo(
+    pki: Path, opa: OpaProcess, upstream: Upstream, idp: Issuer, tmp_path: Path, records: Records
+) -> None:
+    crl = issue_crl(pki, ("revoked",), path=tmp_path / "crl.pem")
+    doc = doc_for(pki, opa, upstream, idp)
+    doc["listener"]["tls"] = {**doc["listener"]["tls"], "crl_file": str(crl), "reload_interval_s": 0.1}
+    raw = request(token=idp.token(sub="memo-reloaded"))
+    async with running_pep(Config.model_validate(doc)) as pep, connection(pep, pki) as conn:
+        await remembered(conn, raw)
+        hit = await conn.send(raw)
+        assert hit.status == 200 and recalled(await record_of(records, hit))
+        reloads = pep.tls_reloads
+        issue_crl(pki, ("revoked",), issued_ago=dt.timedelta(seconds=0), path=crl)  # the CA's next CRL
+        async with asyncio.timeout(10):
+            while pep.tls_reloads == reloads:
+                await asyncio.sleep(0.05)
+        after = await conn.send(raw)
+        assert after.status == 200 and not recalled(await record_of(records, after))
 
 
 async def test_a_quarantine_between_two_requests_on_one_connection_gets_403(
