@@ -214,6 +214,11 @@ REVS ?= 3c3bc4e WORKTREE
 bench-revisions: setup bench-tools
 	$(PY) -m bench.revisions $(REVS)
 
+# listener.memo on and off, driven by curl repeating one request per connection (vegeta never repeats)
+.PHONY: bench-memo
+bench-memo: setup bench-tools
+	$(PY) -m bench.memo_bench
+
 clean:
 	rm -rf $(VENV) .tools .demo .pytest_cache .mypy_cache .ruff_cache .mutation .coverage .coverage.* build dist
 	rm -f $(COMPILED_RECORD) proxy/*__mypyc*.so

@@ -19,11 +19,16 @@ stage that owns it (reading it before is an ``AttributeError``, a bug, never a d
 ``response``    enforce (a deny) or forward: the answer; the walk ends when it is set
 ==============  ====================================================================
 
+``memo`` is the connection's :class:`Memo` (made and read by :mod:`.memo`) when there is one;
+``static`` the :class:`Static` part of this request, once recalled or remembered: the stages
+after it read the draft input, the redacted draft and the upstream headers from there.
+
 :class:`Trail` is what the audit record needs, filled in as the walk goes.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,6 +65,47 @@ class Trail:
     error_code: str | None = None  # the PEP's refusal code, when it refused (error.type)
     has_result: bool = False
     subject: Subject | None = None
+    redacted: tuple[dict[str, Any], dict[str, list[str]]] | None = None  # the input, redacted from the memo's draft
+
+
+Key = tuple[str, str, tuple[int, int], tuple[tuple[bytes, bytes], ...]]  # request line, raw header block
+
+
+@dataclass(frozen=True, slots=True)
+class Static:
+    """What the static stages (peer to name) made of one request, and what keeps it valid."""
+
+    stamp: tuple[int, int, int]  # containment and cache generations, TLS reloads
+    valid_from: float  # unix time: the client certificate's validity
+    valid_until: float  # ... and the token's exp, whichever ends first
+    token_key: bytes | None  # the verified-token cache's key of the bearer token
+    conn: Connection | None
+    target: Target
+    headers: Headers
+    match: Match
+    max_body: int
+    identity: Identity
+    device: dict[str, Any]
+    subject: Subject
+    fields: tuple[tuple[str, Any], ...]  # what the stages wrote in the audit trail, in order
+    http_route: str
+    draft: dict[str, Any]  # the policy input without request id, time, body and risk
+    redacted: tuple[dict[str, Any], dict[str, list[str]]] | None  # the draft redacted for the record
+    forward: tuple[tuple[str, str], ...]  # client headers the upstream may see, before the decision's
+    xfcc: str | None  # the X-Forwarded-Client-Cert element of the peer
+
+
+class Memo:
+    """One connection's memo: the last few requests' static parts, least recently used out."""
+
+    __slots__ = ("entries", "owner", "seen")
+
+    def __init__(self, owner: object) -> None:
+        self.owner = owner  # the memoiser that made it
+        self.entries: OrderedDict[Key, Static] = OrderedDict()
+        # Requests seen once (their key's hash): a request is remembered when it comes again,
+        # so a connection that never repeats itself costs a hash, not a memo entry.
+        self.seen: OrderedDict[int, None] = OrderedDict()
 
 
 @dataclass(slots=True)
@@ -94,6 +140,8 @@ class Exchange:
     epochs: list[Any] = field(init=False)
     cache_key: str | None = None  # the decision cache's key, for ``explain``
     response: web.StreamResponse | None = None
+    memo: Memo | None = None  # the connection's memo (None: every request walked whole)
+    static: Static | None = None  # this request's static part, recalled or just remembered
 
     @property
     def host(self) -> str:

@@ -38,7 +38,7 @@ from ..observe.telemetry import Telemetry, method_of
 from ..shared.containment import Containment
 from ..shared.ratelimit import RateLimiter
 from ..shared.risk import RiskSignals
-from . import stages
+from . import memo, stages
 from .exchange import Exchange, Trail
 
 log = logging.getLogger("vvault_pep.pipeline")
@@ -69,6 +69,13 @@ class Pipeline:
         self.inflight = inflight.InFlight(
             per_client=config.limits.max_in_flight_per_client, per_subject=config.limits.max_in_flight_per_subject
         )
+        self.tls_reloads = 0  # the runtime counts them: a memo entry made before one is dropped
+        # Only a live walk over real connections remembers (never ``explain``'s).
+        self.memoiser = (
+            memo.Memoiser(config, authn, containment, cache, lambda: self.tls_reloads)
+            if live and config.listener.memo
+            else None
+        )
         self.stages = stages.walk(
             config,
             hosts=served_hosts(config),
@@ -84,7 +91,11 @@ class Pipeline:
             in_flight=self.inflight,
             forwarder=forwarder or stages.ToUpstreams(config, upstreams),
             live=live,
+            memoiser=self.memoiser,
         )
+        # What a recalled request still walks: everything after the static part.
+        static_end = next(i for i, stage in enumerate(self.stages) if isinstance(stage, stages.Remember))
+        self.after_static = self.stages[static_end + 1 :]
         self.server: MtlsServer | None = None  # set by the runtime once listening
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -96,6 +107,10 @@ class Pipeline:
             request, trail, INVALID_SPAN, request.method, request.raw_path, request.raw_headers, request.version,
             peer, conn,
         )  # fmt: skip
+        if self.memoiser is not None and self.server is not None:
+            x.memo = self.server.memo_of(request, self.memoiser.new)
+            if x.memo is not None and x.memo.owner is not self.memoiser:
+                x.memo = None
         parent = self.tel.trusted_context(
             request.headers, source_ip, conn.peer.spiffe_id if conn and conn.peer else None
         )
@@ -141,8 +156,19 @@ class Pipeline:
         return response
 
     async def walk(self, x: Exchange) -> web.StreamResponse:
-        """Run the stages in order until one answers (a deny, or the upstream's response)."""
-        for stage in self.stages:
+        """Run the stages in order until one answers (a deny, or the upstream's response).
+
+        A request the connection's memo recalls starts after the static part.
+        """
+        walk = self.stages
+        if x.memo is not None and self.memoiser is not None:
+            started = time.perf_counter()
+            if self.memoiser.recall(x):
+                walk = self.after_static
+                elapsed = time.perf_counter() - started
+                x.trail.stages_ms["memo"] = round(elapsed * 1000, 3)  # on a recall only: it stands for the rest
+                self.tel.stage_duration.observe(elapsed, "memo")
+        for stage in walk:
             await stage.run(x)
             if x.response is not None:
                 return x.response
@@ -209,7 +235,9 @@ class Pipeline:
             "bytes_out": fields.pop("bytes_out", 0),
             **fields,
         }
-        if self.config.audit.include_input and trail.policy_input is not None:
+        if self.config.audit.include_input and trail.redacted is not None:
+            record["input"], record["redacted"] = trail.redacted
+        elif self.config.audit.include_input and trail.policy_input is not None:
             red = self.config.audit.redact
             erase = (*red.erase, f"request.headers.{self.config.posture.header}")
             record["input"], record["redacted"] = redact(trail.policy_input, erase, red.mask, red.query)

@@ -231,6 +231,8 @@ class PepRuntime:
             if stamp != self._tls_stamp and self._ssl_ctx is not None and self._reload(self._ssl_ctx, tls):
                 self._tls_stamp = stamp
                 self.tls_reloads += 1
+                if self.pipeline is not None:
+                    self.pipeline.tls_reloads += 1
                 log.warning("TLS certificate files changed: reloaded")
             admin_tls = self.config.admin.tls
             if admin_tls is not None and self._admin_ssl is not None:

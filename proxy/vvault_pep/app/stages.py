@@ -43,6 +43,7 @@ from ..shared import ratelimit
 from ..shared.containment import Containment
 from ..shared.ratelimit import RateLimiter
 from ..shared.risk import RiskSignals
+from . import memo
 from .exchange import Exchange, Trail
 from .services import quarantine
 
@@ -76,11 +77,14 @@ def walk(
     in_flight: inflight.InFlight,
     forwarder: Forwarder,
     live: bool = True,
+    memoiser: memo.Memoiser | None = None,
 ) -> list[Stage]:
     """The order of the walk, written once.
 
     ``live=False`` is ``explain``'s walk: the same stages, but nothing is stored in the cache,
     no obligation is carried out and no denial is counted; the forwarder sends nothing.
+    The stages before :class:`Remember` are the static part a connection's memo may stand in
+    for (:mod:`.memo`); the pipeline then starts the walk after it.
     """
     return [
         Peer(config),
@@ -89,6 +93,7 @@ def walk(
         Authenticate(authn, tel),
         Posture(config, posture, tel),
         Name(config),
+        Remember(memoiser),
         Body(config, in_flight, tel),
         Context(risk, containment, cache, tel),
         RateLimit(limiter),
@@ -247,6 +252,17 @@ class Name:
         x.subject = x.trail.subject = subject_of(x.identity, peer, x.device, self.tenants)
 
 
+class Remember:
+    """The static part just walked, into the connection's memo when it may be reused."""
+
+    def __init__(self, memoiser: memo.Memoiser | None) -> None:
+        self.memoiser = memoiser
+
+    async def run(self, x: Exchange) -> None:
+        if self.memoiser is not None and x.memo is not None:
+            self.memoiser.remember(x)
+
+
 class Body:
     """body: read before the decision only where the route lets the policy see it, under the
     body deadline and holding the caller's in-flight slot while it arrives."""
@@ -294,7 +310,8 @@ class Context:
         who = x.subject
         # risk, containment and the cache's revision/epochs all read Redis: the three reads
         # are queued now and share one round trip (with those of other requests in flight).
-        draft = build_input(facts, pep_version=__version__)
+        static = x.static
+        draft = memo.policy_input(static, facts) if static is not None else build_input(facts, pep_version=__version__)
         with Timed(self.tel, trail, "context"):
             pending = (
                 self.risk.assess(who, None if x.forwarded else facts.source_ip, facts.now),
@@ -317,7 +334,9 @@ class Context:
         trail.fields["risk_score"] = risk.get("score")
         # build_input is pure and risk is the only fact that changed: the same document
         # as build_input(facts with risk), without building it twice.
-        x.policy_input = trail.policy_input = {**draft, "risk": risk}
+        x.policy_input = trail.policy_input = doc = {**draft, "risk": risk}
+        if static is not None:
+            trail.redacted = memo.redacted_input(static, doc)
 
 
 class RateLimit:
@@ -487,7 +506,8 @@ class Forward:
         with Timed(self.tel, trail, "upstream", SpanKind.CLIENT) as up_span:
             send = upstream_headers(x)
             if upstream.xfcc and x.conn and x.conn.peer:
-                send.append(("X-Forwarded-Client-Cert", xfcc.emit(x.conn.peer, config.xfcc.by)))
+                element = x.static.xfcc if x.static is not None else None
+                send.append(("X-Forwarded-Client-Cert", element or xfcc.emit(x.conn.peer, config.xfcc.by)))
             send.extend(self.tel.inject(up_span).items())
             if self.tel.recording:
                 _client_span(up_span, x.method, upstream.url, x.target, config)
@@ -545,6 +565,13 @@ def upstream_headers(x: Exchange) -> list[tuple[str, str]]:
     pep.append(("X-Forwarded-Host", x.host))
     pep.append(("X-Request-Id", x.trail.request_id))
     pep.extend(x.decision.upstream_headers)
+    static = x.static
+    if static is not None:
+        # The memo's list already lacks what the PEP always sets; the policy's own names too.
+        if not x.decision.upstream_headers:
+            return [*static.forward, *pep]
+        named = {name.lower() for name, _ in x.decision.upstream_headers}
+        return [(k, v) for k, v in static.forward if k.lower() not in named] + pep
     # What the PEP or the policy sets replaces the client's header of that name,
     # never sits beside it: frameworks read the first of duplicate headers.
     # x-forwarded-client-cert is the PEP's to set (xfcc.emit), whatever sanitize is configured to strip.

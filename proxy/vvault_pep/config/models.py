@@ -258,6 +258,9 @@ class Listener(_Model):
     port: int = Field(8443, ge=0, le=65535)
     tls: ListenerTls
     keepalive_timeout_s: float = Field(75.0, gt=0)
+    # Remember, per keep-alive connection, what the stages up to the subject made of a
+    # request seen before byte for byte (docs/performance.md); false walks every request whole.
+    memo: bool = True
     # On SIGTERM: report not ready at once, keep serving this long, then stop
     # (lets a load balancer or Kubernetes take the replica out first).
     drain_s: float = Field(5.0, ge=0, le=300)

@@ -89,8 +89,23 @@ def _build(facts: Facts, pep_version: str) -> dict[str, Any]:
         "risk": facts.risk
         if facts.risk is not None
         else {"available": False, "score": None, "band": "unknown", "signals": {}},
-        "time": {
-            "now": facts.now.astimezone(dt.UTC).isoformat().replace("+00:00", "Z"),
-            "unix_ns": int(facts.now.timestamp() * 1_000_000_000),
-        },
+        "time": time_of(facts.now),
     }
+
+
+def time_of(now: dt.datetime) -> dict[str, Any]:
+    """``input.time`` for that moment."""
+    return {
+        "now": now.astimezone(dt.UTC).isoformat().replace("+00:00", "Z"),
+        "unix_ns": int(now.timestamp() * 1_000_000_000),
+    }
+
+
+def with_request_facts(draft: dict[str, Any], facts: Facts) -> dict[str, Any]:
+    """``build_input(facts)`` from a ``draft`` built of the same facts but for the request id,
+    the clock and the body (which the draft must lack): only those parts are new, the rest is
+    shared with ``draft``, which must not change."""
+    request = {**draft["request"], "id": facts.request_id}
+    if facts.body is not None:
+        request.update(facts.body.as_input())
+    return {**draft, "request": request, "time": time_of(facts.now)}

@@ -214,6 +214,9 @@ class DecisionCache:
         # Set once the policy's paths were ever known: from then on, unknown paths (a pushed
         # module nobody analysed, a newer revision) may read the clock.
         self._analysed = False
+        # Moves on every change of what this replica knows that a key is made of (policy
+        # paths, revisions, epochs): what was worked out under one generation is stale in the next.
+        self.generation = 0
 
     # ------------------------------------------------------------ keys from the policy
 
@@ -227,10 +230,12 @@ class DecisionCache:
         """
         self._paths, self._paths_revision, self._refused_routes = dict(paths), revision, refused_routes
         self._analysed = True
+        self.generation += 1
 
     def forget_policy_paths(self) -> None:
         """The policy changed in a way nobody analysed (a pushed module): back to whole-input keys."""
         self._paths, self._paths_revision, self._refused_routes = {}, None, frozenset()
+        self.generation += 1
 
     @property
     def paths_revision(self) -> str | None:
@@ -277,7 +282,9 @@ class DecisionCache:
                 counter = _int(values[0])
                 if counter < self._revision_counter:
                     self._suspect()
-                self._revision_counter = max(self._revision_counter, counter)
+                elif counter > self._revision_counter:
+                    self._revision_counter = counter
+                    self.generation += 1
                 for pair, raw in zip(scopes, values[1:], strict=True):
                     # Only bumped scopes are remembered: a zero per token or subject ever
                     # seen would grow without end.
@@ -285,6 +292,7 @@ class DecisionCache:
                     known = self._epochs.get(pair, 0)
                     if epoch > known:
                         self._epochs[pair] = epoch
+                        self.generation += 1
                     elif epoch < known:
                         self._suspect()
         epochs = [[s, v, self._epochs.get((s, v), 0), self._local_bumps.get((s, v), 0)] for s, v in scopes]
@@ -483,6 +491,7 @@ class DecisionCache:
         if current == self.opa_revision:
             return True
         self.opa_revision = current
+        self.generation += 1
         return False
 
     # ------------------------------------------------------------ invalidation
@@ -498,12 +507,14 @@ class DecisionCache:
             epoch = await shared.call(lambda c: c.eval(_FORWARD, 1, epoch_key(shared, scope, value), known, 1))
             if epoch is not None:
                 self._epochs[pair] = max(known, _int(epoch))
+                self.generation += 1
                 return True
             # Redis could not hear it: written back by reconcile() once it is back.
             self._unpushed[pair] = self._unpushed.get(pair, 0) + 1
         # No Redis to spread it: this replica still honours it, at once and for good
         # (its keys for that scope then differ from the other replicas').
         self._local_bumps[pair] = self._local_bumps.get(pair, 0) + 1
+        self.generation += 1
         return self.shared is None
 
     async def bump_revision(self) -> bool:
@@ -514,11 +525,13 @@ class DecisionCache:
             value = await shared.call(lambda c: c.eval(_FORWARD, 1, rev_key(shared), known, 1))
             if value is not None:
                 self._revision_counter = max(known, _int(value))
+                self.generation += 1
                 return True
             self._unpushed_revision += 1
         # Without Redis the change is still honoured here, for good: a later read
         # of the shared counter cannot bring an older revision back.
         self._local_revision_bumps += 1
+        self.generation += 1
         return self.shared is None
 
     def _suspect(self) -> None:
@@ -554,10 +567,16 @@ class DecisionCache:
         replies = await shared.call(op, deadline_s=2.0)
         if replies is None:
             return False
-        self._revision_counter = max(self._revision_counter, _int(replies[0]))
+        counter = max(self._revision_counter, _int(replies[0]))
+        if counter != self._revision_counter:
+            self._revision_counter = counter
+            self.generation += 1
         self._unpushed_revision -= pending_rev
         for pair, raw in zip(pairs, replies[1:], strict=True):
-            self._epochs[pair] = max(self._epochs.get(pair, 0), _int(raw))
+            epoch = max(self._epochs.get(pair, 0), _int(raw))
+            if epoch != self._epochs.get(pair, 0):
+                self._epochs[pair] = epoch
+                self.generation += 1
             left = self._unpushed.get(pair, 0) - pending.get(pair, 0)
             if left > 0:
                 self._unpushed[pair] = left

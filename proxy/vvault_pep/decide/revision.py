@@ -73,9 +73,12 @@ async def refresh(config: Config, pdp: PdpClient, cache: DecisionCache, *, modul
             instance = await pdp.instance_id()
             if revision is None and instance != cache.opa_instance:
                 revision = await pdp.revision()  # and may run other modules: hash them again
-            cache.opa_instance = instance
-        if revision is not None:
+            if instance != cache.opa_instance:
+                cache.opa_instance = instance
+                cache.generation += 1
+        if revision is not None and revision != cache.opa_revision:
             cache.opa_revision = revision
+            cache.generation += 1
         await shipped_policy_paths(config, pdp, cache)
     except PepError as err:
         # Unknown revision: keep the last one; decisions still go to OPA on a miss.

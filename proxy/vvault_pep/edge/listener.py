@@ -35,7 +35,7 @@ import ssl
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMethod
@@ -47,6 +47,7 @@ from ..config.tls import read_crls
 from ..core.request import CertificateRefused, Connection, PeerCertificate, parse_peer
 
 log = logging.getLogger("vvault_pep.listener")
+_T = TypeVar("_T")
 
 
 def server_context(tls: ListenerTls) -> ssl.SSLContext:
@@ -153,6 +154,7 @@ class _Handler(RequestHandler):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.memo: Any = None  # the pipeline's memo of this connection's requests: dies with it
         if type(self._parser) is HttpRequestParserPy:
             self._parser.__class__ = _StrictPyParser  # same state, one stricter check
 
@@ -276,7 +278,21 @@ class MtlsServer(web.Server):
 
     def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
         self._conns.pop(handler, None)
+        if isinstance(handler, _Handler):
+            handler.memo = None
         super().connection_lost(handler, exc)
 
     def connection_of(self, request: web.BaseRequest) -> Connection | None:
         return self._conns.get(request.protocol)
+
+    def memo_of(self, request: web.BaseRequest, make: Callable[[], _T]) -> _T | None:
+        """The request's connection's own memo (made on first use); None for a connection
+        this server did not verify.  It lives on the connection and ends with it: one
+        connection's memo is never another's."""
+        handler = request.protocol
+        if not isinstance(handler, _Handler) or handler not in self._conns:
+            return None
+        memo = handler.memo
+        if memo is None:
+            memo = handler.memo = make()
+        return cast(_T, memo)

@@ -47,6 +47,7 @@ from ..config.models import Identity as IdentityConfig
 from ..config.models import Issuer, RouteAuthn
 from ..core.principal import Identity, UserToken, Workload
 from ..core.request import PeerCertificate
+from ..errors import PepError
 from .jwks import KeySet
 from .jwt import JwtVerifier, _fail
 from .workload import workload_of
@@ -189,6 +190,19 @@ class Authenticator:
         user = self._map(issuer, await self.jwt.claims(token, issuer, alg, kid))
         self._remember(digest, user, issuer.issuer, kid)
         return user
+
+    def verified_key(self, authorization: str | None) -> bytes | None:
+        """The verified-token cache's key for this header's bearer token (None: no well-formed one)."""
+        try:
+            token = _bearer(authorization, self.cfg.realm)
+        except PepError:
+            return None
+        return hashlib.sha256(token.encode()).digest() if token is not None else None
+
+    def still_verified(self, key: bytes) -> UserToken | None:
+        """The verified token cached under ``key`` while it holds (before ``exp``, its signing
+        key still published and fresh); None once it does not, or was never cached."""
+        return self._cached(key)
 
     def _map(self, issuer: Issuer, claims: dict[str, Any]) -> UserToken:
         m = issuer.claims

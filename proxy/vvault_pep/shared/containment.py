@@ -126,6 +126,9 @@ class Containment:
         self.reconciles = 0
         self.written_back = 0  # entries this replica wrote back to a Redis that lacked them
         self.last_reconciled: float | None = None  # unix time
+        # Moves on every change of what this replica knows (an entry or a lift added,
+        # ended or expired): what was worked out under one generation is stale in the next.
+        self.generation = 0
 
     async def start(self) -> None:
         if self.shared is not None:
@@ -253,15 +256,18 @@ class Containment:
         mine = self._local.get(pair)
         if mine is None or q.until > mine.until:
             self._local[pair] = q if mine is None else replace(q, since=max(q.since, mine.since))
+            self.generation += 1
 
     def _note_lift(self, pair: tuple[str, str], at: float, keep: float) -> None:
         known = self._lifted.get(pair)
         if known is None or at > known[0]:
             self._lifted[pair] = (at, max(keep, known[1] if known else 0.0))
+            self.generation += 1
         mine = self._local.get(pair)
         if mine is not None and mine.since <= at:
             del self._local[pair]
             self._unshared.discard(pair)
+            self.generation += 1
 
     def _is_lifted(self, pair: tuple[str, str], q: Quarantine) -> bool:
         lift = self._lifted.get(pair)
@@ -270,8 +276,10 @@ class Containment:
     def _expire(self, now: float) -> None:
         for pair in [p for p, q in self._local.items() if q.until <= now]:
             del self._local[pair]
+            self.generation += 1
         for pair in [p for p, (_, keep) in self._lifted.items() if keep <= now]:
             del self._lifted[pair]
+            self.generation += 1
 
     async def stop(self) -> None:
         if self._listener is not None:
@@ -322,6 +330,7 @@ class Containment:
         now = time.time()
         q = Quarantine(scope, value, reason, now + ttl_s, by, since=now)
         self._local[(scope, value)] = q
+        self.generation += 1
         if self.shared is None:
             return q, False
         shared, key, blob = self.shared, quarantine_key(self.shared, scope, value), orjson.dumps(q.doc())
@@ -337,6 +346,7 @@ class Containment:
         pair = (scope, value)
         now = time.time()
         lifted = self._local.pop(pair, None)
+        self.generation += 1
         keep = max(lifted.until if lifted is not None else now + MAX_TTL_S, now) + _LIFT_MIN_S
         self._note_lift(pair, now, keep)
         if self.shared is None:
