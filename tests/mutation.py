@@ -55,14 +55,25 @@ MODULES: dict[str, list[str]] = {
     "identity.posture": ["tests/test_proofs_posture.py", "tests/test_posture_risk.py"],
     "core.decision": ["tests/test_enforce.py", "tests/test_proofs_enforce.py", "tests/test_proofs_decisions.py"],
     "core.obligations": [
+        "tests/test_proofs_obligations.py",
         "tests/test_enforce.py",
         "tests/test_proofs_decisions.py",
         "tests/test_containment.py",
         "tests/test_registries.py",
     ],
     "core.sanitize": ["tests/test_sanitize_headers.py", "tests/test_sanitize.py", "tests/test_proofs_sanitize.py"],
-    "observe.audit": ["tests/test_audit.py", "tests/test_proofs_audit.py", "tests/test_redact.py"],
-    "observe.sinks": ["tests/test_audit.py", "tests/test_proofs_audit.py", "tests/test_input_hardening.py"],
+    "observe.audit": [
+        "tests/test_proofs_redaction.py",
+        "tests/test_audit.py",
+        "tests/test_proofs_audit.py",
+        "tests/test_redact.py",
+    ],
+    "observe.sinks": [
+        "tests/test_proofs_sinks.py",
+        "tests/test_audit.py",
+        "tests/test_proofs_audit.py",
+        "tests/test_input_hardening.py",
+    ],
     "identity.authn": ["tests/test_authn.py", "tests/test_input_hardening.py"],
     "identity.jwt": ["tests/test_authn.py", "tests/test_input_hardening.py"],
     "identity.jwks": ["tests/test_authn.py"],
@@ -189,6 +200,63 @@ EQUIVALENT: dict[str, str] = {
     " nothing: when `rest` does not start with ':' it is '', and `''[1:]` is '' as well",
     "vvault_pep.core.sanitize.x__split_host__mutmut_22": "the Host value is lower-cased before: it has no 'X'"
     " for `rstrip('XX.XX')` to strip beyond the dots",
+    **{
+        f"vvault_pep.observe.audit.x_redact__mutmut_{n}": "any `query` mode other than 'keep' and 'erase' masks:"
+        " a default of 'XXmaskXX' or 'MASK' masks exactly as 'mask' does"
+        for n in (1, 2)
+    },
+    **{
+        f"vvault_pep.observe.audit.x_redact__mutmut_{n}": "the 'request.query' path only makes `request` a"
+        " fresh copy, and the always-erased 'request.headers.*' paths already copy `request` whenever it is an object"
+        for n in (10, 11)
+    },
+    "vvault_pep.observe.audit.x__copy_paths__mutmut_4": "`fresh` starting without id(out) only matters if `out`"
+    " were a child of itself: `out` is a new dict, no object in the input can contain it",
+    **{
+        f"vvault_pep.observe.audit.x__copy_paths__mutmut_{n}": "`fresh` no longer remembering a copy (or always"
+        " copying) copies a dict on two paths twice: the second copy replaces the first before anything is"
+        " erased or masked, so the result and the untouched input are the same"
+        for n in (12, 17, 18)
+    },
+    "vvault_pep.observe.audit.x_configure_logging__mutmut_4": "`StreamHandler(None)` writes to sys.stderr,"
+    " read at the same moment as `StreamHandler(sys.stderr)`",
+    **{
+        f"vvault_pep.observe.audit.xǁJsonLinesǁformat__mutmut_{n}": "a record limit of 2 TiB instead of 1 TiB:"
+        " no log record comes near either"
+        for n in (16, 17)
+    },
+    **{
+        f"vvault_pep.observe.audit.xǁJsonLinesǁformat__mutmut_{n}": "`encode` returns one JSON object and a"
+        " newline: the line ends in '}\\n', so stripping 'X' or whitespace as well strips the same newline"
+        for n in (9, 19)
+    },
+    **{
+        f"vvault_pep.observe.sinks.x__scrub__mutmut_{n}": "codec names are case-insensitive: 'UTF-8' is 'utf-8'"
+        for n in (4, 11, 15)
+    },
+    **{
+        f"vvault_pep.observe.sinks.x_encode__mutmut_{n}": "the second `dumps` writes a scrubbed record: `_scrub`"
+        " leaves only types orjson writes itself, so `default` is never called there"
+        for n in (17, 20)
+    },
+    "vvault_pep.observe.sinks.xǁSinkǁ__init____mutmut_22": "`_stopping = None` is as false as `False`",
+    **{
+        f"vvault_pep.observe.sinks.xǁ_FileSinkǁ__init____mutmut_{n}": "the initial `_size` is never read:"
+        " the first write opens the file, and `_open` sets `_size` from it"
+        for n in (11, 12)
+    },
+    **{
+        f"vvault_pep.observe.sinks.xǁ_FileSinkǁ_open__mutmut_{n}": "the fallback when fstat fails: fstat of the"
+        " descriptor `open` just returned does not fail"
+        for n in (10, 11)
+    },
+    **{
+        f"vvault_pep.observe.sinks.xǁ_OtlpSinkǁwrite__mutmut_{n}": "`encode` returns one JSON object and a"
+        " newline: the line ends in '}\\n', so stripping 'X' or whitespace as well strips the same newline"
+        for n in (16, 20)
+    },
+    "vvault_pep.observe.audit.xǁJsonLinesǁformat__mutmut_56": "logging fills exc_info from sys.exc_info():"
+    " its type and value are None together or set together",
 }
 
 _STATUS = re.compile(r"^\s*(\S+__mutmut_\d+): (.+)$")
