@@ -74,9 +74,9 @@ MODULES: dict[str, list[str]] = {
         "tests/test_proofs_audit.py",
         "tests/test_input_hardening.py",
     ],
-    "identity.authn": ["tests/test_authn.py", "tests/test_input_hardening.py"],
-    "identity.jwt": ["tests/test_authn.py", "tests/test_input_hardening.py"],
-    "identity.jwks": ["tests/test_authn.py"],
+    "identity.authn": ["tests/test_proofs_authn.py", "tests/test_authn.py", "tests/test_input_hardening.py"],
+    "identity.jwt": ["tests/test_proofs_jwt.py", "tests/test_authn.py", "tests/test_input_hardening.py"],
+    "identity.jwks": ["tests/test_proofs_jwks.py", "tests/test_authn.py"],
     "core.spiffe": [
         "tests/test_proofs_spiffe.py",
         "tests/test_spiffe.py",
@@ -110,7 +110,7 @@ MODULES: dict[str, list[str]] = {
     ],
     # last: the cache key composition and the PDP client are still moving elsewhere
     "decide.cache": ["tests/test_cache.py", "tests/test_proofs_cache.py"],
-    "decide.pdp": ["tests/test_pdp.py", "tests/test_proofs_pdp.py"],
+    "decide.pdp": ["tests/test_proofs_opa_client.py", "tests/test_pdp.py", "tests/test_proofs_pdp.py"],
 }
 
 
