@@ -255,6 +255,31 @@ EQUIVALENT: dict[str, str] = {
         " newline: the line ends in '}\\n', so stripping 'X' or whitespace as well strips the same newline"
         for n in (16, 20)
     },
+    "vvault_pep.identity.jwt.x__b64json__mutmut_13": "`+len % 4` instead of `-len % 4` '=': non-strict base64"
+    " decoding ignores padding past the end, and a segment of 4n+1 characters fails to decode either way",
+    **{
+        f"vvault_pep.identity.jwt.x__b64json__mutmut_{n}": "the ValueError's message is never read: precheck"
+        " answers every ValueError with authn.malformed and the code's own title"
+        for n in (3, 4, 5, 21, 22, 23)
+    },
+    **{
+        f"vvault_pep.identity.jwt.x__encodable__mutmut_{n}": "the depth given with an object key is never read:"
+        " JSON object keys are strings, and a string is judged before the depth is"
+        for n in (24, 26, 27, 28)
+    },
+    "vvault_pep.identity.jwt.x__encodable__mutmut_4": "codec names are case-insensitive: 'UTF-8' is 'utf-8'",
+    **{
+        f"vvault_pep.identity.jwt.xǁJwtVerifierǁclaims__mutmut_{n}": "`verify_signature: True` is pyjwt's default:"
+        " without the option the signature is verified just the same"
+        for n in (38, 39)
+    },
+    **{
+        f"vvault_pep.identity.jwt.xǁJwtVerifierǁprecheck__mutmut_{n}": "an empty header or payload segment that"
+        " passes this check decodes to b'', which is not JSON: authn.malformed with the same title"
+        for n in (20, 25)
+    },
+    "vvault_pep.identity.jwt.xǁJwtVerifierǁprecheck__mutmut_4": "the realm only goes into a 400/401 challenge;"
+    " authn.token_too_large is a 431, which carries none",
     "vvault_pep.observe.audit.xǁJsonLinesǁformat__mutmut_56": "logging fills exc_info from sys.exc_info():"
     " its type and value are None together or set together",
 }
