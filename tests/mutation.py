@@ -70,6 +70,7 @@ MODULES: dict[str, list[str]] = {
     ],
     "observe.sinks": [
         "tests/test_proofs_sinks.py",
+        "tests/test_proofs_otlp_sink.py",
         "tests/test_audit.py",
         "tests/test_proofs_audit.py",
         "tests/test_input_hardening.py",
@@ -280,6 +281,77 @@ EQUIVALENT: dict[str, str] = {
     },
     "vvault_pep.identity.jwt.xǁJwtVerifierǁprecheck__mutmut_4": "the realm only goes into a 400/401 challenge;"
     " authn.token_too_large is a 431, which carries none",
+    **{
+        f"vvault_pep.identity.jwks.{name}": "the ValueError's message is never read: `_fetch` logs the"
+        " exception's type only, and parse_jwks skips a key whose default algorithm is refused"
+        for name in (
+            "x__default_alg__mutmut_13",
+            "x_parse_jwks__mutmut_5",
+            "xǁKeySetǁ_discover__mutmut_16",
+            "xǁKeySetǁ_discover__mutmut_17",
+            "xǁKeySetǁ_discover__mutmut_18",
+            "xǁKeySetǁ_discover__mutmut_34",
+            "xǁKeySetǁ_discover__mutmut_35",
+            "xǁKeySetǁ_discover__mutmut_36",
+            "xǁKeySetǁ_get_json__mutmut_8",
+            "xǁKeySetǁ_get_json__mutmut_14",
+            "xǁKeySetǁ_get_json__mutmut_15",
+            "xǁKeySetǁ_get_json__mutmut_16",
+        )
+    },
+    **{
+        f"vvault_pep.identity.jwks.{name}": "the fallback family of an algorithm not in _ALG_KTY: '' or 'XXXX',"
+        " a parsed key's kty is RSA, EC or OKP (parse_jwks keeps no other), so neither ever matches"
+        for name in ("x__default_alg__mutmut_6", "xǁKeyǁfits__mutmut_10")
+    },
+    **{f"vvault_pep.identity.jwks.xǁKeySetǁ__init____mutmut_{n}": "-1e+18 is -1e18" for n in (10, 13)},
+    "vvault_pep.identity.jwks.xǁKeySetǁ__init____mutmut_7": "the initial `_expires_at` is only read when"
+    " `_fetched_at` is set, and both are set by the same fetch",
+    "vvault_pep.identity.jwks.xǁKeySetǁ_get_json__mutmut_12": "reading max+2 bytes instead of max+1: any"
+    " document over the limit still reads more than the limit, and one within it is read whole either way",
+    "vvault_pep.identity.jwks.xǁKeySetǁ_get_json__mutmut_2": "`allow_redirects=None` is as false as False:"
+    " aiohttp follows a redirect only when it is true",
+    **{
+        f"vvault_pep.identity.jwks.xǁKeySetǁ_get_json__mutmut_{n}": "HTTP header names are case-insensitive"
+        " (aiohttp's CIMultiDict)"
+        for n in (24, 25)
+    },
+    "vvault_pep.identity.jwks.xǁKeySetǁ_get_json__mutmut_26": "without Cache-Control, 'XXXX' holds no max-age"
+    " any more than '' does",
+    **{
+        f"vvault_pep.identity.authn.xǁAuthenticatorǁauthenticate__mutmut_{n}": "the last check cannot be"
+        " reached: a route that needs a user and has none was refused by the first check (authn.required)"
+        for n in range(80, 90)
+    },
+    "vvault_pep.identity.authn.xǁAuthenticatorǁ_remember__mutmut_5": "`popitem(last=None)` is as false as"
+    " `last=False`: the oldest entry goes",
+    "vvault_pep.decide.pdp.xǁPdpClientǁ__init____mutmut_1": "`self._opa` is never read after __init__",
+    "vvault_pep.decide.pdp.xǁPdpClientǁ__init____mutmut_26": "URL schemes and host names are case-insensitive:"
+    " yarl lower-cases 'HTTP://OPA' to 'http://opa'",
+    **{
+        f"vvault_pep.decide.pdp.xǁPdpClientǁ__init____mutmut_{n}": "the initial `tls` is only used for an"
+        " http:// OPA, which is reached without TLS whatever `ssl` says; https:// replaces it with a context"
+        for n in (27, 28)
+    },
+    **{
+        f"vvault_pep.decide.pdp.{name}": "HTTP header names are case-insensitive (aiohttp's CIMultiDict and istr)"
+        for name in (
+            "xǁPdpClientǁ__init____mutmut_53",
+            "xǁPdpClientǁ__init____mutmut_54",
+            "xǁPdpClientǁ__init____mutmut_68",
+            "xǁPdpClientǁ__init____mutmut_69",
+            "xǁPdpClientǁdecide__mutmut_24",
+            "xǁPdpClientǁdecide__mutmut_25",
+            "xǁPdpClientǁ_put__mutmut_16",
+            "xǁPdpClientǁ_put__mutmut_17",
+        )
+    },
+    **{
+        f"vvault_pep.decide.pdp.{name}": "aiohttp upper-cases the request method: 'put' is sent as PUT"
+        for name in ("xǁPdpClientǁ_put__mutmut_3", "xǁPdpClientǁdelete_data__mutmut_13")
+    },
+    "vvault_pep.decide.pdp.xǁPdpClientǁdelete_data__mutmut_2": "`_put` sends `body or None`: b'' and None"
+    " both send no body",
     "vvault_pep.observe.audit.xǁJsonLinesǁformat__mutmut_56": "logging fills exc_info from sys.exc_info():"
     " its type and value are None together or set together",
 }
