@@ -340,6 +340,8 @@ EQUIVALENT: dict[str, str] = {
             "xǁPdpClientǁ__init____mutmut_54",
             "xǁPdpClientǁ__init____mutmut_68",
             "xǁPdpClientǁ__init____mutmut_69",
+            "xǁPdpClientǁ__init____mutmut_71",
+            "xǁPdpClientǁ__init____mutmut_72",
             "xǁPdpClientǁdecide__mutmut_24",
             "xǁPdpClientǁdecide__mutmut_25",
             "xǁPdpClientǁ_put__mutmut_16",
@@ -350,6 +352,8 @@ EQUIVALENT: dict[str, str] = {
         f"vvault_pep.decide.pdp.{name}": "aiohttp upper-cases the request method: 'put' is sent as PUT"
         for name in ("xǁPdpClientǁ_put__mutmut_3", "xǁPdpClientǁdelete_data__mutmut_13")
     },
+    "vvault_pep.decide.pdp.xǁPdpClientǁ__init____mutmut_58": "`auto_decompress=None` is as false as False:"
+    " aiohttp decompresses only when it is true",
     "vvault_pep.decide.pdp.xǁPdpClientǁdelete_data__mutmut_2": "`_put` sends `body or None`: b'' and None"
     " both send no body",
     "vvault_pep.observe.audit.xǁJsonLinesǁformat__mutmut_56": "logging fills exc_info from sys.exc_info():"
