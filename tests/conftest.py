@@ -34,9 +34,11 @@ from vvault_pep.app.runtime import PepRuntime
 _SERVERS = frozenset(
     {"opa", "own_opa", "redis_server", "pep", "upstream", "hanging_upstream", "idp", "devices", "trap", "client"}
     | {"base"}
+    | {"docs", "rotating", "stand_in"}  # loopback key documents, a second IdP, an OPA stand-in
 )
 _STARTS = (
-    "start_opa(", "start_serve(", "RedisServer(", "create_subprocess_exec", "PepRuntime(", "running_pep(", "subprocess."
+    "start_opa(", "start_serve(", "RedisServer(", "create_subprocess_exec", "PepRuntime(", "running_pep(",
+    "subprocess.", "ThreadingHTTPServer(", "grpc.server(",
 )  # fmt: skip
 
 

@@ -55,17 +55,29 @@ MODULES: dict[str, list[str]] = {
     "identity.posture": ["tests/test_proofs_posture.py", "tests/test_posture_risk.py"],
     "core.decision": ["tests/test_enforce.py", "tests/test_proofs_enforce.py", "tests/test_proofs_decisions.py"],
     "core.obligations": [
+        "tests/test_proofs_obligations.py",
         "tests/test_enforce.py",
         "tests/test_proofs_decisions.py",
         "tests/test_containment.py",
         "tests/test_registries.py",
     ],
     "core.sanitize": ["tests/test_sanitize_headers.py", "tests/test_sanitize.py", "tests/test_proofs_sanitize.py"],
-    "observe.audit": ["tests/test_audit.py", "tests/test_proofs_audit.py", "tests/test_redact.py"],
-    "observe.sinks": ["tests/test_audit.py", "tests/test_proofs_audit.py", "tests/test_input_hardening.py"],
-    "identity.authn": ["tests/test_authn.py", "tests/test_input_hardening.py"],
-    "identity.jwt": ["tests/test_authn.py", "tests/test_input_hardening.py"],
-    "identity.jwks": ["tests/test_authn.py"],
+    "observe.audit": [
+        "tests/test_proofs_redaction.py",
+        "tests/test_audit.py",
+        "tests/test_proofs_audit.py",
+        "tests/test_redact.py",
+    ],
+    "observe.sinks": [
+        "tests/test_proofs_sinks.py",
+        "tests/test_proofs_otlp_sink.py",
+        "tests/test_audit.py",
+        "tests/test_proofs_audit.py",
+        "tests/test_input_hardening.py",
+    ],
+    "identity.authn": ["tests/test_proofs_authn.py", "tests/test_authn.py", "tests/test_input_hardening.py"],
+    "identity.jwt": ["tests/test_proofs_jwt.py", "tests/test_authn.py", "tests/test_input_hardening.py"],
+    "identity.jwks": ["tests/test_proofs_jwks.py", "tests/test_authn.py"],
     "core.spiffe": [
         "tests/test_proofs_spiffe.py",
         "tests/test_spiffe.py",
@@ -99,7 +111,7 @@ MODULES: dict[str, list[str]] = {
     ],
     # last: the cache key composition and the PDP client are still moving elsewhere
     "decide.cache": ["tests/test_cache.py", "tests/test_proofs_cache.py"],
-    "decide.pdp": ["tests/test_pdp.py", "tests/test_proofs_pdp.py"],
+    "decide.pdp": ["tests/test_proofs_opa_client.py", "tests/test_pdp.py", "tests/test_proofs_pdp.py"],
 }
 
 
@@ -189,6 +201,163 @@ EQUIVALENT: dict[str, str] = {
     " nothing: when `rest` does not start with ':' it is '', and `''[1:]` is '' as well",
     "vvault_pep.core.sanitize.x__split_host__mutmut_22": "the Host value is lower-cased before: it has no 'X'"
     " for `rstrip('XX.XX')` to strip beyond the dots",
+    **{
+        f"vvault_pep.observe.audit.x_redact__mutmut_{n}": "any `query` mode other than 'keep' and 'erase' masks:"
+        " a default of 'XXmaskXX' or 'MASK' masks exactly as 'mask' does"
+        for n in (1, 2)
+    },
+    **{
+        f"vvault_pep.observe.audit.x_redact__mutmut_{n}": "the 'request.query' path only makes `request` a"
+        " fresh copy, and the always-erased 'request.headers.*' paths already copy `request` whenever it is an object"
+        for n in (10, 11)
+    },
+    "vvault_pep.observe.audit.x__copy_paths__mutmut_4": "`fresh` starting without id(out) only matters if `out`"
+    " were a child of itself: `out` is a new dict, no object in the input can contain it",
+    **{
+        f"vvault_pep.observe.audit.x__copy_paths__mutmut_{n}": "`fresh` no longer remembering a copy (or always"
+        " copying) copies a dict on two paths twice: the second copy replaces the first before anything is"
+        " erased or masked, so the result and the untouched input are the same"
+        for n in (12, 17, 18)
+    },
+    "vvault_pep.observe.audit.x_configure_logging__mutmut_4": "`StreamHandler(None)` writes to sys.stderr,"
+    " read at the same moment as `StreamHandler(sys.stderr)`",
+    **{
+        f"vvault_pep.observe.audit.xǁJsonLinesǁformat__mutmut_{n}": "a record limit of 2 TiB instead of 1 TiB:"
+        " no log record comes near either"
+        for n in (16, 17)
+    },
+    **{
+        f"vvault_pep.observe.audit.xǁJsonLinesǁformat__mutmut_{n}": "`encode` returns one JSON object and a"
+        " newline: the line ends in '}\\n', so stripping 'X' or whitespace as well strips the same newline"
+        for n in (9, 19)
+    },
+    **{
+        f"vvault_pep.observe.sinks.x__scrub__mutmut_{n}": "codec names are case-insensitive: 'UTF-8' is 'utf-8'"
+        for n in (4, 11, 15)
+    },
+    **{
+        f"vvault_pep.observe.sinks.x_encode__mutmut_{n}": "the second `dumps` writes a scrubbed record: `_scrub`"
+        " leaves only types orjson writes itself, so `default` is never called there"
+        for n in (17, 20)
+    },
+    "vvault_pep.observe.sinks.xǁSinkǁ__init____mutmut_22": "`_stopping = None` is as false as `False`",
+    **{
+        f"vvault_pep.observe.sinks.xǁ_FileSinkǁ__init____mutmut_{n}": "the initial `_size` is never read:"
+        " the first write opens the file, and `_open` sets `_size` from it"
+        for n in (11, 12)
+    },
+    **{
+        f"vvault_pep.observe.sinks.xǁ_FileSinkǁ_open__mutmut_{n}": "the fallback when fstat fails: fstat of the"
+        " descriptor `open` just returned does not fail"
+        for n in (10, 11)
+    },
+    **{
+        f"vvault_pep.observe.sinks.xǁ_OtlpSinkǁwrite__mutmut_{n}": "`encode` returns one JSON object and a"
+        " newline: the line ends in '}\\n', so stripping 'X' or whitespace as well strips the same newline"
+        for n in (16, 20)
+    },
+    "vvault_pep.identity.jwt.x__b64json__mutmut_13": "`+len % 4` instead of `-len % 4` '=': non-strict base64"
+    " decoding ignores padding past the end, and a segment of 4n+1 characters fails to decode either way",
+    **{
+        f"vvault_pep.identity.jwt.x__b64json__mutmut_{n}": "the ValueError's message is never read: precheck"
+        " answers every ValueError with authn.malformed and the code's own title"
+        for n in (3, 4, 5, 21, 22, 23)
+    },
+    **{
+        f"vvault_pep.identity.jwt.x__encodable__mutmut_{n}": "the depth given with an object key is never read:"
+        " JSON object keys are strings, and a string is judged before the depth is"
+        for n in (24, 26, 27, 28)
+    },
+    "vvault_pep.identity.jwt.x__encodable__mutmut_4": "codec names are case-insensitive: 'UTF-8' is 'utf-8'",
+    **{
+        f"vvault_pep.identity.jwt.xǁJwtVerifierǁclaims__mutmut_{n}": "`verify_signature: True` is pyjwt's default:"
+        " without the option the signature is verified just the same"
+        for n in (38, 39)
+    },
+    **{
+        f"vvault_pep.identity.jwt.xǁJwtVerifierǁprecheck__mutmut_{n}": "an empty header or payload segment that"
+        " passes this check decodes to b'', which is not JSON: authn.malformed with the same title"
+        for n in (20, 25)
+    },
+    "vvault_pep.identity.jwt.xǁJwtVerifierǁprecheck__mutmut_4": "the realm only goes into a 400/401 challenge;"
+    " authn.token_too_large is a 431, which carries none",
+    **{
+        f"vvault_pep.identity.jwks.{name}": "the ValueError's message is never read: `_fetch` logs the"
+        " exception's type only, and parse_jwks skips a key whose default algorithm is refused"
+        for name in (
+            "x__default_alg__mutmut_13",
+            "x_parse_jwks__mutmut_5",
+            "xǁKeySetǁ_discover__mutmut_16",
+            "xǁKeySetǁ_discover__mutmut_17",
+            "xǁKeySetǁ_discover__mutmut_18",
+            "xǁKeySetǁ_discover__mutmut_34",
+            "xǁKeySetǁ_discover__mutmut_35",
+            "xǁKeySetǁ_discover__mutmut_36",
+            "xǁKeySetǁ_get_json__mutmut_8",
+            "xǁKeySetǁ_get_json__mutmut_14",
+            "xǁKeySetǁ_get_json__mutmut_15",
+            "xǁKeySetǁ_get_json__mutmut_16",
+        )
+    },
+    **{
+        f"vvault_pep.identity.jwks.{name}": "the fallback family of an algorithm not in _ALG_KTY: '' or 'XXXX',"
+        " a parsed key's kty is RSA, EC or OKP (parse_jwks keeps no other), so neither ever matches"
+        for name in ("x__default_alg__mutmut_6", "xǁKeyǁfits__mutmut_10")
+    },
+    **{f"vvault_pep.identity.jwks.xǁKeySetǁ__init____mutmut_{n}": "-1e+18 is -1e18" for n in (10, 13)},
+    "vvault_pep.identity.jwks.xǁKeySetǁ__init____mutmut_7": "the initial `_expires_at` is only read when"
+    " `_fetched_at` is set, and both are set by the same fetch",
+    "vvault_pep.identity.jwks.xǁKeySetǁ_get_json__mutmut_12": "reading max+2 bytes instead of max+1: any"
+    " document over the limit still reads more than the limit, and one within it is read whole either way",
+    "vvault_pep.identity.jwks.xǁKeySetǁ_get_json__mutmut_2": "`allow_redirects=None` is as false as False:"
+    " aiohttp follows a redirect only when it is true",
+    **{
+        f"vvault_pep.identity.jwks.xǁKeySetǁ_get_json__mutmut_{n}": "HTTP header names are case-insensitive"
+        " (aiohttp's CIMultiDict)"
+        for n in (24, 25)
+    },
+    "vvault_pep.identity.jwks.xǁKeySetǁ_get_json__mutmut_26": "without Cache-Control, 'XXXX' holds no max-age"
+    " any more than '' does",
+    **{
+        f"vvault_pep.identity.authn.xǁAuthenticatorǁauthenticate__mutmut_{n}": "the last check cannot be"
+        " reached: a route that needs a user and has none was refused by the first check (authn.required)"
+        for n in range(80, 90)
+    },
+    "vvault_pep.identity.authn.xǁAuthenticatorǁ_remember__mutmut_5": "`popitem(last=None)` is as false as"
+    " `last=False`: the oldest entry goes",
+    "vvault_pep.decide.pdp.xǁPdpClientǁ__init____mutmut_1": "`self._opa` is never read after __init__",
+    "vvault_pep.decide.pdp.xǁPdpClientǁ__init____mutmut_26": "URL schemes and host names are case-insensitive:"
+    " yarl lower-cases 'HTTP://OPA' to 'http://opa'",
+    **{
+        f"vvault_pep.decide.pdp.xǁPdpClientǁ__init____mutmut_{n}": "the initial `tls` is only used for an"
+        " http:// OPA, which is reached without TLS whatever `ssl` says; https:// replaces it with a context"
+        for n in (27, 28)
+    },
+    **{
+        f"vvault_pep.decide.pdp.{name}": "HTTP header names are case-insensitive (aiohttp's CIMultiDict and istr)"
+        for name in (
+            "xǁPdpClientǁ__init____mutmut_53",
+            "xǁPdpClientǁ__init____mutmut_54",
+            "xǁPdpClientǁ__init____mutmut_68",
+            "xǁPdpClientǁ__init____mutmut_69",
+            "xǁPdpClientǁ__init____mutmut_71",
+            "xǁPdpClientǁ__init____mutmut_72",
+            "xǁPdpClientǁdecide__mutmut_24",
+            "xǁPdpClientǁdecide__mutmut_25",
+            "xǁPdpClientǁ_put__mutmut_16",
+            "xǁPdpClientǁ_put__mutmut_17",
+        )
+    },
+    **{
+        f"vvault_pep.decide.pdp.{name}": "aiohttp upper-cases the request method: 'put' is sent as PUT"
+        for name in ("xǁPdpClientǁ_put__mutmut_3", "xǁPdpClientǁdelete_data__mutmut_13")
+    },
+    "vvault_pep.decide.pdp.xǁPdpClientǁ__init____mutmut_58": "`auto_decompress=None` is as false as False:"
+    " aiohttp decompresses only when it is true",
+    "vvault_pep.decide.pdp.xǁPdpClientǁdelete_data__mutmut_2": "`_put` sends `body or None`: b'' and None"
+    " both send no body",
+    "vvault_pep.observe.audit.xǁJsonLinesǁformat__mutmut_56": "logging fills exc_info from sys.exc_info():"
+    " its type and value are None together or set together",
 }
 
 _STATUS = re.compile(r"^\s*(\S+__mutmut_\d+): (.+)$")

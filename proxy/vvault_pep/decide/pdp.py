@@ -81,7 +81,9 @@ class PdpClient:
             connector=connector,
             timeout=aiohttp.ClientTimeout(total=None),  # the deadline below rules
             auto_decompress=False,
-            skip_auto_headers=("User-Agent",),
+            # Nothing compressed is asked for: OPA gzips a /v1/data answer over 1 KiB when the
+            # request accepts it, and the body is read as it arrives.
+            skip_auto_headers=("User-Agent", "Accept-Encoding"),
             headers=auth,
         )
 
