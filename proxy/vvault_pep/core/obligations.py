@@ -73,7 +73,11 @@ class Redact:
         return tuple(fields)
 
     def add(self, parsed: tuple[str, ...], carried: Carried) -> None:
-        carried.redact.extend(f for f in parsed if f not in carried.redact)
+        # One loop, not extend() over a generator: whether the generator sees the items
+        # extend() already appended differs between CPython and the compiled module.
+        for f in parsed:
+            if f not in carried.redact:
+                carried.redact.append(f)
 
 
 # The obligation types this PEP carries out, the one list.
