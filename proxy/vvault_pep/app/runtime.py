@@ -37,9 +37,10 @@ from ..identity.posture import PostureVerifier
 from ..observe.audit import AuditLog
 from ..observe.telemetry import Telemetry
 from ..shared.containment import Containment
+from ..shared.push import Push
 from ..shared.ratelimit import RateLimiter
 from ..shared.risk import RiskSignals
-from ..shared.state import SharedState
+from ..shared.state import Generation, SharedState
 from .admin import AdminApi
 from .pipeline import Pipeline
 from .services import key_decisions, policy_client
@@ -66,6 +67,8 @@ class PepRuntime:
         self.shared: SharedState | None = None
         self.cache: DecisionCache | None = None
         self.containment: Containment | None = None
+        self.push: Push | None = None
+        self.generation = Generation()
         self.posture: PostureVerifier | None = None
         self._revision_task: asyncio.Task[None] | None = None
         self._tls_task: asyncio.Task[None] | None = None
@@ -105,11 +108,20 @@ class PepRuntime:
         self.authn = Authenticator(config.identity)
         await self.authn.start()
         self.shared = SharedState(config.redis) if config.redis is not None else None
-        self.cache = DecisionCache(config.cache, self.shared)
+        # One number for everything the replica knows of shared state (memos compare it).
+        self.generation = Generation()
+        push = config.redis is not None and config.redis.push and self.shared is not None
+        self.push = Push(self.shared, self.generation) if push and self.shared is not None else None
+        self.cache = DecisionCache(config.cache, self.shared, push=self.push, generation=self.generation)
         await key_decisions(config, self.pdp, self.cache, derived)
         self._revision_task = asyncio.create_task(self._revision_loop(), name="opa-revision")
-        self.containment = Containment(self.shared)
+        self.containment = Containment(self.shared, push=self.push, generation=self.generation)
         await self.containment.start()
+        if self.push is not None:
+            # Subscribe, reconcile in full, hear our own beat: then L1 hits need no Redis.
+            await self.push.start(first_s=2.0)
+            if not self.push.healthy:  # Redis slow or away: read what it holds now; reads meanwhile
+                await self.containment.reconcile()
         if self.shared is not None:
             # Both ways on every (re)connection, on data loss and periodically.
             self.shared.watch((self.containment.reconcile, self.cache.reconcile))
@@ -203,6 +215,8 @@ class PepRuntime:
             await self.cache.stop()
         if self.containment is not None:
             await self.containment.stop()
+        if self.push is not None:
+            await self.push.stop()
         if self.posture is not None:
             await self.posture.stop()
         if self.shared is not None:
@@ -440,6 +454,8 @@ class PepRuntime:
             "unshared_quarantines": containment.unshared,
             "unshared_epoch_bumps": cache.unshared,
             "last_reconciled": containment.last_reconciled,
+            # "push": L1 hits answered from pushed state; "reads": per-request reads; "off"
+            "l1_hits": ("push" if self.push.healthy else "reads") if self.push is not None else "off",
         }
 
     async def _readyz(self, request: web.Request) -> web.Response:

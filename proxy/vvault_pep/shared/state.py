@@ -115,6 +115,23 @@ FULL_S = 5.0  # how often the reconcilers run when nothing else asks for it
 _MARK = "if redis.call('SET', KEYS[1], '1', 'NX') then return 1 else return 0 end"
 
 
+class Generation:
+    """A number that moves whenever what a replica knows of shared state changes.
+
+    Quarantines added or lifted, an epoch or the revision moved, the push channel
+    entering or leaving fallback: a memo of anything derived from them stays valid while
+    the number it was made under is the current one.  Only ever grows.
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def bump(self) -> None:
+        self.value += 1
+
+
 class _Reply:
     """A queued command's reply: await it (or don't: nothing is left hanging)."""
 
@@ -157,6 +174,9 @@ class SharedState:
         self._watcher: asyncio.Task[None] | None = None
         self._followers: set[asyncio.Task[None]] = set()
         self.subscriptions = 0  # (re)subscriptions made by follow(), all channels
+        # Told whenever something may have been missed (a tripped circuit, an outage, lost
+        # data): the push channel falls back to reads until it reconciled again.
+        self.on_doubt: Callable[[], None] | None = None
 
     @property
     def available(self) -> bool:
@@ -185,6 +205,7 @@ class SharedState:
         while True:
             mark = await self.call(lambda c: c.eval(_MARK, 1, marker))
             if mark is None:
+                self._doubt()
                 if self.reachable:
                     self.reachable, self.down_since = False, time.time()
                     self.outages += 1
@@ -197,6 +218,7 @@ class SharedState:
                     )
                     self.reachable, self.down_since = True, None
                 if int(mark) == 1 and not first:
+                    self._doubt()
                     self.data_losses += 1
                     log.warning(
                         "redis lost its data (restart, flush or failover): writing back what this replica holds"
@@ -355,6 +377,11 @@ class SharedState:
         self.trips += 1
         self._down_until = time.monotonic() + self.cfg.retry_after_failure_s
         log.warning("redis unavailable: %s", type(exc).__name__)
+        self._doubt()
+
+    def _doubt(self) -> None:
+        if self.on_doubt is not None:
+            self.on_doubt()
 
     def _checked(self, reply: Any) -> Any:
         if isinstance(reply, Exception):
@@ -404,6 +431,7 @@ class SharedState:
         on_subscribed: Callable[[], Awaitable[object]] | None = None,
         *,
         name: str,
+        on_lost: Callable[[], object] | None = None,
     ) -> asyncio.Task[None]:
         """Call ``on_message(payload)`` for every message on ``channel``, until :meth:`close`.
 
@@ -411,9 +439,10 @@ class SharedState:
         subscribes, and subscribes again after any loss — a dead node, a failover, a
         Cluster slot that moved.  Messages published while it was not subscribed are
         lost: ``on_subscribed()`` runs after every (re)subscription is confirmed, so the
-        caller can re-read what the messages would have told it.
+        caller can re-read what the messages would have told it.  ``on_lost()`` runs as
+        soon as a subscription is found broken.
         """
-        task = asyncio.create_task(self._follow(channel, on_message, on_subscribed), name=name)
+        task = asyncio.create_task(self._follow(channel, on_message, on_subscribed, on_lost), name=name)
         self._followers.add(task)
         task.add_done_callback(self._followers.discard)
         return task
@@ -423,6 +452,7 @@ class SharedState:
         channel: str,
         on_message: Callable[[bytes], object],
         on_subscribed: Callable[[], Awaitable[object]] | None,
+        on_lost: Callable[[], object] | None = None,
     ) -> None:
         wanted = ("ssubscribe",) if self.cluster else ("subscribe",)
         kinds = ("smessage",) if self.cluster else ("message",)
@@ -449,13 +479,20 @@ class SharedState:
                     await on_subscribed()
                 while True:
                     message = await self._next_message(pubsub, 1.0)
-                    if message is not None and _text(message.get("type")) in kinds:
+                    kind = _text(message.get("type")) if message is not None else ""
+                    if message is not None and kind in kinds:
                         on_message(message["data"])
+                    elif kind in wanted:
+                        # The client reconnected and subscribed again by itself: what was
+                        # published in between is lost, so this counts as a new subscription.
+                        raise ConnectionError(f"{channel} was subscribed again silently")
                     if owner is not None and self.client.get_node_from_key(channel).name != owner:
                         raise ConnectionError(f"the slot of {channel} moved")
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a lost node, a failover, a moved slot: subscribe again
+                if on_lost is not None:
+                    on_lost()
                 log.warning("channel %s lost (%s); subscribing again in %.1fs", channel, type(exc).__name__, pause)
                 if self.cluster:
                     # A keyed command for the channel's slot: on a lost node the client
