@@ -68,6 +68,7 @@ class PepRuntime:
         self.cache: DecisionCache | None = None
         self.containment: Containment | None = None
         self.push: Push | None = None
+        self.risk: RiskSignals | None = None
         self.generation = Generation()
         self.posture: PostureVerifier | None = None
         self._revision_task: asyncio.Task[None] | None = None
@@ -127,6 +128,7 @@ class PepRuntime:
             self.shared.watch((self.containment.reconcile, self.cache.reconcile))
         self.posture = PostureVerifier(config.posture)
         await self.posture.start()
+        self.risk = RiskSignals(config.risk, self.shared)
         self.pipeline = Pipeline(
             config,
             self.pdp,
@@ -138,7 +140,7 @@ class PepRuntime:
             self.containment,
             RateLimiter(self.shared),
             self.posture,
-            RiskSignals(config.risk, self.shared),
+            self.risk,
         )
         self._observe()
 
@@ -213,6 +215,8 @@ class PepRuntime:
                 await self._revision_task
         if self.cache is not None:
             await self.cache.stop()
+        if self.risk is not None:
+            await self.risk.stop()  # what was counted here reaches Redis
         if self.containment is not None:
             await self.containment.stop()
         if self.push is not None:

@@ -67,6 +67,7 @@ class Push:
         self._trusted = False  # the mode the request path last saw
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._announcing: set[asyncio.Task[None]] = set()
         self._follower: asyncio.Task[None] | None = None
         self._first = asyncio.Event()  # the first time the channel became healthy
         self.fallbacks = 0  # times the request path fell back to reads
@@ -85,8 +86,13 @@ class Push:
     @property
     def healthy(self) -> bool:
         """Whether the request path may answer from local state now (see the module docstring)."""
+        alive = self.shared.alive.get(self.channel)
         ok = (
-            self._subscription != 0 and self._reconciled == self._subscription and time.monotonic() <= self._valid_until
+            self._subscription != 0
+            and self._reconciled == self._subscription
+            and time.monotonic() <= self._valid_until
+            and alive is not None
+            and alive()
         )
         if ok != self._trusted:
             self._switch(ok)
@@ -103,8 +109,14 @@ class Push:
             self.fallbacks += 1
             log.warning("push channel not known healthy: per-request reads")
 
-    def doubt(self) -> None:
-        """Something may have been missed (data loss, a tripped circuit): reads until reconciled."""
+    def doubt(self, lost: bool = False) -> None:
+        """Something may have been missed (data loss, a tripped circuit): reads until reconciled.
+
+        ``lost``: this replica found Redis without its data (the marker gone); only the first
+        replica to probe finds that, so it tells the others on the channel.
+        """
+        if lost:
+            self._announce_loss()
         self._reconciled = 0
         self._doubts += 1
         self._since = time.monotonic()
@@ -126,7 +138,7 @@ class Push:
                 await self._first.wait()
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        for task in [*self._tasks, *self._announcing]:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -151,6 +163,9 @@ class Push:
             if op == "beat":
                 self._heard_beat(event)
                 return
+            if op == "lost":
+                self.doubt()  # another replica found Redis without its data
+                return
             handler = self._handlers.get(op)
             if handler is not None:
                 handler(event)
@@ -166,6 +181,14 @@ class Push:
         self.beats_heard += 1
         self._valid_until = max(self._valid_until, sent + self.window_s)
         _ = self.healthy
+
+    def _announce_loss(self) -> None:
+        async def announce() -> None:
+            await self.shared.publish(self.channel, orjson.dumps({"op": "lost", "from": self._nonce}))
+
+        task = asyncio.create_task(announce(), name="push-announce-loss")
+        self._announcing.add(task)
+        task.add_done_callback(self._announcing.discard)
 
     async def _beat(self) -> None:
         while True:

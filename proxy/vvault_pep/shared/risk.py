@@ -250,6 +250,9 @@ class RiskSignals:
             return unavailable()
         if self.flush_s:
             self._learn(subject, bucket, network, device_id, res)
+            known = self._known.get(subject)
+            if known is not None and known.pending_denials:
+                res = [*res[:4], int(res[4]) + known.pending_denials, res[5]]  # ours, not yet flushed
         return self._signals(tenant, device_id, now, res)
 
     def _learn(self, subject: str, bucket: int, network: str, device_id: str, res: list[Any]) -> None:

@@ -174,9 +174,13 @@ class SharedState:
         self._watcher: asyncio.Task[None] | None = None
         self._followers: set[asyncio.Task[None]] = set()
         self.subscriptions = 0  # (re)subscriptions made by follow(), all channels
+        # channel → whether its subscription's connection is still open, asked at any time
+        # (an end of stream is seen as soon as the loop reads it, before the follower wakes)
+        self.alive: dict[str, Callable[[], bool]] = {}
         # Told whenever something may have been missed (a tripped circuit, an outage, lost
         # data): the push channel falls back to reads until it reconciled again.
-        self.on_doubt: Callable[[], None] | None = None
+        # With lost=True Redis was found without its data: every replica should hear of it.
+        self.on_doubt: Callable[[bool], None] | None = None
 
     @property
     def available(self) -> bool:
@@ -218,7 +222,7 @@ class SharedState:
                     )
                     self.reachable, self.down_since = True, None
                 if int(mark) == 1 and not first:
-                    self._doubt()
+                    self._doubt(lost=True)
                     self.data_losses += 1
                     log.warning(
                         "redis lost its data (restart, flush or failover): writing back what this replica holds"
@@ -379,9 +383,9 @@ class SharedState:
         log.warning("redis unavailable: %s", type(exc).__name__)
         self._doubt()
 
-    def _doubt(self) -> None:
+    def _doubt(self, lost: bool = False) -> None:
         if self.on_doubt is not None:
-            self.on_doubt()
+            self.on_doubt(lost)
 
     def _checked(self, reply: Any) -> Any:
         if isinstance(reply, Exception):
@@ -475,6 +479,7 @@ class SharedState:
                             break
                 self.subscriptions += 1
                 pause = 0.2
+                self.alive[channel] = _liveness(pubsub, self.cluster)
                 if on_subscribed is not None:
                     await on_subscribed()
                 while True:
@@ -491,6 +496,7 @@ class SharedState:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a lost node, a failover, a moved slot: subscribe again
+                self.alive.pop(channel, None)
                 if on_lost is not None:
                     on_lost()
                 log.warning("channel %s lost (%s); subscribing again in %.1fs", channel, type(exc).__name__, pause)
@@ -502,6 +508,7 @@ class SharedState:
                 await asyncio.sleep(pause)
                 pause = min(1.0, pause * 2)
             finally:
+                self.alive.pop(channel, None)
                 if pubsub is not None:
                     with contextlib.suppress(Exception):
                         async with asyncio.timeout(1.0):
@@ -535,6 +542,26 @@ def _by_slot(keys: list[str]) -> list[list[str]]:
     for key in keys:
         groups.setdefault(key_slot(key.encode()), {})[key] = None
     return [list(group) for group in groups.values()]
+
+
+def _liveness(pubsub: Any, cluster: bool) -> Callable[[], bool]:
+    """Whether the subscription's connections are open and have not seen their end.
+
+    The end of a stream (the server closed it: a CLIENT KILL, a restart) is fed to the
+    connection's reader as soon as the event loop reads it, before the following task
+    wakes up and before the client tries to reconnect: asking here closes that gap.
+    """
+    parts = list(pubsub.node_pubsub_mapping.values()) if cluster else [pubsub]
+    conns = [part.connection for part in parts]
+
+    def alive() -> bool:
+        for conn in conns:
+            reader = getattr(conn, "_reader", None)
+            if reader is None or reader.at_eof():
+                return False
+        return True
+
+    return alive
 
 
 def _text(value: Any) -> str:
