@@ -357,6 +357,10 @@ class PepRuntime:
              lambda: float(self.containment.written_back if self.containment else 0), False),
             ("containment.reconciles", "reconciliations with Redis that completed",
              lambda: float(self.containment.reconciles if self.containment else 0), False),
+            ("push.healthy", "1 while L1 hits are answered from pushed state, 0 while scopes are read per request",
+             lambda: float(self.push is not None and self.push.healthy), True),
+            ("push.fallbacks", "times the push channel was found not healthy and requests fell back to reads",
+             lambda: float(self.push.fallbacks if self.push else 0), False),
         )  # fmt: skip
         for name, description, value, gauge in shared_gauges:
             tel.observe(f"vvault_pep.{name}", description, functools.partial(shared_state, value), gauge=gauge)

@@ -60,6 +60,7 @@ class Push:
         self._seq = 0
         self._sent: dict[int, float] = {}  # beat number → monotonic time it was sent
         self._subscription = 0  # number of the current subscription; 0: none
+        self._subscriptions = 0  # subscriptions made (numbers are never reused)
         self._reconciled = 0  # the subscription after which a full reconciliation completed
         self._since = 0.0  # monotonic time of the doubt a reconciliation must follow
         self._doubts = 0  # doubts and (re)subscriptions: a reconciliation must start after the last
@@ -147,7 +148,8 @@ class Push:
     # ------------------------------------------------------------ the channel
 
     async def _on_subscribed(self) -> None:
-        self._subscription += 1
+        self._subscriptions += 1
+        self._subscription = self._subscriptions
         self.doubt()  # a new subscription may have missed anything: reconcile after it
 
     def _on_lost(self) -> None:

@@ -270,6 +270,7 @@ class RiskSignals:
         if network and len(known.nets) < _MAX_NETS:
             known.nets.add(network)
         known.synced = time.monotonic()
+        self._flushing()  # which also forgets subjects gone quiet
 
     def _signals(self, tenant: str | None, device_id: str, now: dt.datetime, res: list[Any]) -> dict[str, Any]:
         current, baseline, known, added, denials = res[:5]

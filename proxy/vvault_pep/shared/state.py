@@ -553,11 +553,13 @@ def _liveness(pubsub: Any, cluster: bool) -> Callable[[], bool]:
     """
     parts = list(pubsub.node_pubsub_mapping.values()) if cluster else [pubsub]
     conns = [part.connection for part in parts]
+    # The readers of the subscription as confirmed: a client that reconnects by itself
+    # gets new ones, on a connection that missed whatever was published in between.
+    readers: list[Any] = [getattr(conn, "_reader", None) for conn in conns]
 
     def alive() -> bool:
-        for conn in conns:
-            reader = getattr(conn, "_reader", None)
-            if reader is None or reader.at_eof():
+        for conn, reader in zip(conns, readers, strict=True):
+            if reader is None or getattr(conn, "_reader", None) is not reader or reader.at_eof():
                 return False
         return True
 
