@@ -559,7 +559,8 @@ def _liveness(pubsub: Any, cluster: bool) -> Callable[[], bool]:
 
     def alive() -> bool:
         for conn, reader in zip(conns, readers, strict=True):
-            if reader is None or getattr(conn, "_reader", None) is not reader or reader.at_eof():
+            now: Any = getattr(conn, "_reader", None)
+            if now is None or now is not reader or now.at_eof():
                 return False
         return True
 
