@@ -200,7 +200,9 @@ class Push:
             for seq in [s for s, at in self._sent.items() if at < now - 4 * self.window_s]:
                 del self._sent[seq]
             beat = orjson.dumps({"op": "beat", "from": self._nonce, "seq": self._seq})
-            await self.shared.publish(self.channel, beat)
+            # A beat that fails or comes late only makes the channel not healthy (the
+            # window lapses); it does not open the circuit for every other caller.
+            await self.shared.publish(self.channel, beat, trip=False)
             _ = self.healthy  # a lapsed window is noticed even when no request asks
             await asyncio.sleep(self.interval_s)
 

@@ -256,15 +256,24 @@ class SharedState:
         key = f"{self.prefix}{kind}:{{{_escape_tag(tag)}}}"
         return key + "".join(":" + part for part in parts)
 
-    async def call(self, op: Callable[[Any], Awaitable[T]], *, deadline_s: float | None = None) -> T | None:
-        """Run ``op(client)`` under the deadline; ``None`` when Redis cannot answer."""
+    async def call(
+        self, op: Callable[[Any], Awaitable[T]], *, deadline_s: float | None = None, trip: bool = True
+    ) -> T | None:
+        """Run ``op(client)`` under the deadline; ``None`` when Redis cannot answer.
+
+        ``trip=False``: a failure is counted but does not open the circuit (a heartbeat
+        that comes late means "not healthy", not "Redis is down for everyone").
+        """
         if not self.available:
             return None
         try:
             async with asyncio.timeout(deadline_s if deadline_s is not None else self.cfg.timeout_ms / 1000):
                 return await op(self.client)
         except Exception as exc:  # timeouts, Redis and cluster errors, sockets: Redis did not answer
-            self._failed(exc)
+            if trip:
+                self._failed(exc)
+            else:
+                self.errors += 1
             return None
 
     def one(self, add: Callable[[Any], object], *, deadline_s: float | None = None) -> Awaitable[Any]:
@@ -396,11 +405,11 @@ class SharedState:
 
     # ------------------------------------------------------------ pub/sub
 
-    async def publish(self, channel: str, payload: bytes) -> bool:
+    async def publish(self, channel: str, payload: bytes, *, trip: bool = True) -> bool:
         """Publish on ``channel`` (``SPUBLISH`` on a Cluster); False if Redis did not take it."""
         if self.cluster:
-            return await self.call(lambda c: c.spublish(channel, payload)) is not None
-        return await self.call(lambda c: c.publish(channel, payload)) is not None
+            return await self.call(lambda c: c.spublish(channel, payload), trip=trip) is not None
+        return await self.call(lambda c: c.publish(channel, payload), trip=trip) is not None
 
     async def write_and_publish(self, write: Callable[[Any], object], channel: str, payload: bytes) -> bool:
         """``write(pipe)`` and a publish on ``channel``, in one round trip; False if either failed.
