@@ -739,6 +739,9 @@ class Risk(_Model):
     # often (0: one Redis script per request, as before); a new network or device is
     # still decided on the request.  The staleness this allows is in docs/continuous-verification.md.
     flush_ms: int = Field(100, ge=0, le=5_000)
+    # A subject synced with Redis longer ago than this is read on its request (the bound on
+    # what a local answer may miss of the other replicas; at least 2 x flush_ms is used).
+    local_max_age_ms: int = Field(1_000, ge=10, le=60_000)
 
 
 class RateLimit(_Model):

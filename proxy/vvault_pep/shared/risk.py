@@ -22,15 +22,16 @@ an unknown risk allows.
 
 Counted locally, flushed in batches (``risk.flush_ms``, 100 ms by default; 0 runs the
 script on every request).  A replica that synced a subject with Redis less than
-``2 × flush_ms`` ago, in the current window, answers that subject's requests from what
-it knows plus what it counted since, with no Redis command, *unless* the request
+``local_max_age_ms`` ago (1 s; at least ``2 × flush_ms``), in the current window, answers
+that subject's requests from what it knows plus what it counted since, with no Redis
+command, *unless* the request
 carries a network or a device this replica does not know Redis already holds for the
 subject: those (``new_network``, ``device_change``) are decided on the request, by the
 script, as before.  Every ``flush_ms`` the counts (and denials) of the period go to
 Redis in one round trip for all subjects, and the reply brings back what the other
 replicas counted.  So a local answer misses at most the other replicas' requests and
-denials of the last ``2 × flush_ms``, and this replica's own reach Redis within one
-``flush_ms`` and a round trip (docs/continuous-verification.md).
+denials of the last ``local_max_age_ms + flush_ms``, and this replica's own reach Redis
+within one ``flush_ms`` and a round trip (docs/continuous-verification.md).
 """
 
 from __future__ import annotations
@@ -183,7 +184,8 @@ class RiskSignals:
         self.cfg = cfg
         self.shared = shared
         self.flush_s = cfg.flush_ms / 1000
-        self.stale_s = 2 * self.flush_s  # a subject synced longer ago is read on the request
+        # a subject synced longer ago is read on its request
+        self.stale_s = max(2 * self.flush_s, cfg.local_max_age_ms / 1000) if self.flush_s else 0.0
         self._known: dict[str, _Known] = {}
         self._flusher: asyncio.Task[None] | None = None
         self.local = 0  # requests answered from local counts
@@ -258,6 +260,8 @@ class RiskSignals:
     def _learn(self, subject: str, bucket: int, network: str, device_id: str, res: list[Any]) -> None:
         current, baseline, _, _, denials, previous = res
         known = self._known.get(subject)
+        if known is not None and known.bucket != bucket and known.pending:
+            return  # the last window's counts are flushed first; learnt at the next request
         if known is None or known.bucket != bucket:
             if known is None and len(self._known) >= _MAX_SUBJECTS:
                 return
