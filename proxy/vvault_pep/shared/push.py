@@ -53,6 +53,7 @@ class Push:
         self.generation = generation
         self.channel = shared.key_for("push", CONTAINMENT_TAG)
         self.interval_s = shared.cfg.heartbeat_ms / 1000
+        self.deadline_s = shared.cfg.heartbeat_deadline_ms / 1000
         self.window_s = (shared.cfg.heartbeat_ms + shared.cfg.heartbeat_deadline_ms) / 1000
         self._handlers: dict[str, Callable[[dict[str, Any]], None]] = {}
         self._reconcilers: list[Callable[[], Awaitable[bool]]] = []
@@ -202,7 +203,7 @@ class Push:
             beat = orjson.dumps({"op": "beat", "from": self._nonce, "seq": self._seq})
             # A beat that fails or comes late only makes the channel not healthy (the
             # window lapses); it does not open the circuit for every other caller.
-            await self.shared.publish(self.channel, beat, trip=False)
+            await self.shared.publish(self.channel, beat, trip=False, deadline_s=self.deadline_s)
             _ = self.healthy  # a lapsed window is noticed even when no request asks
             await asyncio.sleep(self.interval_s)
 

@@ -111,6 +111,7 @@ CONTAINMENT_TAG = "c"
 _MAX_BATCH = 512  # commands per pipeline
 PROBE_S = 0.5  # how often the watcher asks whether Redis is there and still holds its data
 FULL_S = 5.0  # how often the reconcilers run when nothing else asks for it
+_PROBE_DEADLINE_S = 0.25  # the watcher's probe deadline, at least
 # 1 when the marker was missing (and is now set): Redis lost what it held, or never had it.
 _MARK = "if redis.call('SET', KEYS[1], '1', 'NX') then return 1 else return 0 end"
 
@@ -206,8 +207,15 @@ class SharedState:
         last_full = time.monotonic()
         seen_trips = self.trips
         first = True
+        # The probe is not on the request path: it may wait longer than timeout_ms (a new
+        # pooled connection's handshake on a busy loop), and a first failure is asked again
+        # at once before it opens the circuit — an event loop that stalled past the deadline
+        # (a collection right after start) is not an outage.
+        probe_s = max(self.cfg.timeout_ms / 1000, _PROBE_DEADLINE_S)
         while True:
-            mark = await self.call(lambda c: c.eval(_MARK, 1, marker))
+            mark = await self.call(lambda c: c.eval(_MARK, 1, marker), deadline_s=probe_s, trip=False)
+            if mark is None:
+                mark = await self.call(lambda c: c.eval(_MARK, 1, marker), deadline_s=probe_s)
             if mark is None:
                 self._doubt()
                 if self.reachable:
@@ -405,11 +413,13 @@ class SharedState:
 
     # ------------------------------------------------------------ pub/sub
 
-    async def publish(self, channel: str, payload: bytes, *, trip: bool = True) -> bool:
+    async def publish(
+        self, channel: str, payload: bytes, *, trip: bool = True, deadline_s: float | None = None
+    ) -> bool:
         """Publish on ``channel`` (``SPUBLISH`` on a Cluster); False if Redis did not take it."""
         if self.cluster:
-            return await self.call(lambda c: c.spublish(channel, payload), trip=trip) is not None
-        return await self.call(lambda c: c.publish(channel, payload), trip=trip) is not None
+            return await self.call(lambda c: c.spublish(channel, payload), trip=trip, deadline_s=deadline_s) is not None
+        return await self.call(lambda c: c.publish(channel, payload), trip=trip, deadline_s=deadline_s) is not None
 
     async def write_and_publish(self, write: Callable[[Any], object], channel: str, payload: bytes) -> bool:
         """``write(pipe)`` and a publish on ``channel``, in one round trip; False if either failed.
