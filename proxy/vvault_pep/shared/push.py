@@ -142,8 +142,9 @@ class Push:
     async def stop(self) -> None:
         for task in [*self._tasks, *self._announcing]:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                async with asyncio.timeout(2.0):
+                    await task
         self._tasks = []
 
     # ------------------------------------------------------------ the channel

@@ -373,11 +373,13 @@ class RiskSignals:
         """Flush what was counted, then stop flushing."""
         if self._flusher is not None:
             self._flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                async with asyncio.timeout(2.0):
+                    await self._flusher
             self._flusher = None
-        with contextlib.suppress(Exception):
-            await self.flush()
+        with contextlib.suppress(Exception):  # a timeout included: stopping never waits on Redis long
+            async with asyncio.timeout(2.0):
+                await self.flush()
 
 
 def _flush_op(keys: list[str], args: tuple[int, ...]) -> Callable[[Any], object]:
