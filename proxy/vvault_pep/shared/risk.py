@@ -123,6 +123,18 @@ class _Known:
     nets: set[str] = field(default_factory=set)  # networks Redis holds for the subject
     pending: int = 0  # requests counted here since, not yet in Redis
     pending_denials: int = 0
+    # sent to Redis, reply not yet here: still counted, or a request answered meanwhile
+    # would miss them
+    flushing: int = 0
+    flushing_denials: int = 0
+
+    @property
+    def requests(self) -> int:
+        return self.count + self.flushing + self.pending
+
+    @property
+    def unflushed_denials(self) -> int:
+        return self.flushing_denials + self.pending_denials
 
 
 def unavailable() -> dict[str, Any]:
@@ -212,8 +224,8 @@ class RiskSignals:
             known.pending += 1
             self.local += 1
             self._flushing()
-            res = [known.count + known.pending, known.baseline, len(known.nets) or 1, 0]
-            return _ready(self._signals(who.tenant, device_id, now, [*res, known.denials + known.pending_denials]))
+            res = [known.requests, known.baseline, len(known.nets) or 1, 0, known.denials + known.unflushed_denials]
+            return _ready(self._signals(who.tenant, device_id, now, res))
         keys = [
             risk_key(shared, subject, "w", str(bucket)),
             risk_key(shared, subject, "w", str(bucket - 1)),
@@ -226,12 +238,13 @@ class RiskSignals:
         carried = known.pending if known is not None and known.bucket == bucket else 0
         if carried:
             assert known is not None
-            known.pending = 0
+            known.pending, known.flushing = 0, known.flushing + carried
         reply = shared.one(
             lambda p: p.eval(_SCRIPT, len(keys), *keys, window, network, device_id, 1 + carried),
             deadline_s=self.cfg.timeout_ms / 1000,
         )
-        return self._block(who.tenant, device_id, now, reply, subject, bucket, network, carried)
+        carrier = known if carried else None
+        return self._block(who.tenant, device_id, now, reply, subject, bucket, network, carrier, carried)
 
     async def _block(
         self,
@@ -242,19 +255,21 @@ class RiskSignals:
         subject: str,
         bucket: int,
         network: str,
+        carrier: _Known | None,
         carried: int,
     ) -> dict[str, Any]:
         res = await reply
-        known = self._known.get(subject)
+        if carrier is not None:  # the state the carried counts were taken from
+            carrier.flushing -= carried
+            if res is None:
+                carrier.pending += carried  # flushed later, not lost
         if res is None:
-            if carried and known is not None and known.bucket == bucket:
-                known.pending += carried  # flushed later, not lost
             return unavailable()
         if self.flush_s:
             self._learn(subject, bucket, network, device_id, res)
             known = self._known.get(subject)
-            if known is not None and known.pending_denials:
-                res = [*res[:4], int(res[4]) + known.pending_denials, res[5]]  # ours, not yet flushed
+            if known is not None and known.unflushed_denials:
+                res = [*res[:4], int(res[4]) + known.unflushed_denials, res[5]]  # ours, not yet in Redis
         return self._signals(tenant, device_id, now, res)
 
     def _learn(self, subject: str, bucket: int, network: str, device_id: str, res: list[Any]) -> None:
@@ -342,8 +357,8 @@ class RiskSignals:
             return True
         replies = []
         for subject, known, n, d in batch:
-            known.pending -= n
-            known.pending_denials -= d
+            known.pending, known.flushing = known.pending - n, known.flushing + n
+            known.pending_denials, known.flushing_denials = known.pending_denials - d, known.flushing_denials + d
             keys = [
                 risk_key(shared, subject, "w", str(known.bucket)),
                 risk_key(shared, subject, "w", str(known.bucket - 1)),
@@ -355,6 +370,7 @@ class RiskSignals:
             replies.append(shared.one(_flush_op(keys, args)))
         ok = True
         for (_, known, n, d), res in zip(batch, await asyncio.gather(*replies), strict=True):
+            known.flushing, known.flushing_denials = known.flushing - n, known.flushing_denials - d
             if res is None:
                 known.pending += n  # counted again next time
                 known.pending_denials += d
