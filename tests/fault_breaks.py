@@ -426,6 +426,26 @@ BREAKS = (
         "        raise",
         ("tests/test_config_hardening.py::test_a_port_in_use_is_exit_1_with_one_line",),
     ),
+    Break(
+        "push channel lost: per-request reads at once",
+        "shared/push.py",
+        "            and alive is not None\n            and alive()\n",
+        "",
+        ("tests/test_push.py::test_killing_the_subscription_falls_back_to_reads_at_once",),
+        more=(
+            (
+                "    def _on_lost(self) -> None:\n        self._subscription = 0\n",
+                "    def _on_lost(self) -> None:\n        return\n",
+            ),
+        ),
+    ),
+    Break(
+        "push channel silent: reads after the heartbeat window",
+        "shared/push.py",
+        "            and time.monotonic() <= self._valid_until\n",
+        "",
+        ("tests/test_push.py::test_a_subscription_that_delivers_nothing_falls_back_within_the_window",),
+    ),
 )
 
 

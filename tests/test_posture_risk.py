@@ -182,6 +182,8 @@ async def test_denials_feed_a_shared_risk_score(
     assert first["signals"]["recent_denials"] == 0
     for pep in (a, b, a):  # denied three times (no device), on both instances
         await query(pep, pki, token, None, caplog)
+    for pep in (a, b):  # what each counted reaches Redis, and comes back, at its flush
+        assert pep.risk is not None and await pep.risk.flush()
     later = (await query(b, pki, token, None, caplog))[1]["input"]["risk"]
     assert later["signals"]["recent_denials"] == 4
     assert later["score"] == 24

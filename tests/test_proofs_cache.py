@@ -171,12 +171,19 @@ async def test_a_quarantine_from_redis_beats_a_cached_allow_without_any_reset(
     assert (await ask(pep, pki, audit, "gate.proof.test", token))[0] == 200
     status, _, record = await ask(pep, pki, audit, "gate.proof.test", token)
     assert (status, record["cache"]) == (200, "l1")
-    # Another replica's quarantine: the key only — no epoch bump, no publish.
+    # Another replica's quarantine: the key and its event on the push channel, as that
+    # replica writes them — no epoch bump.
     key = f"vvault-pep:q:{{c}}:subject:{idp.url}|q-user"
     client = aioredis.from_url(redis.url)
+    assert pep.push is not None and pep.push.healthy and pep.containment is not None
     try:
         doc = {"reason": "from another replica", "until": time.time() + 60, "by": "replica-b"}
         await client.set(key, json.dumps(doc), px=60_000)
+        event = {"op": "add", "scope": "subject", "value": f"{idp.url}|q-user", **doc}
+        assert await client.publish(pep.push.channel, json.dumps(event)) == 1
+        async with asyncio.timeout(10):  # heard, not read: no request asks Redis meanwhile
+            while not pep.containment._local:
+                await asyncio.sleep(0.01)
         status, code, record = await ask(pep, pki, audit, "gate.proof.test", token)
         assert (status, code) == (403, "containment.quarantined")
         assert record["upstream_status"] is None

@@ -312,12 +312,18 @@ async def _request_costs(
     topology: Topology, pair: tuple[PepRuntime, PepRuntime], clients: tuple[Client, Client], idp: Issuer
 ) -> dict[str, dict[str, int]]:
     """A miss, an L2 hit and an L1 hit; ``background`` is non-empty when a watcher's probe
-    (an EVAL every 0.5 s per replica, then perhaps a reconciliation) fell inside one."""
+    (an EVAL every 0.5 s per replica, then perhaps a reconciliation) fell inside one, or
+    when the push channel was not known healthy throughout (then scopes are read)."""
     a, b = pair
     token = idp.token(sub=f"cost-{uuid.uuid4().hex[:6]}")
     cost: dict[str, dict[str, int]] = {"background": {}}
+    for pep in pair:
+        async with asyncio.timeout(15):
+            while pep.push is None or not pep.push.healthy:
+                await asyncio.sleep(0.02)
     for label, client, pep in (("miss", 0, a), ("l2", 1, b), ("l1", 1, b)):
         nodes = topology.masters()
+        fallbacks = sum(p.push.fallbacks for p in pair if p.push is not None)
         before, trips = all_calls(nodes), pep.shared.batches  # type: ignore[union-attr]
         assert await clients[client].get("gate.t.test", token) == (200, "")
         await pep.cache.drain()  # type: ignore[union-attr]
@@ -331,7 +337,11 @@ async def _request_costs(
         for probe in ("eval", "scan"):
             if probe in cost[label]:
                 cost["background"][probe] = cost[label][probe]
-        for other in ("info", "hello", "client|setinfo", "ping", "replconf", "scan", "cluster|slots", "cluster|shards"):
+        if sum(p.push.fallbacks for p in pair if p.push is not None) != fallbacks:
+            cost["background"]["fallback"] = 1
+        # + the push channel's heartbeats (every heartbeat_ms per replica)
+        for other in ("info", "hello", "client|setinfo", "ping", "replconf", "scan", "cluster|slots", "cluster|shards",
+                      "publish", "spublish"):  # fmt: skip
             cost[label].pop(other, None)
         cost[label]["round_trips"] = pep.shared.batches - trips  # type: ignore[union-attr]
     return cost
@@ -350,20 +360,19 @@ async def test_what_a_request_costs_redis(
     else:
         raise AssertionError("the watchers' probes never left a request alone")
     print(f"\n{topology.name}: redis operations per request: {cost}")
-    # quarantines + revision + epochs of the subject, tenant and token: one MGET on every
-    # topology (on a Cluster they share one hash tag, so one slot and one node)
-    scope_mgets = cost["l1"]["mget"]
-    assert scope_mgets == 1
-    assert cost["l1"] == {"mget": scope_mgets, "round_trips": 1}
-    # + the route's index (once per route and revision per replica, then remembered for
+    # quarantines + revision + epochs of the subject, tenant and token: pushed into each
+    # replica, so nothing on every topology while the channel is healthy (while it is not,
+    # one MGET to one node: on a Cluster they share one hash tag)
+    assert cost["l1"] == {"round_trips": 0}
+    # the route's index (once per route and revision per replica, then remembered for
     # 5 s: a second attempt finds it known) and the entry
     index = cost["l2"].get("get", 0) - 1
     assert index in (0, 1)
-    assert cost["l2"] == {"mget": scope_mgets, "get": 1 + index, "round_trips": 2 + index}
+    assert cost["l2"] == {"get": 1 + index, "round_trips": 1 + index}
     # + the entry and its index written, off the request path, in one more round trip
     index = cost["miss"].get("get", 0) - 1
     assert index in (0, 1)
-    assert cost["miss"] == {"mget": scope_mgets, "get": 1 + index, "set": 2, "round_trips": 3 + index}
+    assert cost["miss"] == {"get": 1 + index, "set": 2, "round_trips": 2 + index}
 
 
 # ------------------------------------------------------------------ failover under load
@@ -566,25 +575,34 @@ async def test_memory_per_cached_decision_and_per_subject(
 
 
 @pytest.mark.parametrize("topology", ["standalone", "cluster"], indirect=True)
-async def test_risk_signals_add_one_script_to_the_same_round_trip(
+async def test_risk_signals_of_an_l1_hit_are_counted_locally_and_flushed_in_one_script(
     pki: Path, opa: OpaProcess, upstream: Upstream, idp: Issuer, topology: Topology
 ) -> None:
-    pep = PepRuntime(pep_config(pki, opa, upstream, idp, topology, risk={"enabled": True, "timeout_ms": 2000}))
+    # flush_ms 1000: the subject's state stays fresh (2 x flush_ms) through the slow INFO calls
+    risk = {"enabled": True, "timeout_ms": 2000, "flush_ms": 1000}
+    pep = PepRuntime(pep_config(pki, opa, upstream, idp, topology, risk=risk))
     await pep.start()
     client = Client(pki, pep)
     try:
-        token = idp.token(sub=f"risky-{uuid.uuid4().hex[:6]}")
-        assert await client.get("gate.t.test", token) == (200, "")
-        assert pep.cache is not None and pep.shared is not None
+        name = f"risky-{uuid.uuid4().hex[:6]}"
+        token = idp.token(sub=name)
+        assert await client.get("gate.t.test", token) == (200, "")  # the script, on the request
+        assert pep.cache is not None and pep.shared is not None and pep.risk is not None
+        assert pep.push is not None and pep.push.healthy
         await pep.cache.drain()
+        await pep.risk.flush()
         nodes = topology.masters()
-        before, trips, l1 = all_calls(nodes), pep.shared.batches, pep.cache.stats["l1"]
+        before, trips, l1, local = all_calls(nodes), pep.shared.batches, pep.cache.stats["l1"], pep.risk.local
         assert await client.get("gate.t.test", token) == (200, "")
+        assert (pep.cache.stats["l1"], pep.risk.local) == (l1 + 1, local + 1)
+        assert pep.shared.batches - trips == 0  # counted here, no round trip
+        assert await pep.risk.flush()
         after = all_calls(nodes)
-        assert pep.cache.stats["l1"] == l1 + 1
-        assert pep.shared.batches - trips == 1  # the script rides in the scope reads' pipeline
+        assert pep.shared.batches - trips == 1
         scripts = sum(after.get(k, 0) - before.get(k, 0) for k in ("cmdstat_eval", "cmdstat_evalsha"))
-        assert scripts == 1  # its six keys share the subject's hash tag: one slot, one script
+        assert scripts >= 1  # the flush: its keys share the subject's hash tag, one slot, one script
+        window = pep.shared.key_for("risk", f"sub:{idp.url}|{name}", "w", str(int(time.time()) // 60))
+        assert int(await pep.shared.call(lambda c: c.get(window)) or 0) in (1, 2)  # 2, unless the window turned
     finally:
         await client.close()
         await pep.stop()

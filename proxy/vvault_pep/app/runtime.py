@@ -37,9 +37,10 @@ from ..identity.posture import PostureVerifier
 from ..observe.audit import AuditLog
 from ..observe.telemetry import Telemetry
 from ..shared.containment import Containment
+from ..shared.push import Push
 from ..shared.ratelimit import RateLimiter
 from ..shared.risk import RiskSignals
-from ..shared.state import SharedState
+from ..shared.state import Generation, SharedState
 from .admin import AdminApi
 from .pipeline import Pipeline
 from .services import key_decisions, policy_client
@@ -66,6 +67,9 @@ class PepRuntime:
         self.shared: SharedState | None = None
         self.cache: DecisionCache | None = None
         self.containment: Containment | None = None
+        self.push: Push | None = None
+        self.risk: RiskSignals | None = None
+        self.generation = Generation()
         self.posture: PostureVerifier | None = None
         self._revision_task: asyncio.Task[None] | None = None
         self._tls_task: asyncio.Task[None] | None = None
@@ -105,16 +109,26 @@ class PepRuntime:
         self.authn = Authenticator(config.identity)
         await self.authn.start()
         self.shared = SharedState(config.redis) if config.redis is not None else None
-        self.cache = DecisionCache(config.cache, self.shared)
+        # One number for everything the replica knows of shared state (memos compare it).
+        self.generation = Generation()
+        push = config.redis is not None and config.redis.push and self.shared is not None
+        self.push = Push(self.shared, self.generation) if push and self.shared is not None else None
+        self.cache = DecisionCache(config.cache, self.shared, push=self.push, generation=self.generation)
         await key_decisions(config, self.pdp, self.cache, derived)
         self._revision_task = asyncio.create_task(self._revision_loop(), name="opa-revision")
-        self.containment = Containment(self.shared)
+        self.containment = Containment(self.shared, push=self.push, generation=self.generation)
         await self.containment.start()
+        if self.push is not None:
+            # Subscribe, reconcile in full, hear our own beat: then L1 hits need no Redis.
+            await self.push.start(first_s=2.0)
+            if not self.push.healthy:  # Redis slow or away: read what it holds now; reads meanwhile
+                await self.containment.reconcile()
         if self.shared is not None:
             # Both ways on every (re)connection, on data loss and periodically.
             self.shared.watch((self.containment.reconcile, self.cache.reconcile))
         self.posture = PostureVerifier(config.posture)
         await self.posture.start()
+        self.risk = RiskSignals(config.risk, self.shared)
         self.pipeline = Pipeline(
             config,
             self.pdp,
@@ -126,7 +140,7 @@ class PepRuntime:
             self.containment,
             RateLimiter(self.shared),
             self.posture,
-            RiskSignals(config.risk, self.shared),
+            self.risk,
         )
         self._observe()
 
@@ -201,8 +215,12 @@ class PepRuntime:
                 await self._revision_task
         if self.cache is not None:
             await self.cache.stop()
+        if self.risk is not None:
+            await self.risk.stop()  # what was counted here reaches Redis
         if self.containment is not None:
             await self.containment.stop()
+        if self.push is not None:
+            await self.push.stop()
         if self.posture is not None:
             await self.posture.stop()
         if self.shared is not None:
@@ -341,6 +359,10 @@ class PepRuntime:
              lambda: float(self.containment.written_back if self.containment else 0), False),
             ("containment.reconciles", "reconciliations with Redis that completed",
              lambda: float(self.containment.reconciles if self.containment else 0), False),
+            ("push.healthy", "1 while L1 hits are answered from pushed state, 0 while scopes are read per request",
+             lambda: float(self.push is not None and self.push.healthy), True),
+            ("push.fallbacks", "times the push channel was found not healthy and requests fell back to reads",
+             lambda: float(self.push.fallbacks if self.push else 0), False),
         )  # fmt: skip
         for name, description, value, gauge in shared_gauges:
             tel.observe(f"vvault_pep.{name}", description, functools.partial(shared_state, value), gauge=gauge)
@@ -442,6 +464,8 @@ class PepRuntime:
             "unshared_quarantines": containment.unshared,
             "unshared_epoch_bumps": cache.unshared,
             "last_reconciled": containment.last_reconciled,
+            # "push": L1 hits answered from pushed state; "reads": per-request reads; "off"
+            "l1_hits": ("push" if self.push.healthy else "reads") if self.push is not None else "off",
         }
 
     async def _readyz(self, request: web.Request) -> web.Response:

@@ -282,7 +282,8 @@ class Body:
 
 
 class Context:
-    """Risk, containment and the cache's revision/epochs in one Redis round trip, for the subject.
+    """Risk, containment and the cache's revision/epochs for the subject: from pushed and
+    locally counted state, or (while the push channel is not known healthy) in one Redis round trip.
 
     The policy input is built here, once: for OPA and the cache key, never read by a stage.
     """
@@ -308,8 +309,9 @@ class Context:
             body=x.inspected,
         )
         who = x.subject
-        # risk, containment and the cache's revision/epochs all read Redis: the three reads
-        # are queued now and share one round trip (with those of other requests in flight).
+        # risk, containment and the cache's revision/epochs: answered locally when they can be;
+        # the reads they still need are queued now and share one round trip (with those of
+        # other requests in flight).
         static = x.static
         draft = memo.policy_input(static, facts) if static is not None else build_input(facts, pep_version=__version__)
         with Timed(self.tel, trail, "context"):

@@ -545,6 +545,11 @@ class Redis(_Model):
     max_connections: int = Field(64, gt=0)
     key_prefix: str = Field("vvault-pep:", pattern=r"^[A-Za-z0-9:_.-]*$")
     retry_after_failure_s: float = Field(1.0, ge=0)
+    # Quarantines, lifts, epochs and the revision pushed over pub/sub into local state: an
+    # L1 hit then asks Redis nothing while the channel is known healthy (docs/performance.md).
+    push: bool = True
+    heartbeat_ms: int = Field(250, ge=10, le=10_000)  # how often a replica beats on the channel
+    heartbeat_deadline_ms: int = Field(250, ge=10, le=10_000)  # how late its own beat may come back
 
     @model_validator(mode="after")
     def _mode(self) -> Redis:
@@ -733,6 +738,13 @@ class Risk(_Model):
     tenant_timezones: dict[str, str] = {}
     business_hours: tuple[int, int] = (7, 19)
     timeout_ms: int = Field(30, gt=0)
+    # Request counts and denials kept per replica and written to Redis in one batch this
+    # often (0: one Redis script per request, as before); a new network or device is
+    # still decided on the request.  The staleness this allows is in docs/continuous-verification.md.
+    flush_ms: int = Field(100, ge=0, le=5_000)
+    # A subject synced with Redis longer ago than this is read on its request (the bound on
+    # what a local answer may miss of the other replicas; at least 2 x flush_ms is used).
+    local_max_age_ms: int = Field(1_000, ge=10, le=60_000)
 
 
 class RateLimit(_Model):

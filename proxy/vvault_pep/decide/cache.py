@@ -31,6 +31,11 @@ decisions or errors).  Lifetime = min(route TTL, the decision's ``ttl_s``, the
 token's ``exp``, ``max_ttl_s``); denies use the shorter deny TTL.  An entry
 is data (OPA's raw result), re-interpreted on every hit; one that cannot be
 parsed or has expired is a miss.  Redis slow or down → L1 and OPA only.
+
+With a :class:`~vvault_pep.shared.push.Push` channel every bump is announced on it by
+the script that makes it, each replica keeps every epoch Redis holds (read in full
+after each (re)subscription), and :meth:`DecisionCache.context` answers from that
+with no Redis command while the channel is known healthy.
 """
 
 from __future__ import annotations
@@ -50,7 +55,8 @@ import orjson
 from ..config.models import Cache as CacheConfig
 from ..config.models import Route
 from ..core.principal import SCOPES
-from ..shared.state import CONTAINMENT_TAG, SharedState
+from ..shared.push import Push
+from ..shared.state import CONTAINMENT_TAG, Generation, SharedState
 from . import deps
 from .store import DecisionStore, store_named
 
@@ -184,9 +190,23 @@ class _Entry:
 
 
 class DecisionCache:
-    def __init__(self, cfg: CacheConfig, shared: SharedState | None, store: DecisionStore | None = None) -> None:
+    def __init__(
+        self,
+        cfg: CacheConfig,
+        shared: SharedState | None,
+        store: DecisionStore | None = None,
+        *,
+        push: Push | None = None,
+        generation: Generation | None = None,
+    ) -> None:
         self.cfg = cfg
         self.shared = shared
+        self.push = push
+        self.gen = generation if generation is not None else Generation()
+        if push is not None:
+            push.handle("epoch", self._heard)
+            push.handle("rev", self._heard)
+            push.reconciler(self.load)
         # L2: the "redis" store when Redis is configured; a store given here instead (a test's).
         if store is None and shared is not None:
             store = store_named("redis", shared)
@@ -201,7 +221,7 @@ class DecisionCache:
         self._revision_counter = 0
         self._local_revision_bumps = 0
         self._unpushed_revision = 0
-        self.opa_revision = ""
+        self._opa_revision = ""
         # Outside bundle mode each OPA holds its own data (files, admin pushes): answers
         # from different OPA processes must never share an entry.
         self.opa_instance: str | None = None
@@ -214,9 +234,21 @@ class DecisionCache:
         # Set once the policy's paths were ever known: from then on, unknown paths (a pushed
         # module nobody analysed, a newer revision) may read the clock.
         self._analysed = False
-        # Moves on every change of what this replica knows that a key is made of (policy
-        # paths, revisions, epochs): what was worked out under one generation is stale in the next.
-        self.generation = 0
+
+    @property
+    def generation(self) -> int:
+        """Moves whenever an epoch, the revision counter or OPA's revision moves, or the push mode changes."""
+        return self.gen.value
+
+    @property
+    def opa_revision(self) -> str:
+        return self._opa_revision
+
+    @opa_revision.setter
+    def opa_revision(self, value: str) -> None:
+        if value != self._opa_revision:
+            self._opa_revision = value
+            self.gen.bump()
 
     # ------------------------------------------------------------ keys from the policy
 
@@ -230,12 +262,12 @@ class DecisionCache:
         """
         self._paths, self._paths_revision, self._refused_routes = dict(paths), revision, refused_routes
         self._analysed = True
-        self.generation += 1
+        self.gen.bump()
 
     def forget_policy_paths(self) -> None:
         """The policy changed in a way nobody analysed (a pushed module): back to whole-input keys."""
         self._paths, self._paths_revision, self._refused_routes = {}, None, frozenset()
-        self.generation += 1
+        self.gen.bump()
 
     @property
     def paths_revision(self) -> str | None:
@@ -264,9 +296,12 @@ class DecisionCache:
     # ------------------------------------------------------------ context
 
     def context(self, scopes: tuple[tuple[str, str], ...]) -> Coroutine[Any, Any, tuple[str, list[Any]]]:
-        """The revision and epochs for these scopes: the read is queued now, await the answer."""
+        """The revision and epochs for these scopes: the read is queued now, await the answer.
+
+        No read while the push channel is known healthy: every epoch Redis holds is here.
+        """
         reply = None
-        if self.shared is not None:
+        if self.shared is not None and (self.push is None or not self.push.healthy):
             shared = self.shared
             reply = shared.mget([rev_key(shared)] + [epoch_key(shared, s, v) for s, v in scopes])
         return self._context(scopes, reply)
@@ -284,7 +319,7 @@ class DecisionCache:
                     self._suspect()
                 elif counter > self._revision_counter:
                     self._revision_counter = counter
-                    self.generation += 1
+                    self.gen.bump()
                 for pair, raw in zip(scopes, values[1:], strict=True):
                     # Only bumped scopes are remembered: a zero per token or subject ever
                     # seen would grow without end.
@@ -292,7 +327,7 @@ class DecisionCache:
                     known = self._epochs.get(pair, 0)
                     if epoch > known:
                         self._epochs[pair] = epoch
-                        self.generation += 1
+                        self.gen.bump()
                     elif epoch < known:
                         self._suspect()
         epochs = [[s, v, self._epochs.get((s, v), 0), self._local_bumps.get((s, v), 0)] for s, v in scopes]
@@ -491,7 +526,7 @@ class DecisionCache:
         if current == self.opa_revision:
             return True
         self.opa_revision = current
-        self.generation += 1
+        self.gen.bump()
         return False
 
     # ------------------------------------------------------------ invalidation
@@ -504,17 +539,17 @@ class DecisionCache:
         if self.shared is not None:
             shared = self.shared
             known = self._epochs.get(pair, 0)
-            epoch = await shared.call(lambda c: c.eval(_FORWARD, 1, epoch_key(shared, scope, value), known, 1))
+            key = epoch_key(shared, scope, value)
+            epoch = await shared.call(lambda c: c.eval(_FORWARD, 1, key, known, 1, *self._announce("epoch", pair)))
             if epoch is not None:
-                self._epochs[pair] = max(known, _int(epoch))
-                self.generation += 1
+                self._raise_epoch(pair, _int(epoch))
                 return True
             # Redis could not hear it: written back by reconcile() once it is back.
             self._unpushed[pair] = self._unpushed.get(pair, 0) + 1
         # No Redis to spread it: this replica still honours it, at once and for good
         # (its keys for that scope then differ from the other replicas').
         self._local_bumps[pair] = self._local_bumps.get(pair, 0) + 1
-        self.generation += 1
+        self.gen.bump()
         return self.shared is None
 
     async def bump_revision(self) -> bool:
@@ -522,17 +557,75 @@ class DecisionCache:
         if self.shared is not None:
             shared = self.shared
             known = self._revision_counter
-            value = await shared.call(lambda c: c.eval(_FORWARD, 1, rev_key(shared), known, 1))
+            value = await shared.call(lambda c: c.eval(_FORWARD, 1, rev_key(shared), known, 1, *self._announce("rev")))
             if value is not None:
-                self._revision_counter = max(known, _int(value))
-                self.generation += 1
+                self._raise_revision(_int(value))
                 return True
             self._unpushed_revision += 1
         # Without Redis the change is still honoured here, for good: a later read
         # of the shared counter cannot bring an older revision back.
         self._local_revision_bumps += 1
-        self.generation += 1
+        self.gen.bump()
         return self.shared is None
+
+    def _announce(self, op: str, pair: tuple[str, str] = ("", "")) -> tuple[str, ...]:
+        """The script's publish arguments: command, channel, op, scope, value (none without push)."""
+        if self.push is None or self.shared is None:
+            return ()
+        return ("spublish" if self.shared.cluster else "publish", self.push.channel, op, *pair)
+
+    def _raise_epoch(self, pair: tuple[str, str], epoch: int) -> None:
+        if epoch > self._epochs.get(pair, 0):
+            self._epochs[pair] = epoch
+            self.gen.bump()
+
+    def _raise_revision(self, counter: int) -> None:
+        if counter > self._revision_counter:
+            self._revision_counter = counter
+            self.gen.bump()
+
+    def _heard(self, event: dict[str, Any]) -> None:
+        """Another replica's bump, announced on the push channel (only forward)."""
+        n = event["n"]
+        if isinstance(n, bool) or not isinstance(n, int):
+            return
+        if event["op"] == "rev":
+            self._raise_revision(n)
+        elif event["scope"] in SCOPES and isinstance(event["value"], str):
+            self._raise_epoch((event["scope"], event["value"]), n)
+
+    async def load(self) -> bool:
+        """Every epoch and the revision counter Redis holds, merged forward; True when read.
+
+        The push channel's full reconciliation: after it (and the events heard since),
+        no epoch in Redis is unknown here, so the request path need not read them.
+        """
+        if self.shared is None:
+            return False
+        shared = self.shared
+        prefix = epoch_key(shared, "", "")[:-2] + ":"  # <prefix>epoch:{c}:
+
+        async def read(c: Any) -> tuple[Any, list[tuple[bytes, Any]]]:
+            where: dict[str, Any] = {}
+            if shared.cluster:
+                await c.initialize()
+                where = {"target_nodes": c.get_node_from_key(prefix)}
+            keys = [k async for k in c.scan_iter(match=prefix + "*", count=1000, **where)]
+            values = await c.mget(keys) if keys else []
+            return await c.get(rev_key(shared)), list(zip(keys, values, strict=True))
+
+        found = await shared.call(read, deadline_s=2.0)
+        if found is None:
+            return False
+        counter, rows = found
+        if _int(counter) < self._revision_counter:
+            self._suspect()
+        self._raise_revision(_int(counter))
+        for key, raw in rows:
+            scope, _, value = key.decode(errors="replace")[len(prefix) :].partition(":")
+            if scope in SCOPES and raw is not None:
+                self._raise_epoch((scope, value), _int(raw))
+        return True
 
     def _suspect(self) -> None:
         # Redis shows a counter below one this replica remembers: it lost data.
@@ -559,24 +652,19 @@ class DecisionCache:
 
         async def op(c: Any) -> list[Any]:
             pipe = c.pipeline(transaction=False)
-            pipe.eval(_FORWARD, 1, rev_key(shared), self._revision_counter, pending_rev)
+            pipe.eval(_FORWARD, 1, rev_key(shared), self._revision_counter, pending_rev, *self._announce("rev"))
             for s, v in pairs:
-                pipe.eval(_FORWARD, 1, epoch_key(shared, s, v), self._epochs.get((s, v), 0), pending.get((s, v), 0))
+                known, add = self._epochs.get((s, v), 0), pending.get((s, v), 0)
+                pipe.eval(_FORWARD, 1, epoch_key(shared, s, v), known, add, *self._announce("epoch", (s, v)))
             return list(await pipe.execute())
 
         replies = await shared.call(op, deadline_s=2.0)
         if replies is None:
             return False
-        counter = max(self._revision_counter, _int(replies[0]))
-        if counter != self._revision_counter:
-            self._revision_counter = counter
-            self.generation += 1
+        self._raise_revision(_int(replies[0]))
         self._unpushed_revision -= pending_rev
         for pair, raw in zip(pairs, replies[1:], strict=True):
-            epoch = max(self._epochs.get(pair, 0), _int(raw))
-            if epoch != self._epochs.get(pair, 0):
-                self._epochs[pair] = epoch
-                self.generation += 1
+            self._raise_epoch(pair, _int(raw))
             left = self._unpushed.get(pair, 0) - pending.get(pair, 0)
             if left > 0:
                 self._unpushed[pair] = left
@@ -628,7 +716,10 @@ class DecisionCache:
 _CORRUPT = object()
 
 # KEYS[1] = counter; ARGV = what the caller knows, bumps to add.  Never backwards: a
-# counter below what the caller knows lost data, and goes one past it.
+# counter below what the caller knows lost data, and goes one past it.  With ARGV[3..7]
+# (publish or spublish, channel, op, scope, value) a change is announced in the same
+# atomic step: no replica can hear of a bump that did not happen, or miss one that did
+# while its channel is healthy.  The channel shares the counters' hash tag (one slot).
 _FORWARD = """
 local cur = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
 local known = tonumber(ARGV[1])
@@ -636,7 +727,12 @@ local add = tonumber(ARGV[2])
 local base = cur
 if cur < known then base = known + 1 end
 local want = base + add
-if want ~= cur then redis.call('SET', KEYS[1], want) end
+if want ~= cur then
+  redis.call('SET', KEYS[1], want)
+  if ARGV[3] then
+    redis.call(ARGV[3], ARGV[4], cjson.encode({op = ARGV[5], scope = ARGV[6], value = ARGV[7], n = want}))
+  end
+end
 return want
 """
 

@@ -75,10 +75,9 @@ async def refresh(config: Config, pdp: PdpClient, cache: DecisionCache, *, modul
                 revision = await pdp.revision()  # and may run other modules: hash them again
             if instance != cache.opa_instance:
                 cache.opa_instance = instance
-                cache.generation += 1
-        if revision is not None and revision != cache.opa_revision:
-            cache.opa_revision = revision
-            cache.generation += 1
+                cache.gen.bump()
+        if revision is not None:
+            cache.opa_revision = revision  # moves the generation when it changes
         await shipped_policy_paths(config, pdp, cache)
     except PepError as err:
         # Unknown revision: keep the last one; decisions still go to OPA on a miss.

@@ -25,6 +25,11 @@ added.  A lift deletes the entry and leaves a lift record
 could have lived, so a replica that was cut off when the lift happened drops
 its copy when it reconnects instead of writing it back; a quarantine made
 *after* the lift (later ``since``) stands.
+
+With a :class:`~vvault_pep.shared.push.Push` channel the events travel on it, and
+while it is known healthy :meth:`Containment.check` answers from this replica's
+entries alone, with no Redis command; otherwise it reads the request's keys as
+well (the fall back, the only mode without push).
 """
 
 from __future__ import annotations
@@ -42,7 +47,8 @@ import orjson
 from ..core.decision import MAX_TTL_S
 from ..core.principal import SCOPES, Subject
 from ..errors import PepError
-from .state import CONTAINMENT_TAG, SharedState
+from .push import Push
+from .state import CONTAINMENT_TAG, Generation, SharedState
 
 log = logging.getLogger("vvault_pep.containment")
 
@@ -115,8 +121,13 @@ class Contained:
 
 
 class Containment:
-    def __init__(self, shared: SharedState | None) -> None:
+    def __init__(
+        self, shared: SharedState | None, push: Push | None = None, generation: Generation | None = None
+    ) -> None:
         self.shared = shared
+        self.push = push
+        self.gen = generation if generation is not None else Generation()
+        self.channel = push.channel if push is not None else channel_key(shared) if shared is not None else ""
         self._local: dict[tuple[str, str], Quarantine] = {}
         # Lifts: pair → (time of the lift, how long to keep the record).
         self._lifted: dict[tuple[str, str], tuple[float, float]] = {}
@@ -126,11 +137,19 @@ class Containment:
         self.reconciles = 0
         self.written_back = 0  # entries this replica wrote back to a Redis that lacked them
         self.last_reconciled: float | None = None  # unix time
-        # Moves on every change of what this replica knows (an entry or a lift added,
-        # ended or expired): what was worked out under one generation is stale in the next.
-        self.generation = 0
+
+    @property
+    def generation(self) -> int:
+        """Moves whenever a quarantine is added, lifted or expires, or the push mode changes."""
+        return self.gen.value
 
     async def start(self) -> None:
+        if self.push is not None:
+            # The push channel subscribes and reconciles (its owner starts it).
+            self.push.handle("add", self._heard)
+            self.push.handle("lift", self._heard)
+            self.push.reconciler(self.reconcile)
+            return
         if self.shared is not None:
             # Subscribe first, then reconcile (on every (re)subscription): what is published
             # between the two is heard, what was published before is read back, and nothing
@@ -138,7 +157,7 @@ class Containment:
             # first reconciliation is awaited here, so a replica starts knowing what Redis holds.
             self._subscribed = asyncio.Event()
             self._listener = self.shared.follow(
-                channel_key(self.shared), self._on_event, self._resubscribed, name="quarantine-listener"
+                self.channel, self._on_event, self._resubscribed, name="quarantine-listener"
             )
             try:
                 async with asyncio.timeout(_FIRST_SUBSCRIPTION_S):
@@ -229,7 +248,7 @@ class Containment:
     ) -> bool:
         assert self.shared is not None
         shared = self.shared
-        channel = channel_key(shared)
+        channel = self.channel
 
         async def op(c: Any) -> Any:
             pipe = c.pipeline(transaction=False)
@@ -256,18 +275,18 @@ class Containment:
         mine = self._local.get(pair)
         if mine is None or q.until > mine.until:
             self._local[pair] = q if mine is None else replace(q, since=max(q.since, mine.since))
-            self.generation += 1
+            self.gen.bump()
 
     def _note_lift(self, pair: tuple[str, str], at: float, keep: float) -> None:
         known = self._lifted.get(pair)
         if known is None or at > known[0]:
             self._lifted[pair] = (at, max(keep, known[1] if known else 0.0))
-            self.generation += 1
+            self.gen.bump()
         mine = self._local.get(pair)
         if mine is not None and mine.since <= at:
             del self._local[pair]
             self._unshared.discard(pair)
-            self.generation += 1
+            self.gen.bump()
 
     def _is_lifted(self, pair: tuple[str, str], q: Quarantine) -> bool:
         lift = self._lifted.get(pair)
@@ -276,10 +295,10 @@ class Containment:
     def _expire(self, now: float) -> None:
         for pair in [p for p, q in self._local.items() if q.until <= now]:
             del self._local[pair]
-            self.generation += 1
+            self.gen.bump()
         for pair in [p for p, (_, keep) in self._lifted.items() if keep <= now]:
             del self._lifted[pair]
-            self.generation += 1
+            self.gen.bump()
 
     async def stop(self) -> None:
         if self._listener is not None:
@@ -296,14 +315,25 @@ class Containment:
         """Whether any scope of the subject is contained, and whether Redis answered.
 
         The Redis read is queued now; await the answer.  Without Redis's answer, what
-        this replica knows is checked all the same.
+        this replica knows is checked all the same.  While the push channel is known
+        healthy, what this replica knows is all there is: no Redis command.
         """
         pairs = subject.scopes
         reply = None
+        if self.push is not None and self.push.healthy:
+            return self._known(pairs)
         if self.shared is not None and pairs:
             shared = self.shared
             reply = shared.mget([quarantine_key(shared, s, v) for s, v in pairs])
         return self._check(pairs, reply)
+
+    async def _known(self, pairs: tuple[tuple[str, str], ...]) -> Contained:
+        now = time.time()
+        for pair in pairs:
+            local = self._local.get(pair)
+            if local is not None and local.until > now:
+                return Contained(local, True)
+        return Contained(None, True)
 
     async def _check(self, pairs: tuple[tuple[str, str], ...], reply: Awaitable[list[Any] | None] | None) -> Contained:
         if not pairs:
@@ -330,13 +360,13 @@ class Containment:
         now = time.time()
         q = Quarantine(scope, value, reason, now + ttl_s, by, since=now)
         self._local[(scope, value)] = q
-        self.generation += 1
+        self.gen.bump()
         if self.shared is None:
             return q, False
         shared, key, blob = self.shared, quarantine_key(self.shared, scope, value), orjson.dumps(q.doc())
 
         event = orjson.dumps({"op": "add", **q.doc()})
-        done = await shared.write_and_publish(lambda p: p.set(key, blob, px=_ms(ttl_s)), channel_key(shared), event)
+        done = await shared.write_and_publish(lambda p: p.set(key, blob, px=_ms(ttl_s)), self.channel, event)
         if not done:
             self._unshared.add((scope, value))  # reconcile() writes it back
         return q, done
@@ -346,7 +376,8 @@ class Containment:
         pair = (scope, value)
         now = time.time()
         lifted = self._local.pop(pair, None)
-        self.generation += 1
+        if lifted is not None:
+            self.gen.bump()
         keep = max(lifted.until if lifted is not None else now + MAX_TTL_S, now) + _LIFT_MIN_S
         self._note_lift(pair, now, keep)
         if self.shared is None:
@@ -360,7 +391,7 @@ class Containment:
             pipe.set(lift_key(shared, scope, value), orjson.dumps(lift), px=_ms(keep - now))
 
         event = orjson.dumps({"op": "lift", "scope": scope, "value": value, **lift})
-        done = await shared.write_and_publish(write, channel_key(shared), event)
+        done = await shared.write_and_publish(write, self.channel, event)
         if not done:
             self._unshared.add(pair)  # the lift record is written back by reconcile()
         return done

@@ -111,8 +111,26 @@ CONTAINMENT_TAG = "c"
 _MAX_BATCH = 512  # commands per pipeline
 PROBE_S = 0.5  # how often the watcher asks whether Redis is there and still holds its data
 FULL_S = 5.0  # how often the reconcilers run when nothing else asks for it
+_PROBE_DEADLINE_S = 0.25  # the watcher's probe deadline, at least
 # 1 when the marker was missing (and is now set): Redis lost what it held, or never had it.
 _MARK = "if redis.call('SET', KEYS[1], '1', 'NX') then return 1 else return 0 end"
+
+
+class Generation:
+    """A number that moves whenever what a replica knows of shared state changes.
+
+    Quarantines added or lifted, an epoch or the revision moved, the push channel
+    entering or leaving fallback: a memo of anything derived from them stays valid while
+    the number it was made under is the current one.  Only ever grows.
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def bump(self) -> None:
+        self.value += 1
 
 
 class _Reply:
@@ -157,6 +175,13 @@ class SharedState:
         self._watcher: asyncio.Task[None] | None = None
         self._followers: set[asyncio.Task[None]] = set()
         self.subscriptions = 0  # (re)subscriptions made by follow(), all channels
+        # channel → whether its subscription's connection is still open, asked at any time
+        # (an end of stream is seen as soon as the loop reads it, before the follower wakes)
+        self.alive: dict[str, Callable[[], bool]] = {}
+        # Told whenever something may have been missed (a tripped circuit, an outage, lost
+        # data): the push channel falls back to reads until it reconciled again.
+        # With lost=True Redis was found without its data: every replica should hear of it.
+        self.on_doubt: Callable[[bool], None] | None = None
 
     @property
     def available(self) -> bool:
@@ -182,9 +207,17 @@ class SharedState:
         last_full = time.monotonic()
         seen_trips = self.trips
         first = True
+        # The probe is not on the request path: it may wait longer than timeout_ms (a new
+        # pooled connection's handshake on a busy loop), and a first failure is asked again
+        # at once before it opens the circuit — an event loop that stalled past the deadline
+        # (a collection right after start) is not an outage.
+        probe_s = max(self.cfg.timeout_ms / 1000, _PROBE_DEADLINE_S)
         while True:
-            mark = await self.call(lambda c: c.eval(_MARK, 1, marker))
+            mark = await self.call(lambda c: c.eval(_MARK, 1, marker), deadline_s=probe_s, trip=False)
             if mark is None:
+                mark = await self.call(lambda c: c.eval(_MARK, 1, marker), deadline_s=probe_s)
+            if mark is None:
+                self._doubt()
                 if self.reachable:
                     self.reachable, self.down_since = False, time.time()
                     self.outages += 1
@@ -197,6 +230,7 @@ class SharedState:
                     )
                     self.reachable, self.down_since = True, None
                 if int(mark) == 1 and not first:
+                    self._doubt(lost=True)
                     self.data_losses += 1
                     log.warning(
                         "redis lost its data (restart, flush or failover): writing back what this replica holds"
@@ -230,15 +264,24 @@ class SharedState:
         key = f"{self.prefix}{kind}:{{{_escape_tag(tag)}}}"
         return key + "".join(":" + part for part in parts)
 
-    async def call(self, op: Callable[[Any], Awaitable[T]], *, deadline_s: float | None = None) -> T | None:
-        """Run ``op(client)`` under the deadline; ``None`` when Redis cannot answer."""
+    async def call(
+        self, op: Callable[[Any], Awaitable[T]], *, deadline_s: float | None = None, trip: bool = True
+    ) -> T | None:
+        """Run ``op(client)`` under the deadline; ``None`` when Redis cannot answer.
+
+        ``trip=False``: a failure is counted but does not open the circuit (a heartbeat
+        that comes late means "not healthy", not "Redis is down for everyone").
+        """
         if not self.available:
             return None
         try:
             async with asyncio.timeout(deadline_s if deadline_s is not None else self.cfg.timeout_ms / 1000):
                 return await op(self.client)
         except Exception as exc:  # timeouts, Redis and cluster errors, sockets: Redis did not answer
-            self._failed(exc)
+            if trip:
+                self._failed(exc)
+            else:
+                self.errors += 1
             return None
 
     def one(self, add: Callable[[Any], object], *, deadline_s: float | None = None) -> Awaitable[Any]:
@@ -355,6 +398,11 @@ class SharedState:
         self.trips += 1
         self._down_until = time.monotonic() + self.cfg.retry_after_failure_s
         log.warning("redis unavailable: %s", type(exc).__name__)
+        self._doubt()
+
+    def _doubt(self, lost: bool = False) -> None:
+        if self.on_doubt is not None:
+            self.on_doubt(lost)
 
     def _checked(self, reply: Any) -> Any:
         if isinstance(reply, Exception):
@@ -365,11 +413,13 @@ class SharedState:
 
     # ------------------------------------------------------------ pub/sub
 
-    async def publish(self, channel: str, payload: bytes) -> bool:
+    async def publish(
+        self, channel: str, payload: bytes, *, trip: bool = True, deadline_s: float | None = None
+    ) -> bool:
         """Publish on ``channel`` (``SPUBLISH`` on a Cluster); False if Redis did not take it."""
         if self.cluster:
-            return await self.call(lambda c: c.spublish(channel, payload)) is not None
-        return await self.call(lambda c: c.publish(channel, payload)) is not None
+            return await self.call(lambda c: c.spublish(channel, payload), trip=trip, deadline_s=deadline_s) is not None
+        return await self.call(lambda c: c.publish(channel, payload), trip=trip, deadline_s=deadline_s) is not None
 
     async def write_and_publish(self, write: Callable[[Any], object], channel: str, payload: bytes) -> bool:
         """``write(pipe)`` and a publish on ``channel``, in one round trip; False if either failed.
@@ -404,6 +454,7 @@ class SharedState:
         on_subscribed: Callable[[], Awaitable[object]] | None = None,
         *,
         name: str,
+        on_lost: Callable[[], object] | None = None,
     ) -> asyncio.Task[None]:
         """Call ``on_message(payload)`` for every message on ``channel``, until :meth:`close`.
 
@@ -411,9 +462,10 @@ class SharedState:
         subscribes, and subscribes again after any loss — a dead node, a failover, a
         Cluster slot that moved.  Messages published while it was not subscribed are
         lost: ``on_subscribed()`` runs after every (re)subscription is confirmed, so the
-        caller can re-read what the messages would have told it.
+        caller can re-read what the messages would have told it.  ``on_lost()`` runs as
+        soon as a subscription is found broken.
         """
-        task = asyncio.create_task(self._follow(channel, on_message, on_subscribed), name=name)
+        task = asyncio.create_task(self._follow(channel, on_message, on_subscribed, on_lost), name=name)
         self._followers.add(task)
         task.add_done_callback(self._followers.discard)
         return task
@@ -423,6 +475,7 @@ class SharedState:
         channel: str,
         on_message: Callable[[bytes], object],
         on_subscribed: Callable[[], Awaitable[object]] | None,
+        on_lost: Callable[[], object] | None = None,
     ) -> None:
         wanted = ("ssubscribe",) if self.cluster else ("subscribe",)
         kinds = ("smessage",) if self.cluster else ("message",)
@@ -445,17 +498,26 @@ class SharedState:
                             break
                 self.subscriptions += 1
                 pause = 0.2
+                self.alive[channel] = _liveness(pubsub, self.cluster)
                 if on_subscribed is not None:
                     await on_subscribed()
                 while True:
                     message = await self._next_message(pubsub, 1.0)
-                    if message is not None and _text(message.get("type")) in kinds:
+                    kind = _text(message.get("type")) if message is not None else ""
+                    if message is not None and kind in kinds:
                         on_message(message["data"])
+                    elif kind in wanted:
+                        # The client reconnected and subscribed again by itself: what was
+                        # published in between is lost, so this counts as a new subscription.
+                        raise ConnectionError(f"{channel} was subscribed again silently")
                     if owner is not None and self.client.get_node_from_key(channel).name != owner:
                         raise ConnectionError(f"the slot of {channel} moved")
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a lost node, a failover, a moved slot: subscribe again
+                self.alive.pop(channel, None)
+                if on_lost is not None:
+                    on_lost()
                 log.warning("channel %s lost (%s); subscribing again in %.1fs", channel, type(exc).__name__, pause)
                 if self.cluster:
                     # A keyed command for the channel's slot: on a lost node the client
@@ -465,6 +527,7 @@ class SharedState:
                 await asyncio.sleep(pause)
                 pause = min(1.0, pause * 2)
             finally:
+                self.alive.pop(channel, None)
                 if pubsub is not None:
                     with contextlib.suppress(Exception):
                         async with asyncio.timeout(1.0):
@@ -498,6 +561,29 @@ def _by_slot(keys: list[str]) -> list[list[str]]:
     for key in keys:
         groups.setdefault(key_slot(key.encode()), {})[key] = None
     return [list(group) for group in groups.values()]
+
+
+def _liveness(pubsub: Any, cluster: bool) -> Callable[[], bool]:
+    """Whether the subscription's connections are open and have not seen their end.
+
+    The end of a stream (the server closed it: a CLIENT KILL, a restart) is fed to the
+    connection's reader as soon as the event loop reads it, before the following task
+    wakes up and before the client tries to reconnect: asking here closes that gap.
+    """
+    parts = list(pubsub.node_pubsub_mapping.values()) if cluster else [pubsub]
+    conns = [part.connection for part in parts]
+    # The readers of the subscription as confirmed: a client that reconnects by itself
+    # gets new ones, on a connection that missed whatever was published in between.
+    readers: list[Any] = [getattr(conn, "_reader", None) for conn in conns]
+
+    def alive() -> bool:
+        for conn, reader in zip(conns, readers, strict=True):
+            now: Any = getattr(conn, "_reader", None)
+            if now is None or now is not reader or now.at_eof():
+                return False
+        return True
+
+    return alive
 
 
 def _text(value: Any) -> str:
