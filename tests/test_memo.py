@@ -513,7 +513,7 @@ async def test_containment_is_checked_on_a_recalled_request_itself(
     async with connection(pep, pki) as conn:
         await remembered(conn, raw)
         await containment.add("subject", f"{idp.url}|memo-held-quietly", 60, "test", by="test")
-        containment.generation -= 1  # as if the quarantine had not changed what this replica knows
+        containment.gen.value -= 1  # as if the quarantine had not changed what this replica knows
         held = await conn.send(raw)
         assert (held.status, held.code) == (403, "containment.quarantined")
         assert recalled(await record_of(records, held))
