@@ -73,6 +73,7 @@ MODULES: dict[str, list[str]] = {
         "tests/test_proofs_identity.py",
     ],
     "edge.listener": [
+        "tests/test_proofs_listener.py",
         "tests/test_listener.py",
         "tests/test_hardening.py",
         "tests/test_tls_hardening.py",
@@ -189,9 +190,75 @@ EQUIVALENT: dict[str, str] = {
     " nothing: when `rest` does not start with ':' it is '', and `''[1:]` is '' as well",
     "vvault_pep.core.sanitize.x__split_host__mutmut_22": "the Host value is lower-cased before: it has no 'X'"
     " for `rstrip('XX.XX')` to strip beyond the dots",
+    # edge.listener
+    **{
+        f"vvault_pep.edge.listener.xǁ_StrictPyParserǁparse_message__mutmut_{n}": "only the part before the first"
+        " space is read: `split(b' ')[0]` and `split(b' ', 2)[0]` are that part too"
+        for n in (7, 11)
+    },
+    "vvault_pep.edge.listener.xǁ_StrictPyParserǁparse_message__mutmut_19": "codec names are case-insensitive:"
+    " 'LATIN-1' is 'latin-1'",
+    "vvault_pep.edge.listener.xǁ_Handlerǁhandle_error__mutmut_1": "aiohttp always passes the status (400 for"
+    " what its parser refuses, 500 for a handler's exception, 504 for its timeout): the default is never used",
+    "vvault_pep.edge.listener.xǁ_Handlerǁhandle_error__mutmut_3": "`output_size` is 0 or the length of at least"
+    " a status line: once anything is written, the head went first, so `> 0` and `> 1` never differ",
+    **{
+        f"vvault_pep.edge.listener.xǁ_Handlerǁhandle_error__mutmut_{n}": "the ConnectionError's message is never"
+        " read: aiohttp catches it as a premature disconnection and closes the connection without a word"
+        for n in (4, 5, 6)
+    },
+    **{
+        f"vvault_pep.edge.listener.xǁ_Handlerǁhandle_error__mutmut_{n}": "aiohttp calls handle_error with 400,"
+        " 500 or 504 only: the 413 and 431 entries of the table are never looked up (431 comes from the"
+        " LineTooLong rule below it, which the tests hold)"
+        for n in (12, 13, 14, 15, 16, 17)
+    },
+    **{
+        f"vvault_pep.edge.listener.xǁ_Handlerǁhandle_error__mutmut_{n}": "the text is only searched for"
+        " 'Duplicate' and \"Missing 'Host'\": 'None' and 'XXXX' (without an exception) hold neither, as '' does"
+        for n in (25, 28)
+    },
+    "vvault_pep.edge.listener.xǁ_Handlerǁhandle_error__mutmut_71": "a Refusal's detail None is answered as its"
+    " title (`detail or title` in problem_body), which is what the detail was",
+    **{
+        f"vvault_pep.edge.listener.xǁ_Handlerǁhandle_error__mutmut_{n}": "HTTP field names are case-insensitive"
+        " (RFC 9110, 5.1): `x-request-id` / `server` in another case are the same header to every client"
+        for n in (95, 96, 99, 100)
+    },
+    **{
+        f"vvault_pep.edge.listener.xǁ_Handlerǁhandle_error__mutmut_{n}": "while the handler's manager is set the"
+        " transport is too (aiohttp clears both on connection_lost), and a live TCP transport always has a"
+        " peername: the `else None` branches are never taken"
+        for n in (108, 118)
+    },
+    "vvault_pep.edge.listener.x_server_context__mutmut_10": "CPython sets OP_NO_COMPRESSION and"
+    " OP_CIPHER_SERVER_PREFERENCE on every new SSLContext already: dropping them from the `|=` changes nothing",
+    "vvault_pep.edge.listener.x_disable_session_cache__mutmut_20": "SSL_CTX_ctrl(NULL, …) returns 0, which is"
+    " SSL_SESS_CACHE_OFF, and so does reading a real SSL_CTX right after the SET that precedes it: the SET"
+    " only assigns the mode, it cannot fail on a valid SSL_CTX",
+    "vvault_pep.edge.listener.x_disable_session_cache__mutmut_27": "SSL_CTRL_GET_SESS_CACHE_MODE ignores its"
+    " `larg` argument",
+    **{
+        f"vvault_pep.edge.listener.xǁ_Handlerǁdata_received__mutmut_{n}": "the ValueError's message is never"
+        " read: both body readers answer any ValueError with their own `sanitize.malformed` detail"
+        for n in (16, 17, 18)
+    },
+    **{
+        f"vvault_pep.edge.listener.xǁMtlsServerǁconnection_lost__mutmut_{n}": "aiohttp's Server.connection_lost"
+        " does not read `exc`"
+        for n in (5, 7)
+    },
+    "vvault_pep.edge.listener.xǁMtlsServerǁconnection_made__mutmut_67": "connection_made runs after the"
+    " handshake, when `cipher()` always names the negotiated cipher: the `else None` branch is never taken",
+    "vvault_pep.edge.listener.xǁMtlsServerǁconnection_made__mutmut_2": "aiohttp's Server keeps the transport"
+    " as the value of its connection table and never reads it (shutdown goes through the handlers)",
+    "vvault_pep.edge.listener.xǁ_Handlerǁdata_received__mutmut_6": "with as many messages as before, the slice"
+    " `[before:]` is empty: returning at `<=` or looping over nothing at `<` does the same",
 }
 
 _STATUS = re.compile(r"^\s*(\S+__mutmut_\d+): (.+)$")
+# A mutant that makes the tests fail, time out or crash the interpreter is caught.
+CAUGHT = ("killed", "timeout", "segfault")
 
 
 def stage(module: str, tests: list[str]) -> Path:
@@ -240,7 +307,28 @@ def results(work: Path, env: dict[str, str]) -> dict[str, str]:
     return found
 
 
-def run_module(module: str, budget_s: float, workers: int) -> dict[str, object]:
+def caught_before(module: str) -> set[str] | None:
+    """The mutants the last run of ``module`` caught, if its source is unchanged since (else None).
+
+    Tests are only ever added between runs, so a mutant caught then is caught now; only the
+    others need running again (``--again``).
+    """
+    from mutmut.stats import status_by_exit_code
+
+    work = STAGE / module
+    staged, current = work / source(module), ROOT / "proxy" / source(module).removeprefix("src/")
+    meta = work / "mutants" / f"{source(module)}.meta"
+    if not (staged.exists() and meta.exists()) or staged.read_bytes() != current.read_bytes():
+        return None
+    codes = json.loads(meta.read_text())["exit_code_by_key"]
+    return {name for name, code in codes.items() if status_by_exit_code[code] in CAUGHT}
+
+
+def run_module(module: str, budget_s: float, workers: int, again: bool = False) -> dict[str, object]:
+    kept = caught_before(module) if again else None
+    previous = set(results(STAGE / module, dict(os.environ))) if kept is not None else set()
+    if again and kept is None:
+        print(f"{module}: no earlier run of this source; running every mutant")
     work = stage(module, MODULES[module])
     # Made before mutmut starts: a PYTHONPATH entry that does not exist yet at start-up is
     # cached as absent, and the tests would import the original package instead.
@@ -253,10 +341,14 @@ def run_module(module: str, budget_s: float, workers: int) -> dict[str, object]:
     env.pop("COVERAGE_PROCESS_START", None)  # no coverage inside mutants
     started = time.monotonic()
     timed_out = False
+    names = sorted(previous - kept) if kept is not None else []
     for attempt in (1, 2):
+        if kept is not None and not names:
+            status = dict.fromkeys(kept, "killed")  # nothing left to run
+            break
         try:
             subprocess.run(
-                [sys.executable, "-m", "mutmut", "run", "--max-children", str(workers)],
+                [sys.executable, "-m", "mutmut", "run", "--max-children", str(workers), *names],
                 cwd=work,
                 env=env,
                 timeout=max(budget_s - (time.monotonic() - started), 1),
@@ -266,15 +358,17 @@ def run_module(module: str, budget_s: float, workers: int) -> dict[str, object]:
         except subprocess.TimeoutExpired:
             timed_out = True
         status = results(work, env)
+        for name in kept or ():
+            status[name] = "killed"  # by the earlier run (see caught_before)
         # mutmut stops before any mutant when its clean run fails; a timing test on busy
         # cores can do that once (the first run also compiles the trampolined copy): again.
-        if timed_out or attempt == 2 or any(s != "not checked" for s in status.values()):
+        if timed_out or attempt == 2 or any(status[n] != "not checked" for n in names or status):
             break
-    killed = sum(1 for s in status.values() if s in ("killed", "timeout"))
+    killed = sum(1 for s in status.values() if s in CAUGHT)
     survivors = sorted(n for n, s in status.items() if s == "survived")
     equivalent = [n for n in survivors if n in EQUIVALENT]
     alive = [n for n in survivors if n not in EQUIVALENT]
-    unchecked = sorted(n for n, s in status.items() if s not in ("killed", "timeout", "survived"))
+    unchecked = sorted(n for n, s in status.items() if s not in (*CAUGHT, "survived"))
     judged = killed + len(alive)
     summary: dict[str, object] = {
         "module": module,
@@ -287,6 +381,7 @@ def run_module(module: str, budget_s: float, workers: int) -> dict[str, object]:
         "kill_ratio": round(killed / judged, 4) if judged else None,
         "seconds": round(time.monotonic() - started, 1),
         "budget_exhausted": timed_out,
+        "rerun_only": len(names) if kept is not None else None,  # --again: the others were caught before
     }
     (work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
@@ -297,6 +392,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("modules", nargs="*", help=f"default: all of {', '.join(MODULES)}")
     parser.add_argument("--budget-s", type=float, default=3600, help="overall wall-clock budget (default 1 h)")
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    parser.add_argument(
+        "--again",
+        action="store_true",
+        help="run only the mutants the last run of an unchanged source did not catch",
+    )
     args = parser.parse_args(argv)
     modules = args.modules or list(MODULES)
     unknown = [m for m in modules if m not in MODULES]
@@ -312,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
             failed = True
             continue
         # share what is left fairly among the modules still to run
-        s = run_module(module, left / (len(modules) - i), args.workers)
+        s = run_module(module, left / (len(modules) - i), args.workers, args.again)
         ratio = s["kill_ratio"]
         shown = f"{ratio:.1%}" if isinstance(ratio, float) else "-"
         print(
