@@ -130,13 +130,9 @@ EQUIVALENT: dict[str, str] = {
         " and `split(';', 2)[0]` are that part too"
         for n in (8, 11)
     },
-    "vvault_pep.edge.body.x_inspect__mutmut_86": "`parse` tests `not complete`: None and False take the same branch",
-    **{
-        f"vvault_pep.edge.body.x_inspect__mutmut_{n}": "the `sanitize.malformed` branch: a framing error in the"
-        " middle of a body is answered 400 by aiohttp's server itself, which closes the connection; no"
-        " client sees this code or detail (a client that leaves is a ConnectionResetError, handled above)"
-        for n in range(58, 66)
-    },
+    "vvault_pep.edge.body.x__inspect__mutmut_95": "`parse` tests `not complete`: None and False take the same branch",
+    "vvault_pep.edge.body.x_inspect__mutmut_1": "the default deadline is never used: the only caller (the"
+    " body stage) always passes the route's or the limits' deadline",
     **{
         f"vvault_pep.core.responses.x_cookie_passes__mutmut_{n}": "only the part before the first '=' is read:"
         " `split('=')[0]` and `split('=', 2)[0]` are that part too"

@@ -18,10 +18,12 @@ from typing import Any
 import orjson
 import pytest
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
 from vvault_pep.config import RouteBody
 from vvault_pep.core import body
 from vvault_pep.core.sanitize import Headers
+from vvault_pep.edge import listener
 from vvault_pep.edge.body import inspect
 from vvault_pep.errors import PepError
 
@@ -72,7 +74,19 @@ async def short_deadline() -> AsyncIterator[int]:
         yield port
 
 
-async def _server(deadline_s: float) -> AsyncIterator[int]:
+@pytest.fixture
+async def listener_server() -> AsyncIterator[int]:
+    """The same, behind the listener's connection handler (which fails a body at a bad chunk)."""
+    async for port in _server(60.0, _ListenerServer):
+        yield port
+
+
+class _ListenerServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        return listener._Handler(self, loop=self._loop, **self._kwargs)
+
+
+async def _server(deadline_s: float, server: type[web.Server] = web.Server) -> AsyncIterator[int]:
     async def handle(request: web.BaseRequest) -> web.StreamResponse:
         length = request.headers.get("Content-Length")
         headers = Headers(
@@ -98,7 +112,7 @@ async def _server(deadline_s: float) -> AsyncIterator[int]:
             }
         )
 
-    runner = web.ServerRunner(web.Server(handle))
+    runner = web.ServerRunner(server(handle))
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
@@ -260,3 +274,9 @@ async def test_an_http_1_0_client_gets_no_interim_answer(server: int) -> None:
     assert answer.startswith(b"HTTP/1.0 200 ")  # no "100 Continue" before it: 1.0 has no interim answers
     doc = orjson.loads(answer.partition(b"\r\n\r\n")[2])
     assert (doc["value"], doc["continued"]) == ({"a": 1}, False)
+
+
+async def test_a_bad_chunk_after_good_ones_is_refused_as_malformed(listener_server: int) -> None:
+    # The listener fails the body the moment the parser finds the bad chunk (not a stall at the idle gap).
+    _, doc = await send(listener_server, put(), [chunk(b" " * 10), b"zz\r\nhello\r\n0\r\n\r\n"], pause_s=0.05)
+    assert doc == {"code": "sanitize.malformed", "detail": "malformed request body"}
