@@ -87,19 +87,25 @@ MODULES: dict[str, list[str]] = {
         "tests/test_proofs_identity.py",
     ],
     "shared.containment": [
+        "tests/test_proofs_containment.py",
         "tests/test_containment.py",
         "tests/test_containment_holds.py",
         "tests/test_proofs_cache.py",
     ],
-    "edge.upstream_http": ["tests/test_upstream_http.py", "tests/test_proofs_forward.py"],
+    "edge.upstream_http": [
+        "tests/test_proofs_upstream_http.py",
+        "tests/test_upstream_http.py",
+        "tests/test_proofs_forward.py",
+    ],
     "edge.forward": [
+        "tests/test_proofs_forward_rules.py",
         "tests/test_proofs_forward.py",
         "tests/test_responses.py",
         "tests/test_pipeline.py",
         "tests/test_streaming.py",
     ],
     # last: the cache key composition and the PDP client are still moving elsewhere
-    "decide.cache": ["tests/test_cache.py", "tests/test_proofs_cache.py"],
+    "decide.cache": ["tests/test_proofs_cache_keys.py", "tests/test_cache.py", "tests/test_proofs_cache.py"],
     "decide.pdp": ["tests/test_pdp.py", "tests/test_proofs_pdp.py"],
 }
 
@@ -250,6 +256,131 @@ EQUIVALENT: dict[str, str] = {
     " as the value of its connection table and never reads it (shutdown goes through the handlers)",
     "vvault_pep.edge.listener.xǁ_Handlerǁdata_received__mutmut_6": "with as many messages as before, the slice"
     " `[before:]` is empty: returning at `<=` or looping over nothing at `<` does the same",
+    # edge.upstream_http
+    **{
+        f"vvault_pep.edge.upstream_http.xǁ_Connǁ{name}__mutmut_{n}": "None is as false as False"
+        for name, n in (("resume_writing", 1), ("on_message_complete", 1))
+    },
+    **{
+        f"vvault_pep.edge.upstream_http.xǁ_Connǁ_fail__mutmut_{n}": "`close()` on the next line marks the"
+        " connection closed, and every reader of `dirty` (`_take`, `finish`) refuses a closed one as well"
+        for n in (1, 2)
+    },
+    "vvault_pep.edge.upstream_http.xǁ_Connǁclose__mutmut_1": "the transport is set before the connection"
+    " object is ever handed out, and aborting an already aborted transport does nothing",
+    **{
+        f"vvault_pep.edge.upstream_http.xǁ_Connǁ_expire__mutmut_{n}": "`_fail` just before always completes the"
+        " awaited future (it fails the head, or wakes the waiter): the fallback `set_exception` is never reached"
+        for n in (7, 8)
+    },
+    **{
+        f"vvault_pep.edge.upstream_http.xǁ_Connǁconnection_lost__mutmut_{n}": "entering the branch for a"
+        " connection that is idle (complete) or already failed changes nothing: `_fail` after a complete"
+        " answer only closes, which the loss did, and `next_chunk` raises a set error before it looks at"
+        " `complete`"
+        for n in (4, 5)
+    },
+    **{
+        f"vvault_pep.edge.upstream_http.xǁ_Connǁconnection_lost__mutmut_{n}": "`keep_alive` is read only by"
+        " `finish`, which never reuses a closed connection, and the loss set `closed` first"
+        for n in (13, 14)
+    },
+    "vvault_pep.edge.upstream_http.xǁ_Connǁconnection_lost__mutmut_26": "a writer still waiting for its drain"
+    " when the connection is lost is cancelled by `finish`, which every exchange ends with",
+    **{
+        f"vvault_pep.edge.upstream_http.xǁ_Connǁon_header__mutmut_{n}": "codec names are case-insensitive:"
+        " 'LATIN-1' is 'latin-1'"
+        for n in (4, 7)
+    },
+    **{
+        f"vvault_pep.edge.upstream_http.xǁ_Connǁ{name}__mutmut_{n}": "a one-byte shift of a buffer bound: the"
+        " bytes per data_received call (what the bound counts) are the kernel's choice, so no upstream can aim"
+        " at the byte between `>` and `>=` (the bounds themselves are held by the tests)"
+        for name, n in (("on_body", 2), ("on_body", 8), ("next_chunk", 7))
+    },
+    **{
+        f"vvault_pep.edge.upstream_http.xǁ_Connǁ{name}__mutmut_{n}": "reading paused after every piece, or"
+        " resumed above LOW_WATER: only the pause/resume hysteresis changes; what is buffered stays bounded"
+        " by HIGH_WATER plus one read, and resume_reading on a transport that reads is a no-op"
+        for name, n in (("on_body", 6), ("on_body", 7), ("next_chunk", 5), ("next_chunk", 6))
+    },
+    **{
+        f"vvault_pep.edge.upstream_http.xǁ_Connǁclose__mutmut_{n}": "after `abort()` asyncio runs"
+        " connection_lost on the next loop turn, which sets `closed` and forgets the connection; until then"
+        " no reader of `closed` runs (the pool's list never holds a connection being closed)"
+        for n in (4, 5, 6)
+    },
+    **{
+        f"vvault_pep.edge.upstream_http.xǁ_Connǁ{name}__mutmut_{n}": "None is as false as False"
+        for name, n in (("on_headers_complete", 13), ("next_chunk", 9))
+    },
+    "vvault_pep.edge.upstream_http.xǁ_Connǁconnection_made__mutmut_2": "`typing.cast` does nothing at run time",
+    "vvault_pep.edge.upstream_http.xǁ_Connǁdata_received__mutmut_1": "the branch differs only for a connection"
+    " that is busy with a complete answer, and there the parser refuses the extra bytes (`_Extra`), which"
+    " marks the connection dirty and closes it all the same",
+    **{
+        f"vvault_pep.edge.upstream_http.xǁ_Connǁdata_received__mutmut_{n}": "`close()` on the next line marks"
+        " the connection closed, and every reader of `dirty` (`_take`, `finish`) refuses a closed one as well"
+        for n in (3, 4)
+    },
+    **{
+        f"vvault_pep.edge.upstream_http.xǁ_Connǁ{name}__mutmut_{n}": "a one-byte shift of a buffer bound: the"
+        " bytes per data_received call (what the bound counts) are the kernel's choice, so no upstream can aim"
+        " at the byte between `>` and `>=` (the bounds themselves are held by the tests)"
+        for name, n in (("data_received", 10), ("on_headers_complete", 12))
+    },
+    "vvault_pep.edge.upstream_http.xǁ_Connǁon_status__mutmut_5": "codec names are case-insensitive: 'LATIN-1'"
+    " is 'latin-1'",
+    "vvault_pep.edge.upstream_http.xǁ_Connǁon_headers_complete__mutmut_33": "`_head` is set by `start` before"
+    " any byte is read and completed only here, once per exchange (an interim answer returns earlier, a"
+    " second answer is stopped by `_Extra` first): it is never None and never done at this point",
+    **{
+        f"vvault_pep.edge.upstream_http.xǁ_Connǁ{name}__mutmut_{n}": "an initial value no reader sees:"
+        " connection_made sets the transport, `start` sets `busy` (with no await between the connection and"
+        " it), `put` sets `idle_since`, the head sets `status`, the answer's end sets `keep_alive`; and None"
+        " is as false as False"
+        for name, n in (
+            ("__init__", 3),
+            ("__init__", 4),
+            ("__init__", 6),
+            ("__init__", 7),
+            ("__init__", 8),
+            ("__init__", 9),
+            ("_reset", 1),
+            ("_reset", 2),
+            ("_reset", 6),
+            ("_reset", 8),
+        )
+    },
+    **{
+        f"vvault_pep.edge.upstream_http.xǁ_Connǁfinish__mutmut_{n}": "`busy` after `finish`: a connection back"
+        " in the pool is complete, so its bytes are refused and its loss ignored either way, and `start` sets"
+        " `busy` again before reusing it"
+        for n in (20, 21)
+    },
+    **{
+        f"vvault_pep.edge.upstream_http.xǁPoolǁ_take__mutmut_{n}": "no connection in the idle list is closed or"
+        " dirty: `finish` puts back only clean ones, and closing one (or its loss) takes it off the list at once"
+        for n in (3, 4)
+    },
+    "vvault_pep.edge.upstream_http.xǁPoolǁ_take__mutmut_6": "`>` or `>=` on a float clock: no connection can"
+    " be taken exactly KEEPALIVE_S after it was put back",
+    **{
+        f"vvault_pep.edge.upstream_http.xǁPoolǁ_head__mutmut_{n}": "the joined text is only searched for CR, LF,"
+        " NUL (the probe) or ':' and ' ' (the names): 'XXXX' between the parts adds none of them"
+        for n in (7, 10)
+    },
+    "vvault_pep.edge.upstream_http.xǁPoolǁ_head__mutmut_37": "codec names are case-insensitive: 'UTF-8' is 'utf-8'",
+    "vvault_pep.edge.upstream_http.xǁPoolǁrequest__mutmut_18": "None is as false as False",
+    "vvault_pep.edge.upstream_http.xǁPoolǁrequest__mutmut_65": "a third attempt is never reached: the second"
+    " is on a fresh connection, and a fresh connection's failure is raised (`reused` is false)",
+    **{
+        f"vvault_pep.edge.upstream_http.xǁPoolǁrequest__mutmut_{n}": "the line after the loop is unreachable:"
+        " every attempt returns or raises, and the second always does"
+        for n in (87, 88, 89)
+    },
+    "vvault_pep.edge.upstream_http.xǁ_Connǁ_send__mutmut_8": "chunk sizes are hexadecimal, case-insensitive"
+    " (RFC 9112, 7.1: HEXDIG): `1A` and `1a` frame the same chunk for every parser",
 }
 
 _STATUS = re.compile(r"^\s*(\S+__mutmut_\d+): (.+)$")
@@ -303,25 +434,28 @@ def results(work: Path, env: dict[str, str]) -> dict[str, str]:
     return found
 
 
-def caught_before(module: str) -> set[str] | None:
-    """The mutants the last run of ``module`` caught, if its source is unchanged since (else None).
+def settled_before(module: str) -> dict[str, str] | None:
+    """What the last run of ``module`` settled, if its source is unchanged since (else None).
 
-    Tests are only ever added between runs, so a mutant caught then is caught now; only the
-    others need running again (``--again``).
+    Tests are only ever added between runs, so a mutant caught then is caught now, and a
+    survivor listed in EQUIVALENT survives still; only the others need running again
+    (``--again``).  Read from the last run's summary, so that runs chain: what an earlier
+    run settled stays settled.
     """
-    from mutmut.stats import status_by_exit_code
-
     work = STAGE / module
     staged, current = work / source(module), ROOT / "proxy" / source(module).removeprefix("src/")
-    meta = work / "mutants" / f"{source(module)}.meta"
-    if not (staged.exists() and meta.exists()) or staged.read_bytes() != current.read_bytes():
+    summary_file = work / "summary.json"
+    if not (staged.exists() and summary_file.exists()) or staged.read_bytes() != current.read_bytes():
         return None
-    codes = json.loads(meta.read_text())["exit_code_by_key"]
-    return {name for name, code in codes.items() if status_by_exit_code[code] in CAUGHT}
+    summary = json.loads(summary_file.read_text())
+    names = set(results(work, dict(os.environ)))
+    survived = set(summary["survived"]) | set(summary["equivalent"])
+    open_ = (survived - set(EQUIVALENT)) | set(summary["not_run"])
+    return {name: "survived" if name in survived else "killed" for name in names - open_}
 
 
 def run_module(module: str, budget_s: float, workers: int, again: bool = False) -> dict[str, object]:
-    kept = caught_before(module) if again else None
+    kept = settled_before(module) if again else None
     previous = set(results(STAGE / module, dict(os.environ))) if kept is not None else set()
     if again and kept is None:
         print(f"{module}: no earlier run of this source; running every mutant")
@@ -337,10 +471,10 @@ def run_module(module: str, budget_s: float, workers: int, again: bool = False) 
     env.pop("COVERAGE_PROCESS_START", None)  # no coverage inside mutants
     started = time.monotonic()
     timed_out = False
-    names = sorted(previous - kept) if kept is not None else []
+    names = sorted(previous - set(kept)) if kept is not None else []
     for attempt in (1, 2):
         if kept is not None and not names:
-            status = dict.fromkeys(kept, "killed")  # nothing left to run
+            status = dict(kept)  # nothing left to run
             break
         try:
             subprocess.run(
@@ -354,8 +488,7 @@ def run_module(module: str, budget_s: float, workers: int, again: bool = False) 
         except subprocess.TimeoutExpired:
             timed_out = True
         status = results(work, env)
-        for name in kept or ():
-            status[name] = "killed"  # by the earlier run (see caught_before)
+        status.update(kept or {})  # as the earlier run left them (see settled_before)
         # mutmut stops before any mutant when its clean run fails; a timing test on busy
         # cores can do that once (the first run also compiles the trampolined copy): again.
         if timed_out or attempt == 2 or any(status[n] != "not checked" for n in names or status):
@@ -391,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--again",
         action="store_true",
-        help="run only the mutants the last run of an unchanged source did not catch",
+        help="run only the mutants the last run of an unchanged source left open (not caught, not equivalent)",
     )
     args = parser.parse_args(argv)
     modules = args.modules or list(MODULES)
