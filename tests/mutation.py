@@ -397,6 +397,44 @@ EQUIVALENT: dict[str, str] = {
     },
     "vvault_pep.edge.upstream_http.xǁ_Connǁ_send__mutmut_8": "chunk sizes are hexadecimal, case-insensitive"
     " (RFC 9112, 7.1: HEXDIG): `1A` and `1a` frame the same chunk for every parser",
+    # edge.forward
+    "vvault_pep.edge.forward.xǁ_AiohttpAnswerǁchunks__mutmut_1": "aiohttp's client carries HEAD only, whose"
+    " answers have no body: the chunk size is never used",
+    **{
+        f"vvault_pep.edge.forward.xǁUpstreamsǁ_via_aiohttp__mutmut_{n}": "aiohttp raises its own"
+        " ServerTimeoutError (a TimeoutError, caught by the branch above) for each deadline it is given;"
+        " no other TimeoutError comes out of `session.request`"
+        for n in range(34, 42)
+    },
+    **{
+        f"vvault_pep.edge.forward.xǁUpstreamsǁ{name}__mutmut_{n}": "HTTP field names are case-insensitive (RFC"
+        " 9110, 5.1): the same header to every client"
+        for name, n in (
+            ("_answer", 34),
+            ("_answer", 35),
+            ("_redacted", 48),
+            ("_redacted", 49),
+            ("_redacted", 52),
+            ("_redacted", 53),
+            ("_redacted", 59),
+            ("_redacted", 60),
+        )
+    },
+    **{
+        f"vvault_pep.edge.forward.xǁUpstreamsǁ_redact_body__mutmut_{n}": "both kinds of answer look headers up"
+        " case-insensitively (the lean one by `lower()`, aiohttp's in a CIMultiDict)"
+        for n in (7, 8, 25, 26)
+    },
+    "vvault_pep.edge.forward.xǁUpstreamsǁ_redact_body__mutmut_9": "without a Content-Type, 'xxxx' is as far"
+    " from JSON as '': the same refusal",
+    "vvault_pep.edge.forward.xǁUpstreamsǁ_redact_body__mutmut_12": "without the declared length, the read"
+    " (bounded at limit + 1) finds the same answer too large, with the same refusal",
+    "vvault_pep.edge.forward.xǁUpstreamsǁ_read__mutmut_3": "`left` comes from the loop clock read after the"
+    " budget was made: it is never exactly 0, so `<= 0` and `< 0` never differ",
+    "vvault_pep.edge.forward.xǁUpstreamsǁ_read__mutmut_19": "the idle gap and the time left are floats from"
+    " config and the loop clock: they are never exactly equal",
+    "vvault_pep.edge.forward.xǁUpstreamsǁ_redact_body__mutmut_32": "an empty Content-Encoding is already"
+    " 'identity' (`or 'identity'`): '' never reaches the tuple",
 }
 
 _STATUS = re.compile(r"^\s*(\S+__mutmut_\d+): (.+)$")
