@@ -420,6 +420,8 @@ async def test_another_replica_finds_the_answer_in_l2_with_its_lifetime(
     doc = orjson.loads(blob)
     assert doc["r"] == {"allow": True} and doc["exp"] == pytest.approx(time.time() + 30, abs=2)
     assert 28_000 < await raw.pttl(f"{prefix}dec:{key}") <= 30_000
+    ikey = dc.digest("index", r.policy, r.name, ctx[0])
+    assert 28_000 < await raw.pttl(f"{prefix}idx:{ikey}") <= 30_000  # the index dies with its entries
     bctx = await b.context(SCOPES)
     assert bctx == ctx
     assert await looked(b, r, DOC, bctx) == ({"allow": True}, "l2")
@@ -587,3 +589,203 @@ async def test_without_any_redis_a_bump_is_honoured_here_and_says_so() -> None:
     assert await c.context(SCOPES) == ("m:abc#0#1@opa-1", [["subject", "alice", 0, 0], ["token", "j1", 0, 1]])
     assert await c.reconcile() is False
     assert c.unshared == 0
+
+
+async def test_the_key_explain_reports_follows_the_routes_vary() -> None:
+    c = DecisionCache(Cache(), None)
+    r = route()
+    await stored(c, r, DOC, "narrow", hints=CacheHints(vary=("identity.subject",)))
+    other = {"identity": {"subject": "alice"}, "request": {"path": "/elsewhere"}}
+    key = await c.key_of(r, DOC, CTX)
+    assert key == await c.key_of(r, other, CTX)  # only the vary paths count
+    assert key == c.entry_key(r, other, *CTX, ("identity.subject",))
+    assert key != c.entry_key(r, other, *CTX, None)
+    assert await c.key_of(r, DOC, ("rev#9#0", CTX[1])) != key  # the index is per revision
+
+
+async def test_an_epoch_redis_lost_is_bumped_past_what_this_replica_knew(
+    pair: tuple[DecisionCache, DecisionCache], raw: aioredis.Redis, prefix: str
+) -> None:
+    a, _ = pair
+    await a.invalidate("subject", "alice")
+    await a.invalidate("subject", "alice")
+    await raw.delete(f"{prefix}epoch:{{c}}:subject:alice")
+    assert await a.invalidate("subject", "alice") is True
+    assert await raw.get(f"{prefix}epoch:{{c}}:subject:alice") == b"4"  # one past 2 (lost), then this bump
+
+
+async def test_a_bump_is_honoured_here_even_when_redis_is_gone_right_after(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    up = SharedState(RedisConfig(url=redis_server.url, key_prefix=prefix, timeout_ms=2000))
+    down = SharedState(RedisConfig(url="redis://127.0.0.1:1/0", key_prefix=prefix, timeout_ms=200))
+    c = DecisionCache(Cache(), up)
+    c.opa_revision = "b:1"
+    try:
+        assert await c.invalidate("subject", "alice") is True
+        assert await c.bump_revision() is True
+        c.shared = down
+        assert await c.context(SCOPES) == ("b:1#1#0", [["subject", "alice", 1, 0], ["token", "j1", 0, 0]])
+    finally:
+        await up.close()
+        await down.close()
+
+
+async def _down_then_up(redis_server: RedisServer, prefix: str, bumps: Callable[[DecisionCache], Any]) -> DecisionCache:
+    down = SharedState(RedisConfig(url="redis://127.0.0.1:1/0", key_prefix=prefix, timeout_ms=200))
+    c = DecisionCache(Cache(), down)
+    c.opa_revision = "b:1"
+    await bumps(c)
+    await down.close()
+    c.shared = SharedState(RedisConfig(url=redis_server.url, key_prefix=prefix, timeout_ms=2000))
+    return c
+
+
+async def test_bumps_made_without_redis_are_written_back_whatever_their_kind(
+    redis_server: RedisServer, raw: aioredis.Redis, prefix: str
+) -> None:
+    async def epochs_only(c: DecisionCache) -> None:
+        await c.invalidate("token", "j9")
+
+    c = await _down_then_up(redis_server, prefix, epochs_only)
+    try:
+        assert await c.reconcile(lost=False) is True
+        assert await raw.get(f"{prefix}epoch:{{c}}:token:j9") == b"1"  # never seen before: just the bump
+        assert c.unshared == 0
+    finally:
+        await c.shared.close()  # type: ignore[union-attr]
+
+    async def revision_only(c: DecisionCache) -> None:
+        await c.bump_revision()
+
+    c = await _down_then_up(redis_server, prefix, revision_only)
+    try:
+        assert await c.reconcile(lost=False) is True
+        assert await raw.get(f"{prefix}rev:{{c}}") == b"1"
+        assert c.unshared == 0
+    finally:
+        await c.shared.close()  # type: ignore[union-attr]
+
+
+async def test_a_lost_revision_counter_is_written_back_even_with_no_epoch_known(
+    pair: tuple[DecisionCache, DecisionCache], raw: aioredis.Redis, prefix: str
+) -> None:
+    a, _ = pair
+    await a.bump_revision()
+    await a.bump_revision()
+    await raw.delete(f"{prefix}rev:{{c}}")
+    assert await a.reconcile(lost=True) is True
+    assert await raw.get(f"{prefix}rev:{{c}}") == b"3"
+    assert a.unshared == 0
+    # what was written back is what this replica keys on from now on, with or without Redis
+    a.shared = SharedState(RedisConfig(url="redis://127.0.0.1:1/0", key_prefix=prefix, timeout_ms=200))
+    try:
+        assert (await a.context(()))[0] == "b:1#3#0"
+    finally:
+        await a.shared.close()
+
+
+async def test_epochs_written_back_are_what_this_replica_keys_on(
+    redis_server: RedisServer, raw: aioredis.Redis, prefix: str
+) -> None:
+    up = SharedState(RedisConfig(url=redis_server.url, key_prefix=prefix, timeout_ms=2000))
+    c = DecisionCache(Cache(), up)
+    c.opa_revision = "b:1"
+    try:
+        await c.invalidate("subject", "alice")
+        await raw.delete(f"{prefix}epoch:{{c}}:subject:alice")
+        assert await c.reconcile(lost=True) is True
+        assert await raw.get(f"{prefix}epoch:{{c}}:subject:alice") == b"2"
+        assert c.unshared == 0  # nothing left to push: only what was really pending is kept
+        c.shared = SharedState(RedisConfig(url="redis://127.0.0.1:1/0", key_prefix=prefix, timeout_ms=200))
+        assert (await c.context(SCOPES))[1][0] == ["subject", "alice", 2, 0]
+        await c.shared.close()
+    finally:
+        await up.close()
+
+
+async def test_stop_cancels_pending_l2_writes_quietly(pair: tuple[DecisionCache, DecisionCache]) -> None:
+    a, _ = pair
+    ctx = await a.context(())
+    for i in range(5):
+        a.store(route(), {"n": i}, "x", ttl_s=30, hints=CacheHints(), revision=ctx[0], epochs=ctx[1])
+    assert [t.get_name() for t in asyncio.all_tasks()].count("cache-l2-write") == 5  # named, kept
+    await a.stop()  # does not raise
+
+
+async def test_before_the_revision_is_known_the_key_names_no_bundle_and_this_opa() -> None:
+    c = DecisionCache(Cache(), None)
+    assert await c.context(()) == ("#0#0@None", [])
+    c.opa_instance = "opa-2"
+    assert await c.context(()) == ("#0#0@opa-2", [])
+
+
+async def test_every_data_push_made_without_redis_counts(
+    redis_server: RedisServer, raw: aioredis.Redis, prefix: str
+) -> None:
+    async def two(c: DecisionCache) -> None:
+        assert await c.bump_revision() is False
+        assert await c.bump_revision() is False
+        assert c.unshared == 2
+        assert (await c.context(()))[0] == "b:1#0#2"
+
+    c = await _down_then_up(redis_server, prefix, two)
+    try:
+        assert await c.reconcile(lost=False) is True
+        assert await raw.get(f"{prefix}rev:{{c}}") == b"2"
+    finally:
+        await c.shared.close()  # type: ignore[union-attr]
+
+
+async def test_l1_limits_at_their_exact_values() -> None:
+    r = route()
+    one = DecisionCache(Cache(l1_max_entries=1), None)
+    await stored(one, r, {"n": 1}, "a")
+    assert (await looked(one, r, {"n": 1}))[1] == "l1"  # a cache of one entry keeps one
+    exact = DecisionCache(Cache(l1_max_bytes=5), None)
+    await stored(exact, r, {"n": 1}, "xxx")  # "xxx" is 5 bytes of JSON: exactly the budget
+    assert (await looked(exact, r, {"n": 1}))[1] == "l1"
+    await stored(exact, r, {"n": 2}, "x" * 10)  # too big for L1: not kept, and nothing else is dropped for it
+    assert [(await looked(exact, r, {"n": n}))[1] for n in (1, 2)] == ["l1", "miss"]
+    c = DecisionCache(Cache(), None)
+    await stored(c, r, {"n": 1}, "a")
+    await stored(c, r, {"n": 2}, "b")
+    assert c.stats["stored"] == 2
+
+
+async def test_the_route_index_is_bounded() -> None:
+    c = DecisionCache(Cache(), None)
+    r = route()
+    for n in range(dc._INDEX_MAX + 5):
+        c.store(r, DOC, "x", ttl_s=60, hints=CacheHints(vary=("a",)), revision=f"rev{n}", epochs=[])
+    assert len(c._index) == dc._INDEX_MAX  # the oldest goes when none has expired
+    assert dc._INDEX_MAX == 4096
+
+
+async def test_what_this_replica_knows_of_a_routes_vary_needs_no_redis(
+    pair: tuple[DecisionCache, DecisionCache], redis_server: RedisServer, prefix: str
+) -> None:
+    from vvault_pep.decide.store import store_named
+
+    a, b = pair
+    r = route()
+    ctx = await a.context(())
+    a.store(r, DOC, "narrow", ttl_s=30, hints=CacheHints(vary=("identity.subject",)), revision=ctx[0], epochs=ctx[1])
+    await a.drain()
+    assert await looked(b, r, {"identity": {"subject": "alice"}, "z": 1}, ctx) == ("narrow", "l2")
+    down = SharedState(RedisConfig(url="redis://127.0.0.1:1/0", key_prefix=prefix, timeout_ms=200))
+    b.l2 = store_named("redis", down)
+    try:  # the route's vary was learnt with the answer: still known, and the answer is in L1
+        assert await looked(b, r, {"identity": {"subject": "alice"}, "z": 2}, ctx) == ("narrow", "l1")
+    finally:
+        await down.close()
+
+
+async def test_an_epoch_redis_shows_lower_than_known_is_not_taken(
+    pair: tuple[DecisionCache, DecisionCache], raw: aioredis.Redis, prefix: str
+) -> None:
+    a, _ = pair
+    await a.invalidate("subject", "alice")
+    await a.invalidate("subject", "alice")
+    await raw.set(f"{prefix}epoch:{{c}}:subject:alice", b"1")  # a failover to a replica behind
+    assert (await a.context(SCOPES))[1][0] == ["subject", "alice", 2, 0]

@@ -216,7 +216,8 @@ async def test_with_redis_down_a_quarantine_holds_here_and_is_written_back_later
         assert done is False and c.unshared == 1
         assert (await c.check(subject(("token", "j1")))).hit == q
         assert await c.lift("token", "j2") is False
-        assert c.unshared == 2
+        assert await c.lift("token", "j3") is False
+        assert c.unshared == 3  # each entry and each lift Redis did not hear, counted once
     finally:
         await shared.close()
     # the same replica, Redis reachable again: reconcile writes both back
@@ -226,8 +227,9 @@ async def test_with_redis_down_a_quarantine_holds_here_and_is_written_back_later
         assert await c.reconcile() is True
         assert c.unshared == 0 and c.written_back == 1 and c.reconciles == 1
         assert orjson.loads(await raw.get(f"{prefix}q:{{c}}:token:j1")) == q.doc()
-        lift = orjson.loads(await raw.get(f"{prefix}ql:{{c}}:token:j2"))
-        assert set(lift) == {"at", "keep"}
+        for jti in ("j2", "j3"):
+            lift = orjson.loads(await raw.get(f"{prefix}ql:{{c}}:token:{jti}"))
+            assert set(lift) == {"at", "keep"}
     finally:
         await up.close()
 
@@ -544,6 +546,26 @@ async def test_list_shows_what_holds_here_and_in_redis_but_no_lifted_entry(
     assert await a.list() == [qa.doc()]
     await raw.set(f"{prefix}q:{{c}}:device:junk", b"junk", px=30_000)
     assert [d["value"] for d in await a.list()] == ["alice", "junk"]
+    # a value with colons (a SPIFFE ID) held only in Redis is listed whole
+    qw, _ = await b.add("workload", "spiffe://demo.vvault/ns/a:b", 30, "", "admin")
+    assert qw.doc() in await a.list()
+
+
+async def test_what_a_replica_writes_back_reaches_the_others_on_the_channel(
+    replicas: tuple[Containment, Containment], raw: aioredis.Redis, prefix: str
+) -> None:
+    a, b = replicas
+    q, _ = await a.add("device", "wb", 30, "back", "admin")
+    key = f"{prefix}q:{{c}}:device:wb"
+    await raw.delete(key)  # Redis lost it before b ever read it
+    await b.start()
+    assert await a.reconcile() is True and a.written_back == 1
+    # a marker published after: once b holds it, b has heard everything before it
+    marker = {"op": "add", "scope": "subject", "value": "marker", "until": q.until}
+    await raw.publish(f"{prefix}quarantine", orjson.dumps(marker))
+    await until(lambda: held(b, ("subject", "marker")))
+    await raw.delete(key)  # gone from Redis again: what b holds is what it heard
+    assert await held(b, ("device", "wb")) == q
 
 
 async def test_start_reads_what_redis_holds_before_the_first_request(redis_server: RedisServer, prefix: str) -> None:

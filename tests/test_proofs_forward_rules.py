@@ -12,6 +12,7 @@ detail, and the :class:`~vvault_pep.edge.forward.Outcome` (bytes each way, why i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import logging
 import ssl
@@ -25,11 +26,12 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 from yarl import URL
 
 from vvault_pep.config.models import Upstream
 from vvault_pep.core import responses
-from vvault_pep.edge import forward
+from vvault_pep.edge import forward, listener
 from vvault_pep.edge.forward import Outcome, Upstreams, upstream_ssl
 from vvault_pep.errors import PepError
 
@@ -40,6 +42,7 @@ class Seen:
     path_qs: str
     headers: dict[str, str]
     body: bytes
+    peer: Any = None
 
 
 @dataclass
@@ -57,7 +60,8 @@ async def back(answer: Answer | None = None, ssl_context: ssl.SSLContext | None 
 
     async def handle(request: web.Request) -> web.StreamResponse:
         body = await request.read()
-        b.seen.append(Seen(request.method, request.raw_path, dict(request.headers), body))
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        b.seen.append(Seen(request.method, request.raw_path, dict(request.headers), body, peer))
         if answer is not None:
             return await answer(request)
         return web.json_response({"ok": True, "n": len(body)}, headers={"X-App": "1", "Server": "app/1.0"})
@@ -84,8 +88,9 @@ class Front:
 
 @asynccontextmanager
 async def front(
-    upstreams: dict[str, Upstream], *, forward_kw: dict[str, Any] | None = None, **kw: Any
+    upstreams: dict[str, Upstream], *, forward_kw: dict[str, Any] | None = None, preread: bool = False, **kw: Any
 ) -> AsyncIterator[Front]:
+    server_cls = kw.pop("server_cls", web.Server)
     ups = Upstreams(upstreams, **{"max_body_bytes": 1 << 20, "body_idle_timeout_s": 5, **kw})
     f = Front(0, ups)
 
@@ -103,6 +108,8 @@ async def front(
             "response_headers": [("X-Request-Id", "rid-1")],
             **(forward_kw or {}),
         }
+        if preread:  # as the body stage does: the policy read all of it first
+            args["prefix"] = await request.content.read()
         try:
             resp, outcome = await ups.forward(request.headers.get("X-Upstream", "up"), request, **args)
         except PepError as err:
@@ -112,7 +119,7 @@ async def front(
         f.outcomes.append(outcome)
         return resp
 
-    runner = web.ServerRunner(web.Server(handle), access_log=None)
+    runner = web.ServerRunner(server_cls(handle), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
@@ -378,7 +385,9 @@ async def test_head_failures_have_the_same_codes() -> None:
         hang.set()
 
 
-async def test_an_upstream_that_breaks_mid_answer_aborts_the_client_and_says_so() -> None:
+async def test_an_upstream_that_breaks_mid_answer_aborts_the_client_and_says_so(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     async def dying(request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Length": "100000"})
         await resp.prepare(request)
@@ -388,15 +397,18 @@ async def test_an_upstream_that_breaks_mid_answer_aborts_the_client_and_says_so(
         return resp
 
     async with back(dying) as b, front({"up": up(b.port)}) as f:
-        with pytest.raises(aiohttp.ClientPayloadError):
-            await call(f)
+        with caplog.at_level(logging.WARNING, logger="vvault_pep.forward"), pytest.raises(aiohttp.ClientPayloadError):
+            await call(f, "PUT", "/d", data=b"1234")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 10
         while not f.outcomes and loop.time() < deadline:
             await asyncio.sleep(0.01)
     [outcome] = f.outcomes
-    assert (outcome.status, outcome.aborted) == (200, "upstream_failed")
+    assert (outcome.status, outcome.bytes_in, outcome.aborted) == (200, 4, "upstream_failed")
     assert 0 < outcome.bytes_out <= 1000
+    assert [r.getMessage() for r in caplog.records if r.name == "vvault_pep.forward"] == [
+        "upstream up failed mid-response: UpstreamFailure"
+    ]
 
 
 # --- redaction -------------------------------------------------------------------------
@@ -738,7 +750,12 @@ async def test_a_client_that_stops_reading_is_cut_off_at_the_send_deadline(caplo
             deadline = loop.time() + 20
             while not f.outcomes and loop.time() < deadline:
                 await asyncio.sleep(0.05)
+            got = 0
+            with contextlib.suppress(ConnectionError):  # the PEP cut the connection: it ends, short
+                while chunk := await asyncio.wait_for(reader.read(1 << 20), 10):
+                    got += len(chunk)
             writer.close()
+        assert got < size
     [outcome] = f.outcomes
     assert (outcome.status, outcome.bytes_in, outcome.aborted) == (200, 0, "client_stalled")
     assert 0 < outcome.bytes_out < size
@@ -772,3 +789,149 @@ async def test_a_body_within_its_deadline_passes_and_one_read_after_it_is_refuse
         doc = refusal(*(await call(f, "PUT", "/late", data=b"x"))[:2])
     assert (doc["code"], doc["detail"]) == ("sanitize.body_deadline", "the request body took too long")
     assert [s.body for s in b.seen] == [b"quick"] and b2.seen == []
+
+
+async def test_keep_alive_connections_to_an_upstream_are_reused() -> None:
+    async with back() as b, front({"up": up(b.port)}) as f:
+        for _ in range(3):
+            assert (await call(f))[0] == 200
+    assert len({s.peer for s in b.seen}) == 1
+
+
+async def test_a_tls_handshake_that_never_ends_is_an_upstream_timeout() -> None:
+    async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+
+    server = await asyncio.start_server(mute, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with front({"up": Upstream(url=f"https://127.0.0.1:{port}", connect_timeout_s=0.3)}) as f:
+            doc = refusal(*(await call(f))[:2])
+        assert (doc["code"], doc["detail"]) == ("upstream.timeout", "the upstream did not answer in time")
+    finally:
+        server.close()
+
+
+async def test_an_https_upstream_without_tls_settings_is_verified_against_the_system_store(pki: Path) -> None:
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(str(pki / "server.pem"), str(pki / "server-key.pem"))
+    async with back(ssl_context=server_ctx) as b, front({"up": Upstream(url=f"https://127.0.0.1:{b.port}")}) as f:
+        doc = refusal(*(await call(f))[:2])  # the demo CA is in no system store: refused, never plaintext
+        assert (doc["code"], doc["detail"]) == ("upstream.unavailable", "the upstream refused the connection")
+    assert b.seen == []
+
+
+@pytest.mark.parametrize(("size", "passes"), [(6, True), (7, False)])
+async def test_a_body_the_policy_read_whole_counts_against_the_limit(size: int, passes: bool) -> None:
+    async with back() as b, front({"up": up(b.port)}, preread=True, forward_kw={"max_body_bytes": 6}) as f:
+        status, headers, _ = await call(f, "PUT", "/p", data=b"x" * size)
+    if passes:
+        assert status == 200 and b.seen[0].body == b"x" * size
+    else:
+        doc = refusal(status, headers)
+        assert (doc["code"], doc["detail"]) == ("sanitize.body_too_large", "request body exceeds the limit")
+        assert b.seen == []
+
+
+async def test_what_the_policy_read_goes_first_when_the_rest_streams() -> None:
+    rest = b"r" * 3000
+    kw = {"prefix": b"0123456789", "content_length": 10 + len(rest)}  # the prefix is part of the body
+    async with back() as b, front({"up": up(b.port)}, buffer_body_bytes=1024, forward_kw=kw) as f:
+        assert (await call(f, "PUT", "/p", data=rest))[0] == 200
+    assert b.seen[0].body == b"0123456789" + rest
+
+
+async def _in_use_while_the_body_waits(buffer: int, sent: list[bytes]) -> tuple[int, int]:
+    """(connections in use once ``sent`` is in and the body's end is withheld, in use at the end)."""
+    gate = asyncio.Event()
+
+    async def body() -> AsyncIterator[bytes]:
+        for piece in sent:
+            yield piece
+            await asyncio.sleep(0.05)  # each piece arrives on its own
+        await gate.wait()
+        yield b"end"
+
+    async with back() as b, front({"up": up(b.port)}, buffer_body_bytes=buffer) as f:
+        task = asyncio.get_running_loop().create_task(call(f, "PUT", "/slow", data=body()))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 1.0  # a window to see a connection taken; the rule says none is
+        while f.ups.in_use("up") == 0 and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        during = f.ups.in_use("up")
+        gate.set()
+        assert (await task)[0] == 200
+        assert b.seen[0].body == b"".join(sent) + b"end"
+        return during, f.ups.in_use("up")
+
+
+async def test_a_small_body_holds_no_upstream_connection_until_it_is_all_in() -> None:
+    assert await _in_use_while_the_body_waits(1024, [b"a" * 1024]) == (0, 0)  # exactly the buffer: still small
+
+
+async def test_a_body_past_the_buffer_takes_its_connection_and_streams() -> None:
+    assert await _in_use_while_the_body_waits(1024, [b"b" * 512] * 4) == (1, 0)
+
+
+class _ListenerServer(web.Server):
+    """aiohttp's server behind the listener's connection handler, which fails a body at a bad chunk."""
+
+    def __call__(self) -> RequestHandler:
+        return listener._Handler(self, loop=self._loop, **self._kwargs)
+
+
+async def test_a_bad_chunk_in_a_streamed_body_is_malformed() -> None:
+    async with back() as b, front({"up": up(b.port)}, server_cls=_ListenerServer, buffer_body_bytes=16) as f:
+        reader, writer = await asyncio.open_connection("127.0.0.1", f.port)
+        writer.write(b"PUT /bad HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n20\r\n" + b"g" * 32 + b"\r\n")
+        await writer.drain()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while f.ups.in_use("up") == 0 and loop.time() < deadline:  # streaming: the upstream is asked
+            await asyncio.sleep(0.01)
+        writer.write(b"zz\r\n")
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        writer.close()
+    status, headers = int(head.split(b" ")[1]), {}
+    for line in head.decode().split("\r\n")[1:]:
+        if ":" in line:
+            k, _, v = line.partition(":")
+            headers[k.strip()] = v.strip()
+    doc = refusal(status, headers)
+    assert (doc["code"], doc["detail"]) == ("sanitize.malformed", "malformed request body")
+
+
+async def test_every_byte_of_a_long_answer_is_counted() -> None:
+    size = 3 << 20
+    async with back(big_answer(size)) as b, front({"up": up(b.port)}) as f:
+        status, _, body = await call(f)
+    assert (status, len(body)) == (200, size)
+    assert f.outcomes == [Outcome(200, 0, size)]
+
+
+async def test_cookies_an_upstream_sets_on_head_are_never_sent_back_for_another_client() -> None:
+    async def answer(request: web.Request) -> web.StreamResponse:
+        resp = web.Response(status=200)
+        resp.set_cookie("session", "alice-secret", path="/")
+        return resp
+
+    async with back(answer) as b, front({"up": Upstream(url=f"http://localhost:{b.port}")}) as f:
+        assert (await call(f, "HEAD", "/one"))[0] == 200  # a host name: a cookie jar would keep its cookies
+        assert (await call(f, "HEAD", "/two"))[0] == 200
+    assert [s.headers.get("Cookie") for s in b.seen] == [None, None]
+
+
+async def test_a_tls_handshake_that_never_ends_is_an_upstream_timeout_for_head_too() -> None:
+    async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+
+    server = await asyncio.start_server(mute, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        upstream = Upstream(url=f"https://127.0.0.1:{port}", connect_timeout_s=0.3, pool_timeout_s=0.2)
+        async with front({"up": upstream}) as f:
+            doc = refusal(*(await asyncio.wait_for(call(f, "HEAD"), 20))[:2])
+        assert (doc["code"], doc["detail"]) == ("upstream.timeout", "the upstream did not answer in time")
+    finally:
+        server.close()
