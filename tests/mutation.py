@@ -466,6 +466,18 @@ EQUIVALENT: dict[str, str] = {
         " answers have no body: there is nothing to decompress"
         for n in (33, 38)
     },
+    **{
+        f"vvault_pep.edge.forward.xǁUpstreamsǁ__init____mutmut_{n}": "aiohttp compares the names in"
+        " `skip_auto_headers` case-insensitively"
+        for n in (51, 52, 54, 55, 57, 58, 60, 61)
+    },
+    "vvault_pep.edge.forward.xǁUpstreamsǁ__init____mutmut_49": "aiohttp's client carries HEAD only, whose"
+    " answers have no body: there is nothing to decompress",
+    "vvault_pep.edge.forward.xǁUpstreamsǁ__init____mutmut_41": "`sock_connect` still bounds the connection"
+    " and its TLS handshake (a HEAD to an upstream that never finishes the handshake still times out), and"
+    " there is no wait for a pooled connection: the PEP's slots admit at most `max_connections`",
+    "vvault_pep.edge.forward.xǁUpstreamsǁforward__mutmut_1": "the default is never used: the forward stage"
+    " always passes the route's or the limits' body deadline",
     "vvault_pep.edge.forward.xǁUpstreamsǁ__init____mutmut_23": "aiohttp's own connection limit is never"
     " reached: the PEP's slots admit at most `max_connections` requests to the upstream at once",
     "vvault_pep.edge.forward.xǁUpstreamsǁ_redact_body__mutmut_32": "an empty Content-Encoding is already"
@@ -503,6 +515,17 @@ EQUIVALENT: dict[str, str] = {
         f"vvault_pep.decide.cache.xǁDecisionCacheǁdrain__mutmut_{n}": "the L2 writes never raise (the store"
         " turns every Redis failure into None): there is no exception for `gather` to return or raise"
         for n in (1, 3, 5)
+    },
+    **{
+        f"vvault_pep.decide.cache.xǁDecisionCacheǁ_key__mutmut_{n}": "the entry key is made in this one place"
+        " for lookup, store and explain: another tag (or none) changes every key alike, and the index keys"
+        " differ in shape and in their Redis kind"
+        for n in (1, 7, 13, 14)
+    },
+    **{
+        f"vvault_pep.decide.cache.xǁDecisionCacheǁ{name}__mutmut_{n}": "`>` or `>=` (`<=` or `<`) between the"
+        " wall clock and a float expiry: never equal"
+        for name, n in (("lookup", 38), ("lookup", 91), ("_remember_index", 6))
     },
     "vvault_pep.decide.cache.xǁDecisionCacheǁreconcile__mutmut_7": "writing back every known epoch when"
     " nothing was lost changes no counter: the script never goes below what Redis holds, and adds only what"

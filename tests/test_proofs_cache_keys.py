@@ -339,6 +339,9 @@ async def test_a_vary_that_leaves_out_a_path_the_policy_reads_is_ignored() -> No
     wide = CacheHints(vary=("identity", "request"))
     await stored(c, r, {"identity": {"subject": "b"}, "request": {"path": "/x"}, "q": 1}, "w", ctx=ctx, hints=wide)
     assert await looked(c, r, {"identity": {"subject": "b"}, "request": {"path": "/x"}, "q": 2}, ctx) == ("w", "l1")
+    # the vary is the key: what it covers counts, even beyond what the policy reads
+    changed = {"identity": {"subject": "b", "other": 1}, "request": {"path": "/x"}, "q": 1}
+    assert await looked(c, r, changed, ctx) == (None, "miss")
 
 
 @pytest.mark.parametrize(
@@ -427,6 +430,11 @@ async def test_another_replica_finds_the_answer_in_l2_with_its_lifetime(
     assert await looked(b, r, DOC, bctx) == ({"allow": True}, "l2")
     assert await looked(b, r, DOC, bctx) == ({"allow": True}, "l1")  # and kept in L1 from then on
     assert b.stats["l2"] == 1 and b.stats["l1"] == 1
+    other = {**DOC, "request": {"id": "1", "path": "/other"}}
+    a.store(r, other, {"allow": False}, ttl_s=30, hints=CacheHints(), revision=ctx[0], epochs=ctx[1])
+    await a.drain()
+    assert await looked(b, r, other, bctx) == ({"allow": False}, "l2")
+    assert b.stats["l2"] == 2
     assert await looked(b, r, DOC, bctx, interpret=lambda x: ("i", x)) == (("i", {"allow": True}), "l1")
 
 
@@ -789,3 +797,42 @@ async def test_an_epoch_redis_shows_lower_than_known_is_not_taken(
     await a.invalidate("subject", "alice")
     await raw.set(f"{prefix}epoch:{{c}}:subject:alice", b"1")  # a failover to a replica behind
     assert (await a.context(SCOPES))[1][0] == ["subject", "alice", 2, 0]
+
+
+def test_the_body_is_in_the_key_on_a_body_route_only() -> None:
+    c = DecisionCache(Cache(), None)
+    body_route = Route(
+        name="b",
+        path="/b",
+        upstream="u",
+        policy="p/q",
+        body={"inspect": "json", "max_bytes": 100, "cache_key": True},
+        cache={"ttl_s": 60, "key": ["identity.subject"]},
+    )
+    plain = route("p", ttl_s=60, key=("identity.subject",))
+    one = {"identity": {"subject": "a"}, "request": {"body": {"x": 1}}}
+    two = {"identity": {"subject": "a"}, "request": {"body": {"x": 2}}}
+    assert c.entry_key(body_route, one, *CTX, None) != c.entry_key(body_route, two, *CTX, None)
+    assert c.entry_key(plain, one, *CTX, None) == c.entry_key(plain, two, *CTX, None)
+
+
+def test_a_policy_that_reads_the_whole_input_is_keyed_on_all_of_it() -> None:
+    c = DecisionCache(Cache(), None)
+    c.opa_revision = "b:1"
+    c.use_policy_paths({"p/q": ("", "identity.subject")}, "b:1")
+    r = route()
+    one = {"identity": {"subject": "a"}, "request": {"path": "/1"}}
+    two = {"identity": {"subject": "a"}, "request": {"path": "/2"}}
+    assert c.entry_key(r, one, *CTX, None) != c.entry_key(r, two, *CTX, None)
+    narrow = ("identity.subject",)  # a vary cannot narrow what reads everything
+    assert c.entry_key(r, one, *CTX, narrow) != c.entry_key(r, two, *CTX, narrow)
+
+
+async def test_interpretations_kept_are_bounded() -> None:
+    c = DecisionCache(Cache(), None)
+    r = route()
+    for n in range(dc._INTERPRETED_MAX + 3):
+        await stored(c, r, {"n": n}, {"allow": True, "n": n})
+        await looked(c, r, {"n": n}, interpret=lambda x: x["n"])
+    assert len(c._interpreted) == dc._INTERPRETED_MAX == 1024
+    assert await looked(c, r, {"n": 0}, interpret=lambda x: ("again", x["n"])) == (("again", 0), "l1")
