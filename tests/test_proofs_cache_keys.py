@@ -836,3 +836,19 @@ async def test_interpretations_kept_are_bounded() -> None:
         await looked(c, r, {"n": n}, interpret=lambda x: x["n"])
     assert len(c._interpreted) == dc._INTERPRETED_MAX == 1024
     assert await looked(c, r, {"n": 0}, interpret=lambda x: ("again", x["n"])) == (("again", 0), "l1")
+
+
+async def test_a_vary_on_a_body_route_keeps_the_body_in_the_key() -> None:
+    c = DecisionCache(Cache(), None)
+    body_route = Route(
+        name="bv",
+        path="/b",
+        upstream="u",
+        policy="p/q",
+        body={"inspect": "json", "max_bytes": 100, "cache_key": True},
+        cache={"ttl_s": 60},
+    )
+    narrow = ("identity.subject",)
+    one = {"identity": {"subject": "a"}, "request": {"body": {"x": 1}}}
+    two = {"identity": {"subject": "a"}, "request": {"body": {"x": 2}}}
+    assert c.entry_key(body_route, one, *CTX, narrow) != c.entry_key(body_route, two, *CTX, narrow)
