@@ -418,6 +418,12 @@ EQUIVALENT: dict[str, str] = {
             ("_redacted", 53),
             ("_redacted", 59),
             ("_redacted", 60),
+            ("forward", 22),
+            ("forward", 23),
+            ("forward", 29),
+            ("forward", 30),
+            ("forward", 62),
+            ("forward", 63),
         )
     },
     **{
