@@ -85,6 +85,7 @@ MODULES: dict[str, list[str]] = {
         "tests/test_proofs_identity.py",
     ],
     "edge.listener": [
+        "tests/test_proofs_listener.py",
         "tests/test_listener.py",
         "tests/test_hardening.py",
         "tests/test_tls_hardening.py",
@@ -98,19 +99,25 @@ MODULES: dict[str, list[str]] = {
         "tests/test_proofs_identity.py",
     ],
     "shared.containment": [
+        "tests/test_proofs_containment.py",
         "tests/test_containment.py",
         "tests/test_containment_holds.py",
         "tests/test_proofs_cache.py",
     ],
-    "edge.upstream_http": ["tests/test_upstream_http.py", "tests/test_proofs_forward.py"],
+    "edge.upstream_http": [
+        "tests/test_proofs_upstream_http.py",
+        "tests/test_upstream_http.py",
+        "tests/test_proofs_forward.py",
+    ],
     "edge.forward": [
+        "tests/test_proofs_forward_rules.py",
         "tests/test_proofs_forward.py",
         "tests/test_responses.py",
         "tests/test_pipeline.py",
         "tests/test_streaming.py",
     ],
     # last: the cache key composition and the PDP client are still moving elsewhere
-    "decide.cache": ["tests/test_cache.py", "tests/test_proofs_cache.py"],
+    "decide.cache": ["tests/test_proofs_cache_keys.py", "tests/test_cache.py", "tests/test_proofs_cache.py"],
     "decide.pdp": ["tests/test_proofs_opa_client.py", "tests/test_pdp.py", "tests/test_proofs_pdp.py"],
 }
 
@@ -141,13 +148,9 @@ EQUIVALENT: dict[str, str] = {
         " and `split(';', 2)[0]` are that part too"
         for n in (8, 11)
     },
-    "vvault_pep.edge.body.x_inspect__mutmut_86": "`parse` tests `not complete`: None and False take the same branch",
-    **{
-        f"vvault_pep.edge.body.x_inspect__mutmut_{n}": "the `sanitize.malformed` branch: a framing error in the"
-        " middle of a body is answered 400 by aiohttp's server itself, which closes the connection; no"
-        " client sees this code or detail (a client that leaves is a ConnectionResetError, handled above)"
-        for n in range(58, 66)
-    },
+    "vvault_pep.edge.body.x__inspect__mutmut_95": "`parse` tests `not complete`: None and False take the same branch",
+    "vvault_pep.edge.body.x_inspect__mutmut_1": "the default deadline is never used: the only caller (the"
+    " body stage) always passes the route's or the limits' deadline",
     **{
         f"vvault_pep.core.responses.x_cookie_passes__mutmut_{n}": "only the part before the first '=' is read:"
         " `split('=')[0]` and `split('=', 2)[0]` are that part too"
@@ -358,9 +361,386 @@ EQUIVALENT: dict[str, str] = {
     " both send no body",
     "vvault_pep.observe.audit.xǁJsonLinesǁformat__mutmut_56": "logging fills exc_info from sys.exc_info():"
     " its type and value are None together or set together",
+    # edge.listener
+    **{
+        f"vvault_pep.edge.listener.xǁ_StrictPyParserǁparse_message__mutmut_{n}": "only the part before the first"
+        " space is read: `split(b' ')[0]` and `split(b' ', 2)[0]` are that part too"
+        for n in (7, 11)
+    },
+    "vvault_pep.edge.listener.xǁ_StrictPyParserǁparse_message__mutmut_19": "codec names are case-insensitive:"
+    " 'LATIN-1' is 'latin-1'",
+    "vvault_pep.edge.listener.xǁ_Handlerǁhandle_error__mutmut_1": "aiohttp always passes the status (400 for"
+    " what its parser refuses, 500 for a handler's exception, 504 for its timeout): the default is never used",
+    "vvault_pep.edge.listener.xǁ_Handlerǁhandle_error__mutmut_3": "`output_size` is 0 or the length of at least"
+    " a status line: once anything is written, the head went first, so `> 0` and `> 1` never differ",
+    **{
+        f"vvault_pep.edge.listener.xǁ_Handlerǁhandle_error__mutmut_{n}": "the ConnectionError's message is never"
+        " read: aiohttp catches it as a premature disconnection and closes the connection without a word"
+        for n in (4, 5, 6)
+    },
+    **{
+        f"vvault_pep.edge.listener.xǁ_Handlerǁhandle_error__mutmut_{n}": "aiohttp calls handle_error with 400,"
+        " 500 or 504 only: the 413 and 431 entries of the table are never looked up (431 comes from the"
+        " LineTooLong rule below it, which the tests hold)"
+        for n in (12, 13, 14, 15, 16, 17)
+    },
+    **{
+        f"vvault_pep.edge.listener.xǁ_Handlerǁhandle_error__mutmut_{n}": "the text is only searched for"
+        " 'Duplicate' and \"Missing 'Host'\": 'None' and 'XXXX' (without an exception) hold neither, as '' does"
+        for n in (25, 28)
+    },
+    "vvault_pep.edge.listener.xǁ_Handlerǁhandle_error__mutmut_71": "a Refusal's detail None is answered as its"
+    " title (`detail or title` in problem_body), which is what the detail was",
+    **{
+        f"vvault_pep.edge.listener.xǁ_Handlerǁhandle_error__mutmut_{n}": "HTTP field names are case-insensitive"
+        " (RFC 9110, 5.1): `x-request-id` / `server` in another case are the same header to every client"
+        for n in (95, 96, 99, 100)
+    },
+    **{
+        f"vvault_pep.edge.listener.xǁ_Handlerǁhandle_error__mutmut_{n}": "while the handler's manager is set the"
+        " transport is too (aiohttp clears both on connection_lost), and a live TCP transport always has a"
+        " peername: the `else None` branches are never taken"
+        for n in (108, 118)
+    },
+    "vvault_pep.edge.listener.x_server_context__mutmut_10": "CPython sets OP_NO_COMPRESSION and"
+    " OP_CIPHER_SERVER_PREFERENCE on every new SSLContext already: dropping them from the `|=` changes nothing",
+    "vvault_pep.edge.listener.x_disable_session_cache__mutmut_20": "SSL_CTX_ctrl(NULL, …) returns 0, which is"
+    " SSL_SESS_CACHE_OFF, and so does reading a real SSL_CTX right after the SET that precedes it: the SET"
+    " only assigns the mode, it cannot fail on a valid SSL_CTX",
+    "vvault_pep.edge.listener.x_disable_session_cache__mutmut_27": "SSL_CTRL_GET_SESS_CACHE_MODE ignores its"
+    " `larg` argument",
+    **{
+        f"vvault_pep.edge.listener.xǁ_Handlerǁdata_received__mutmut_{n}": "the ValueError's message is never"
+        " read: both body readers answer any ValueError with their own `sanitize.malformed` detail"
+        for n in (16, 17, 18)
+    },
+    **{
+        f"vvault_pep.edge.listener.xǁMtlsServerǁconnection_lost__mutmut_{n}": "aiohttp's Server.connection_lost"
+        " does not read `exc`"
+        for n in (5, 7)
+    },
+    "vvault_pep.edge.listener.xǁMtlsServerǁconnection_made__mutmut_67": "connection_made runs after the"
+    " handshake, when `cipher()` always names the negotiated cipher: the `else None` branch is never taken",
+    "vvault_pep.edge.listener.xǁMtlsServerǁconnection_made__mutmut_2": "aiohttp's Server keeps the transport"
+    " as the value of its connection table and never reads it (shutdown goes through the handlers)",
+    "vvault_pep.edge.listener.xǁ_Handlerǁdata_received__mutmut_6": "with as many messages as before, the slice"
+    " `[before:]` is empty: returning at `<=` or looping over nothing at `<` does the same",
+    # edge.upstream_http
+    **{
+        f"vvault_pep.edge.upstream_http.xǁ_Connǁ{name}__mutmut_{n}": "None is as false as False"
+        for name, n in (("resume_writing", 1), ("on_message_complete", 1))
+    },
+    **{
+        f"vvault_pep.edge.upstream_http.xǁ_Connǁ_fail__mutmut_{n}": "`close()` on the next line marks the"
+        " connection closed, and every reader of `dirty` (`_take`, `finish`) refuses a closed one as well"
+        for n in (1, 2)
+    },
+    "vvault_pep.edge.upstream_http.xǁ_Connǁclose__mutmut_1": "the transport is set before the connection"
+    " object is ever handed out, and aborting an already aborted transport does nothing",
+    **{
+        f"vvault_pep.edge.upstream_http.xǁ_Connǁ_expire__mutmut_{n}": "`_fail` just before always completes the"
+        " awaited future (it fails the head, or wakes the waiter): the fallback `set_exception` is never reached"
+        for n in (7, 8)
+    },
+    **{
+        f"vvault_pep.edge.upstream_http.xǁ_Connǁconnection_lost__mutmut_{n}": "entering the branch for a"
+        " connection that is idle (complete) or already failed changes nothing: `_fail` after a complete"
+        " answer only closes, which the loss did, and `next_chunk` raises a set error before it looks at"
+        " `complete`"
+        for n in (4, 5)
+    },
+    **{
+        f"vvault_pep.edge.upstream_http.xǁ_Connǁconnection_lost__mutmut_{n}": "`keep_alive` is read only by"
+        " `finish`, which never reuses a closed connection, and the loss set `closed` first"
+        for n in (13, 14)
+    },
+    "vvault_pep.edge.upstream_http.xǁ_Connǁconnection_lost__mutmut_26": "a writer still waiting for its drain"
+    " when the connection is lost is cancelled by `finish`, which every exchange ends with",
+    **{
+        f"vvault_pep.edge.upstream_http.xǁ_Connǁon_header__mutmut_{n}": "codec names are case-insensitive:"
+        " 'LATIN-1' is 'latin-1'"
+        for n in (4, 7)
+    },
+    **{
+        f"vvault_pep.edge.upstream_http.xǁ_Connǁ{name}__mutmut_{n}": "a one-byte shift of a buffer bound: the"
+        " bytes per data_received call (what the bound counts) are the kernel's choice, so no upstream can aim"
+        " at the byte between `>` and `>=` (the bounds themselves are held by the tests)"
+        for name, n in (("on_body", 2), ("on_body", 8), ("next_chunk", 7))
+    },
+    **{
+        f"vvault_pep.edge.upstream_http.xǁ_Connǁ{name}__mutmut_{n}": "reading paused after every piece, or"
+        " resumed above LOW_WATER: only the pause/resume hysteresis changes; what is buffered stays bounded"
+        " by HIGH_WATER plus one read, and resume_reading on a transport that reads is a no-op"
+        for name, n in (("on_body", 6), ("on_body", 7), ("next_chunk", 5), ("next_chunk", 6))
+    },
+    **{
+        f"vvault_pep.edge.upstream_http.xǁ_Connǁclose__mutmut_{n}": "after `abort()` asyncio runs"
+        " connection_lost on the next loop turn, which sets `closed` and forgets the connection; until then"
+        " no reader of `closed` runs (the pool's list never holds a connection being closed)"
+        for n in (4, 5, 6)
+    },
+    **{
+        f"vvault_pep.edge.upstream_http.xǁ_Connǁ{name}__mutmut_{n}": "None is as false as False"
+        for name, n in (("on_headers_complete", 13), ("next_chunk", 9))
+    },
+    "vvault_pep.edge.upstream_http.xǁ_Connǁconnection_made__mutmut_2": "`typing.cast` does nothing at run time",
+    "vvault_pep.edge.upstream_http.xǁ_Connǁdata_received__mutmut_1": "the branch differs only for a connection"
+    " that is busy with a complete answer, and there the parser refuses the extra bytes (`_Extra`), which"
+    " marks the connection dirty and closes it all the same",
+    **{
+        f"vvault_pep.edge.upstream_http.xǁ_Connǁdata_received__mutmut_{n}": "`close()` on the next line marks"
+        " the connection closed, and every reader of `dirty` (`_take`, `finish`) refuses a closed one as well"
+        for n in (3, 4)
+    },
+    **{
+        f"vvault_pep.edge.upstream_http.xǁ_Connǁ{name}__mutmut_{n}": "a one-byte shift of a buffer bound: the"
+        " bytes per data_received call (what the bound counts) are the kernel's choice, so no upstream can aim"
+        " at the byte between `>` and `>=` (the bounds themselves are held by the tests)"
+        for name, n in (("data_received", 10), ("on_headers_complete", 12))
+    },
+    "vvault_pep.edge.upstream_http.xǁ_Connǁon_status__mutmut_5": "codec names are case-insensitive: 'LATIN-1'"
+    " is 'latin-1'",
+    "vvault_pep.edge.upstream_http.xǁ_Connǁon_headers_complete__mutmut_33": "`_head` is set by `start` before"
+    " any byte is read and completed only here, once per exchange (an interim answer returns earlier, a"
+    " second answer is stopped by `_Extra` first): it is never None and never done at this point",
+    **{
+        f"vvault_pep.edge.upstream_http.xǁ_Connǁ{name}__mutmut_{n}": "an initial value no reader sees:"
+        " connection_made sets the transport, `start` sets `busy` and `_head` (with no await between), `put`"
+        " sets `idle_since`, the head sets `status` and `until_eof` before anything reads them, the answer's"
+        " end sets `keep_alive`; and None is as false as False"
+        for name, n in (
+            ("__init__", 3),
+            ("__init__", 4),
+            ("__init__", 6),
+            ("__init__", 7),
+            ("__init__", 8),
+            ("__init__", 9),
+            ("_reset", 1),
+            ("_reset", 2),
+            ("_reset", 6),
+            ("_reset", 8),
+            ("_reset", 9),
+            ("_reset", 10),
+            ("_reset", 12),
+            ("_reset", 14),
+            ("_reset", 15),
+            ("_reset", 16),
+            ("_reset", 21),
+            ("_reset", 23),
+            ("_reset", 28),
+            ("_reset", 30),
+        )
+    },
+    **{
+        f"vvault_pep.edge.upstream_http.xǁ_Connǁ_reset__mutmut_{n}": "a one-byte shift of a buffer bound: the"
+        " bytes per data_received call (what the bound counts) are the kernel's choice, so no upstream can aim"
+        " at the byte between `>` and `>=` (the bounds themselves are held by the tests)"
+        for n in (19, 27)
+    },
+    **{
+        f"vvault_pep.edge.upstream_http.xǁ_Connǁfinish__mutmut_{n}": "`busy` after `finish`: a connection back"
+        " in the pool is complete, so its bytes are refused and its loss ignored either way, and `start` sets"
+        " `busy` again before reusing it"
+        for n in (20, 21)
+    },
+    **{
+        f"vvault_pep.edge.upstream_http.xǁPoolǁ_take__mutmut_{n}": "no connection in the idle list is closed or"
+        " dirty: `finish` puts back only clean ones, and closing one (or its loss) takes it off the list at once"
+        for n in (3, 4)
+    },
+    "vvault_pep.edge.upstream_http.xǁPoolǁ_take__mutmut_6": "`>` or `>=` on a float clock: no connection can"
+    " be taken exactly KEEPALIVE_S after it was put back",
+    **{
+        f"vvault_pep.edge.upstream_http.xǁPoolǁ_head__mutmut_{n}": "the joined text is only searched for CR, LF,"
+        " NUL (the probe) or ':' and ' ' (the names): 'XXXX' between the parts adds none of them"
+        for n in (7, 10)
+    },
+    "vvault_pep.edge.upstream_http.xǁPoolǁ_head__mutmut_37": "codec names are case-insensitive: 'UTF-8' is 'utf-8'",
+    "vvault_pep.edge.upstream_http.xǁPoolǁrequest__mutmut_18": "None is as false as False",
+    "vvault_pep.edge.upstream_http.xǁPoolǁrequest__mutmut_65": "a third attempt is never reached: the second"
+    " is on a fresh connection, and a fresh connection's failure is raised (`reused` is false)",
+    **{
+        f"vvault_pep.edge.upstream_http.xǁPoolǁrequest__mutmut_{n}": "the line after the loop is unreachable:"
+        " every attempt returns or raises, and the second always does"
+        for n in (87, 88, 89)
+    },
+    "vvault_pep.edge.upstream_http.xǁ_Connǁ_send__mutmut_8": "chunk sizes are hexadecimal, case-insensitive"
+    " (RFC 9112, 7.1: HEXDIG): `1A` and `1a` frame the same chunk for every parser",
+    # edge.forward
+    "vvault_pep.edge.forward.xǁ_AiohttpAnswerǁchunks__mutmut_1": "aiohttp's client carries HEAD only, whose"
+    " answers have no body: the chunk size is never used",
+    **{
+        f"vvault_pep.edge.forward.xǁUpstreamsǁ_via_aiohttp__mutmut_{n}": "aiohttp raises its own"
+        " ServerTimeoutError (a TimeoutError, caught by the branch above) for each deadline it is given;"
+        " no other TimeoutError comes out of `session.request`"
+        for n in range(34, 42)
+    },
+    **{
+        f"vvault_pep.edge.forward.xǁUpstreamsǁ{name}__mutmut_{n}": "HTTP field names are case-insensitive (RFC"
+        " 9110, 5.1): the same header to every client"
+        for name, n in (
+            ("_answer", 34),
+            ("_answer", 35),
+            ("_redacted", 48),
+            ("_redacted", 49),
+            ("_redacted", 52),
+            ("_redacted", 53),
+            ("_redacted", 59),
+            ("_redacted", 60),
+            ("forward", 22),
+            ("forward", 23),
+            ("forward", 29),
+            ("forward", 30),
+            ("forward", 62),
+            ("forward", 63),
+        )
+    },
+    **{
+        f"vvault_pep.edge.forward.xǁUpstreamsǁ_redact_body__mutmut_{n}": "both kinds of answer look headers up"
+        " case-insensitively (the lean one by `lower()`, aiohttp's in a CIMultiDict)"
+        for n in (7, 8, 25, 26)
+    },
+    "vvault_pep.edge.forward.xǁUpstreamsǁ_redact_body__mutmut_9": "without a Content-Type, 'xxxx' is as far"
+    " from JSON as '': the same refusal",
+    "vvault_pep.edge.forward.xǁUpstreamsǁ_redact_body__mutmut_12": "without the declared length, the read"
+    " (bounded at limit + 1) finds the same answer too large, with the same refusal",
+    "vvault_pep.edge.forward.xǁUpstreamsǁ_read__mutmut_3": "`left` comes from the loop clock read after the"
+    " budget was made: it is never exactly 0, so `<= 0` and `< 0` never differ",
+    "vvault_pep.edge.forward.xǁUpstreamsǁ_read__mutmut_19": "the idle gap and the time left are floats from"
+    " config and the loop clock: they are never exactly equal",
+    "vvault_pep.edge.forward.xǁUpstreamsǁ_pool__mutmut_5": "for an http:// upstream the initial value stays,"
+    " and '' makes the same `None` context as None",
+    "vvault_pep.edge.forward.xǁUpstreamsǁ_pool__mutmut_23": "`ssl=True` is asyncio's own"
+    " `ssl.create_default_context()`: the same verification as the context made here",
+    "vvault_pep.edge.forward.xǁUpstreamsǁ_pool__mutmut_25": "the pool uses its context only for https://"
+    " upstreams, which always have one: a context for an http:// upstream is never used",
+    **{
+        f"vvault_pep.edge.forward.xǁUpstreamsǁ_via_lean__mutmut_{n}": "the headers are a CIMultiDict: lookups are"
+        " case-insensitive"
+        for n in (6, 7)
+    },
+    "vvault_pep.edge.forward.xǁUpstreamsǁ_prefix__mutmut_1": "the default is never used: `forward` always"
+    " passes what the policy read (b'' when nothing)",
+    "vvault_pep.edge.forward.xǁUpstreamsǁ_prefix__mutmut_4": "`[b'']` and `[]` join to the same bytes",
+    "vvault_pep.edge.forward.xǁUpstreamsǁ_prefix__mutmut_6": "the budget is fresh here (its count is 0): `=`"
+    " and `+=` give the same count",
+    **{
+        f"vvault_pep.edge.forward.xǁ_AiohttpAnswerǁ{name}__mutmut_{n}": "unreachable: only the redaction reads an"
+        " answer's single headers and body, and a redacted HEAD is sent as GET on the lean client, so aiohttp's"
+        " answers (HEAD only) are never redacted"
+        for name, n in (("header", 1), ("read", 1), ("read", 2), ("read", 3))
+    },
+    "vvault_pep.edge.forward.xǁUpstreamsǁ_via_aiohttp__mutmut_15": "aiohttp follows a redirect only when"
+    " `allow_redirects` is true: None is as false as False",
+    "vvault_pep.edge.forward.xǁUpstreamsǁ__init____mutmut_1": "the default is never used: the runtime always"
+    " passes `limits.send_idle_timeout_s`",
+    "vvault_pep.edge.forward.xǁUpstreamsǁ__init____mutmut_19": "aiohttp's own connection limit is never"
+    " reached: the PEP's slots admit at most `max_connections` requests to the upstream at once",
+    **{
+        f"vvault_pep.edge.forward.xǁUpstreamsǁ__init____mutmut_{n}": "aiohttp's client carries HEAD only, whose"
+        " answers have no body: there is nothing to decompress"
+        for n in (33, 38)
+    },
+    **{
+        f"vvault_pep.edge.forward.xǁUpstreamsǁ__init____mutmut_{n}": "aiohttp compares the names in"
+        " `skip_auto_headers` case-insensitively"
+        for n in (51, 52, 54, 55, 57, 58, 60, 61)
+    },
+    "vvault_pep.edge.forward.xǁUpstreamsǁ__init____mutmut_49": "aiohttp's client carries HEAD only, whose"
+    " answers have no body: there is nothing to decompress",
+    "vvault_pep.edge.forward.xǁUpstreamsǁ__init____mutmut_41": "`sock_connect` still bounds the connection"
+    " and its TLS handshake (a HEAD to an upstream that never finishes the handshake still times out), and"
+    " there is no wait for a pooled connection: the PEP's slots admit at most `max_connections`",
+    "vvault_pep.edge.forward.xǁUpstreamsǁforward__mutmut_1": "the default is never used: the forward stage"
+    " always passes the route's or the limits' body deadline",
+    "vvault_pep.edge.forward.xǁUpstreamsǁ__init____mutmut_23": "aiohttp's own connection limit is never"
+    " reached: the PEP's slots admit at most `max_connections` requests to the upstream at once",
+    "vvault_pep.edge.forward.xǁUpstreamsǁ_redact_body__mutmut_32": "an empty Content-Encoding is already"
+    " 'identity' (`or 'identity'`): '' never reaches the tuple",
+    # decide.cache
+    **{
+        f"vvault_pep.decide.cache.xǁDecisionCacheǁreconcile__mutmut_{n}": "there is one reply per pair plus the"
+        " revision's: `zip` never meets lists of different lengths"
+        for n in (82, 85, 87)
+    },
+    "vvault_pep.decide.cache.xǁDecisionCacheǁreconcile__mutmut_97": "a pair this replica does not know is"
+    " written back only with a pending bump (at least 1), so its reply is at least 1: `max(1, reply)` is"
+    " the reply",
+    "vvault_pep.decide.cache.xǁDecisionCacheǁ__init____mutmut_48": "the paths are read only once"
+    " `use_policy_paths` set them and their revision (`forget_policy_paths` sets {}): the initial None is"
+    " never read",
+    "vvault_pep.decide.cache.xǁDecisionCacheǁ__init____mutmut_49": "with no paths set, a paths revision of ''"
+    " finds nothing in the empty table, as None does: `policy_paths` is None either way",
+    "vvault_pep.decide.cache.x__int__mutmut_2": "`int(None)` raises TypeError, which `_int` answers with 0 as well",
+    "vvault_pep.decide.cache.x_without__mutmut_8": "`parent` is always a dict where `.get` is called: the"
+    " loop starts at the copied document and moves only to dicts (else it breaks)",
+    "vvault_pep.decide.cache.x_without__mutmut_11": "'' is no dict either: the path is left alone, as with None",
+    **{
+        f"vvault_pep.decide.cache.xǁDecisionCacheǁ_context__mutmut_{n}": "the reply has one value per scope plus"
+        " the revision's: `zip` never meets lists of different lengths"
+        for n in (15, 18, 20)
+    },
+    "vvault_pep.decide.cache.xǁDecisionCacheǁ_vary__mutmut_12": "`>` or `>=` on the wall clock against a"
+    " float deadline: never equal",
+    "vvault_pep.decide.cache.xǁDecisionCacheǁstore__mutmut_68": "the Redis lifetime of an entry living under"
+    " 2 ms: 1 ms or 2 ms, gone before any reader could tell",
+    "vvault_pep.decide.cache.xǁDecisionCacheǁ_put_l1__mutmut_18": "None is as false as False: the oldest entry"
+    " is popped either way",
+    **{
+        f"vvault_pep.decide.cache.xǁDecisionCacheǁdrain__mutmut_{n}": "the L2 writes never raise (the store"
+        " turns every Redis failure into None): there is no exception for `gather` to return or raise"
+        for n in (1, 3, 5)
+    },
+    **{
+        f"vvault_pep.decide.cache.xǁDecisionCacheǁ_key__mutmut_{n}": "the entry key is made in this one place"
+        " for lookup, store and explain: another tag (or none) changes every key alike, and the index keys"
+        " differ in shape and in their Redis kind"
+        for n in (1, 7, 13, 14)
+    },
+    **{
+        f"vvault_pep.decide.cache.xǁDecisionCacheǁ{name}__mutmut_{n}": "`>` or `>=` (`<=` or `<`) between the"
+        " wall clock and a float expiry: never equal"
+        for name, n in (("lookup", 38), ("lookup", 91), ("_remember_index", 6))
+    },
+    "vvault_pep.decide.cache.xǁDecisionCacheǁ_material__mutmut_13": "a read of the whole input ('') is"
+    " covered by no vary (only '' covers ''), so the coverage test that follows ignores the vary as well",
+    "vvault_pep.decide.cache.xǁDecisionCacheǁreconcile__mutmut_93": "the script's reply is never below what"
+    " this replica knew (it goes one past it when Redis is behind): `max(known, reply)` is the reply",
+    "vvault_pep.decide.cache.xǁDecisionCacheǁreconcile__mutmut_111": "a pair left with 0 pending bumps adds 0"
+    " to `unshared` and 0 to Redis the next time: only one more (harmless) write",
+    "vvault_pep.decide.cache.xǁDecisionCacheǁreconcile__mutmut_7": "writing back every known epoch when"
+    " nothing was lost changes no counter: the script never goes below what Redis holds, and adds only what"
+    " is pending",
+    **{
+        f"vvault_pep.decide.cache.xǁDecisionCacheǁreconcile__mutmut_{n}": "every key written carries the"
+        " containment hash tag, so on a Cluster too they are in one slot: the pipeline as a transaction"
+        " (MULTI) does the same writes"
+        for n in (21, 22)
+    },
+    # shared.containment
+    "vvault_pep.shared.containment.xǁContainmentǁ_write_back__mutmut_6": "None is as false as False: no"
+    " transaction either way",
+    "vvault_pep.shared.containment.xǁContainmentǁ_write_back__mutmut_33": "every event that is not a lift is"
+    " heard as an add: 'XXaddXX' is taken as 'add'",
+    "vvault_pep.shared.containment.xǁContainmentǁlist__mutmut_3": "`>` or `>=` on the wall clock against a"
+    " float expiry: never equal",
+    **{
+        f"vvault_pep.shared.containment.xǁContainmentǁlist__mutmut_{n}": "SCAN's COUNT is a hint for the batch"
+        " size: the keys found are the same"
+        for n in (19, 25)
+    },
+    "vvault_pep.shared.containment.xǁContainmentǁlist__mutmut_33": "every key read carries the containment"
+    " hash tag, so a plain MGET works on a Cluster too (one slot): the same values either way",
+    **{
+        f"vvault_pep.shared.containment.xǁContainmentǁlist__mutmut_{n}": "MGET returns one value per key: `zip`"
+        " never meets lists of different lengths"
+        for n in (40, 45)
+    },
 }
 
 _STATUS = re.compile(r"^\s*(\S+__mutmut_\d+): (.+)$")
+# A mutant that makes the tests fail, time out or crash the interpreter is caught.
+CAUGHT = ("killed", "timeout", "segfault")
 
 
 def stage(module: str, tests: list[str]) -> Path:
@@ -409,7 +789,31 @@ def results(work: Path, env: dict[str, str]) -> dict[str, str]:
     return found
 
 
-def run_module(module: str, budget_s: float, workers: int) -> dict[str, object]:
+def settled_before(module: str) -> dict[str, str] | None:
+    """What the last run of ``module`` settled, if its source is unchanged since (else None).
+
+    Tests are only ever added between runs, so a mutant caught then is caught now, and a
+    survivor listed in EQUIVALENT survives still; only the others need running again
+    (``--again``).  Read from the last run's summary, so that runs chain: what an earlier
+    run settled stays settled.
+    """
+    work = STAGE / module
+    staged, current = work / source(module), ROOT / "proxy" / source(module).removeprefix("src/")
+    summary_file = work / "summary.json"
+    if not (staged.exists() and summary_file.exists()) or staged.read_bytes() != current.read_bytes():
+        return None
+    summary = json.loads(summary_file.read_text())
+    names = set(results(work, dict(os.environ)))
+    survived = set(summary["survived"]) | set(summary["equivalent"])
+    open_ = (survived - set(EQUIVALENT)) | set(summary["not_run"])
+    return {name: "survived" if name in survived else "killed" for name in names - open_}
+
+
+def run_module(module: str, budget_s: float, workers: int, again: bool = False) -> dict[str, object]:
+    kept = settled_before(module) if again else None
+    previous = set(results(STAGE / module, dict(os.environ))) if kept is not None else set()
+    if again and kept is None:
+        print(f"{module}: no earlier run of this source; running every mutant")
     work = stage(module, MODULES[module])
     # Made before mutmut starts: a PYTHONPATH entry that does not exist yet at start-up is
     # cached as absent, and the tests would import the original package instead.
@@ -423,10 +827,14 @@ def run_module(module: str, budget_s: float, workers: int) -> dict[str, object]:
     env.pop("COVERAGE_PROCESS_START", None)  # no coverage inside mutants
     started = time.monotonic()
     timed_out = False
+    names = sorted(previous - set(kept)) if kept is not None else []
     for attempt in (1, 2):
+        if kept is not None and not names:
+            status = dict(kept)  # nothing left to run
+            break
         try:
             subprocess.run(
-                [sys.executable, "-m", "mutmut", "run", "--max-children", str(workers)],
+                [sys.executable, "-m", "mutmut", "run", "--max-children", str(workers), *names],
                 cwd=work,
                 env=env,
                 timeout=max(budget_s - (time.monotonic() - started), 1),
@@ -436,15 +844,17 @@ def run_module(module: str, budget_s: float, workers: int) -> dict[str, object]:
         except subprocess.TimeoutExpired:
             timed_out = True
         status = results(work, env)
+        status.update(kept or {})  # as the earlier run left them (see settled_before)
         # mutmut stops before any mutant when its clean run fails; a timing test on busy
         # cores can do that once (the first run also compiles the trampolined copy): again.
-        if timed_out or attempt == 2 or any(s != "not checked" for s in status.values()):
+        if timed_out or attempt == 2 or any(status[n] != "not checked" for n in names or status):
             break
-    killed = sum(1 for s in status.values() if s in ("killed", "timeout"))
-    survivors = sorted(n for n, s in status.items() if s == "survived")
+    killed = sum(1 for s in status.values() if s in CAUGHT)
+    # A mutant no test reaches is equivalent when EQUIVALENT says why no test can (unreachable code).
+    survivors = sorted(n for n, s in status.items() if s == "survived" or (s == "no tests" and n in EQUIVALENT))
     equivalent = [n for n in survivors if n in EQUIVALENT]
     alive = [n for n in survivors if n not in EQUIVALENT]
-    unchecked = sorted(n for n, s in status.items() if s not in ("killed", "timeout", "survived"))
+    unchecked = sorted(n for n, s in status.items() if s not in (*CAUGHT, "survived") and n not in survivors)
     judged = killed + len(alive)
     summary: dict[str, object] = {
         "module": module,
@@ -457,6 +867,7 @@ def run_module(module: str, budget_s: float, workers: int) -> dict[str, object]:
         "kill_ratio": round(killed / judged, 4) if judged else None,
         "seconds": round(time.monotonic() - started, 1),
         "budget_exhausted": timed_out,
+        "rerun_only": len(names) if kept is not None else None,  # --again: the others were caught before
     }
     (work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
@@ -467,6 +878,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("modules", nargs="*", help=f"default: all of {', '.join(MODULES)}")
     parser.add_argument("--budget-s", type=float, default=3600, help="overall wall-clock budget (default 1 h)")
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    parser.add_argument(
+        "--again",
+        action="store_true",
+        help="run only the mutants the last run of an unchanged source left open (not caught, not equivalent)",
+    )
     args = parser.parse_args(argv)
     modules = args.modules or list(MODULES)
     unknown = [m for m in modules if m not in MODULES]
@@ -482,7 +898,7 @@ def main(argv: list[str] | None = None) -> int:
             failed = True
             continue
         # share what is left fairly among the modules still to run
-        s = run_module(module, left / (len(modules) - i), args.workers)
+        s = run_module(module, left / (len(modules) - i), args.workers, args.again)
         ratio = s["kill_ratio"]
         shown = f"{ratio:.1%}" if isinstance(ratio, float) else "-"
         print(

@@ -18,15 +18,18 @@ from typing import Any
 import orjson
 import pytest
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
 from vvault_pep.config import RouteBody
 from vvault_pep.core import body
 from vvault_pep.core.sanitize import Headers
+from vvault_pep.edge import listener
 from vvault_pep.edge.body import inspect
 from vvault_pep.errors import PepError
 
 LIMIT = 64
 IDLE_S = 0.3
+DEADLINE_S = 1.0
 
 
 @pytest.mark.parametrize(
@@ -61,6 +64,29 @@ def test_parse_keeps_the_bytes_and_says_whether_they_were_all() -> None:
 
 @pytest.fixture
 async def server() -> AsyncIterator[int]:
+    async for port in _server(60.0):
+        yield port
+
+
+@pytest.fixture
+async def short_deadline() -> AsyncIterator[int]:
+    async for port in _server(DEADLINE_S):
+        yield port
+
+
+@pytest.fixture
+async def listener_server() -> AsyncIterator[int]:
+    """The same, behind the listener's connection handler (which fails a body at a bad chunk)."""
+    async for port in _server(60.0, _ListenerServer):
+        yield port
+
+
+class _ListenerServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        return listener._Handler(self, loop=self._loop, **self._kwargs)
+
+
+async def _server(deadline_s: float, server: type[web.Server] = web.Server) -> AsyncIterator[int]:
     async def handle(request: web.BaseRequest) -> web.StreamResponse:
         length = request.headers.get("Content-Length")
         headers = Headers(
@@ -74,7 +100,7 @@ async def server() -> AsyncIterator[int]:
             expect_continue=request.headers.get("Expect", "").lower() == "100-continue",
         )
         try:
-            seen = await inspect(request, RouteBody(max_bytes=LIMIT), headers, IDLE_S)
+            seen = await inspect(request, RouteBody(max_bytes=LIMIT), headers, IDLE_S, deadline_s)
         except PepError as err:
             return web.json_response({"code": err.code, "detail": err.detail})
         return web.json_response(
@@ -86,7 +112,7 @@ async def server() -> AsyncIterator[int]:
             }
         )
 
-    runner = web.ServerRunner(web.Server(handle))
+    runner = web.ServerRunner(server(handle))
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
@@ -185,3 +211,72 @@ async def test_expect_continue_is_answered_before_the_body_and_remembered(server
     assert (doc["truncated"], doc["continued"]) == (True, True)
     _, doc = await send(server, put(), [chunk(b" " * 40), chunk(b" " * 40), b"0\r\n\r\n"])
     assert (doc["truncated"], doc["continued"]) == (True, False)
+
+
+async def test_a_body_that_trickles_past_the_deadline_is_cut_there(short_deadline: int) -> None:
+    # Each piece comes well within the idle gap; the whole body does not come within the deadline.
+    started = asyncio.get_running_loop().time()
+    _, doc = await send(short_deadline, put(40), [b" "] * 39, pause_s=IDLE_S / 3)
+    assert doc == {"code": "sanitize.body_deadline", "detail": "the request body took too long"}
+    assert asyncio.get_running_loop().time() - started >= DEADLINE_S
+
+
+async def test_a_body_within_the_deadline_is_read(short_deadline: int) -> None:
+    _, doc = await send(short_deadline, put(8), [b'{"a": 1}'])
+    assert (doc["value"], doc["truncated"]) == ({"a": 1}, False)
+
+
+def _headers(length: int | None, chunked: bool = False, ctype: str = "application/json") -> Headers:
+    return Headers(
+        host="localhost",
+        port=None,
+        forward=(("Content-Type", ctype),),
+        policy=(),
+        authorization=None,
+        content_length=length,
+        chunked=chunked,
+        expect_continue=False,
+    )
+
+
+@pytest.mark.parametrize(("length", "chunked"), [(2, False), (None, True)])
+async def test_a_body_announced_where_none_can_be_read_is_refused(length: int | None, chunked: bool) -> None:
+    # `explain` judges a request it never received: a body it cannot read is not judged empty.
+    with pytest.raises(PepError) as refused:
+        await inspect(None, RouteBody(max_bytes=LIMIT), _headers(length, chunked), IDLE_S)
+    assert (refused.value.code, refused.value.detail) == (
+        "sanitize.malformed",
+        "a body was announced but none can be read",
+    )
+
+
+@pytest.mark.parametrize("length", [None, 0])
+async def test_no_body_announced_is_nothing_even_unreceived(length: int | None) -> None:
+    assert await inspect(None, RouteBody(max_bytes=LIMIT), _headers(length), IDLE_S) == body.NOTHING
+
+
+async def test_a_body_without_content_type_is_refused_unread(server: int) -> None:
+    head = "PUT /x HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\n\r\n"
+    _, doc = await send(server, head, [b"{}"])
+    assert doc == {"code": "sanitize.unsupported_media_type", "detail": "this route takes application/json bodies"}
+
+
+async def test_an_http_1_0_client_gets_no_interim_answer(server: int) -> None:
+    head = "PUT /x HTTP/1.0\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 8\r\n"
+    head += "Expect: 100-continue\r\n\r\n"
+    reader, writer = await asyncio.open_connection("127.0.0.1", server)
+    try:
+        writer.write(head.encode() + b'{"a": 1}')
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(-1), 5)
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.0 200 ")  # no "100 Continue" before it: 1.0 has no interim answers
+    doc = orjson.loads(answer.partition(b"\r\n\r\n")[2])
+    assert (doc["value"], doc["continued"]) == ({"a": 1}, False)
+
+
+async def test_a_bad_chunk_after_good_ones_is_refused_as_malformed(listener_server: int) -> None:
+    # The listener fails the body the moment the parser finds the bad chunk (not a stall at the idle gap).
+    _, doc = await send(listener_server, put(), [chunk(b" " * 10), b"zz\r\nhello\r\n0\r\n\r\n"], pause_s=0.05)
+    assert doc == {"code": "sanitize.malformed", "detail": "malformed request body"}
