@@ -16,6 +16,8 @@ import yaml
 from tests.conftest import RedisServer, Upstream
 from tests.support import OpaProcess, client_context, config_doc, free_port, start_serve
 
+from vvault_pep.config.models import Redis
+
 SECRET = "/v1/tenants/acme/secrets/db-password"
 
 
@@ -157,7 +159,12 @@ async def test_a_quarantine_sent_to_one_worker_holds_on_all(
                 json={"scope": "tenant", "value": "acme", "ttl_s": 600, "reason": "incident"},
                 headers={"Authorization": f"Bearer {admin_token}"},
             ) as resp:
-                assert resp.status in (200, 201)
+                # 201 and shared: written to Redis and announced, so every worker must hold it
+                assert (resp.status, (await resp.json())["shared"]) == (201, True)
+        # The promise is "on every worker within the pushed state's staleness window": a worker
+        # that has not heard the announcement yet may still answer from what it knows until then.
+        pushed = Redis.model_validate(doc["redis"])
+        await asyncio.sleep((pushed.heartbeat_ms + pushed.heartbeat_deadline_ms) / 1000)
         statuses = []
         for _ in range(30):  # new connections: the kernel spreads them over both workers
             connector = aiohttp.TCPConnector(ssl=client_context(pki, "reader"), force_close=True)
