@@ -10,7 +10,7 @@ a new cache entry: what fills caches).  Every 5 s it samples the RSS of each PEP
 
 It prints the RSS at the start of the load, its peak (VmHWM) and at the end, the slope of a
 least-squares line through the second half of the samples (MB per minute), and whether the
-memory is flat (slope < 1 MB/min) and within 100 MB.  Results go to
+memory is flat (slope < 1 MB/min) and within 90 MB.  Results go to
 bench/results/soak-latest.{json,md}.
 """
 
@@ -32,7 +32,7 @@ from bench.vegeta import Load, Vegeta, write_targets
 
 SAMPLE_S = 5.0
 FLAT_MB_PER_MIN = 1.0
-RSS_LIMIT_MB = 100.0
+RSS_LIMIT_MB = 90.0  # per worker
 
 
 def slope_per_minute(points: Sequence[tuple[float, float]]) -> float | None:
