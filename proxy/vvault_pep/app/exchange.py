@@ -28,6 +28,7 @@ after it read the draft input, the redacted draft and the upstream headers from 
 
 from __future__ import annotations
 
+import datetime as dt
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -160,3 +161,21 @@ class Exchange:
     @property
     def source_port(self) -> int | None:
         return self.peername[1] if self.peername else None
+
+    def facts_at(self, request_id: str, now: dt.datetime, body: Inspected | None = None) -> Facts:
+        """What the policy input is built from: this request as the stages left it."""
+        return Facts(
+            request_id=request_id,
+            method=self.method,
+            http_version=f"HTTP/{self.version[0]}.{self.version[1]}",
+            target=self.target,
+            headers=self.headers,
+            source_ip=self.source_ip,
+            source_port=self.source_port,
+            connection=self.conn,
+            match=self.match,
+            identity=self.identity,
+            device=self.device,
+            now=now,
+            body=body,
+        )

@@ -153,20 +153,7 @@ class Memoiser:
             if token_key is None or self.authn.still_verified(token_key) is not identity.user:
                 return  # not in the verified-token cache: nothing to recheck it against
             valid_until = min(valid_until, identity.user.expires_at)
-        facts = Facts(
-            request_id="",
-            method=x.method,
-            http_version=f"HTTP/{x.version[0]}.{x.version[1]}",
-            target=x.target,
-            headers=x.headers,
-            source_ip=x.source_ip,
-            source_port=x.source_port,
-            connection=conn,
-            match=x.match,
-            identity=identity,
-            device=x.device,
-            now=_EPOCH,
-        )
+        facts = x.facts_at("", _EPOCH)
         draft = build_input(facts, pep_version=__version__)
         owned = {"x-forwarded-proto", "x-forwarded-host", "x-request-id", xfcc.HEADER}
         if x.source_ip:

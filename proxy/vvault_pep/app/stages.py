@@ -26,7 +26,7 @@ from ..core import decision as enforce
 from ..core import responses, sanitize, xfcc
 from ..core.decision import Decision
 from ..core.hosts import ServedHosts
-from ..core.policy_input import Facts, build_input
+from ..core.policy_input import build_input
 from ..core.principal import Identity, subject_of
 from ..core.problem import problem_body
 from ..core.routing import RouteTable
@@ -293,21 +293,7 @@ class Context:
 
     async def run(self, x: Exchange) -> None:
         trail, route = x.trail, x.match.route
-        x.facts = facts = Facts(
-            request_id=trail.request_id,
-            method=x.method,
-            http_version=f"HTTP/{x.version[0]}.{x.version[1]}",
-            target=x.target,
-            headers=x.headers,
-            source_ip=x.source_ip,
-            source_port=x.source_port,
-            connection=x.conn,
-            match=x.match,
-            identity=x.identity,
-            device=x.device,
-            now=now(),
-            body=x.inspected,
-        )
+        x.facts = facts = x.facts_at(trail.request_id, now(), x.inspected)
         who = x.subject
         # risk, containment and the cache's revision/epochs: answered locally when they can be;
         # the reads they still need are queued now and share one round trip (with those of
