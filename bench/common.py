@@ -71,8 +71,13 @@ def opa_argv(port: int) -> list[str]:
     ]
 
 
+def opa_environ() -> dict[str, str]:
+    """OPA's environment as deployed: Go's collector set as in deploy/ (GOGC, GOMEMLIMIT)."""
+    return {**os.environ, "GOGC": "400", "GOMEMLIMIT": "200MiB"}
+
+
 def start_opa(port: int) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(opa_argv(port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(opa_argv(port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=opa_environ())
 
 
 async def wait_http(url: str, timeout: float = 30) -> None:

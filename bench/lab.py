@@ -42,6 +42,7 @@ from bench.common import (
     free_port,
     free_port_pair,
     opa_argv,
+    opa_environ,
     redis_ping,
     wait_http_sync,
     wait_tcp,
@@ -91,7 +92,7 @@ class Lab:
             "driver",
             cwd=ROOT,
         )
-        opa = self.stack.start("opa", opa_argv(self.opa_port), "sut")
+        opa = self.stack.start("opa", opa_argv(self.opa_port), "sut", env=opa_environ())
         redis_dir = self.work / "redis"
         redis_dir.mkdir()
         redis = self.stack.start(

@@ -184,3 +184,37 @@ async def test_explain_asks_its_own_managed_opa_not_the_squatter(
     answer = orjson.loads(out)["answer"]
     assert answer["status"] == 403, answer
     assert squatter.decisions == 0
+
+
+def _environ_of(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes()
+    return dict(item.split("=", 1) for item in raw.decode().split("\0") if "=" in item)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+@pytest.mark.parametrize(("set_by_operator", "expected"), [(None, "400"), ("150", "150")])
+async def test_the_managed_opa_runs_with_the_tuned_collector_unless_told_otherwise(
+    pki: Path, upstream: Upstream, squatter: Squatter, monkeypatch: pytest.MonkeyPatch,
+    set_by_operator: str | None, expected: str,
+) -> None:  # fmt: skip
+    if set_by_operator is None:
+        monkeypatch.delenv("GOGC", raising=False)
+    else:
+        monkeypatch.setenv("GOGC", set_by_operator)
+    monkeypatch.setenv("VVAULT_PEP_TEST_MARKER", "passed-on")
+    runtime = PepRuntime(
+        make_config(
+            pki, opa_url=f"http://127.0.0.1:{squatter.port}", upstream_port=upstream.port, opa=_managed(squatter)
+        )
+    )
+    await runtime.start()
+    try:
+        assert runtime.supervisor is not None and runtime.supervisor.pid is not None
+        environ = _environ_of(runtime.supervisor.pid)
+        assert environ["GOGC"] == expected
+        assert environ["VVAULT_PEP_TEST_MARKER"] == "passed-on"  # the rest of the PEP's environment too
+        # and the OPA started that way decides
+        resp = await raw_https(runtime.port, client_context(pki, "reader"), get(CROSS_TENANT))
+        assert resp.status == 403
+    finally:
+        await runtime.stop()
