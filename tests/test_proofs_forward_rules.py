@@ -935,3 +935,73 @@ async def test_a_tls_handshake_that_never_ends_is_an_upstream_timeout_for_head_t
         assert (doc["code"], doc["detail"]) == ("upstream.timeout", "the upstream did not answer in time")
     finally:
         server.close()
+
+
+async def test_two_requests_in_flight_hold_two_connections_and_give_both_back() -> None:
+    hold = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.StreamResponse:
+        await hold.wait()
+        return web.Response(text="late")
+
+    async with back(slow) as b, front({"up": up(b.port, max_connections=2)}) as f:
+        loop = asyncio.get_running_loop()
+        tasks = [loop.create_task(call(f, "GET", f"/{n}")) for n in (1, 2)]
+        deadline = loop.time() + 10
+        try:
+            while len(b.seen) < 2 and loop.time() < deadline:  # both are at the upstream
+                await asyncio.sleep(0.01)
+            assert f.ups.in_use("up") == 2
+        finally:
+            hold.set()
+        assert [(await t)[0] for t in tasks] == [200, 200]
+        assert f.ups.in_use("up") == 0
+
+
+@pytest.mark.parametrize(
+    ("connect_s", "pool_s"),
+    [
+        (0.5, 4.0),  # far below pool + connect: the handshake has its own deadline
+        (0.8, 1.0),  # pool - connect would cut it at 0.2 s: the whole connect time is given
+    ],
+)
+async def test_a_head_whose_tls_handshake_hangs_is_refused_at_the_connect_timeout(
+    connect_s: float, pool_s: float
+) -> None:
+    accepted: list[bool] = []
+
+    async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(True)  # TCP is up; the TLS handshake never gets an answer
+        await reader.read()
+
+    server = await asyncio.start_server(mute, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    upstream = Upstream(
+        url=f"https://127.0.0.1:{port}", connect_timeout_s=connect_s, pool_timeout_s=pool_s, read_timeout_s=30
+    )
+    try:
+        async with front({"up": upstream}) as f:
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            doc = refusal(*(await asyncio.wait_for(call(f, "HEAD"), 20))[:2])
+            elapsed = loop.time() - start
+    finally:
+        server.close()
+    assert (doc["code"], doc["detail"]) == ("upstream.timeout", "the upstream did not answer in time")
+    assert accepted == [True]
+    # not before the connect timeout, and long before pool + connect or the read timeout
+    assert connect_s - 0.05 <= elapsed < connect_s + 2.5, elapsed
+
+
+async def test_a_head_with_a_body_reaches_the_upstream_with_only_the_clients_headers() -> None:
+    async with back() as b, front({"up": up(b.port)}) as f:
+        reader, writer = await asyncio.open_connection("127.0.0.1", f.port)
+        writer.write(b"HEAD /h HTTP/1.1\r\nHost: x\r\nX-Client: c\r\nContent-Length: 5\r\n\r\nhello")
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 200 ")
+    (seen,) = b.seen
+    assert (seen.method, seen.body) == ("HEAD", b"hello")
+    # no Content-Type the client never sent (aiohttp would add application/octet-stream)
+    assert seen.headers == {"Host": f"127.0.0.1:{b.port}", "X-Client": "c", "Content-Length": "5"}
