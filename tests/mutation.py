@@ -99,6 +99,7 @@ MODULES: dict[str, list[str]] = {
         "tests/test_proofs_identity.py",
     ],
     "shared.containment": [
+        "tests/test_proofs_containment_state.py",
         "tests/test_proofs_containment.py",
         "tests/test_containment.py",
         "tests/test_containment_holds.py",
