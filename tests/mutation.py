@@ -649,9 +649,8 @@ EQUIVALENT: dict[str, str] = {
     },
     "vvault_pep.edge.forward.xǁUpstreamsǁ__init____mutmut_49": "aiohttp's client carries HEAD only, whose"
     " answers have no body: there is nothing to decompress",
-    "vvault_pep.edge.forward.xǁUpstreamsǁ__init____mutmut_41": "`sock_connect` still bounds the connection"
-    " and its TLS handshake (a HEAD to an upstream that never finishes the handshake still times out), and"
-    " there is no wait for a pooled connection: the PEP's slots admit at most `max_connections`",
+    "vvault_pep.edge.forward.xǁUpstreamsǁ__init____mutmut_44": "`ClientTimeout`'s own default for `total` is"
+    " None (aiohttp's 300 s is `DEFAULT_TIMEOUT`, used only for a session given no timeout): the same object",
     "vvault_pep.edge.forward.xǁUpstreamsǁforward__mutmut_1": "the default is never used: the forward stage"
     " always passes the route's or the limits' body deadline",
     "vvault_pep.edge.forward.xǁUpstreamsǁ__init____mutmut_23": "aiohttp's own connection limit is never"
