@@ -29,7 +29,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 from tests.conftest import RedisServer
-from tests.support import free_port
+from tests.redis_topologies import _cluster_port
 
 from vvault_pep.config.models import Redis as RedisConfig
 from vvault_pep.core.principal import Subject
@@ -75,7 +75,7 @@ class OneNodeCluster:
     """A real Redis Cluster of one master holding every slot: starts in a moment."""
 
     def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
+        self.port = _cluster_port()  # its bus port (port + 10000) free too
         self.workdir = workdir
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -553,6 +553,99 @@ async def test_an_unreadable_lift_record_in_redis_ends_no_entry_made_since_the_e
     assert orjson.loads(await raw.get(cm.quarantine_key(shared, "subject", "u")))["since"] == 0.5
 
 
+async def test_written_back_counts_across_reconciles(shared: SharedState, raw: aioredis.Redis) -> None:
+    c = Containment(shared)
+    for n, value in enumerate(("a", "b"), start=1):
+        await c.add("subject", value, 30, "", "admin")
+        await raw.delete(cm.quarantine_key(shared, "subject", value))
+        assert await c.reconcile() is True
+        assert c.written_back == n
+
+
+async def test_a_redis_copy_within_a_second_is_the_same_entry_and_beyond_it_is_rewritten(
+    shared: SharedState, raw: aioredis.Redis
+) -> None:
+    c = Containment(shared)
+    q, _ = await c.add("token", "t", 60, "", "admin")
+    key = cm.quarantine_key(shared, "token", "t")
+    await raw.set(key, orjson.dumps({**q.doc(), "until": q.until - 1.0}), px=60_000)
+    assert await c.reconcile() is True
+    assert c.written_back == 0
+    await raw.set(key, orjson.dumps({**q.doc(), "until": q.until - 1.5}), px=60_000)
+    assert await c.reconcile() is True
+    assert c.written_back == 1
+    assert orjson.loads(await raw.get(key)) == q.doc()
+
+
+async def test_a_lift_record_redis_holds_is_not_written_back(shared: SharedState, raw: aioredis.Redis) -> None:
+    c = Containment(shared)
+    at = time.time()
+    key = cm.lift_key(shared, "device", "d")
+    await raw.set(key, orjson.dumps({"at": at, "keep": at + 120}), px=120_000)
+    async with Heard(raw, c.channel, sharded=False) as heard:
+        assert await c.reconcile() is True
+        assert await c.reconcile() is True
+        assert await heard.mark() == []
+    assert list(c._lifted) == [("device", "d")]
+    assert await raw.pttl(key) <= 120_000
+
+
+async def test_keys_of_unknown_scopes_do_not_stop_the_read_of_the_others(
+    shared: SharedState, raw: aioredis.Redis, prefix: str
+) -> None:
+    c = Containment(shared)
+    until_ = time.time() + 30
+    for n in range(10):
+        await raw.set(f"{prefix}q:{{c}}:user:u{n}", orjson.dumps({"until": until_}), px=30_000)
+        await raw.set(cm.quarantine_key(shared, "subject", f"s{n}"), orjson.dumps({"until": until_}), px=30_000)
+    assert await c.reconcile() is True
+    assert sorted(known(c)) == sorted(("subject", f"s{n}") for n in range(10))
+
+
+async def test_a_key_that_is_not_utf8_is_read_with_the_others(
+    shared: SharedState, raw: aioredis.Redis, prefix: str
+) -> None:
+    c = Containment(shared)
+    until_ = time.time() + 30
+    await raw.set(prefix.encode() + b"q:{c}:subject:\xff", orjson.dumps({"until": until_}), px=30_000)
+    await raw.set(cm.quarantine_key(shared, "subject", "fine"), orjson.dumps({"until": until_}), px=30_000)
+    assert await c.reconcile() is True
+    assert sorted(known(c)) == [("subject", "fine"), ("subject", "\ufffd")]
+
+
+async def test_list_of_an_empty_redis_leaves_redis_usable(shared: SharedState, raw: aioredis.Redis) -> None:
+    c = Containment(shared)
+    assert await c.list() == []
+    assert shared.available
+    doc = {"scope": "tenant", "value": "t", "reason": "", "until": time.time() + 30, "by": "x", "since": 1.0}
+    await raw.set(cm.quarantine_key(shared, "tenant", "t"), orjson.dumps(doc), px=30_000)
+    assert await c.list() == [doc]
+
+
+def test_a_lift_made_at_the_instant_of_an_entry_ends_it(clock: Callable[[float], None]) -> None:
+    c = Containment(None)
+    c._on_event(event("add", scope="subject", value="same", until=T0 + 60, since=T0 - 3))
+    c._on_event(event("lift", scope="subject", value="same", at=T0 - 3, keep=T0 + 60))
+    assert known(c) == {}
+
+
+async def test_an_entry_lifted_elsewhere_is_no_longer_unshared(prefix: str) -> None:
+    down = SharedState(RedisConfig(url="redis://127.0.0.1:1/0", key_prefix=prefix, timeout_ms=200))
+    c = Containment(down)
+    try:
+        q, _ = await c.add("subject", "x", 30, "", "admin")
+        assert c.unshared == 1
+        c._on_event(event("lift", scope="subject", value="x", at=q.since + 1, keep=q.until + 60))
+        assert known(c) == {} and c.unshared == 0  # nothing left to write back for it
+    finally:
+        await down.close()
+
+
+@pytest.mark.parametrize(("seconds", "ms"), [(1.5, 1500), (0.0004, 1), (0.0, 1), (-3.0, 1), (0.0025, 2)])
+def test_a_redis_lifetime_is_whole_milliseconds_and_never_below_one(seconds: float, ms: int) -> None:
+    assert cm._ms(seconds) == ms
+
+
 # --- start -----------------------------------------------------------------------------
 
 
@@ -678,6 +771,18 @@ async def test_on_a_cluster_reconcile_reads_redis_and_writes_back_with_spublish(
     assert known(c)[("device", "d")] == Quarantine("device", "d", "t", theirs["until"], "x", 2.0)
     assert (c.reconciles, c.written_back) == (1, 1)
     assert orjson.loads(await cluster_raw.get(cm.quarantine_key(on_cluster, "subject", "m"))) == mine.doc()
+
+
+async def test_on_a_cluster_reconcile_reads_the_untagged_keys_of_an_earlier_version(
+    on_cluster: SharedState, cluster_raw: aioredis.Redis, prefix: str
+) -> None:
+    c = Containment(on_cluster)
+    until_ = time.time() + 30
+    await cluster_raw.set(f"{prefix}q:subject:old", orjson.dumps({"until": until_, "since": 1.0}), px=30_000)
+    await cluster_raw.set(cm.quarantine_key(on_cluster, "subject", "new"), orjson.dumps({"until": until_}), px=30_000)
+    assert await c.reconcile() is True  # keys of two slots: read with one MGET per slot
+    assert sorted(known(c)) == [("subject", "new"), ("subject", "old")]
+    assert orjson.loads(await cluster_raw.get(cm.quarantine_key(on_cluster, "subject", "old")))["until"] == until_
 
 
 async def test_on_a_cluster_list_shows_what_only_redis_holds(
