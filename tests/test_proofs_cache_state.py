@@ -619,3 +619,9 @@ async def test_on_a_cluster_bumps_are_published_sharded_and_a_full_read_finds_th
     b = replicas.cache(url=one_node_cluster.url, mode="cluster")
     assert await b.load() is True
     assert await offline(b, SCOPES) == ("b:1#4#0", [["subject", "alice", 1, 0], ["token", "j1", 3, 0]])
+    empty = Replicas(one_node_cluster.url, f"s{uuid.uuid4().hex[:10]}:")
+    try:
+        # no epoch at all (nothing to MGET, which a Cluster could not route): a complete read still
+        assert await empty.cache(mode="cluster").load() is True
+    finally:
+        await empty.close()
