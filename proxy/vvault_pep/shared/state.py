@@ -64,10 +64,19 @@ def _host_port(value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+# The socket's own read timeout: above the longest deadline a caller gives (the full reads and
+# write-backs, 2 s). Every call runs under its own asyncio deadline (``call``; the batches of the
+# request path under ``redis.timeout_ms``), which also cuts a command mid-reply (redis-py then
+# drops that connection). Were the socket's timeout ``timeout_ms``, no read could wait longer:
+# a full reconcile would fail on a Redis that answers in 100 ms, and the watcher's longer probe
+# would not be longer.
+_SOCKET_TIMEOUT_S = 2.5
+
+
 def make_client(cfg: RedisConfig) -> Any:
     timeout_s = cfg.timeout_ms / 1000
     common: dict[str, Any] = {
-        "socket_timeout": timeout_s,
+        "socket_timeout": max(timeout_s, _SOCKET_TIMEOUT_S),
         "socket_connect_timeout": timeout_s,
         "max_connections": cfg.max_connections,
         "decode_responses": False,
