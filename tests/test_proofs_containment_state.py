@@ -646,6 +646,45 @@ def test_a_redis_lifetime_is_whole_milliseconds_and_never_below_one(seconds: flo
     assert cm._ms(seconds) == ms
 
 
+@pytest.fixture
+async def slow_shared(redis_server: RedisServer, prefix: str) -> AsyncIterator[SharedState]:
+    """A request path that gives up at 100 ms: the background reads and writes have 2 s."""
+    state = SharedState(RedisConfig(url=redis_server.url, key_prefix=prefix, timeout_ms=100))
+    yield state
+    await state.close()
+
+
+async def test_a_full_read_waits_out_a_redis_slower_than_the_request_deadline(
+    slow_shared: SharedState, raw: aioredis.Redis
+) -> None:
+    c = Containment(slow_shared)
+    doc = {"scope": "subject", "value": "p", "reason": "", "until": time.time() + 30, "by": "x", "since": 1.0}
+    await raw.set(cm.quarantine_key(slow_shared, "subject", "p"), orjson.dumps(doc), px=30_000)
+    try:
+        await raw.execute_command("CLIENT", "PAUSE", 400, "ALL")
+        assert await c.list() == [doc]
+        await raw.execute_command("CLIENT", "PAUSE", 400, "ALL")
+        assert await c.reconcile() is True
+    finally:
+        await raw.execute_command("CLIENT", "UNPAUSE")
+    assert list(known(c)) == [("subject", "p")]
+
+
+async def test_a_write_back_waits_out_a_redis_slower_than_the_request_deadline(
+    slow_shared: SharedState, raw: aioredis.Redis
+) -> None:
+    c = Containment(slow_shared)
+    q, _ = await c.add("subject", "w", 30, "", "admin")
+    await raw.delete(cm.quarantine_key(slow_shared, "subject", "w"))
+    try:
+        await raw.execute_command("CLIENT", "PAUSE", 400, "WRITE")  # the read answers, the write waits
+        assert await c.reconcile() is True
+    finally:
+        await raw.execute_command("CLIENT", "UNPAUSE")
+    assert c.written_back == 1
+    assert orjson.loads(await raw.get(cm.quarantine_key(slow_shared, "subject", "w"))) == q.doc()
+
+
 # --- start -----------------------------------------------------------------------------
 
 
