@@ -843,3 +843,32 @@ async def test_on_a_cluster_check_reads_what_only_redis_holds(
     await cluster_raw.set(cm.quarantine_key(on_cluster, "subject", "r"), orjson.dumps(doc), px=30_000)
     got = await c.check(Subject(scopes=(("subject", "r"),)))
     assert got == Contained(Quarantine("subject", "r", "", doc["until"], "x", 3.0), True)
+
+
+@pytest.mark.parametrize(
+    "blob", [b"garbage", b"{}", b'{"at": "x"}', b'{"at": true}', b'{"at": "inf"}', b'{"at": 1e999}', b'{"at": null}']
+)
+async def test_an_unreadable_lift_record_ends_no_quarantine_even_one_without_since(
+    shared: SharedState, raw: aioredis.Redis, blob: bytes
+) -> None:
+    # An entry of an earlier version (no ``since``: 0.0) held in Redis, and a lift record that
+    # cannot be read: the subject stays held, here and in Redis.
+    key = cm.quarantine_key(shared, "subject", "old")
+    await raw.set(key, orjson.dumps({"until": time.time() + 60}), px=60_000)
+    await raw.set(cm.lift_key(shared, "subject", "old"), blob, px=60_000)
+    c = Containment(shared)
+    assert await c.reconcile() is True
+    assert list(known(c)) == [("subject", "old")]
+    assert await raw.get(key) is not None  # not deleted as lifted
+    contained = await c.check(Subject(scopes=(("subject", "old"),)))
+    assert contained.hit is not None and contained.hit.value == "old"
+
+
+@pytest.mark.parametrize("at", [True, "inf", "1", None, [1]])
+async def test_a_lift_event_with_an_odd_time_lifts_nothing(shared: SharedState, at: object) -> None:
+    c = Containment(shared)
+    c._on_event(event("add", scope="subject", value="v", until=time.time() + 30))  # no since: 0.0
+    c._on_event(event("lift", scope="subject", value="v", at=at))
+    assert list(known(c)) == [("subject", "v")]
+    c._on_event(event("lift", scope="subject", value="v", at=time.time(), keep="never"))
+    assert list(known(c)) == [("subject", "v")]

@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass, replace
@@ -436,7 +437,9 @@ class Containment:
             return
         now = time.time()
         if event.get("op") == "lift":
-            self._note_lift(pair, float(event.get("at", now)), float(event.get("keep", now + _LIFT_MIN_S)))
+            at, keep = event.get("at", now), event.get("keep", now + _LIFT_MIN_S)
+            if _number(at) and _number(keep):  # a lift says exactly when, or lifts nothing
+                self._note_lift(pair, float(at), float(keep))
             return
         q = Quarantine(
             pair[0],
@@ -461,13 +464,23 @@ def _ms(seconds: float) -> int:
 
 
 def _lift_doc(raw: bytes, now: float) -> tuple[float, float]:
-    """(time of the lift, keep the record until) of a lift record."""
+    """(time of the lift, keep the record until) of a lift record.
+
+    An unreadable one lifts nothing: its time is -inf, before every quarantine, also one
+    without a ``since`` (0.0: an earlier version's entry, an event without it).
+    """
     try:
         doc = orjson.loads(raw)
-        return float(doc["at"]), float(doc.get("keep", now + _LIFT_MIN_S))
-    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
-        # An unreadable lift record lifts nothing.
-        return 0.0, now + _LIFT_MIN_S
+        at, keep = doc["at"], doc.get("keep", now + _LIFT_MIN_S)
+        if _number(at) and _number(keep):
+            return float(at), float(keep)
+    except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+        pass
+    return -math.inf, now + _LIFT_MIN_S
+
+
+def _number(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _load(scope: str, value: str, raw: bytes, now: float) -> Quarantine:
