@@ -15,21 +15,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
-import socket
-import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
-import redis
 import redis.asyncio as aioredis
 from tests.conftest import RedisServer
-from tests.support import free_port
+from tests.redis_topologies import OneNodeCluster
 
 from vvault_pep.config import Cache
 from vvault_pep.config.models import Redis as RedisConfig
@@ -528,63 +523,6 @@ async def test_a_full_read_and_a_write_back_give_a_stalled_redis_two_seconds_at_
 
 
 # --- on a Cluster ----------------------------------------------------------------------
-
-
-class OneNodeCluster:
-    """A real Redis Cluster of one master holding every slot: it starts in a moment."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.port = self._port()
-        self.workdir = workdir
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @staticmethod
-    def _port() -> int:
-        """A free port whose cluster bus port (port + 10000) is free too."""
-        for _ in range(200):
-            port = free_port()
-            if port > 55535:
-                continue
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", port + 10000))
-                except OSError:
-                    continue
-            return port
-        raise RuntimeError("no free port pair for a cluster node")
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        binary = shutil.which("redis-server")
-        assert binary is not None, "redis-server not found"
-        self.proc = subprocess.Popen(
-            [
-                *(binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"),
-                *("--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{self.port}.conf"),
-                *("--dir", str(self.workdir)),
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 20
-        slots = False
-        while time.monotonic() < deadline:
-            with contextlib.suppress(redis.RedisError, OSError), redis.Redis(port=self.port, socket_timeout=2) as r:
-                if not slots:
-                    r.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
-                    slots = True
-                if b"cluster_state:ok" in r.execute_command("CLUSTER", "INFO"):
-                    return
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError("the one-node cluster did not become ok")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
 
 
 @pytest.fixture(scope="module")

@@ -16,20 +16,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import shutil
-import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
-import redis
 import redis.asyncio as aioredis
 from tests.conftest import RedisServer
-from tests.redis_topologies import _cluster_port
+from tests.redis_topologies import OneNodeCluster
 
 from vvault_pep.config.models import Redis as RedisConfig
 from vvault_pep.core.principal import Subject
@@ -69,50 +65,6 @@ async def shared(redis_server: RedisServer, prefix: str) -> AsyncIterator[Shared
     state = SharedState(RedisConfig(url=redis_server.url, key_prefix=prefix, timeout_ms=2000))
     yield state
     await state.close()
-
-
-class OneNodeCluster:
-    """A real Redis Cluster of one master holding every slot: starts in a moment."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.port = _cluster_port()  # its bus port (port + 10000) free too
-        self.workdir = workdir
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}"
-
-    def _ok(self) -> bool:
-        with contextlib.suppress(redis.RedisError, OSError), redis.Redis(port=self.port, socket_timeout=2) as c:
-            return b"cluster_state:ok" in c.execute_command("CLUSTER", "INFO")
-        return False
-
-    def start(self) -> None:
-        binary = shutil.which("redis-server")
-        assert binary is not None, "redis-server not found"
-        node = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-        as_cluster = ["--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{self.port}.conf"]
-        self.proc = subprocess.Popen(
-            [binary, *node, *as_cluster, "--dir", str(self.workdir)], stdout=subprocess.DEVNULL
-        )
-        deadline = time.monotonic() + 20
-        added = False
-        while time.monotonic() < deadline:
-            with contextlib.suppress(redis.RedisError, OSError), redis.Redis(port=self.port, socket_timeout=2) as c:
-                if not added:
-                    c.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
-                    added = True
-                if self._ok():
-                    return
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError("the one-node cluster did not become ok")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
 
 
 @pytest.fixture(scope="module")
