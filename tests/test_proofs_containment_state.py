@@ -824,3 +824,15 @@ async def test_a_lift_event_with_an_odd_time_lifts_nothing(shared: SharedState, 
     assert list(known(c)) == [("subject", "v")]
     c._on_event(event("lift", scope="subject", value="v", at=time.time(), keep="never"))
     assert list(known(c)) == [("subject", "v")]
+
+
+async def test_a_redis_copy_past_its_own_end_is_not_taken(shared: SharedState, raw: aioredis.Redis) -> None:
+    # The key outlives the entry by the moment the write took (its PX counts from the write):
+    # what it says has ended is not held again.
+    ended = {"scope": "subject", "value": "over", "reason": "", "until": time.time() - 0.01, "by": "a", "since": 1.0}
+    await raw.set(cm.quarantine_key(shared, "subject", "over"), orjson.dumps(ended), px=60_000)
+    c = Containment(shared)
+    g = c.generation
+    assert await c.reconcile() is True
+    assert known(c) == {} and c.written_back == 0
+    assert c.generation == g

@@ -219,7 +219,9 @@ class Containment:
                 untagged.append(_load(scope, value, raw, now))
         self._expire(now)
         for q in [*in_redis.values(), *untagged]:
-            if self._is_lifted((q.scope, q.value), q):
+            # Past its own end (Redis's copy may outlive it by the moment the write took),
+            # or ended by a lift: not taken.
+            if q.until <= now or self._is_lifted((q.scope, q.value), q):
                 continue
             self._merge(q)
         # Written back: every live entry Redis lacks (or holds for less long), every lift
