@@ -105,7 +105,7 @@ MODULES: dict[str, list[str]] = {
         "tests/test_containment_holds.py",
         "tests/test_proofs_cache.py",
     ],
-    "edge.upstream_http": [
+    "net.http1": [
         "tests/test_proofs_upstream_http.py",
         "tests/test_upstream_http.py",
         "tests/test_proofs_forward.py",
@@ -431,86 +431,85 @@ EQUIVALENT: dict[str, str] = {
     " as the value of its connection table and never reads it (shutdown goes through the handlers)",
     "vvault_pep.edge.listener.xǁ_Handlerǁdata_received__mutmut_6": "with as many messages as before, the slice"
     " `[before:]` is empty: returning at `<=` or looping over nothing at `<` does the same",
-    # edge.upstream_http
+    # net.http1
     **{
-        f"vvault_pep.edge.upstream_http.xǁ_Connǁ{name}__mutmut_{n}": "None is as false as False"
+        f"vvault_pep.net.http1.xǁ_Connǁ{name}__mutmut_{n}": "None is as false as False"
         for name, n in (("resume_writing", 1), ("on_message_complete", 1))
     },
     **{
-        f"vvault_pep.edge.upstream_http.xǁ_Connǁ_fail__mutmut_{n}": "`close()` on the next line marks the"
+        f"vvault_pep.net.http1.xǁ_Connǁ_fail__mutmut_{n}": "`close()` on the next line marks the"
         " connection closed, and every reader of `dirty` (`_take`, `finish`) refuses a closed one as well"
         for n in (1, 2)
     },
-    "vvault_pep.edge.upstream_http.xǁ_Connǁclose__mutmut_1": "the transport is set before the connection"
+    "vvault_pep.net.http1.xǁ_Connǁclose__mutmut_1": "the transport is set before the connection"
     " object is ever handed out, and aborting an already aborted transport does nothing",
     **{
-        f"vvault_pep.edge.upstream_http.xǁ_Connǁ_expire__mutmut_{n}": "`_fail` just before always completes the"
+        f"vvault_pep.net.http1.xǁ_Connǁ_expire__mutmut_{n}": "`_fail` just before always completes the"
         " awaited future (it fails the head, or wakes the waiter): the fallback `set_exception` is never reached"
         for n in (7, 8)
     },
     **{
-        f"vvault_pep.edge.upstream_http.xǁ_Connǁconnection_lost__mutmut_{n}": "entering the branch for a"
+        f"vvault_pep.net.http1.xǁ_Connǁconnection_lost__mutmut_{n}": "entering the branch for a"
         " connection that is idle (complete) or already failed changes nothing: `_fail` after a complete"
         " answer only closes, which the loss did, and `next_chunk` raises a set error before it looks at"
         " `complete`"
         for n in (4, 5)
     },
     **{
-        f"vvault_pep.edge.upstream_http.xǁ_Connǁconnection_lost__mutmut_{n}": "`keep_alive` is read only by"
+        f"vvault_pep.net.http1.xǁ_Connǁconnection_lost__mutmut_{n}": "`keep_alive` is read only by"
         " `finish`, which never reuses a closed connection, and the loss set `closed` first"
         for n in (13, 14)
     },
-    "vvault_pep.edge.upstream_http.xǁ_Connǁconnection_lost__mutmut_26": "a writer still waiting for its drain"
+    "vvault_pep.net.http1.xǁ_Connǁconnection_lost__mutmut_26": "a writer still waiting for its drain"
     " when the connection is lost is cancelled by `finish`, which every exchange ends with",
     **{
-        f"vvault_pep.edge.upstream_http.xǁ_Connǁon_header__mutmut_{n}": "codec names are case-insensitive:"
+        f"vvault_pep.net.http1.xǁ_Connǁon_header__mutmut_{n}": "codec names are case-insensitive:"
         " 'LATIN-1' is 'latin-1'"
         for n in (4, 7)
     },
     **{
-        f"vvault_pep.edge.upstream_http.xǁ_Connǁ{name}__mutmut_{n}": "a one-byte shift of a buffer bound: the"
+        f"vvault_pep.net.http1.xǁ_Connǁ{name}__mutmut_{n}": "a one-byte shift of a buffer bound: the"
         " bytes per data_received call (what the bound counts) are the kernel's choice, so no upstream can aim"
         " at the byte between `>` and `>=` (the bounds themselves are held by the tests)"
         for name, n in (("on_body", 2), ("on_body", 8), ("next_chunk", 7))
     },
     **{
-        f"vvault_pep.edge.upstream_http.xǁ_Connǁ{name}__mutmut_{n}": "reading paused after every piece, or"
+        f"vvault_pep.net.http1.xǁ_Connǁ{name}__mutmut_{n}": "reading paused after every piece, or"
         " resumed above LOW_WATER: only the pause/resume hysteresis changes; what is buffered stays bounded"
         " by HIGH_WATER plus one read, and resume_reading on a transport that reads is a no-op"
         for name, n in (("on_body", 6), ("on_body", 7), ("next_chunk", 5), ("next_chunk", 6))
     },
     **{
-        f"vvault_pep.edge.upstream_http.xǁ_Connǁclose__mutmut_{n}": "after `abort()` asyncio runs"
+        f"vvault_pep.net.http1.xǁ_Connǁclose__mutmut_{n}": "after `abort()` asyncio runs"
         " connection_lost on the next loop turn, which sets `closed` and forgets the connection; until then"
         " no reader of `closed` runs (the pool's list never holds a connection being closed)"
         for n in (4, 5, 6)
     },
     **{
-        f"vvault_pep.edge.upstream_http.xǁ_Connǁ{name}__mutmut_{n}": "None is as false as False"
+        f"vvault_pep.net.http1.xǁ_Connǁ{name}__mutmut_{n}": "None is as false as False"
         for name, n in (("on_headers_complete", 13), ("next_chunk", 9))
     },
-    "vvault_pep.edge.upstream_http.xǁ_Connǁconnection_made__mutmut_2": "`typing.cast` does nothing at run time",
-    "vvault_pep.edge.upstream_http.xǁ_Connǁdata_received__mutmut_1": "the branch differs only for a connection"
+    "vvault_pep.net.http1.xǁ_Connǁconnection_made__mutmut_2": "`typing.cast` does nothing at run time",
+    "vvault_pep.net.http1.xǁ_Connǁdata_received__mutmut_1": "the branch differs only for a connection"
     " that is busy with a complete answer, and there the parser refuses the extra bytes (`_Extra`), which"
     " marks the connection dirty and closes it all the same",
     **{
-        f"vvault_pep.edge.upstream_http.xǁ_Connǁdata_received__mutmut_{n}": "`close()` on the next line marks"
+        f"vvault_pep.net.http1.xǁ_Connǁdata_received__mutmut_{n}": "`close()` on the next line marks"
         " the connection closed, and every reader of `dirty` (`_take`, `finish`) refuses a closed one as well"
         for n in (3, 4)
     },
     **{
-        f"vvault_pep.edge.upstream_http.xǁ_Connǁ{name}__mutmut_{n}": "a one-byte shift of a buffer bound: the"
+        f"vvault_pep.net.http1.xǁ_Connǁ{name}__mutmut_{n}": "a one-byte shift of a buffer bound: the"
         " bytes per data_received call (what the bound counts) are the kernel's choice, so no upstream can aim"
         " at the byte between `>` and `>=` (the bounds themselves are held by the tests)"
         for name, n in (("data_received", 10), ("on_headers_complete", 12))
     },
-    "vvault_pep.edge.upstream_http.xǁ_Connǁon_status__mutmut_5": "codec names are case-insensitive: 'LATIN-1'"
-    " is 'latin-1'",
-    "vvault_pep.edge.upstream_http.xǁ_Connǁon_headers_complete__mutmut_33": "`_head` is set by `start` before"
+    "vvault_pep.net.http1.xǁ_Connǁon_status__mutmut_5": "codec names are case-insensitive: 'LATIN-1' is 'latin-1'",
+    "vvault_pep.net.http1.xǁ_Connǁon_headers_complete__mutmut_33": "`_head` is set by `start` before"
     " any byte is read and completed only here, once per exchange (an interim answer returns earlier, a"
     " second answer is stopped by `_Extra` first): it is never None and never done at this point",
     **{
-        f"vvault_pep.edge.upstream_http.xǁ_Connǁ{name}__mutmut_{n}": "an initial value no reader sees:"
+        f"vvault_pep.net.http1.xǁ_Connǁ{name}__mutmut_{n}": "an initial value no reader sees:"
         " connection_made sets the transport, `start` sets `busy` and `_head` (with no await between), `put`"
         " sets `idle_since`, the head sets `status` and `until_eof` before anything reads them, the answer's"
         " end sets `keep_alive`; and None is as false as False"
@@ -538,39 +537,39 @@ EQUIVALENT: dict[str, str] = {
         )
     },
     **{
-        f"vvault_pep.edge.upstream_http.xǁ_Connǁ_reset__mutmut_{n}": "a one-byte shift of a buffer bound: the"
+        f"vvault_pep.net.http1.xǁ_Connǁ_reset__mutmut_{n}": "a one-byte shift of a buffer bound: the"
         " bytes per data_received call (what the bound counts) are the kernel's choice, so no upstream can aim"
         " at the byte between `>` and `>=` (the bounds themselves are held by the tests)"
         for n in (19, 27)
     },
     **{
-        f"vvault_pep.edge.upstream_http.xǁ_Connǁfinish__mutmut_{n}": "`busy` after `finish`: a connection back"
+        f"vvault_pep.net.http1.xǁ_Connǁfinish__mutmut_{n}": "`busy` after `finish`: a connection back"
         " in the pool is complete, so its bytes are refused and its loss ignored either way, and `start` sets"
         " `busy` again before reusing it"
         for n in (20, 21)
     },
     **{
-        f"vvault_pep.edge.upstream_http.xǁPoolǁ_take__mutmut_{n}": "no connection in the idle list is closed or"
+        f"vvault_pep.net.http1.xǁPoolǁ_take__mutmut_{n}": "no connection in the idle list is closed or"
         " dirty: `finish` puts back only clean ones, and closing one (or its loss) takes it off the list at once"
         for n in (3, 4)
     },
-    "vvault_pep.edge.upstream_http.xǁPoolǁ_take__mutmut_6": "`>` or `>=` on a float clock: no connection can"
+    "vvault_pep.net.http1.xǁPoolǁ_take__mutmut_6": "`>` or `>=` on a float clock: no connection can"
     " be taken exactly KEEPALIVE_S after it was put back",
     **{
-        f"vvault_pep.edge.upstream_http.xǁPoolǁ_head__mutmut_{n}": "the joined text is only searched for CR, LF,"
+        f"vvault_pep.net.http1.xǁPoolǁ_head__mutmut_{n}": "the joined text is only searched for CR, LF,"
         " NUL (the probe) or ':' and ' ' (the names): 'XXXX' between the parts adds none of them"
         for n in (7, 10)
     },
-    "vvault_pep.edge.upstream_http.xǁPoolǁ_head__mutmut_37": "codec names are case-insensitive: 'UTF-8' is 'utf-8'",
-    "vvault_pep.edge.upstream_http.xǁPoolǁrequest__mutmut_18": "None is as false as False",
-    "vvault_pep.edge.upstream_http.xǁPoolǁrequest__mutmut_65": "a third attempt is never reached: the second"
+    "vvault_pep.net.http1.xǁPoolǁ_head__mutmut_37": "codec names are case-insensitive: 'UTF-8' is 'utf-8'",
+    "vvault_pep.net.http1.xǁPoolǁrequest__mutmut_18": "None is as false as False",
+    "vvault_pep.net.http1.xǁPoolǁrequest__mutmut_65": "a third attempt is never reached: the second"
     " is on a fresh connection, and a fresh connection's failure is raised (`reused` is false)",
     **{
-        f"vvault_pep.edge.upstream_http.xǁPoolǁrequest__mutmut_{n}": "the line after the loop is unreachable:"
+        f"vvault_pep.net.http1.xǁPoolǁrequest__mutmut_{n}": "the line after the loop is unreachable:"
         " every attempt returns or raises, and the second always does"
         for n in (87, 88, 89)
     },
-    "vvault_pep.edge.upstream_http.xǁ_Connǁ_send__mutmut_8": "chunk sizes are hexadecimal, case-insensitive"
+    "vvault_pep.net.http1.xǁ_Connǁ_send__mutmut_8": "chunk sizes are hexadecimal, case-insensitive"
     " (RFC 9112, 7.1: HEXDIG): `1A` and `1a` frame the same chunk for every parser",
     # edge.forward
     "vvault_pep.edge.forward.xǁ_AiohttpAnswerǁchunks__mutmut_1": "aiohttp's client carries HEAD only, whose"

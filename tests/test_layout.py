@@ -21,7 +21,7 @@ import pytest
 PKG = Path(__file__).resolve().parent.parent / "proxy" / "vvault_pep"
 
 # Lower first; a package may import itself and anything before it in this list.
-LAYERS = ("errors", "config", "core", "identity", "shared", "decide", "observe", "edge", "app")
+LAYERS = ("errors", "config", "core", "net", "identity", "shared", "decide", "observe", "edge", "app")
 # The top-level modules that are no package: the version, the command line's old path, and
 # the loader that picks the compiled or the pure hot path.
 TOP = {"vvault_pep", "vvault_pep.errors", "vvault_pep.cli", "vvault_pep.compiled"}

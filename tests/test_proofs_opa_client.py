@@ -243,7 +243,7 @@ async def test_nothing_listening(caplog: pytest.LogCaptureFixture) -> None:
         await c.close()
     refused(exc, "pdp.unavailable", "the policy decision point is unreachable")
     assert [r.getMessage() for r in caplog.records if r.name == "vvault_pep.pdp"] == [
-        "OPA unreachable: ClientConnectorError"
+        "OPA unreachable: UpstreamRefused (ConnectionRefusedError)"
     ]
 
 

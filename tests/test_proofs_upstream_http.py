@@ -1,7 +1,7 @@
 """The lean upstream client on its own, against an upstream scripted byte by byte.
 
 Each test runs a raw asyncio TCP server on loopback whose script reads what the client sent
-and writes exact bytes back.  The :class:`~vvault_pep.edge.upstream_http.Pool` is driven
+and writes exact bytes back.  The :class:`~vvault_pep.net.http1.Pool` is driven
 directly: the exact request head it writes (framing, ``Host``, the base path), what it refuses
 to send, what the answer object says, the read and connect deadlines, keep-alive reuse and the
 idle limit, and a slow upstream holding back a streamed body instead of it piling up here.
@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from vvault_pep.edge import upstream_http
-from vvault_pep.edge.upstream_http import Pool, UpstreamFailure, UpstreamRefused, UpstreamTimeout
+from vvault_pep.net import http1
+from vvault_pep.net.http1 import Pool, UpstreamFailure, UpstreamRefused, UpstreamTimeout
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter, "Raw"], Awaitable[None]]
 
@@ -122,7 +122,7 @@ def pool(url: str, **kw: object) -> Pool:
     return Pool(url, **{**args, **kw})  # type: ignore[arg-type]
 
 
-async def body_of(resp: upstream_http.Response) -> bytes:
+async def body_of(resp: http1.Response) -> bytes:
     return b"".join([piece async for piece in resp.chunks()])
 
 
@@ -392,7 +392,7 @@ async def test_idle_connections_are_reused_last_in_first_out_and_dropped_when_ol
         assert await body_of(again) == b"conn 2"
         again.release()
         assert p.opened == 2
-        monkeypatch.setattr(upstream_http, "KEEPALIVE_S", 0.0)
+        monkeypatch.setattr(http1, "KEEPALIVE_S", 0.0)
         await asyncio.sleep(0.01)
         fresh = await p.request("GET", "/", [], None)
         assert await body_of(fresh) == b"conn 3"  # both idle ones were too old

@@ -11,6 +11,14 @@ stable codes at this one boundary:
   answered error is not retried — OPA said no, asking again changes nothing
   and would spend the request's deadline.
 
+The decision POST, the one call on the request path, goes over the lean
+keep-alive client of the upstream forward (``net/http1.py``: the
+answer parsed by llhttp), at most ``opa.max_connections`` at once; aiohttp's
+client costs about three times its CPU per call.  A reused connection that
+proves dead before any byte of the answer is replaced once (a decision
+changes nothing in OPA); nothing else is retried.  The control-plane calls
+(revision, data, policies, health) keep aiohttp's client.
+
 opa-python-client was weighed and not used: its async client has no Unix
 socket transport, retries 502/503/504 with sleeps inside the caller's time,
 and parses with the stdlib ``json``.  The PEP needs one POST; this is it.
@@ -33,8 +41,14 @@ import orjson
 
 from ..config.models import Opa
 from ..errors import PepError
+from ..net.http1 import Pool, UpstreamError, UpstreamTimeout
 
 log = logging.getLogger("vvault_pep.pdp")
+
+# A decision document larger than this is not a decision: refused, never buffered further.
+ANSWER_LIMIT = 16 * 1024 * 1024
+# The lean pool's own connect and read guards; the call's deadline rules well before them.
+_GUARD_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,17 +80,23 @@ class PdpClient:
         self.url = url or opa.url  # a managed OPA's own socket overrides opa.url
         parts = urlsplit(self.url)
         connector: aiohttp.BaseConnector
+        self._unix: str | None = None
+        self._tls: ssl.SSLContext | None = None
         if parts.scheme == "unix":
             connector = aiohttp.UnixConnector(path=parts.path, limit=opa.max_connections, keepalive_timeout=30)
             self._base = "http://opa"
+            self._unix = parts.path
         else:
             tls: ssl.SSLContext | bool = True
             if parts.scheme == "https":
-                tls = ssl.create_default_context(cafile=str(opa.ca_file) if opa.ca_file else None)
+                tls = self._tls = ssl.create_default_context(cafile=str(opa.ca_file) if opa.ca_file else None)
             connector = aiohttp.TCPConnector(limit=opa.max_connections, keepalive_timeout=30, ttl_dns_cache=60, ssl=tls)
             self._base = self.url
         # OPA's --authentication=token: the token on every call, never in a log line.
         auth = {"Authorization": f"Bearer {opa.token}"} if opa.token else None
+        self._decide_headers = [("Content-Type", "application/json"), *(auth or {}).items()]
+        self._lean: Pool | None = None  # made on the first decision, inside the running loop
+        self._slots = asyncio.Semaphore(opa.max_connections)
         self._session = aiohttp.ClientSession(
             connector=connector,
             timeout=aiohttp.ClientTimeout(total=None),  # the deadline below rules
@@ -100,21 +120,30 @@ class PdpClient:
         provenance: bool = False,
         headers: dict[str, str] | None = None,
     ) -> Answer:
+        """Ask OPA for ``path`` with this input; ``headers`` (a trace's) go with the POST."""
         body = orjson.dumps({"input": policy_input})
-        url = f"{self._base}/v1/data/{path}" + ("?provenance=true" if provenance else "")
+        target = f"/v1/data/{path}" + ("?provenance=true" if provenance else "")
+        sent = self._decide_headers if not headers else [*self._decide_headers, *headers.items()]
         try:
             async with asyncio.timeout(deadline_s if deadline_s is not None else self._deadline):
-                async with self._session.post(url, data=body, headers={"Content-Type": "application/json"}) as resp:
-                    raw = await resp.read()
+                async with self._slots:
+                    resp = await self._pool().request("POST", target, sent, body, replay=True)
+                    try:
+                        raw = await resp.read(ANSWER_LIMIT)
+                    finally:
+                        resp.release()
                     status = resp.status
-        except TimeoutError as exc:
+        except (TimeoutError, UpstreamTimeout) as exc:
             raise PepError("pdp.timeout", "the policy decision point did not answer in time") from exc
-        except (aiohttp.ClientError, OSError) as exc:
-            log.warning("OPA unreachable: %s", type(exc).__name__)
+        except (UpstreamError, OSError) as exc:
+            log.warning("OPA unreachable: %s (%s)", type(exc).__name__, exc)
             raise PepError("pdp.unavailable", "the policy decision point is unreachable") from exc
         if status != 200:
             log.warning("OPA answered %s: %s", status, _opa_error_code(raw))
             raise PepError("pdp.error", "the policy decision point answered with an error")
+        if len(raw) > ANSWER_LIMIT:
+            log.warning("OPA answered more than %d bytes", ANSWER_LIMIT)
+            raise PepError("pdp.error", "the policy decision point answered garbage")
         try:
             doc = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
@@ -128,6 +157,18 @@ class PdpClient:
             decision_id if isinstance(decision_id, str) else None,
             _bundle_revisions(doc) if provenance else None,
         )
+
+    def _pool(self) -> Pool:
+        if self._lean is None:
+            self._lean = Pool(
+                self._base,
+                ssl_context=self._tls,
+                server_hostname=None,
+                connect_timeout=_GUARD_S,
+                read_timeout=_GUARD_S,
+                unix_path=self._unix,
+            )
+        return self._lean
 
     async def revision(self, timeout_s: float = 2.0, *, modules: bool = True) -> str | None:
         """What identifies the policy OPA runs: bundle revisions, else a hash of its modules.
@@ -254,6 +295,8 @@ class PdpClient:
             return out
 
     async def close(self) -> None:
+        if self._lean is not None:
+            self._lean.close()
         await self._session.close()
 
 

@@ -1,6 +1,6 @@
 """Forward: stream an allowed request to its upstream and the answer back.
 
-* The request goes out on the lean client of :mod:`.upstream_http` (llhttp
+* The request goes out on the lean client of :mod:`..net.http1` (llhttp
   parses the answer); ``HEAD`` goes through aiohttp's client, whose parser can
   be told that such an answer has no body.  Either way the upstream receives
   byte-for-byte the path the policy saw: the lean client writes the canonical
@@ -43,7 +43,7 @@ from yarl import URL
 from ..config.models import Upstream
 from ..core import responses
 from ..errors import PepError
-from . import upstream_http
+from ..net import http1
 
 log = logging.getLogger("vvault_pep.forward")
 
@@ -148,7 +148,7 @@ class Upstreams:
         self._buffer = buffer_body_bytes
         self._send_idle = send_idle_timeout_s
         self._sessions: dict[str, aiohttp.ClientSession] = {}  # HEAD and what the lean client does not cover
-        self._pools: dict[str, upstream_http.Pool] = {}  # the lean client, made on first use
+        self._pools: dict[str, http1.Pool] = {}  # the lean client, made on first use
         # The PEP's own count of pooled connections in use: a full pool is known
         # without waiting in aiohttp's queue.
         self._slots: dict[str, asyncio.Semaphore] = {}
@@ -283,14 +283,14 @@ class Upstreams:
         finally:
             upstream.release()
 
-    def _pool(self, name: str) -> upstream_http.Pool:
+    def _pool(self, name: str) -> http1.Pool:
         pool = self._pools.get(name)
         if pool is None:
             up = self._config[name]
             tls: ssl.SSLContext | bool | None = None
             if up.url.startswith("https://"):
                 tls = upstream_ssl(up)
-            pool = upstream_http.Pool(
+            pool = http1.Pool(
                 up.url,
                 ssl_context=tls if isinstance(tls, ssl.SSLContext) else ssl.create_default_context() if tls else None,
                 server_hostname=up.tls.server_hostname if up.tls else None,
@@ -318,12 +318,12 @@ class Upstreams:
                 body,
                 content_length=int(declared) if declared is not None and not isinstance(body, bytes) else None,
             )
-        except upstream_http.UpstreamTimeout as exc:
+        except http1.UpstreamTimeout as exc:
             raise PepError("upstream.timeout", "the upstream did not answer in time") from exc
-        except upstream_http.UpstreamRefused as exc:
+        except http1.UpstreamRefused as exc:
             log.warning("upstream %s unreachable: %s", name, exc)
             raise PepError("upstream.unavailable", "the upstream refused the connection") from exc
-        except upstream_http.UpstreamError as exc:
+        except http1.UpstreamError as exc:
             log.warning("upstream %s failed: %s", name, exc)  # fixed phrases, never the bytes received
             raise PepError("upstream.error", "the upstream connection failed") from exc
 
@@ -404,7 +404,7 @@ class Upstreams:
                     # The client went away: stop reading the upstream, keep the record.
                     return out, Outcome(upstream.status, budget.count, sent, "client_gone")
                 sent += len(chunk)
-        except (aiohttp.ClientError, OSError, TimeoutError, upstream_http.UpstreamError) as exc:
+        except (aiohttp.ClientError, OSError, TimeoutError, http1.UpstreamError) as exc:
             # The status line is gone already; a truncated, aborted
             # connection is the only honest signal left.
             log.warning("upstream %s failed mid-response: %s", name, type(exc).__name__)
@@ -456,7 +456,7 @@ class Upstreams:
             raise PepError("enforce.redaction_impossible", "the response is too large to redact")
         try:
             raw = await upstream.read(limit)
-        except (aiohttp.ClientError, OSError, TimeoutError, upstream_http.UpstreamError) as exc:
+        except (aiohttp.ClientError, OSError, TimeoutError, http1.UpstreamError) as exc:
             log.warning("upstream failed mid-response: %s", type(exc).__name__)
             raise PepError("upstream.error", "the upstream connection failed") from exc
         if len(raw) > limit:

@@ -379,6 +379,7 @@ class Pool:
         server_hostname: str | None,
         connect_timeout: float,
         read_timeout: float,
+        unix_path: str | None = None,
     ) -> None:
         parts = urlsplit(url)
         assert parts.hostname is not None
@@ -393,6 +394,7 @@ class Pool:
         self._sni = (server_hostname or self.host) if self._ssl is not None else None
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
+        self.unix_path = unix_path  # connect here instead of host:port (the Host header stays the URL's)
         self._idle: list[_Conn] = []
         self.opened = 0  # connections ever made, for tests and metrics
 
@@ -424,9 +426,14 @@ class Pool:
     async def _connect(self) -> _Conn:
         try:
             async with asyncio.timeout(self.connect_timeout):
-                _, conn = await self.loop.create_connection(
-                    lambda: _Conn(self), self.host, self.port, ssl=self._ssl, server_hostname=self._sni
-                )
+                if self.unix_path is not None:
+                    _, conn = await self.loop.create_unix_connection(
+                        lambda: _Conn(self), self.unix_path, ssl=self._ssl, server_hostname=self._sni
+                    )
+                else:
+                    _, conn = await self.loop.create_connection(
+                        lambda: _Conn(self), self.host, self.port, ssl=self._ssl, server_hostname=self._sni
+                    )
         except TimeoutError as exc:
             raise UpstreamTimeout("connect timed out") from exc
         except OSError as exc:
@@ -457,8 +464,14 @@ class Pool:
         body: bytes | AsyncIterator[bytes] | None,
         *,
         content_length: int | None = None,
+        replay: bool = False,
     ) -> Response:
-        """Send one request; the caller must ``release()`` the answer."""
+        """Send one request; the caller must ``release()`` the answer.
+
+        ``replay`` marks a request of another method as safe to resend in the one case a
+        GET is: a reused connection that proved dead before any byte of the answer (a
+        query that changes nothing, such as a policy decision).
+        """
         if method == "HEAD":
             raise ValueError("HEAD is not sent on the lean path")
         names = {key.lower() for key, _ in headers}
@@ -478,7 +491,7 @@ class Pool:
             chunked = True
             extra.append(("Transfer-Encoding", "chunked"))
         head = self._head(method, target, [(k, v) for k, v in headers if k.lower() != "content-length"] + extra)
-        replayable = method in _REPLAYABLE and not isinstance(body, AsyncIterator)
+        replayable = (replay or method in _REPLAYABLE) and not isinstance(body, AsyncIterator)
         for attempt in range(2):
             conn = self._take() if attempt == 0 else None  # a retry never trusts another idle one
             reused = conn is not None
