@@ -56,14 +56,15 @@ def opa_binary() -> str:
     return binary
 
 
-def opa_argv(port: int) -> list[str]:
-    """The real OPA server on loopback with the repo's policies."""
+def opa_argv(port: int, socket: Path | None = None) -> list[str]:
+    """The real OPA server on loopback with the repo's policies (and on ``socket``, if given)."""
     return [
         opa_binary(),
         "run",
         "--server",
         "--addr",
         f"127.0.0.1:{port}",
+        *(("--addr", f"unix://{socket}") if socket is not None else ()),
         "--skip-version-check",
         "--log-level",
         "error",

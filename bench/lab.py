@@ -79,6 +79,14 @@ class Lab:
         self.token = self.issuer.token("bench-fixed")
         self.upstream_port = free_port()
         self.opa_port = free_port()
+        # The PEPs ask OPA over a Unix socket, as deploy/ runs the sidecar; VVAULT_BENCH_OPA=tcp
+        # makes them use loopback TCP instead (OPA listens on both; its health check is TCP).
+        self.opa_socket = self.work / "opa.sock"
+        self.opa_url = (
+            f"http://127.0.0.1:{self.opa_port}"
+            if os.environ.get("VVAULT_BENCH_OPA") == "tcp"
+            else f"unix://{self.opa_socket}"
+        )
         self.redis_port = free_port()
         self.cluster_ports: list[int] = []
         self.endpoints: dict[str, Endpoint] = {}
@@ -92,7 +100,7 @@ class Lab:
             "driver",
             cwd=ROOT,
         )
-        opa = self.stack.start("opa", opa_argv(self.opa_port), "sut", env=opa_environ())
+        opa = self.stack.start("opa", opa_argv(self.opa_port, self.opa_socket), "sut", env=opa_environ())
         redis_dir = self.work / "redis"
         redis_dir.mkdir()
         redis = self.stack.start(
@@ -227,7 +235,7 @@ class Lab:
                 },
             },
             "admin": {"host": "127.0.0.1", "port": free_port_pair(), "token": ADMIN_TOKEN},
-            "opa": {"url": f"http://127.0.0.1:{self.opa_port}"},
+            "opa": {"url": self.opa_url},
             "redis": {"url": f"redis://127.0.0.1:{self.redis_port}/0"},
             "identity": {
                 "issuers": [

@@ -592,6 +592,7 @@ def run(
         "pinning": lab.stack.pinning.describe(),
         "placement": placement,
         "load_average_at_start": round(busy, 2),
+        "opa_url": lab.opa_url.replace(str(lab.work), "<lab>"),
         "wall_s": round(time.monotonic() - t0, 1),
     }
     doc = {
@@ -630,6 +631,7 @@ def _headline(doc: dict[str, Any]) -> list[str]:
         f"(half the passthrough's saturation)",
         f"machine: {report.machine_line(doc['machine'])}",
         f"pinning: {p['pinning']}; load average at start {p['load_average_at_start']}",
+        f"the PEPs ask OPA at {p.get('opa_url', 'loopback TCP')}",
     ]
 
 

@@ -124,7 +124,12 @@ MODULES: dict[str, list[str]] = {
         "tests/test_cache.py",
         "tests/test_proofs_cache.py",
     ],
-    "decide.pdp": ["tests/test_proofs_opa_client.py", "tests/test_pdp.py", "tests/test_proofs_pdp.py"],
+    "decide.pdp": [
+        "tests/test_proofs_opa_client.py",
+        "tests/test_pdp.py",
+        "tests/test_proofs_pdp.py",
+        "tests/test_pdp_wire.py",
+    ],
 }
 
 
