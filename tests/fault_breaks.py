@@ -112,7 +112,7 @@ BREAKS = (
         "decide/pdp.py",
         "        if status != 200:\n            log.warning(",
         "        if status != 200:\n"
-        "            again = await self._pool().request(\"POST\", target, sent, body)\n"
+        '            again = await self._pool().request("POST", target, sent, body)\n'
         "            raw, status = await again.read(ANSWER_LIMIT), again.status\n"
         "            again.release()\n"
         "        if status != 200:\n            log.warning(",
