@@ -208,9 +208,20 @@ async def hanging_upstream() -> AsyncIterator[int]:
 
 
 @pytest.fixture(scope="session")
-async def pep(pki: Path, opa: OpaProcess, upstream: Upstream, hanging_upstream: int) -> AsyncIterator[PepRuntime]:
+def down_port() -> Iterator[int]:
+    """A port where nothing listens, for the whole session: bound and never listened on, so
+    connecting is refused and no server a later test starts on port 0 can be handed it."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        yield int(held.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+async def pep(
+    pki: Path, opa: OpaProcess, upstream: Upstream, hanging_upstream: int, down_port: int
+) -> AsyncIterator[PepRuntime]:
     config = make_config(
-        pki, opa_url=opa.url, upstream_port=upstream.port, hang_port=hanging_upstream, down_port=free_port()
+        pki, opa_url=opa.url, upstream_port=upstream.port, hang_port=hanging_upstream, down_port=down_port
     )
     async with running_pep(config) as runtime:
         yield runtime

@@ -109,6 +109,7 @@ MODULES: dict[str, list[str]] = {
         "tests/test_proofs_upstream_http.py",
         "tests/test_upstream_http.py",
         "tests/test_proofs_forward.py",
+        "tests/test_pdp_wire.py",
     ],
     "edge.forward": [
         "tests/test_proofs_forward_rules.py",
