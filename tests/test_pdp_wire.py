@@ -10,6 +10,7 @@ too large.  The real OPA's side of the same client is in ``test_proofs_opa_clien
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -225,17 +226,27 @@ async def test_bytes_after_the_answer_cost_the_connection_not_the_decision(wire:
     assert w.connections == 2
 
 
-async def test_an_answer_over_the_limit_is_refused(wire: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(pdp, "ANSWER_LIMIT", 64)
+async def test_an_answer_over_the_limit_is_refused(
+    wire: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    limit = len(orjson.dumps({"result": "y" * 10}))
+    monkeypatch.setattr(pdp, "ANSWER_LIMIT", limit)
 
     async def reply(n: int, body: bytes) -> tuple[bytes, bool]:
-        return answer({"result": "y" * (10 if n == 1 else 100)}), False
+        return answer({"result": "y" * (10 if n == 1 else 11)}), False
 
     _, c = await wire(reply)
-    assert (await c.decide(PATH, {})).result == "y" * 10
-    with pytest.raises(PepError) as exc:
-        await c.decide(PATH, {})
-    assert (exc.value.code, exc.value.status) == ("pdp.error", 503)
+    assert (await c.decide(PATH, {})).result == "y" * 10  # exactly the limit: taken
+    with caplog.at_level(logging.WARNING, logger="vvault_pep.pdp"), pytest.raises(PepError) as exc:
+        await c.decide(PATH, {})  # one byte over it: refused
+    assert (exc.value.code, exc.value.status, exc.value.detail) == (
+        "pdp.error",
+        503,
+        "the policy decision point answered garbage",
+    )
+    assert [r.getMessage() for r in caplog.records if r.name == "vvault_pep.pdp"] == [
+        f"OPA answered more than {limit} bytes"
+    ]
 
 
 async def test_a_chunked_answer_is_read_whole(wire: Any) -> None:

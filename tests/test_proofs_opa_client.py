@@ -289,6 +289,29 @@ async def test_over_https_with_the_configured_ca(pki: Path) -> None:
     assert len(s.seen) == 1  # the untrusted call never got past the handshake
 
 
+async def test_the_control_calls_over_https_with_the_configured_ca(pki: Path) -> None:
+    """The calls off the request path keep their own pool: it verifies OPA with the same CA."""
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(pki / "server.pem", pki / "server-key.pem")
+    s = StandIn()
+    await s.start(tls=server)
+    s.answer("GET", "/health", {})
+    s.answer("GET", "/v1/data/x", {"result": 5})
+    trusted = PdpClient(Opa(url=s.url, ca_file=pki / "ca.pem"))
+    untrusted = PdpClient(Opa(url=s.url))
+    try:
+        assert await trusted.healthy() and await trusted.get_data("x") == 5
+        assert not await untrusted.healthy()
+        with pytest.raises(PepError) as exc:
+            await untrusted.get_data("x")
+        assert exc.value.code == "pdp.unavailable"
+    finally:
+        await trusted.close()
+        await untrusted.close()
+        await s.stop()
+    assert [seen["path"] for seen in s.seen] == ["/health", "/v1/data/x"]
+
+
 async def test_the_pool_holds_max_connections(stand_in: StandIn) -> None:
     c = PdpClient(Opa(url=stand_in.url, max_connections=2))
     stand_in.hang("POST", DECIDE)
@@ -753,6 +776,30 @@ async def test_an_answer_compressed_unasked_is_garbage(stand_in: StandIn, client
     with pytest.raises(PepError) as exc:
         await client.decide("vvault/authz/decision", {})
     refused(exc, "pdp.error", "the policy decision point answered garbage")
+
+
+@pytest.mark.parametrize("over", ["tcp", "unix"])
+async def test_the_control_pool_holds_max_connections(tmp_path: Path, over: str) -> None:
+    s = StandIn()
+    await s.start(unix=tmp_path / "opa.sock" if over == "unix" else None)
+    c = PdpClient(Opa(max_connections=2), url=s.url)
+    s.hang("GET", "/health")
+    calls = [asyncio.create_task(c.healthy(timeout_s=30)) for _ in range(4)]
+    try:
+        async with asyncio.timeout(10):
+            while len(s.seen) < 2:
+                await asyncio.sleep(0.01)
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert len(s.seen) == 2
+        s.gate.set()
+        await asyncio.gather(*calls)
+        assert len(s.seen) == 4
+    finally:
+        for call in calls:
+            call.cancel()
+        await c.close()
+        await s.stop()
 
 
 async def test_the_pool_over_a_unix_socket_holds_max_connections(tmp_path: Path) -> None:
