@@ -341,34 +341,30 @@ EQUIVALENT: dict[str, str] = {
     "vvault_pep.identity.authn.xǁAuthenticatorǁ_remember__mutmut_5": "`popitem(last=None)` is as false as"
     " `last=False`: the oldest entry goes",
     "vvault_pep.decide.pdp.xǁPdpClientǁ__init____mutmut_1": "`self._opa` is never read after __init__",
-    "vvault_pep.decide.pdp.xǁPdpClientǁ__init____mutmut_26": "URL schemes and host names are case-insensitive:"
-    " yarl lower-cases 'HTTP://OPA' to 'http://opa'",
+    "vvault_pep.decide.pdp.xǁPdpClientǁ__init____mutmut_28": "URL schemes and host names are case-insensitive:"
+    " yarl and urlsplit lower-case 'HTTP://OPA' to 'http://opa' (and the Host header is the host's)",
     **{
-        f"vvault_pep.decide.pdp.xǁPdpClientǁ__init____mutmut_{n}": "the initial `tls` is only used for an"
-        " http:// OPA, which is reached without TLS whatever `ssl` says; https:// replaces it with a context"
-        for n in (27, 28)
+        f"vvault_pep.decide.pdp.xǁPdpClientǁ__init____mutmut_{n}": "the initial `tls` / `_tls` is only used for"
+        " an http:// OPA, which is reached without TLS whatever `ssl` says; https:// replaces it with a context"
+        for n in (14, 30, 31)
+    },
+    **{
+        f"vvault_pep.decide.pdp.xǁPdpClientǁ__init____mutmut_{n}": "HTTP header names are case-insensitive"
+        " (aiohttp's CIMultiDict and istr; OPA's Go server canonicalises them)"
+        for n in (56, 57, 60, 61, 81, 82, 84, 85)
     },
     **{
         f"vvault_pep.decide.pdp.{name}": "HTTP header names are case-insensitive (aiohttp's CIMultiDict and istr)"
-        for name in (
-            "xǁPdpClientǁ__init____mutmut_53",
-            "xǁPdpClientǁ__init____mutmut_54",
-            "xǁPdpClientǁ__init____mutmut_68",
-            "xǁPdpClientǁ__init____mutmut_69",
-            "xǁPdpClientǁ__init____mutmut_71",
-            "xǁPdpClientǁ__init____mutmut_72",
-            "xǁPdpClientǁdecide__mutmut_24",
-            "xǁPdpClientǁdecide__mutmut_25",
-            "xǁPdpClientǁ_put__mutmut_16",
-            "xǁPdpClientǁ_put__mutmut_17",
-        )
+        for name in ("xǁPdpClientǁ_put__mutmut_16", "xǁPdpClientǁ_put__mutmut_17")
     },
     **{
         f"vvault_pep.decide.pdp.{name}": "aiohttp upper-cases the request method: 'put' is sent as PUT"
         for name in ("xǁPdpClientǁ_put__mutmut_3", "xǁPdpClientǁdelete_data__mutmut_13")
     },
-    "vvault_pep.decide.pdp.xǁPdpClientǁ__init____mutmut_58": "`auto_decompress=None` is as false as False:"
+    "vvault_pep.decide.pdp.xǁPdpClientǁ__init____mutmut_71": "`auto_decompress=None` is as false as False:"
     " aiohttp decompresses only when it is true",
+    "vvault_pep.decide.pdp.xǁPdpClientǁ_pool__mutmut_5": "the lean pool's connect guard of 60 s: every"
+    " decision runs under its own deadline (at most 60 s by the config's bound), which cuts a connect first",
     "vvault_pep.decide.pdp.xǁPdpClientǁdelete_data__mutmut_2": "`_put` sends `body or None`: b'' and None"
     " both send no body",
     "vvault_pep.observe.audit.xǁJsonLinesǁformat__mutmut_56": "logging fills exc_info from sys.exc_info():"
@@ -567,13 +563,18 @@ EQUIVALENT: dict[str, str] = {
         for n in (7, 10)
     },
     "vvault_pep.net.http1.xǁPoolǁ_head__mutmut_37": "codec names are case-insensitive: 'UTF-8' is 'utf-8'",
-    "vvault_pep.net.http1.xǁPoolǁrequest__mutmut_18": "None is as false as False",
-    "vvault_pep.net.http1.xǁPoolǁrequest__mutmut_65": "a third attempt is never reached: the second"
+    "vvault_pep.net.http1.xǁPoolǁrequest__mutmut_19": "None is as false as False",
+    **{
+        f"vvault_pep.net.http1.xǁPoolǁ_connect__mutmut_{n}": "a Unix socket's pool has no TLS: its `_ssl` and"
+        " `_sni` are None (the URL is http://), which is what dropping or nulling them gives"
+        for n in (6, 7, 10)
+    },
+    "vvault_pep.net.http1.xǁPoolǁrequest__mutmut_67": "a third attempt is never reached: the second"
     " is on a fresh connection, and a fresh connection's failure is raised (`reused` is false)",
     **{
         f"vvault_pep.net.http1.xǁPoolǁrequest__mutmut_{n}": "the line after the loop is unreachable:"
         " every attempt returns or raises, and the second always does"
-        for n in (87, 88, 89)
+        for n in (89, 90, 91)
     },
     "vvault_pep.net.http1.xǁ_Connǁ_send__mutmut_8": "chunk sizes are hexadecimal, case-insensitive"
     " (RFC 9112, 7.1: HEXDIG): `1A` and `1a` frame the same chunk for every parser",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import httptools
@@ -48,7 +49,10 @@ class Wire:
         self.server: asyncio.Server | None = None
         self.port = 0
 
-    async def start(self) -> None:
+    async def start(self, unix: str | None = None) -> None:
+        if unix is not None:
+            self.server = await asyncio.start_unix_server(self._serve, unix)
+            return
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         self.port = self.server.sockets[0].getsockname()[1]
 
@@ -267,3 +271,21 @@ async def test_an_interim_answer_is_skipped(wire: Any) -> None:
 
     _, c = await wire(reply)
     assert (await c.decide(PATH, {})).result == "final"
+
+
+async def test_decisions_over_a_unix_socket(tmp_path: Path) -> None:
+    """OPA's socket, as deploy/ runs the sidecar: one connection, the Host header ``opa``."""
+
+    async def reply(n: int, body: bytes) -> tuple[bytes, bool]:
+        return answer({"result": n}), n == 2  # the second answer closes the connection
+
+    w = Wire(reply)
+    await w.start(unix=str(tmp_path / "opa.sock"))
+    c = PdpClient(Opa(), url=f"unix://{tmp_path / 'opa.sock'}")
+    try:
+        assert [(await c.decide(PATH, {})).result for _ in range(3)] == [1, 2, 3]
+    finally:
+        await c.close()
+        await w.stop()
+    assert w.connections == 2
+    assert [headers[b"host"] for _, headers, _ in w.requests] == [b"opa"] * 3

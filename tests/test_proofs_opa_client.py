@@ -802,6 +802,21 @@ async def test_the_control_pool_holds_max_connections(tmp_path: Path, over: str)
         await s.stop()
 
 
+async def test_a_control_answer_compressed_unasked_is_not_taken(stand_in: StandIn, client: PdpClient) -> None:
+    """The control pool decompresses nothing either: what OPA was not asked to compress is no document."""
+    import gzip
+
+    async def gzipped(_: web.Request) -> web.Response:
+        return web.Response(
+            body=gzip.compress(b'{"result":5}'), headers={"Content-Encoding": "gzip"}, content_type="application/json"
+        )
+
+    stand_in.routes[("GET", "/v1/data/x")] = gzipped
+    with pytest.raises(PepError) as exc:
+        await client.get_data("x")
+    assert exc.value.code == "pdp.unavailable"
+
+
 async def test_the_pool_over_a_unix_socket_holds_max_connections(tmp_path: Path) -> None:
     s = StandIn()
     await s.start(unix=tmp_path / "opa.sock")
