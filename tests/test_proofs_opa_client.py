@@ -312,27 +312,6 @@ async def test_the_control_calls_over_https_with_the_configured_ca(pki: Path) ->
     assert [seen["path"] for seen in s.seen] == ["/health", "/v1/data/x"]
 
 
-async def test_the_pool_holds_max_connections(stand_in: StandIn) -> None:
-    c = PdpClient(Opa(url=stand_in.url, max_connections=2))
-    stand_in.hang("POST", DECIDE)
-    calls = [asyncio.create_task(c.decide("vvault/authz/decision", {}, deadline_s=30)) for _ in range(4)]
-    try:
-        async with asyncio.timeout(10):
-            while len(stand_in.seen) < 2:
-                await asyncio.sleep(0.01)
-        # a third connection would have been opened by the time the first two arrived
-        for _ in range(20):
-            await asyncio.sleep(0)
-        assert len(stand_in.seen) == 2
-        stand_in.gate.set()
-        await asyncio.gather(*calls)
-        assert len(stand_in.seen) == 4
-    finally:
-        for call in calls:
-            call.cancel()
-        await c.close()
-
-
 # -- revision, version ------------------------------------------------------------------------------
 
 PROBE = "/v1/data/vvault_pep/revision_probe"
@@ -778,30 +757,6 @@ async def test_an_answer_compressed_unasked_is_garbage(stand_in: StandIn, client
     refused(exc, "pdp.error", "the policy decision point answered garbage")
 
 
-@pytest.mark.parametrize("over", ["tcp", "unix"])
-async def test_the_control_pool_holds_max_connections(tmp_path: Path, over: str) -> None:
-    s = StandIn()
-    await s.start(unix=tmp_path / "opa.sock" if over == "unix" else None)
-    c = PdpClient(Opa(max_connections=2), url=s.url)
-    s.hang("GET", "/health")
-    calls = [asyncio.create_task(c.healthy(timeout_s=30)) for _ in range(4)]
-    try:
-        async with asyncio.timeout(10):
-            while len(s.seen) < 2:
-                await asyncio.sleep(0.01)
-        for _ in range(20):
-            await asyncio.sleep(0)
-        assert len(s.seen) == 2
-        s.gate.set()
-        await asyncio.gather(*calls)
-        assert len(s.seen) == 4
-    finally:
-        for call in calls:
-            call.cancel()
-        await c.close()
-        await s.stop()
-
-
 async def test_a_control_answer_compressed_unasked_is_not_taken(stand_in: StandIn, client: PdpClient) -> None:
     """The control pool decompresses nothing either: what OPA was not asked to compress is no document."""
     import gzip
@@ -817,16 +772,24 @@ async def test_a_control_answer_compressed_unasked_is_not_taken(stand_in: StandI
     assert exc.value.code == "pdp.unavailable"
 
 
-async def test_the_pool_over_a_unix_socket_holds_max_connections(tmp_path: Path) -> None:
+@pytest.mark.parametrize("over", ["tcp", "unix"])
+@pytest.mark.parametrize("pool", ["decisions", "control"])
+async def test_a_pool_holds_max_connections(tmp_path: Path, over: str, pool: str) -> None:
+    """Each pool (the decision POST's, the control calls') has at most max_connections open at once."""
     s = StandIn()
-    await s.start(unix=tmp_path / "opa.sock")
+    await s.start(unix=tmp_path / "opa.sock" if over == "unix" else None)
     c = PdpClient(Opa(max_connections=2), url=s.url)
-    s.hang("POST", DECIDE)
-    calls = [asyncio.create_task(c.decide("vvault/authz/decision", {}, deadline_s=30)) for _ in range(4)]
+    s.hang(*(("POST", DECIDE) if pool == "decisions" else ("GET", "/health")))
+
+    def ask() -> Awaitable[Any]:
+        return c.decide("vvault/authz/decision", {}, deadline_s=30) if pool == "decisions" else c.healthy(30)
+
+    calls = [asyncio.ensure_future(ask()) for _ in range(4)]
     try:
         async with asyncio.timeout(10):
             while len(s.seen) < 2:
                 await asyncio.sleep(0.01)
+        # a third connection would have been opened by the time the first two arrived
         for _ in range(20):
             await asyncio.sleep(0)
         assert len(s.seen) == 2
