@@ -21,6 +21,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 from tests.conftest import RedisServer
+from tests.heard import until
 
 from vvault_pep.config import Cache, Route
 from vvault_pep.config.models import Redis as RedisConfig
@@ -389,20 +390,6 @@ async def pair(redis_server: RedisServer, prefix: str) -> AsyncIterator[tuple[De
     for shared, c in made:
         await c.stop()
         await shared.close()
-
-
-async def until(check: Callable[[], Any], timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        got = check()
-        if asyncio.iscoroutine(got):
-            got = await got
-        if got:
-            return
-        if loop.time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.02)
 
 
 SCOPES = (("subject", "alice"), ("token", "j1"))

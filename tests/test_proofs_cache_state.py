@@ -14,16 +14,16 @@ keys on is read with Redis out of reach, so that only what it remembers answers.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import orjson
 import pytest
 import redis.asyncio as aioredis
 from tests.conftest import RedisServer
+from tests.heard import Heard, until
 from tests.redis_topologies import OneNodeCluster
 
 from vvault_pep.config import Cache
@@ -95,20 +95,6 @@ async def replicas(redis_server: RedisServer, prefix: str) -> AsyncIterator[Repl
     await made.close()
 
 
-async def until(check: Callable[[], Any], timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        got = check()
-        if asyncio.iscoroutine(got):
-            got = await got
-        if got:
-            return
-        if loop.time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.02)
-
-
 async def offline(c: DecisionCache, scopes: tuple[tuple[str, str], ...]) -> tuple[str, list[Any]]:
     """What ``c`` keys on with Redis out of reach: only what it remembers."""
     kept = c.shared
@@ -136,55 +122,6 @@ async def bump_without_redis(c: DecisionCache, scope: str, value: str) -> None:
 async def pause(client: aioredis.Redis, ms: int) -> None:
     """Redis answers nobody for ``ms`` (not even an early UNPAUSE): a stalled server."""
     assert await client.execute_command("CLIENT", "PAUSE", ms, "ALL") == b"OK"
-
-
-class Heard:
-    """The events a subscriber of the push channel receives (SSUBSCRIBE on a Cluster)."""
-
-    def __init__(self, client: aioredis.Redis, channel: str, *, sharded: bool = False) -> None:
-        self.client, self.channel, self.sharded = client, channel, sharded
-        self.events: list[Any] = []
-        self._pubsub: Any = None
-        self._task: asyncio.Task[None] | None = None
-
-    async def __aenter__(self) -> Heard:
-        self._pubsub = self.client.pubsub()
-        if self.sharded:
-            await self._pubsub.ssubscribe(self.channel)
-        else:
-            await self._pubsub.subscribe(self.channel)
-        confirmed = asyncio.Event()
-
-        async def listen() -> None:
-            while True:
-                message = await self._pubsub.get_message(timeout=1.0)
-                if message is None:
-                    continue
-                if message["type"] in ("subscribe", "ssubscribe"):
-                    confirmed.set()
-                elif message["type"] in ("message", "smessage"):
-                    self.events.append(orjson.loads(message["data"]))
-
-        self._task = asyncio.create_task(listen(), name="test-heard")
-        await asyncio.wait_for(confirmed.wait(), 10)
-        return self
-
-    async def mark(self) -> list[Any]:
-        """Every event heard before a marker published now (a channel keeps its order)."""
-        marker = {"op": "marker", "n": uuid.uuid4().hex}
-        await self.client.execute_command("SPUBLISH" if self.sharded else "PUBLISH", self.channel, orjson.dumps(marker))
-        await until(lambda: marker in self.events)
-        at = self.events.index(marker)
-        before, self.events = self.events[:at], self.events[at + 1 :]
-        return before
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._task is not None
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-        with contextlib.suppress(Exception):
-            await self._pubsub.aclose()
 
 
 def unordered(events: list[Any]) -> list[bytes]:

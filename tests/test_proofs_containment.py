@@ -13,13 +13,13 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator
 
 import orjson
 import pytest
 import redis.asyncio as aioredis
 from tests.conftest import RedisServer
+from tests.heard import until
 
 from vvault_pep.config.models import Redis as RedisConfig
 from vvault_pep.core.principal import SCOPES, Subject
@@ -59,20 +59,6 @@ async def replicas(redis_server: RedisServer, prefix: str) -> AsyncIterator[tupl
 
 def subject(*pairs: tuple[str, str]) -> Subject:
     return Subject(scopes=tuple(pairs))
-
-
-async def until(check: Callable[[], Any], timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        got = check()
-        if asyncio.iscoroutine(got):
-            got = await got
-        if got:
-            return
-        if loop.time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.02)
 
 
 async def held(c: Containment, *pairs: tuple[str, str]) -> Quarantine | None:

@@ -14,7 +14,6 @@ instant matters the wall clock is fixed: ``until == now`` is an expired entry.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -25,6 +24,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 from tests.conftest import RedisServer
+from tests.heard import Heard, until
 from tests.redis_topologies import OneNodeCluster
 
 from vvault_pep.config.models import Redis as RedisConfig
@@ -88,66 +88,6 @@ async def cluster_raw(one_node_cluster: OneNodeCluster) -> AsyncIterator[aioredi
     client = aioredis.from_url(one_node_cluster.url)  # every slot is on this node
     yield client
     await client.aclose()
-
-
-class Heard:
-    """What a subscriber on the real Redis hears on a channel (SSUBSCRIBE for a Cluster)."""
-
-    def __init__(self, client: aioredis.Redis, channel: str, sharded: bool) -> None:
-        self.client, self.channel, self.sharded = client, channel, sharded
-        self.events: list[Any] = []
-        self._pubsub: Any = None
-        self._task: asyncio.Task[None] | None = None
-
-    async def __aenter__(self) -> Heard:
-        self._pubsub = self.client.pubsub()
-        if self.sharded:
-            await self._pubsub.execute_command("SSUBSCRIBE", self.channel)
-        else:
-            await self._pubsub.subscribe(self.channel)
-        self._pubsub.channels[self.channel.encode()] = None  # the sharded one is read the same way
-        confirmed = asyncio.Event()
-
-        async def listen() -> None:
-            while True:
-                message = await self._pubsub.get_message(timeout=1.0)
-                if message is None:
-                    continue
-                if message["type"] in ("subscribe", "ssubscribe"):
-                    confirmed.set()
-                elif message["type"] in ("message", "smessage"):
-                    self.events.append(orjson.loads(message["data"]))
-
-        self._task = asyncio.create_task(listen(), name="test-heard")
-        await asyncio.wait_for(confirmed.wait(), 10)
-        return self
-
-    async def mark(self) -> list[Any]:
-        """Everything heard before a marker published now (Redis keeps a channel's order)."""
-        marker = {"op": "marker", "n": uuid.uuid4().hex}
-        command = "SPUBLISH" if self.sharded else "PUBLISH"
-        await self.client.execute_command(command, self.channel, orjson.dumps(marker))
-        await until(lambda: marker in self.events)
-        at = self.events.index(marker)
-        before, self.events = self.events[:at], self.events[at + 1 :]
-        return before
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._task is not None
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-        with contextlib.suppress(Exception):
-            await self._pubsub.aclose()
-
-
-async def until(check: Callable[[], Any], timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not check():
-        if loop.time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)
 
 
 def event(op: str, **fields: Any) -> bytes:
