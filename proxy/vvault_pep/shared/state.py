@@ -493,8 +493,12 @@ class SharedState:
         while True:
             pubsub: Any = None
             try:
-                pubsub = self.client.pubsub()
                 owner = None
+                if self.cluster:
+                    # A client that has sent no command yet has no slot map, and its
+                    # SSUBSCRIBE would fail with SlotNotCoveredError: learn the map first.
+                    await self.client.initialize()
+                pubsub = self.client.pubsub()
                 if self.cluster:
                     await pubsub.ssubscribe(channel)
                     owner = self.client.get_node_from_key(channel).name
