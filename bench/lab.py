@@ -50,6 +50,7 @@ from bench.common import (
 from bench.issuer import AUDIENCE, BenchIssuer
 from bench.stack import Pinning, Side, Stack
 from bench.vegeta import ClientTls
+from vvault_pep.config.models import DEFAULT_MEMO_VOLATILE
 
 CacheMode = Literal["l1", "l2", "off"]
 AUDIT_MAX_BYTES = 64 << 20
@@ -200,6 +201,8 @@ class Lab:
         (``env``: variables it runs with, such as ``VVAULT_PEP_PURE``);
         ``cluster``: on the Redis Cluster of :meth:`start_cluster` instead of the standalone."""
         config = self.pep_config(name, cache)
+        if not _knows_volatile_headers(code or ROOT / "proxy") or os.environ.get("VVAULT_BENCH_MEMO") == "exact":
+            del config["listener"]["memo_volatile_headers"]  # an older revision's PEP, or asked for
         if cluster:
             nodes = [f"127.0.0.1:{p}" for p in self.cluster_ports]
             config["redis"] = {"url": f"redis://{nodes[0]}", "mode": "cluster", "nodes": nodes[1:]}
@@ -227,6 +230,9 @@ class Lab:
                 "host": "127.0.0.1",
                 "port": free_port(),
                 "drain_s": 0,
+                # vegeta numbers every request (X-Vegeta-Seq), as many clients send a request id:
+                # named beside the defaults, as an operator names their clients' own.
+                "memo_volatile_headers": [*DEFAULT_MEMO_VOLATILE, "x-vegeta-seq"],
                 "tls": {
                     "cert_file": str(pki / "server.pem"),
                     "key_file": str(pki / "server-key.pem"),
@@ -431,6 +437,12 @@ class Lab:
         finally:
             self.issuer.stop()
             shutil.rmtree(self.work, ignore_errors=True)
+
+
+def _knows_volatile_headers(tree: Path) -> bool:
+    """Whether the ``vvault_pep`` under ``tree`` (a revision's, or this one) takes
+    ``listener.memo_volatile_headers``: older revisions refuse a key they do not know."""
+    return "memo_volatile_headers" in (tree / "vvault_pep" / "config" / "models.py").read_text()
 
 
 def _cluster_ports(n: int) -> list[int]:

@@ -79,6 +79,18 @@ def test_good_config_loads_frozen(tmp_path: Path, pki: Path) -> None:
             ":17: routes[1].name: route name 'secrets' is used twice",
         ),
         (lambda t: t.replace("listener:", "listener: [").replace("upstreams:", "]\nupstreams:"), "not valid YAML"),
+        (
+            lambda t: t.replace("  port: 8443", "  port: 8443\n  memo_volatile_headers: [x-seq, Authorization]"),
+            ":3: listener.memo_volatile_headers: 'Authorization' is read by the walk",
+        ),
+        (
+            lambda t: t.replace("  port: 8443", "  port: 8443\n  memo_volatile_headers:\n    - x-seq\n    - accept"),
+            ":5: listener.memo_volatile_headers[1]: 'accept' is in sanitize.policy_headers",
+        ),
+        (
+            lambda t: t.replace("  port: 8443", "  port: 8443\n  memo_volatile_headers: [x-device-posture]"),
+            ":3: listener.memo_volatile_headers[0]: 'x-device-posture' is the posture header",
+        ),
     ],
 )
 def test_bad_configs_name_file_line_and_field(tmp_path: Path, pki: Path, edit, expected: str) -> None:  # type: ignore[no-untyped-def]

@@ -38,8 +38,11 @@ from tests.support import ROUTES, OpaProcess, client_context, config_doc
 from vvault_pep.app.memo import ENTRIES
 from vvault_pep.app.runtime import PepRuntime
 from vvault_pep.config import Config
+from vvault_pep.config.models import DEFAULT_MEMO_VOLATILE
 
 ADMIN = "memo-admin-token-0123456789abcdef0123"
+# Left out of the memo's key: the defaults, one the upstream sees and one sanitize drops.
+VOLATILE = [*DEFAULT_MEMO_VOLATILE, "x-seq", "x_seq"]
 BLOBS = "/v1/tenants/acme/blobs/report"  # faults/allow_with_headers: allowed, with an upstream header
 STREAM = "/v1/tenants/acme/stream/1"  # faults/plain_true
 QUERY = "/v1/tenants/acme/collections/docs/query"  # the library's query policy reads the JSON body
@@ -63,7 +66,7 @@ def doc_for(
         upstream_port=upstream.port,
         cache=cache,
         routes=routes,
-        listener={"memo": memo},
+        listener={"memo": memo, "memo_volatile_headers": VOLATILE},
         admin={"host": "127.0.0.1", "port": 0, "token": ADMIN},
         identity={
             "issuers": [{"name": "corp", "issuer": idp.url, "audiences": ["vvault"], "allow_http": True, "leeway_s": 0}]
@@ -342,6 +345,77 @@ async def test_one_byte_of_difference_is_walked_afresh(
         record = await record_of(records, other)
         assert not recalled(record) and record["input"]["route"]["params"]["name"] == "reporT"
         assert conn.opened == 1
+
+
+async def test_volatile_headers_stay_out_of_the_key_and_are_handled_on_every_request(
+    pep: PepRuntime, walker: PepRuntime, pki: Path, idp: Issuer, upstream: Upstream, records: Records
+) -> None:
+    token = idp.token(sub="memo-volatile")
+    base = [("Accept", "application/json")]
+
+    def numbered(i: int, *more: tuple[str, str]) -> bytes:
+        trace = f"00-{i:032x}-{i:016x}-01"
+        return request(token=token, headers=[*base, *more, ("X-Seq", str(i)), ("Traceparent", trace), ("X_Seq", "x")])
+
+    async with connection(pep, pki) as conn:
+        answers = [await conn.send(numbered(i)) for i in range(5)]
+        assert [a.status for a in answers] == [200] * 5
+        got = [await record_of(records, a) for a in answers]
+        assert [recalled(r) for r in got] == [False, False, True, True, True]
+        for i, answer in enumerate(answers):  # each request's own value, never a remembered one's
+            seen = upstream_saw(upstream, answer.request_id)
+            assert [v for k, v in seen if k.lower() == "x-seq"] == [str(i)]
+            assert all(k.lower() != "x_seq" for k, _ in seen)  # dropped, as sanitize drops it
+        assert comparable(got[4]) == comparable(got[0])
+        # listed in Connection: hop-by-hop, so not forwarded, on a recall too
+        hop = [await conn.send(numbered(10 + i, ("Connection", "X-Seq"))) for i in range(3)]
+        assert recalled(await record_of(records, hop[2]))
+        assert not any(k.lower() == "x-seq" for k, _ in upstream_saw(upstream, hop[2].request_id))
+        # a bad value is refused as a fresh walk refuses it: the request is walked whole
+        bad = request(token=token, headers=[*base, ("X-Seq", "\xe9")])
+        refused = await conn.send(bad)
+        assert not recalled(await record_of(records, refused))
+        async with connection(walker, pki) as fresh_conn:
+            fresh = await fresh_conn.send(bad)
+        assert (refused.status, refused.code) == (fresh.status, fresh.code) == (400, "sanitize.bad_header")
+        assert refused.closed  # and with it the connection's memo: the next one starts afresh
+        back = await conn.send(numbered(20))
+        assert back.status == 200 and not recalled(await record_of(records, back))
+    assert conn.opened == 2
+
+
+async def test_the_header_limits_count_the_volatile_headers_on_a_recall(
+    pep: PepRuntime, walker: PepRuntime, pki: Path, idp: Issuer, records: Records
+) -> None:
+    token = idp.token(sub="memo-volatile-limits")
+    pads = [(f"X-Pad-{i}", "p" * 7900) for i in range(8)]  # near limits.max_total_header_bytes (65,536)
+    fits, over = (
+        request(token=token, headers=[*pads, ("X-Seq", "1")]),
+        request(token=token, headers=[*pads, ("X-Seq", "s" * 2000)]),
+    )
+    async with connection(pep, pki) as conn:
+        await remembered(conn, fits)
+        again = await conn.send(fits)
+        assert again.status == 200 and recalled(await record_of(records, again))
+        refused = await conn.send(over)
+        assert not recalled(await record_of(records, refused))
+    async with connection(walker, pki) as fresh_conn:
+        fresh = await fresh_conn.send(over)
+    assert (refused.status, refused.code) == (fresh.status, fresh.code) == (431, "sanitize.headers_too_large")
+
+
+async def test_a_volatile_header_the_pep_sets_itself_never_reaches_the_upstream_twice(
+    pki: Path, opa: OpaProcess, upstream: Upstream, idp: Issuer, records: Records
+) -> None:
+    # Nothing stripped by sanitize: the client's X-Request-Id would pass but for the PEP's own.
+    doc = {**doc_for(pki, opa, upstream, idp), "sanitize": {"strip_headers": [], "strip_header_prefixes": []}}
+    token = idp.token(sub="memo-volatile-owned")
+    async with running_pep(Config.model_validate(doc)) as pep, connection(pep, pki) as conn:
+        answers = [await conn.send(request(token=token, headers=[("X-Request-Id", f"client-{i}")])) for i in range(4)]
+    assert [recalled(await record_of(records, a)) for a in answers] == [False, False, True, True]
+    for answer in answers:
+        (seen,) = upstream.seen_with(answer.request_id)
+        assert [v for k, v in seen["headers"] if k.lower() == "x-request-id"] == [answer.request_id]
 
 
 async def test_a_token_expiring_mid_connection_gets_401(
@@ -683,8 +757,23 @@ def good_token(idp: Issuer) -> str:
     return idp.token(sub="memo-property")
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(path=PATHS, kind=TOKENS, headers=st.lists(st.tuples(NAMES, VALUES), max_size=6))
+# Different on each of the three requests: left out of the key, handled per request.
+VOLATILE_HEADERS = st.lists(
+    st.tuples(
+        st.sampled_from(["X-Seq", "x-seq", "X_Seq", "Traceparent", "X-Request-Id"]),
+        st.integers(0, 29).flatmap(lambda n: VALUES if n else st.just("\xe9")),  # now and then not UTF-8
+    ),
+    max_size=3,
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    path=PATHS,
+    kind=TOKENS,
+    headers=st.lists(st.tuples(NAMES, VALUES), max_size=6),
+    volatile=st.lists(VOLATILE_HEADERS, min_size=3, max_size=3),
+)
 async def test_a_recalled_request_has_the_outcome_of_a_fresh_walk(
     pep: PepRuntime,
     walker: PepRuntime,
@@ -696,20 +785,21 @@ async def test_a_recalled_request_has_the_outcome_of_a_fresh_walk(
     path: str,
     kind: str,
     headers: list[tuple[str, str]],
+    volatile: list[list[tuple[str, str]]],
 ) -> None:
-    raw = request(path, [*authorization(kind, idp, good_token), *headers])
+    raws = [request(path, [*authorization(kind, idp, good_token), *headers, *more]) for more in volatile]
     async with connection(pep, pki) as conn:
-        first = await conn.send(raw)
-        await conn.send(raw)
-        second = await conn.send(raw)  # recalled when the first two were remembered and left it open
+        first = await conn.send(raws[0])
+        again = await conn.send(raws[1])
+        second = await conn.send(raws[2])  # recalled when the first two were remembered and left it open
     async with connection(walker, pki) as conn:
-        fresh = await conn.send(raw)
-    assert second.status == fresh.status == first.status
+        fresh = await conn.send(raws[2])
+    assert second.status == fresh.status
     assert second.code == fresh.code
     hit, walked = await record_of(records, second), await record_of(records, fresh)
-    if first.status == 200 and not first.closed:
+    if first.status == again.status == second.status == 200 and not again.closed:
         assert recalled(hit)
-    event("recalled" if recalled(hit) else f"walked twice ({second.status})")
+    event("recalled" if recalled(hit) else f"walked twice ({second.status} {second.code})")
     assert not recalled(walked)
     assert comparable(hit) == comparable(walked)
     assert upstream_saw(upstream, second.request_id) == upstream_saw(upstream, fresh.request_id)

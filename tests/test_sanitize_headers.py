@@ -6,11 +6,15 @@ too.  Limits are probed at the exact byte and count on both sides.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
 
 from vvault_pep.config import Limits, Sanitize
 from vvault_pep.config.models import DEFAULT_STRIP_HEADERS, DEFAULT_STRIP_PREFIXES
-from vvault_pep.core.sanitize import HOP_BY_HOP, Headers, check_headers
+from vvault_pep.core.sanitize import HOP_BY_HOP, Headers, block_of, check_headers, check_more_headers
 from vvault_pep.errors import PepError
 
 RULES = Sanitize()
@@ -308,3 +312,74 @@ def test_only_spaces_and_tabs_are_trimmed() -> None:
     # Other whitespace (a no-break space, a vertical tab) is part of the value, as RFC 9110 says.
     headers = _ok(("X-A", " \tXv\u00a0 "), ("X-B", "\x0bv"))
     assert headers.forward == (("X-A", "Xv\u00a0"), ("X-B", "\x0bv"))
+
+
+# --- a block checked in two parts (the memo's volatile headers) -----------------------------
+
+_VOLATILE = ("x-seq", "traceparent", "x_seq", "x-request-id", "x-vvault-seq")  # forwarded, stripped, dropped …
+_PART_NAMES = st.sampled_from(
+    ["Host", "Accept", "X-Note", "Connection", "Authorization", "Content-Length", "X-Forwarded-For",
+     "X-Seq", "x-seq", "Traceparent", "X_Seq", "X-Request-Id", "X-Vvault-Seq"]
+)  # fmt: skip
+_PART_VALUES = st.one_of(
+    st.sampled_from(["a", "x-seq", "X-Seq, close", "keep-alive", "traceparent", "x_seq", "1", " v "]),
+    st.text(alphabet="ab\x00\r \t", max_size=4),
+    st.integers(200, 700).map(lambda n: "v" * n),  # over the tight limits below, alone or together
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    pairs=st.lists(st.tuples(_PART_NAMES, _PART_VALUES), max_size=9),
+    limits=st.sampled_from([LIMITS, Limits(max_header_bytes=256, max_total_header_bytes=1024, max_headers=8)]),
+    underscores=st.booleans(),
+    owned=st.sampled_from([frozenset(), frozenset({"x-seq"})]),
+)
+def test_a_block_checked_in_two_parts_is_judged_as_the_whole(
+    pairs: list[tuple[str, str]], limits: Limits, underscores: bool, owned: frozenset[str]
+) -> None:
+    """Once the stable part passed check_headers (the memo holds only such parts), the
+    volatile part through check_more_headers is refused exactly when check_headers refuses
+    the whole block, and otherwise forwards what the whole block forwards, the volatile
+    headers (in their order) after the others.  The codes may differ when one block breaks
+    two rules (the parts are counted in another order); a refused second part makes the memo
+    walk the request whole, so the client always gets the whole block's refusal."""
+    rules = Sanitize(allow_underscore_headers=underscores)
+    raw = _h(("Host", "a"), *pairs)
+    stable = tuple(h for h in raw if h[0].decode().lower() not in _VOLATILE)
+    loose = [h for h in raw if h[0].decode().lower() in _VOLATILE]
+    first = _outcome(lambda: check_headers(stable, rules, limits, owned).forward)
+    if isinstance(first, str):
+        return  # never an entry of the memo
+    whole = _outcome(lambda: check_headers(raw, rules, limits, owned).forward)
+    parts = _outcome(lambda: (*first, *check_more_headers(loose, rules, limits, block_of(stable), owned)))
+    event("refused" if isinstance(whole, str) else "forwarded")
+    if isinstance(whole, str):
+        assert isinstance(parts, str)
+    else:
+        kept = [h for h in whole if h[0].lower() not in _VOLATILE]
+        assert parts == (*kept, *(h for h in whole if h[0].lower() in _VOLATILE))
+
+
+def _outcome(check: Callable[[], tuple[tuple[str, str], ...]]) -> tuple[tuple[str, str], ...] | str:
+    try:
+        return check()
+    except PepError as err:
+        return err.code
+
+
+def test_the_second_part_counts_the_first_parts_limits() -> None:
+    limits = Limits(max_total_header_bytes=1024, max_headers=8)
+    stable = tuple(_h(("Host", "a"), ("X-Pad", "p" * 999)))  # 4+1+4 + 5+999+4 = 1017 bytes
+    block = block_of(stable)
+    assert block == (1017, 2, frozenset())
+    assert check_more_headers(_h(("X-S", "")), RULES, limits, block) == (("X-S", ""),)  # 1017 + 3 + 4 = 1024
+    with pytest.raises(PepError, match="too large in total"):
+        check_more_headers(_h(("X-S", "1")), RULES, limits, block)  # 1025
+    many = tuple(_h(("Host", "a"), *[(f"X-{i}", "v") for i in range(6)]))
+    assert len(check_more_headers(_h(("X-S", "1")), RULES, limits, block_of(many))) == 1  # 8 headers
+    with pytest.raises(PepError, match="too many headers"):
+        check_more_headers(_h(("X-S", "1"), ("X-T", "2")), RULES, limits, block_of(many))  # 9
+    named = block_of(tuple(_h(("Host", "a"), ("Connection", "X-S, close"))))
+    assert named[2] == frozenset({"x-s", "close"})
+    assert check_more_headers(_h(("X-S", "1"), ("X-T", "2")), RULES, LIMITS, named) == (("X-T", "2"),)

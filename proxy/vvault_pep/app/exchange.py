@@ -93,6 +93,8 @@ class Static:
     draft: dict[str, Any]  # the policy input without request id, time, body and risk
     redacted: tuple[dict[str, Any], dict[str, list[str]]] | None  # the draft redacted for the record
     forward: tuple[tuple[str, str], ...]  # client headers the upstream may see, before the decision's
+    # (but for the volatile ones, checked per request: ``Exchange.volatile_forward``)
+    block: tuple[int, int, frozenset[str]]  # the key's headers: bytes, count, names Connection lists
     xfcc: str | None  # the X-Forwarded-Client-Cert element of the peer
 
 
@@ -143,6 +145,7 @@ class Exchange:
     response: web.StreamResponse | None = None
     memo: Memo | None = None  # the connection's memo (None: every request walked whole)
     static: Static | None = None  # this request's static part, recalled or just remembered
+    volatile_forward: tuple[tuple[str, str], ...] = ()  # with ``static``: this request's volatile headers
 
     @property
     def host(self) -> str:

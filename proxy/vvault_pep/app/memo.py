@@ -6,7 +6,12 @@ authenticate, posture, name) are pure over what arrived and the process's fixed 
 their outcome is remembered on the connection (:class:`Memo`, a few entries, least recently
 used out) under the exact request line and the exact raw header block — every name and value
 as bytes, in order, the ``Authorization`` header included: any byte of difference is another
-entry, never a "same enough" one.  What is kept (:class:`Static`):
+entry, never a "same enough" one.  The one exception is ``listener.memo_volatile_headers``
+(trace context, request ids: new on every request, read by no stage, and the config refuses
+a name that one reads): those are left out of the key and go through
+:func:`~vvault_pep.core.sanitize.check_more_headers` on every request, the limits counted
+with the remembered block; one it refuses makes the request walked whole.  What is kept
+(:class:`Static`):
 
 * the stages' fields of the exchange (verified connection, canonical target, checked headers,
   route match, identity, device, subject) and what they wrote in the audit trail;
@@ -44,7 +49,9 @@ from .. import __version__
 from ..config.models import Config
 from ..core import xfcc
 from ..core.policy_input import Facts, build_input, with_request_facts
+from ..core.sanitize import block_of, check_more_headers
 from ..decide.cache import DecisionCache
+from ..errors import PepError
 from ..identity.authn import Authenticator
 from ..observe.audit import redact
 from ..observe.telemetry import KNOWN_METHODS
@@ -80,6 +87,9 @@ class Memoiser:
             _touches(path, part) for path in (*self.erase, *self.mask) for part in _PER_REQUEST
         )
         self.xfcc_by = config.xfcc.by
+        self.volatile = frozenset(name.encode() for name in config.listener.memo_volatile_headers)
+        self.rules, self.limits = config.sanitize, config.limits
+        self.also_owned = frozenset({config.posture.header})  # as the sanitize stage passes it
 
     def new(self) -> Memo:
         return Memo(self)
@@ -87,12 +97,25 @@ class Memoiser:
     def stamp(self) -> tuple[int, int, int]:
         return (self.containment.generation, self.cache.generation, self.reloads())
 
+    def split(
+        self, raw: tuple[tuple[bytes, bytes], ...]
+    ) -> tuple[tuple[tuple[bytes, bytes], ...], list[tuple[bytes, bytes]]]:
+        """The header block without the volatile headers (the memo's key), and those headers."""
+        volatile = self.volatile
+        if not volatile:
+            return raw, []
+        loose = [h for h in raw if h[0].lower() in volatile]
+        if not loose:
+            return raw, []
+        return tuple(h for h in raw if h[0].lower() not in volatile), loose
+
     def recall(self, x: Exchange) -> bool:
         """Set the static stages' fields from a still valid entry; False: walk them."""
         memo = x.memo
         if memo is None:
             return False
-        key = (x.method, x.raw_path, x.version, x.raw_headers)
+        stable, loose = self.split(x.raw_headers)
+        key = (x.method, x.raw_path, x.version, stable)
         entry = memo.entries.get(key)
         if entry is None:
             return False
@@ -107,6 +130,13 @@ class Memoiser:
         ):
             del memo.entries[key]
             return False
+        if loose:
+            try:
+                checked = check_more_headers(loose, self.rules, self.limits, entry.block, self.also_owned)
+            except PepError:
+                return False  # walked whole, so it is refused exactly as a fresh request would be
+            owned = self._owned(x, entry.match.route.forward_authorization)
+            x.volatile_forward = tuple((k, v) for k, v in checked if k.lower() not in owned)
         memo.entries.move_to_end(key)
         x.static = entry
         x.conn, x.target, x.headers = entry.conn, entry.target, entry.headers
@@ -131,7 +161,8 @@ class Memoiser:
         memo = x.memo
         if memo is None or x.static is not None:
             return
-        key = (x.method, x.raw_path, x.version, x.raw_headers)
+        stable, _ = self.split(x.raw_headers)
+        key = (x.method, x.raw_path, x.version, stable)
         seen = memo.seen
         sighted = hash(key)
         if sighted not in seen:
@@ -155,11 +186,9 @@ class Memoiser:
             valid_until = min(valid_until, identity.user.expires_at)
         facts = x.facts_at("", _EPOCH)
         draft = build_input(facts, pep_version=__version__)
-        owned = {"x-forwarded-proto", "x-forwarded-host", "x-request-id", xfcc.HEADER}
-        if x.source_ip:
-            owned.add("x-forwarded-for")
-        if not route.forward_authorization:
-            owned.add("authorization")
+        owned = self._owned(x, route.forward_authorization)
+        forward = [(k, v) for k, v in x.headers.forward if k.lower() not in owned]
+        volatile = {name.decode() for name in self.volatile}
         entry = Static(
             stamp=stamp,
             valid_from=valid_from,
@@ -177,15 +206,28 @@ class Memoiser:
             http_route=x.trail.http_route,
             draft=draft,
             redacted=redact(draft, self.erase, self.mask, self.query) if self.redact_once else None,
-            forward=tuple((k, v) for k, v in x.headers.forward if k.lower() not in owned),
+            forward=tuple((k, v) for k, v in forward if k.lower() not in volatile),
+            block=block_of(stable),
             xfcc=xfcc.emit(peer, self.xfcc_by) if peer is not None else None,
         )
+        # This request's own volatile headers go after the others, as a recalled one's do.
+        x.volatile_forward = tuple((k, v) for k, v in forward if k.lower() in volatile)
         entries = memo.entries
         entries[key] = entry
         entries.move_to_end(key)
         while len(entries) > ENTRIES:
             entries.popitem(last=False)
         x.static = entry
+
+    @staticmethod
+    def _owned(x: Exchange, forward_authorization: bool) -> set[str]:
+        """The client headers the PEP sets itself on the way up: never the client's copy."""
+        owned = {"x-forwarded-proto", "x-forwarded-host", "x-request-id", xfcc.HEADER}
+        if x.source_ip:
+            owned.add("x-forwarded-for")
+        if not forward_authorization:
+            owned.add("authorization")
+        return owned
 
 
 def policy_input(static: Static, facts: Facts) -> dict[str, Any]:

@@ -555,11 +555,12 @@ def upstream_headers(x: Exchange) -> list[tuple[str, str]]:
     pep.extend(x.decision.upstream_headers)
     static = x.static
     if static is not None:
-        # The memo's list already lacks what the PEP always sets; the policy's own names too.
+        # The memo's lists already lack what the PEP always sets; the policy's own names too.
+        forward = (*static.forward, *x.volatile_forward) if x.volatile_forward else static.forward
         if not x.decision.upstream_headers:
-            return [*static.forward, *pep]
+            return [*forward, *pep]
         named = {name.lower() for name, _ in x.decision.upstream_headers}
-        return [(k, v) for k, v in static.forward if k.lower() not in named] + pep
+        return [(k, v) for k, v in forward if k.lower() not in named] + pep
     # What the PEP or the policy sets replaces the client's header of that name,
     # never sits beside it: frameworks read the first of duplicate headers.
     # x-forwarded-client-cert is the PEP's to set (xfcc.emit), whatever sanitize is configured to strip.

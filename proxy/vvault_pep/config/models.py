@@ -112,6 +112,42 @@ DEFAULT_RESPONSE_DROP_PREFIXES: tuple[str, ...] = (
 )
 # Headers the policy sees in input.request.headers (lower-case).  Others are
 # left out so the input stays small and free of secrets.
+# Left out of the memo's key by default: values new on every request, read by no stage.
+DEFAULT_MEMO_VOLATILE: tuple[str, ...] = (
+    "traceparent",
+    "tracestate",
+    "x-request-id",
+    "x-correlation-id",
+    "b3",
+    "x-b3-traceid",
+    "x-b3-spanid",
+    "x-b3-parentspanid",
+    "x-b3-sampled",
+    "x-cloud-trace-context",
+)
+# Headers some stage reads before the memo's part ends (framing, Host, the credential,
+# Content-Type for body inspection, the client certificate a trusted proxy forwards):
+# never left out of its key.  The posture header and the policy's headers are refused
+# in Config.problems (they are configured).
+MEMO_READ = frozenset(
+    {
+        "host",
+        "authorization",
+        "content-length",
+        "transfer-encoding",
+        "content-type",
+        "expect",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "upgrade",
+        "x-forwarded-client-cert",
+    }
+)
 DEFAULT_POLICY_HEADERS: tuple[str, ...] = (
     "accept",
     "content-type",
@@ -261,6 +297,10 @@ class Listener(_Model):
     # Remember, per keep-alive connection, what the stages up to the subject made of a
     # request seen before byte for byte (docs/performance.md); false walks every request whole.
     memo: bool = True
+    # Headers whose values are new on every request (trace context, request ids) and that
+    # no stage reads: left out of the memo's key, so a client that sends them still
+    # repeats itself; each is checked and forwarded (or stripped) on every request.
+    memo_volatile_headers: tuple[str, ...] = DEFAULT_MEMO_VOLATILE
     # On SIGTERM: report not ready at once, keep serving this long, then stop
     # (lets a load balancer or Kubernetes take the replica out first).
     drain_s: float = Field(5.0, ge=0, le=300)
@@ -273,6 +313,16 @@ class Listener(_Model):
     @classmethod
     def _lower(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         return tuple(h.lower() for h in v)
+
+    @field_validator("memo_volatile_headers")
+    @classmethod
+    def _volatile(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for name in v:
+            if not _HEADER_NAME.fullmatch(name):
+                raise ValueError(f"{name!r} is not a header name")
+            if name.lower() in MEMO_READ:
+                raise ValueError(f"{name!r} is read by the walk: it cannot be left out of the memo's key")
+        return tuple(dict.fromkeys(n.lower() for n in v))
 
 
 class Admin(_Model):
@@ -973,4 +1023,9 @@ class Config(_Model):
                 out.append((("routes", i, "authn", "require"), "needs identity.workload.trust_domains"))
             if route.upstream not in self.upstreams:
                 out.append((("routes", i, "upstream"), f"upstream {route.upstream!r} is not defined in upstreams"))
+        read = {*self.sanitize.policy_headers, self.posture.header}
+        for i, name in enumerate(self.listener.memo_volatile_headers):
+            if name in read:
+                why = "the posture header" if name == self.posture.header else "in sanitize.policy_headers"
+                out.append((("listener", "memo_volatile_headers", i), f"{name!r} is {why}: the walk reads it"))
         return out

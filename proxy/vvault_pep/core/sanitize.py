@@ -231,6 +231,46 @@ def _has_control(text: str) -> bool:
     return any(ord(c) < 0x20 or ord(c) == 0x7F for c in text)
 
 
+def _item(raw_name: bytes, raw_value: bytes, limits: Limits) -> tuple[str, str, str]:
+    """One header checked on its own: (lower name, name, value without surrounding blanks)."""
+    try:
+        name = raw_name.decode("ascii")
+        value = raw_value.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PepError("sanitize.bad_header", "header is not ASCII/UTF-8") from exc
+    if not _TOKEN.fullmatch(name):
+        raise PepError("sanitize.bad_header", "invalid header name")
+    if "\x00" in value or "\r" in value or "\n" in value:
+        raise PepError("sanitize.bad_header", f"NUL, CR or LF in the value of {name}")
+    if len(name) + len(value) > limits.max_header_bytes:
+        raise PepError("sanitize.headers_too_large", f"header {name} is too large")
+    return name.lower(), name, value.strip(" \t")
+
+
+def block_of(raw: tuple[tuple[bytes, bytes], ...]) -> tuple[int, int, frozenset[str]]:
+    """What :func:`check_more_headers` needs of a block :func:`check_headers` passed: its
+    bytes as ``limits.max_total_header_bytes`` counts them, its number of headers, and the
+    names its ``Connection`` header lists."""
+    size = sum(len(name) + len(value) + 4 for name, value in raw)
+    named = connection_named(v.decode("utf-8") for k, v in raw if k.lower() == b"connection")
+    return size, len(raw), named
+
+
+def connection_named(values: Iterable[str]) -> frozenset[str]:
+    """The names the ``Connection`` header's values list: hop-by-hop for this hop only."""
+    return frozenset(token.strip().lower() for v in values for token in v.split(",") if token.strip())
+
+
+def _dropped(low: str, named: frozenset[str], owned: set[str] | frozenset[str], rules: Sanitize) -> bool:
+    """Whether the upstream never sees a client header of this (lower-case) name."""
+    if low in HOP_BY_HOP or low in named:
+        return True
+    if low in owned or low.startswith(rules.strip_header_prefixes):
+        return True  # strip before routing, or a client could speak for the PEP
+    # X_Forwarded_For becomes X-Forwarded-For in CGI-style stacks
+    return "_" in low and not rules.allow_underscore_headers
+
+
 def check_headers(
     raw: Iterable[tuple[bytes, bytes]], rules: Sanitize, limits: Limits, also_owned: frozenset[str] = frozenset()
 ) -> Headers:
@@ -241,18 +281,7 @@ def check_headers(
         total += len(raw_name) + len(raw_value) + 4
         if total > limits.max_total_header_bytes:
             raise PepError("sanitize.headers_too_large", "request headers too large in total")
-        try:
-            name = raw_name.decode("ascii")
-            value = raw_value.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise PepError("sanitize.bad_header", "header is not ASCII/UTF-8") from exc
-        if not _TOKEN.fullmatch(name):
-            raise PepError("sanitize.bad_header", "invalid header name")
-        if "\x00" in value or "\r" in value or "\n" in value:
-            raise PepError("sanitize.bad_header", f"NUL, CR or LF in the value of {name}")
-        if len(name) + len(value) > limits.max_header_bytes:
-            raise PepError("sanitize.headers_too_large", f"header {name} is too large")
-        items.append((name.lower(), name, value.strip(" \t")))
+        items.append(_item(raw_name, raw_value, limits))
     if len(items) > limits.max_headers:
         raise PepError("sanitize.headers_too_large", "too many headers")
 
@@ -291,21 +320,16 @@ def check_headers(
     if len(auth) > 1:
         raise PepError("sanitize.duplicate_header", "more than one Authorization header")
 
-    # Names listed in Connection are hop-by-hop for this hop only.  Dropping
-    # them cannot remove a PEP header: those are added after this step.
-    connection_named = {token.strip().lower() for v in values("connection") for token in v.split(",") if token.strip()}
+    # Dropping the names listed in Connection cannot remove a PEP header: those are
+    # added after this step.
+    named = connection_named(values("connection"))
     owned = set(rules.strip_headers) | also_owned
-    prefixes = rules.strip_header_prefixes
     policy_names = set(rules.policy_headers)
     forward: list[tuple[str, str]] = []
     policy: dict[str, list[str]] = {}
     for low, name, value in items:
-        if low in HOP_BY_HOP or low in connection_named:
+        if _dropped(low, named, owned, rules):
             continue
-        if low in owned or low.startswith(prefixes):
-            continue  # strip before routing, or a client could speak for the PEP
-        if "_" in low and not rules.allow_underscore_headers:
-            continue  # X_Forwarded_For becomes X-Forwarded-For in CGI-style stacks
         forward.append((name, value))
         if low in policy_names:
             policy.setdefault(low, []).append(value)
@@ -322,6 +346,37 @@ def check_headers(
         chunked=chunked,
         expect_continue=bool(expects),
     )
+
+
+def check_more_headers(
+    raw: Iterable[tuple[bytes, bytes]],
+    rules: Sanitize,
+    limits: Limits,
+    block: tuple[int, int, frozenset[str]],
+    also_owned: frozenset[str] = frozenset(),
+) -> tuple[tuple[str, str], ...]:
+    """Headers that came beside a block :func:`check_headers` already passed: what the
+    upstream may see of them.
+
+    ``block`` is that block's :func:`block_of`.  Each header is checked as :func:`check_headers` checks
+    it, the limits count both parts, and the same names are dropped; none of them may be
+    one the checks above read (Host, the framing, Expect, Authorization, Connection: the
+    memo's configuration refuses those names).
+    """
+    total, count, named = block
+    owned = set(rules.strip_headers) | also_owned
+    forward: list[tuple[str, str]] = []
+    for raw_name, raw_value in raw:
+        total += len(raw_name) + len(raw_value) + 4
+        if total > limits.max_total_header_bytes:
+            raise PepError("sanitize.headers_too_large", "request headers too large in total")
+        low, name, value = _item(raw_name, raw_value, limits)
+        count += 1
+        if not _dropped(low, named, owned, rules):
+            forward.append((name, value))
+    if count > limits.max_headers:
+        raise PepError("sanitize.headers_too_large", "too many headers")
+    return tuple(forward)
 
 
 def _split_host(value: str) -> tuple[str, int | None]:
