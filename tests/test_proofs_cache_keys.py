@@ -20,11 +20,14 @@ from typing import Any
 import orjson
 import pytest
 import redis.asyncio as aioredis
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tests.conftest import RedisServer
 from tests.heard import until
 
 from vvault_pep.config import Cache, Route
 from vvault_pep.config.models import Redis as RedisConfig
+from vvault_pep.core.policy_input import PER_REQUEST
 from vvault_pep.decide import cache as dc
 from vvault_pep.decide.cache import CacheHints, DecisionCache, hints_of, lifetime, project, whole_input, without
 from vvault_pep.shared.state import SharedState
@@ -79,8 +82,90 @@ def test_whole_input_drops_every_volatile_field() -> None:
 
 
 def test_the_key_format_is_sha256_of_tagged_sorted_json() -> None:
-    expected = hashlib.sha256(b'["vvault-pep/cache/v1","a",{"x":1,"y":[2]}]').hexdigest()
+    expected = hashlib.sha256(b'["vvault-pep/cache/v2","a",{"x":1,"y":[2]}]').hexdigest()
     assert dc.digest("a", {"y": [2], "x": 1}) == expected
+
+
+# --- the key in two parts, and a connection's memo of the first ------------------------
+
+_LEAF = st.one_of(st.none(), st.booleans(), st.integers(-2, 2), st.sampled_from(["a", "b", ""]))
+_PARTS = {  # what an input may hold, per-request parts (request.id, body, time, risk) included
+    "identity": st.fixed_dictionaries({}, optional={"subject": _LEAF, "roles": st.lists(_LEAF, max_size=2)}),
+    "request": st.fixed_dictionaries(
+        {},
+        optional={
+            "id": _LEAF,
+            "path": _LEAF,
+            "body": st.dictionaries(st.sampled_from("xy"), _LEAF, max_size=2),
+            "body_truncated": st.booleans(),
+            "headers": st.dictionaries(st.sampled_from(["traceparent", "accept"]), _LEAF),
+        },
+    ),
+    "time": st.fixed_dictionaries({}, optional={"now": _LEAF}),
+    "risk": st.fixed_dictionaries(
+        {}, optional={"band": _LEAF, "signals": st.dictionaries(st.sampled_from(["baseline", "new_network"]), _LEAF)}
+    ),
+    "source": st.fixed_dictionaries({}, optional={"ip": _LEAF, "port": _LEAF}),
+}
+_INPUTS = st.fixed_dictionaries({}, optional=_PARTS)
+_PATHS = st.sampled_from(
+    ["identity", "identity.subject", "request", "request.id", "request.body", "request.body.x", "request.path",
+     "request.body_truncated", "request.headers.accept", "time", "time.now", "risk", "risk.band", "source.ip", "ri"]
+)  # fmt: skip
+_PER_REQUEST_PARTS = ("request.id", "request.body", "request.body_truncated", "time", "risk")
+
+
+def _one_part_material(doc: dict[str, Any], paths: tuple[str, ...] | None) -> bytes:
+    """What the key was made of before it came in two parts, as the bytes hashed (0 is not false)."""
+    return orjson.dumps(whole_input(doc) if paths is None else project(doc, paths), option=orjson.OPT_SORT_KEYS)
+
+
+def _with_parts_of(doc: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
+    """``doc`` with ``other``'s per-request parts: what one memo entry's requests differ in."""
+    out = {k: v for k, v in doc.items() if k not in ("time", "risk")}
+    out.update({k: other[k] for k in ("time", "risk") if k in other})
+    if "request" in doc:  # the request itself is never a per-request part: only what is in it
+        request = {k: v for k, v in doc["request"].items() if k not in ("id", "body", "body_truncated")}
+        request.update({k: v for k, v in other.get("request", {}).items() if k in ("id", "body", "body_truncated")})
+        out["request"] = request
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    first=_INPUTS,
+    second=_INPUTS,
+    paths=st.one_of(st.none(), st.lists(_PATHS, max_size=5).map(tuple)),
+)
+def test_the_two_part_key_tells_apart_exactly_what_the_material_does(
+    first: dict[str, Any], second: dict[str, Any], paths: tuple[str, ...] | None
+) -> None:
+    """Two inputs share a key exactly when their one-part material is the same, with or
+    without a memo of the first part; and a memo filled by one request serves another that
+    differs only in the per-request parts with the key that request has without it."""
+    c = DecisionCache(Cache(), None)
+    r = route(ttl_s=60, key=paths) if paths is not None else route()
+    sibling = _with_parts_of(first, second)  # the same connection and request, another moment
+    memo: dc.KeyMemo = {}
+    keys = {}
+    for name, doc in (("first", first), ("sibling", sibling), ("second", second)):
+        keys[name] = c.entry_key(r, doc, *CTX, None)
+        if name != "second":
+            assert c._key(r, *CTX, doc, None, memo) == keys[name]  # filled, then used
+    assert len(memo) == 1
+    for a, b in (("first", sibling), ("first", second)):
+        same = _one_part_material(first, r.cache.key) == _one_part_material(b, r.cache.key)
+        assert (keys[a] == c.entry_key(r, b, *CTX, None)) is same
+
+
+def test_the_per_request_parts_are_the_memos_own_list() -> None:
+    assert tuple(".".join(p) for p in PER_REQUEST) == _PER_REQUEST_PARTS
+    assert [p for p in ("", "request", "risk.band", "time.now", "request.idx", "identity") if dc.per_request(p)] == [
+        "",
+        "request",
+        "risk.band",
+        "time.now",
+    ]
 
 
 # --- hints and lifetimes -------------------------------------------------------------

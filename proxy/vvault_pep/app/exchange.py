@@ -45,6 +45,7 @@ from ..core.request import Connection
 from ..core.routing import Match
 from ..core.sanitize import Headers, Target
 from ..decide import inflight
+from ..decide.cache import KeyMemo
 from ..shared.containment import Contained
 
 
@@ -96,6 +97,8 @@ class Static:
     # (but for the volatile ones, checked per request: ``Exchange.volatile_forward``)
     block: tuple[int, int, frozenset[str]]  # the key's headers: bytes, count, names Connection lists
     xfcc: str | None  # the X-Forwarded-Client-Cert element of the peer
+    # the decision-cache key's digest of the input outside its per-request parts (DecisionCache._key)
+    key_memo: KeyMemo = field(default_factory=dict)
 
 
 class Memo:

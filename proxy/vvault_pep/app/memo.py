@@ -48,7 +48,7 @@ from typing import Any
 from .. import __version__
 from ..config.models import Config
 from ..core import xfcc
-from ..core.policy_input import Facts, build_input, with_request_facts
+from ..core.policy_input import PER_REQUEST, Facts, build_input, with_request_facts
 from ..core.sanitize import block_of, check_more_headers
 from ..decide.cache import DecisionCache
 from ..errors import PepError
@@ -60,9 +60,6 @@ from .exchange import Exchange, Memo, Static
 
 ENTRIES = 4  # per connection: a client alternating between a few requests still hits
 _EPOCH = dt.datetime.fromtimestamp(0, dt.UTC)
-# The parts of the policy input that are new on every request: a redaction path reaching
-# one of them (or a parent of one) makes the record's redaction a per-request one.
-_PER_REQUEST = (("request", "id"), ("request", "body"), ("request", "body_truncated"), ("time",), ("risk",))
 
 
 class Memoiser:
@@ -84,7 +81,10 @@ class Memoiser:
         self.erase = (*red.erase, f"request.headers.{config.posture.header}")
         self.mask, self.query = red.mask, red.query
         self.redact_once = config.audit.include_input and not any(
-            _touches(path, part) for path in (*self.erase, *self.mask) for part in _PER_REQUEST
+            # a redaction path reaching a per-request part makes the redaction a per-request one
+            _touches(path, part)
+            for path in (*self.erase, *self.mask)
+            for part in PER_REQUEST
         )
         self.xfcc_by = config.xfcc.by
         self.volatile = frozenset(name.encode() for name in config.listener.memo_volatile_headers)

@@ -355,8 +355,9 @@ class Decide:
     async def run(self, x: Exchange) -> None:
         trail, route, doc, cache = x.trail, x.match.route, x.policy_input, self.cache
         with Timed(self.tel, trail, "cache"):
+            static = x.static  # its input is the same as this one outside the per-request parts
             cached, layer, revision, epochs = await cache.lookup(
-                route, doc, x.cache_context, interpret=interpret_cached
+                route, doc, x.cache_context, interpret=interpret_cached, memo=static.key_memo if static else None
             )
         x.layer, x.revision, x.epochs = layer, revision, epochs
         trail.fields["cache"] = layer

@@ -21,6 +21,16 @@ from .routing import Match
 from .sanitize import Headers, Target
 
 SCHEMA = "vvault-pep/input/v1"
+# The parts of an input that are new on every request, even on one connection repeating
+# itself: the request id, the clock, the body, and the risk block the context stage adds.
+# Everything else is fixed by what the connection's memo keys on (app/memo.py).
+PER_REQUEST: tuple[tuple[str, ...], ...] = (
+    ("request", "id"),
+    ("request", "body"),
+    ("request", "body_truncated"),
+    ("time",),
+    ("risk",),
+)
 
 
 @dataclass(frozen=True, slots=True)

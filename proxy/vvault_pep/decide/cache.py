@@ -21,7 +21,12 @@ key is a SHA-256 over a canonical JSON array (orjson, sorted keys) of:
   computed from a managed OPA's policies, used only while that revision is
   the one OPA runs); else the whole input minus the fields that differ on
   every request by nature (:data:`VOLATILE`).  The policy may replace it per
-  decision with ``cache.vary`` (recorded in a per-route index).
+  decision with ``cache.vary`` (recorded in a per-route index).  The material
+  goes in two parts: the SHA-256 of what it holds outside the input's
+  per-request parts (:data:`~vvault_pep.core.policy_input.PER_REQUEST`: the
+  request id, clock, body and risk block), then what it holds inside them.  A
+  connection's memo keeps the first for the requests it recalls, whose input is
+  the same outside those parts (:meth:`DecisionCache.lookup`'s ``memo``).
 
 JSON structure makes ``{"sub": "a:b"}`` and ``{"sub": "a", "x": "b"}``
 different byte strings; there is no string joining anywhere.
@@ -54,6 +59,7 @@ import orjson
 
 from ..config.models import Cache as CacheConfig
 from ..config.models import Route
+from ..core.policy_input import PER_REQUEST
 from ..core.principal import SCOPES
 from ..shared.push import Push
 from ..shared.state import CONTAINMENT_TAG, Generation, SharedState
@@ -62,7 +68,7 @@ from .store import DecisionStore, store_named
 
 log = logging.getLogger("vvault_pep.cache")
 
-FORMAT = "vvault-pep/cache/v1"
+FORMAT = "vvault-pep/cache/v2"  # v2: the material in two parts
 # Fields of the input that differ on every request by nature; left out of
 # whole-input keys (docs/caching.md).
 VOLATILE: tuple[tuple[str, ...], ...] = (
@@ -96,6 +102,41 @@ def project(doc: dict[str, Any], paths: tuple[str, ...]) -> list[Any]:
         present, value = _get(doc, tuple(dotted.split(".")))
         out.append([dotted, True, value] if present else [dotted, *_ABSENT])
     return out
+
+
+_PER_REQUEST_DOTTED = tuple(".".join(part) for part in PER_REQUEST)
+_STATIC_OMITS = (*VOLATILE, *PER_REQUEST)
+_MEMO_MAX = 8  # static digests kept per memo entry (one per set of key paths)
+KeyMemo = dict[tuple[str, ...] | None, str]
+
+
+def per_request(dotted: str) -> bool:
+    """Whether the value at ``dotted`` may hold a per-request part (it is one, in one, or above one)."""
+    for part in _PER_REQUEST_DOTTED:
+        if dotted == part or dotted.startswith(part + ".") or dotted == "" or part.startswith(dotted + "."):
+            return True
+    return False
+
+
+def material_outside(doc: dict[str, Any], paths: tuple[str, ...] | None) -> Any:
+    """The key material of ``doc`` on ``paths`` (None: the whole input) outside the
+    per-request parts.
+
+    With :func:`material_inside` it holds exactly what the one-part material did: the
+    projection's paths are partitioned between the two; the whole input minus its volatile
+    fields is this copy without the per-request parts, plus each of those parts (whether
+    present, and its value minus its own volatile fields).
+    """
+    if paths is None:
+        return without(doc, _STATIC_OMITS)
+    return project(doc, tuple(p for p in paths if not per_request(p)))
+
+
+def material_inside(doc: dict[str, Any], paths: tuple[str, ...] | None) -> list[Any]:
+    """The key material of ``doc`` on ``paths`` inside the per-request parts."""
+    if paths is None:
+        return project(without(doc, VOLATILE), _PER_REQUEST_DOTTED)
+    return project(doc, tuple(p for p in paths if per_request(p)))
 
 
 def whole_input(doc: dict[str, Any]) -> dict[str, Any]:
@@ -338,7 +379,8 @@ class DecisionCache:
 
     # ------------------------------------------------------------ lookup / store
 
-    def _material(self, route: Route, doc: dict[str, Any], vary: tuple[str, ...] | None) -> Any:
+    def _key_paths(self, route: Route, vary: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        """The input paths the key is made of (None: the whole input but :data:`VOLATILE`)."""
         # On a body route the body is always in the key, whatever else names the paths.
         body = _BODY_PATHS if route.body is not None else ()
         read = self.policy_paths(route)
@@ -350,12 +392,12 @@ class DecisionCache:
                 vary = None
         if vary is not None:
             paths = vary if route.cache.key is None else (*route.cache.key, *vary)
-            return project(doc, (*paths, *body))
+            return (*paths, *body)
         if route.cache.key is not None:
-            return project(doc, (*route.cache.key, *body))
+            return (*route.cache.key, *body)
         if read is not None and "" not in read:
-            return project(doc, (*deps.key_paths(read), *body))
-        return whole_input(doc)
+            return (*deps.key_paths(read), *body)
+        return None
 
     def _index_key(self, route: Route, revision: str) -> str:
         return digest("index", route.policy, route.name, revision)
@@ -394,12 +436,30 @@ class DecisionCache:
         self._index[ikey] = (vary, until)
 
     def _key(
-        self, route: Route, revision: str, epochs: list[Any], doc: dict[str, Any], vary: tuple[str, ...] | None
+        self,
+        route: Route,
+        revision: str,
+        epochs: list[Any],
+        doc: dict[str, Any],
+        vary: tuple[str, ...] | None,
+        memo: KeyMemo | None = None,
     ) -> str:
-        """The entry's key, the one place it is made (lookup, store and ``explain``)."""
+        """The entry's key, the one place it is made (lookup, store and ``explain``).
+
+        ``memo``: where the digest of the material's first part is kept per set of key
+        paths, for inputs that are all the same outside :data:`PER_REQUEST` (a
+        connection's memo entry hands in its own: the same key comes out either way).
+        """
+        paths = self._key_paths(route, vary)
+        fixed = memo.get(paths) if memo is not None else None
+        if fixed is None:
+            fixed = digest("fixed", material_outside(doc, paths))
+            if memo is not None and len(memo) < _MEMO_MAX:
+                memo[paths] = fixed
+        inside = material_inside(doc, paths)
         # The route is part of the question: two routes may share a decision path and a
         # projection, and still be judged differently.
-        return digest("entry", route.policy, route.name, revision, epochs, self._material(route, doc, vary))
+        return digest("entry", route.policy, route.name, revision, epochs, fixed, inside)
 
     async def key_of(self, route: Route, doc: dict[str, Any], context: tuple[str, list[Any]] | None) -> str | None:
         """The key :meth:`lookup` would read for this input now (None: the route bypasses the cache)."""
@@ -423,10 +483,12 @@ class DecisionCache:
         doc: dict[str, Any],
         context: tuple[str, list[Any]] | None = None,
         interpret: Callable[[Any], Any] | None = None,
+        memo: KeyMemo | None = None,
     ) -> tuple[Any, str, str, list[Any]]:
         """(result or None, layer, revision, epochs).  Layer: l1, l2, miss or bypass.
 
         ``context`` is :meth:`context` for this request's subject (without it, a bypass).
+        ``memo``: see :meth:`_key` (only for inputs all the same outside the per-request parts).
         With ``interpret``, a hit returns ``interpret(result)`` instead of the result,
         remembered per distinct stored result (``_INTERPRETED_MAX`` of them): a hot answer
         is decoded and interpreted once, not per request, and the many entries that hold
@@ -443,7 +505,7 @@ class DecisionCache:
             return None, "bypass", "", []
         revision, epochs = context
         vary = await self._vary(route, revision)
-        key = self._key(route, revision, epochs, doc, vary)
+        key = self._key(route, revision, epochs, doc, vary, memo)
         now = time.time()
         entry = self._l1.get(key)
         if entry is not None:
