@@ -208,7 +208,7 @@ class Lab:
             config["redis"] = {"url": f"redis://{nodes[0]}", "mode": "cluster", "nodes": nodes[1:]}
         path = self.work / f"{name}.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
-        argv = [sys.executable, "-m", "vvault_pep.cli", "serve", "--config", str(path), "--log-level", "ERROR"]
+        argv = [sys.executable, "-m", "vvault_pep.cli", "serve", "--config", str(path), "--log-level", "WARNING"]
         if workers is not None:
             argv += ["--workers", str(workers)]
         extra = {**(env or {}), **({"PYTHONPATH": str(code)} if code is not None else {})}

@@ -182,6 +182,9 @@ class Bench:
             print(f"!!!   {line}", file=sys.stderr)
         for error in result.errors[:5]:
             print(f"!!!   vegeta: {error}", file=sys.stderr)
+        # What the PEP said about it (its warnings: where a decision past its deadline waited).
+        for line in (self.lab.stack.log_tail(ep.proc, 5) if ep.proc else "").splitlines():
+            print(f"!!!   {ep.proc} log: {line}", file=sys.stderr)
 
 
 def rounds_of(endpoints: Sequence[Endpoint], rounds: int) -> list[list[Endpoint]]:

@@ -10,7 +10,9 @@ too large.  The real OPA's side of the same client is in ``test_proofs_opa_clien
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -289,3 +291,51 @@ async def test_decisions_over_a_unix_socket(tmp_path: Path) -> None:
         await w.stop()
     assert w.connections == 2
     assert [headers[b"host"] for _, headers, _ in w.requests] == [b"opa"] * 3
+
+
+async def test_a_decision_past_its_deadline_says_where_it_waited(wire: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """The log line and the count say where the time went: OPA's answer, a free connection
+    (opa.max_connections in flight), or the connect itself; at most one line per second."""
+    release = asyncio.Event()
+
+    async def reply(n: int, body: bytes) -> tuple[bytes, bool]:
+        await release.wait()
+        return answer({"result": True}), False
+
+    w, _ = await wire(reply)
+    c = PdpClient(Opa(url=f"http://127.0.0.1:{w.port}", max_connections=1))
+    # a port that listens but never accepts, its queue full: the kernel drops further SYNs
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(3):
+        filler = socket.socket()
+        filler.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            filler.connect(("127.0.0.1", port))
+        fillers.append(filler)
+    stuck = PdpClient(Opa(url=f"http://127.0.0.1:{port}"))
+    try:
+        with caplog.at_level(logging.WARNING, logger="vvault_pep.pdp"):
+            first = asyncio.create_task(c.decide(PATH, {}, deadline_s=0.3))
+            await asyncio.sleep(0)  # the first takes the one connection
+            for task in await asyncio.gather(c.decide(PATH, {}, deadline_s=0.1), first, return_exceptions=True):
+                assert isinstance(task, PepError) and task.code == "pdp.timeout"
+            with pytest.raises(PepError, match="did not answer in time"):
+                await stuck.decide(PATH, {}, deadline_s=0.1)
+        assert c.timeouts == {"slot": 1, "sent": 1}
+        assert stuck.timeouts == {"connecting": 1}
+        lines = [r.getMessage() for r in caplog.records if "in time" in r.getMessage()]
+        assert lines[0].startswith("OPA did not answer in time: ")
+        assert lines[0].endswith("ms waiting for a free connection (opa.max_connections in flight)")
+        # the answer's wait ended within the same second: counted, not logged (the next
+        # line would say so); the other client logs its own
+        assert lines[1].endswith("ms connecting to OPA") and len(lines) == 2
+    finally:
+        release.set()
+        await c.close()
+        await stuck.close()
+        for s in (*fillers, listener):
+            s.close()

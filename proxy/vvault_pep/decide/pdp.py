@@ -44,6 +44,12 @@ from ..errors import PepError
 from ..net.http1 import Pool, UpstreamError, UpstreamTimeout
 
 log = logging.getLogger("vvault_pep.pdp")
+_WAITING = {
+    "slot": "waiting for a free connection (opa.max_connections in flight)",
+    "connecting": "connecting to OPA",
+    "sent": "waiting for OPA's answer to the decision request",
+    "body": "reading OPA's answer",
+}
 
 # A decision document larger than this is not a decision: refused, never buffered further.
 ANSWER_LIMIT = 16 * 1024 * 1024
@@ -97,6 +103,9 @@ class PdpClient:
         self._decide_headers = [("Content-Type", "application/json"), *(auth or {}).items()]
         self._lean: Pool | None = None  # made on the first decision, inside the running loop
         self._slots = asyncio.Semaphore(opa.max_connections)
+        self.timeouts: dict[str, int] = {}  # decisions past their deadline, by where they waited
+        self._timeout_logged = float("-inf")
+        self._timeouts_unlogged = 0
         self._session = aiohttp.ClientSession(
             connector=connector,
             timeout=aiohttp.ClientTimeout(total=None),  # the deadline below rules
@@ -124,16 +133,24 @@ class PdpClient:
         body = orjson.dumps({"input": policy_input})
         target = f"/v1/data/{path}" + ("?provenance=true" if provenance else "")
         sent = self._decide_headers if not headers else [*self._decide_headers, *headers.items()]
+        # Where a decision past its deadline was waiting, for the log line (_WAITING).
+        phase = ["slot"]
+        started = asyncio.get_running_loop().time()
         try:
             async with asyncio.timeout(deadline_s if deadline_s is not None else self._deadline):
                 async with self._slots:
-                    resp = await self._pool().request("POST", target, sent, body, replay=True)
+                    phase[0] = "connecting"
+                    resp = await self._pool().request(
+                        "POST", target, sent, body, replay=True, note=lambda now: phase.__setitem__(0, now)
+                    )
+                    phase[0] = "body"
                     try:
                         raw = await resp.read(ANSWER_LIMIT)
                     finally:
                         resp.release()
                     status = resp.status
         except (TimeoutError, UpstreamTimeout) as exc:
+            self._timed_out(phase[0], asyncio.get_running_loop().time() - started)
             raise PepError("pdp.timeout", "the policy decision point did not answer in time") from exc
         except (UpstreamError, OSError) as exc:
             log.warning("OPA unreachable: %s (%s)", type(exc).__name__, exc)
@@ -157,6 +174,18 @@ class PdpClient:
             decision_id if isinstance(decision_id, str) else None,
             _bundle_revisions(doc) if provenance else None,
         )
+
+    def _timed_out(self, phase: str, waited_s: float) -> None:
+        """One log line per second at most for decisions past their deadline, saying where
+        they were waiting (a full pool of connections, a connect, OPA's answer)."""
+        self.timeouts[phase] = self.timeouts.get(phase, 0) + 1
+        now = asyncio.get_running_loop().time()
+        if now - self._timeout_logged < 1.0:
+            self._timeouts_unlogged += 1
+            return
+        more = f" ({self._timeouts_unlogged} more since the last line)" if self._timeouts_unlogged else ""
+        self._timeout_logged, self._timeouts_unlogged = now, 0
+        log.warning("OPA did not answer in time: %.0f ms %s%s", waited_s * 1000, _WAITING[phase], more)
 
     def _pool(self) -> Pool:
         if self._lean is None:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import cast
 from urllib.parse import urlsplit
 
@@ -465,12 +465,15 @@ class Pool:
         *,
         content_length: int | None = None,
         replay: bool = False,
+        note: Callable[[str], object] | None = None,
     ) -> Response:
         """Send one request; the caller must ``release()`` the answer.
 
         ``replay`` marks a request of another method as safe to resend in the one case a
         GET is: a reused connection that proved dead before any byte of the answer (a
-        query that changes nothing, such as a policy decision).
+        query that changes nothing, such as a policy decision).  ``note`` is told where the
+        exchange stands: ``"connecting"``, then ``"sent"`` (on a new or a reused connection,
+        the request written and its answer awaited).
         """
         if method == "HEAD":
             raise ValueError("HEAD is not sent on the lean path")
@@ -496,7 +499,11 @@ class Pool:
             conn = self._take() if attempt == 0 else None  # a retry never trusts another idle one
             reused = conn is not None
             if conn is None:
+                if note is not None:
+                    note("connecting")
                 conn = await self._connect()
+            if note is not None:
+                note("sent")
             try:
                 await conn.start(head, body, chunked)
             except _Stale:
