@@ -193,8 +193,9 @@ EQUIVALENT: dict[str, str] = {
     "vvault_pep.core.sanitize.x__parse_query__mutmut_1": "the default of `max_params` is never used: the only"
     " caller, canonical_target, always passes its own (whose default is tested)",
     "vvault_pep.core.sanitize.x__decode_segment__mutmut_6": "codec names are case-insensitive: 'UTF-8' is 'utf-8'",
-    "vvault_pep.core.sanitize.x_check_headers__mutmut_21": "codec names are case-insensitive: 'ASCII' is 'ascii'",
-    "vvault_pep.core.sanitize.x_check_headers__mutmut_25": "codec names are case-insensitive: 'UTF-8' is 'utf-8'",
+    "vvault_pep.core.sanitize.x__item__mutmut_4": "codec names are case-insensitive: 'ASCII' is 'ascii'",
+    "vvault_pep.core.sanitize.x__item__mutmut_8": "codec names are case-insensitive: 'UTF-8' is 'utf-8'",
+    "vvault_pep.core.sanitize.x_block_of__mutmut_10": "codec names are case-insensitive: 'UTF-8' is 'utf-8'",
     "vvault_pep.core.request.x_parse_peer__mutmut_96": "base64url of 32 bytes ends in one of AEIMQUYcgkosw048"
     " before its '=': stripping 'X' as well never changes it",
     "vvault_pep.core.request.x_parse_peer__mutmut_98": "codec names are case-insensitive: 'ASCII' is 'ascii'",

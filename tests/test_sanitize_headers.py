@@ -374,12 +374,14 @@ def test_the_second_part_counts_the_first_parts_limits() -> None:
     block = block_of(stable)
     assert block == (1017, 2, frozenset())
     assert check_more_headers(_h(("X-S", "")), RULES, limits, block) == (("X-S", ""),)  # 1017 + 3 + 4 = 1024
-    with pytest.raises(PepError, match="too large in total"):
+    with pytest.raises(PepError) as err:
         check_more_headers(_h(("X-S", "1")), RULES, limits, block)  # 1025
+    assert err.value.detail == "request headers too large in total"  # shown to the client: exactly check_headers
     many = tuple(_h(("Host", "a"), *[(f"X-{i}", "v") for i in range(6)]))
     assert len(check_more_headers(_h(("X-S", "1")), RULES, limits, block_of(many))) == 1  # 8 headers
-    with pytest.raises(PepError, match="too many headers"):
+    with pytest.raises(PepError) as err:
         check_more_headers(_h(("X-S", "1"), ("X-T", "2")), RULES, limits, block_of(many))  # 9
+    assert err.value.detail == "too many headers"
     named = block_of(tuple(_h(("Host", "a"), ("Connection", "X-S, close"))))
     assert named[2] == frozenset({"x-s", "close"})
     assert check_more_headers(_h(("X-S", "1"), ("X-T", "2")), RULES, LIMITS, named) == (("X-T", "2"),)
