@@ -704,15 +704,15 @@ EQUIVALENT: dict[str, str] = {
     **{
         f"vvault_pep.decide.cache.xǁDecisionCacheǁ_key__mutmut_{n}": "the entry key is made in this one place"
         " for lookup, store and explain: another tag (or none) changes every key alike, and the index keys"
-        " differ in shape and in their Redis kind"
-        for n in (1, 7, 13, 14)
+        " differ in shape and in their Redis kind (the tag of the material's first part alike)"
+        for n in (13, 15, 17, 18, 32, 39, 46, 47)
     },
     **{
         f"vvault_pep.decide.cache.xǁDecisionCacheǁ{name}__mutmut_{n}": "`>` or `>=` (`<=` or `<`) between the"
         " wall clock and a float expiry: never equal"
-        for name, n in (("lookup", 38), ("lookup", 91), ("_remember_index", 6))
+        for name, n in (("lookup", 40), ("lookup", 93), ("_remember_index", 6))
     },
-    "vvault_pep.decide.cache.xǁDecisionCacheǁ_material__mutmut_13": "a read of the whole input ('') is"
+    "vvault_pep.decide.cache.xǁDecisionCacheǁ_key_paths__mutmut_13": "a read of the whole input ('') is"
     " covered by no vary (only '' covers ''), so the coverage test that follows ignores the vary as well",
     **{
         f"vvault_pep.decide.cache.xǁDecisionCacheǁreconcile__mutmut_{n}": "every key written carries the"

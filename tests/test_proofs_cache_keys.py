@@ -158,6 +158,26 @@ def test_the_two_part_key_tells_apart_exactly_what_the_material_does(
         assert (keys[a] == c.entry_key(r, b, *CTX, None)) is same
 
 
+async def test_a_memo_is_read_and_holds_a_few_digests() -> None:
+    """The memo is what a recalled request's key is made from, not a copy made beside it:
+    given an input that breaks its contract (another value outside the per-request parts),
+    the key still has the remembered digest; and it keeps at most eight sets of paths."""
+    c = DecisionCache(Cache(), None)
+    r = route(ttl_s=60, key=("identity.subject", "risk.band"))
+    alice = {"identity": {"subject": "alice"}, "risk": {"band": "low"}}
+    bob = {"identity": {"subject": "bob"}, "risk": {"band": "low"}}
+    memo: dc.KeyMemo = {}
+    await stored(c, r, alice, {"allow": True})
+    assert await looked(c, r, alice, memo=memo) == ({"allow": True}, "l1")
+    assert await looked(c, r, bob, memo=memo) == ({"allow": True}, "l1")  # alice's digest, read from the memo
+    assert await looked(c, r, bob) == (None, "miss")
+    assert c._key(r, *CTX, bob, None, memo) == c.entry_key(r, alice, *CTX, None)
+    many: dc.KeyMemo = {}
+    for i in range(12):
+        c._key(r, *CTX, alice, (f"p{i}",), many)  # another vary, another set of paths
+    assert len(many) == 8
+
+
 def test_the_per_request_parts_are_the_memos_own_list() -> None:
     assert tuple(".".join(p) for p in PER_REQUEST) == _PER_REQUEST_PARTS
     assert [p for p in ("", "request", "risk.band", "time.now", "request.idx", "identity") if dc.per_request(p)] == [
