@@ -13,8 +13,8 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from vvault_pep.config import Limits, Sanitize
-from vvault_pep.config.models import DEFAULT_STRIP_HEADERS, DEFAULT_STRIP_PREFIXES
-from vvault_pep.core.sanitize import HOP_BY_HOP, Headers, block_of, check_headers, check_more_headers
+from vvault_pep.config.models import DEFAULT_STRIP_HEADERS, DEFAULT_STRIP_PREFIXES, HOP_BY_HOP
+from vvault_pep.core.sanitize import Headers, block_of, check_headers, check_more_headers
 from vvault_pep.errors import PepError
 
 RULES = Sanitize()

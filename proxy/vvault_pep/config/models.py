@@ -125,18 +125,10 @@ DEFAULT_MEMO_VOLATILE: tuple[str, ...] = (
     "x-b3-sampled",
     "x-cloud-trace-context",
 )
-# Headers some stage reads before the memo's part ends (framing, Host, the credential,
-# Content-Type for body inspection, the client certificate a trusted proxy forwards):
-# never left out of its key.  The posture header and the policy's headers are refused
-# in Config.problems (they are configured).
-MEMO_READ = frozenset(
+# Client headers never forwarded as they came (core.sanitize drops them): hop-by-hop ones
+# (RFC 9110 7.6.1), and the framing and negotiation the PEP redoes itself.
+HOP_BY_HOP = frozenset(
     {
-        "host",
-        "authorization",
-        "content-length",
-        "transfer-encoding",
-        "content-type",
-        "expect",
         "connection",
         "keep-alive",
         "proxy-connection",
@@ -144,10 +136,18 @@ MEMO_READ = frozenset(
         "proxy-authorization",
         "te",
         "trailer",
+        "transfer-encoding",
         "upgrade",
-        "x-forwarded-client-cert",
+        "content-length",
+        "expect",
+        "host",
     }
 )
+# Headers some stage reads before the memo's part ends (those above, the credential,
+# Content-Type for body inspection, the client certificate a trusted proxy forwards):
+# never left out of its key.  The posture header and the policy's headers are refused
+# in Config.problems (they are configured).
+MEMO_READ = HOP_BY_HOP | {"authorization", "content-type", "x-forwarded-client-cert"}
 DEFAULT_POLICY_HEADERS: tuple[str, ...] = (
     "accept",
     "content-type",

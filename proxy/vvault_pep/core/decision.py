@@ -22,11 +22,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..config.models import HOP_BY_HOP
 from ..errors import STATUS, Refusal
 from .obligations import MAX_TTL_S as MAX_TTL_S
 from .obligations import parse_all
 from .obligations import parse_obligation as parse_obligation
-from .sanitize import HOP_BY_HOP
 
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _CODE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+)*$")
