@@ -88,6 +88,7 @@ class Memoiser:
         )
         self.xfcc_by = config.xfcc.by
         self.volatile = frozenset(name.encode() for name in config.listener.memo_volatile_headers)
+        self.volatile_names = frozenset(config.listener.memo_volatile_headers)  # as the checked headers' lower names
         self.rules, self.limits = config.sanitize, config.limits
         self.also_owned = frozenset({config.posture.header})  # as the sanitize stage passes it
 
@@ -188,7 +189,7 @@ class Memoiser:
         draft = build_input(facts, pep_version=__version__)
         owned = self._owned(x, route.forward_authorization)
         forward = [(k, v) for k, v in x.headers.forward if k.lower() not in owned]
-        volatile = {name.decode() for name in self.volatile}
+        volatile = self.volatile_names
         entry = Static(
             stamp=stamp,
             valid_from=valid_from,
