@@ -61,6 +61,20 @@ async def pair(
 
 
 @pytest.fixture
+async def patient_pair(
+    pki: Path, opa: OpaProcess, upstream: Upstream, idp: Issuer, devices: Issuer, own_redis: RedisServer
+) -> AsyncIterator[tuple[PepRuntime, PepRuntime]]:
+    """For counting, not for deadlines: Redis and the risk script may take 2 s (a busy CI core
+    once held a request's risk read past 200 ms, and the signals were then unavailable)."""
+    doc = pair_doc(pki, opa, upstream, idp, devices, own_redis.url, timeout_ms=2000)
+    doc["redis"] = {**doc["redis"], "timeout_ms": 2000}
+    a, b = await start_pair(doc)
+    yield a, b
+    for pep in (a, b):
+        await pep.stop()
+
+
+@pytest.fixture
 async def quiet_pair(
     pki: Path, opa: OpaProcess, upstream: Upstream, idp: Issuer, devices: Issuer, own_redis: RedisServer
 ) -> AsyncIterator[tuple[PepRuntime, PepRuntime]]:
@@ -387,13 +401,13 @@ async def test_a_new_network_and_a_device_change_are_decided_on_the_request(
 
 
 async def test_rate_spike_and_denials_are_counted_locally_and_shared_by_the_flush(
-    pair: tuple[PepRuntime, PepRuntime],
+    patient_pair: tuple[PepRuntime, PepRuntime],
     own_redis: RedisServer,
     pki: Path,
     idp: Issuer,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    a, b = pair
+    a, b = patient_pair
     user = f"spike-{uuid.uuid4().hex[:8]}"
     token = idp.token(sub=user)
     assert a.risk is not None and b.risk is not None and a.shared is not None
