@@ -105,6 +105,7 @@ def run(lab: Lab, vegeta: Vegeta, args: argparse.Namespace, tools: dict[str, str
     cpu: dict[str, list[float]] = {ep.name: [] for ep in endpoints}
     for r, order in enumerate(rounds_of(endpoints, args.rounds), 1):
         for ep in order:
+            bench.settle(ep, load)
             sample = bench.measure(ep, load)
             rates[ep.name].append(sample.report.throughput)
             per_1k = sample.per_1k(sample.proxy_cpu_s)

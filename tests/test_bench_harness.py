@@ -75,3 +75,40 @@ def test_targets_file_has_one_target_per_token(tmp_path: Path) -> None:
 )
 def test_a_target_says_whether_it_is_met(measured: float | None, at_most: bool, met: bool | None) -> None:
     assert Target("t", measured, 0.5 if at_most else 0.8, "", at_most=at_most).met is met
+
+
+def test_every_measured_visit_is_preceded_by_an_unmeasured_one_of_the_same_load() -> None:
+    from typing import Any
+
+    from bench.proxy_bench import Bench, Sample, run_phase
+    from bench.vegeta import Load
+
+    calls: list[tuple[str, Load, bool]] = []
+    report = Report.parse(VEGETA_JSON, [])
+
+    class Recording(Bench):
+        def measure(self, ep: Endpoint, load: Load, side: Any = "driver", *, settling: bool = False) -> Sample:
+            calls.append((ep.name, load, settling))
+            return Sample(report, None, 0.0, 0.0)
+
+    bench = Recording(lab=None, vegeta=None, settle_s=0.5)  # type: ignore[arg-type]
+    eps = [Endpoint(name, "http://x", None) for name in ("a", "b")]
+    samples = run_phase(bench, eps, "t", 1, Load(100, 4, 5.0))
+    assert [(n, s, load.seconds, load.rate) for n, load, s in calls] == [
+        ("a", True, 0.5, 100),
+        ("a", False, 5.0, 100),
+        ("b", True, 0.5, 100),
+        ("b", False, 5.0, 100),
+    ]
+    assert {k: len(v) for k, v in samples.items()} == {"a": 1, "b": 1}  # only the measured visits
+
+
+def test_non_2xx_coming_out_of_idle_is_counted_apart_and_fails_nothing() -> None:
+    from bench.proxy_bench import Bench
+
+    bench = Bench(lab=None, vegeta=None)  # type: ignore[arg-type]
+    ep = Endpoint("pep-opa", "http://x", None)
+    bench._cold(ep, Report.parse(VEGETA_JSON, []))
+    bench._cold(ep, Report.parse(VEGETA_JSON, []))
+    assert bench.cold == {"pep-opa": {"503": 20}}
+    assert bench.failures == {}
