@@ -28,7 +28,7 @@ from pathlib import Path
 
 import orjson
 
-from .common import ROOT, free_port, opa_argv, opa_environ, wait_http_sync
+from .common import ROOT, free_port, opa_argv, opa_binary, opa_environ, wait_http_sync
 
 PATH = "/v1/data/vvault/authz/decision"
 
@@ -88,8 +88,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--burst-after", type=float, default=60, help="quiet before the burst (0: no burst)")
     parser.add_argument("--burst", type=int, default=16, help="clients in the burst")
     args = parser.parse_args(argv)
-    from .common import opa_binary
-
     if not Path(opa_binary()).exists():
         print("OPA not found: run `make tools`", file=sys.stderr)
         return 2

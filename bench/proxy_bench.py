@@ -30,8 +30,8 @@ latency at a fixed rate of half the passthrough's saturation (open loop); and, i
 run, pep-l1 with ``--workers 1`` against ``--workers 2``.  Every measured visit is preceded
 by ``--settle`` seconds of the same load, not measured: a scenario comes to its round after
 sitting idle while the others ran, and on a virtual machine whose host takes back idle guest
-memory the first fraction of a second after idle measures page faults, not the proxy (see
-docs/performance.md).  Any non-2xx answer in a measured visit fails the scenario: its answers
+memory the first fraction of a second after idle measures the machine waking, not the proxy
+(see docs/performance.md).  Any non-2xx answer in a measured visit fails the scenario: its answers
 are printed and no figures are shown for it; those in a settling visit are counted and shown
 in the notes ("coming out of idle").
 """
