@@ -221,7 +221,8 @@ def lifetime(
 
 _INDEX_MEMO_S = 5.0  # how long a replica trusts what Redis said of a route's key paths
 _INDEX_MAX = 4096  # (route, revision) pairs remembered
-_INTERPRETED_MAX = 1024  # distinct answers kept interpreted
+_INTERPRETED_MAX = 1024  # distinct answers kept interpreted (and shared between entries)
+_SHARED_MAX_BYTES = 2048  # answers up to this size are shared: the table stays ≤ 2 MiB
 
 
 @dataclass(slots=True)
@@ -256,6 +257,9 @@ class DecisionCache:
         self._l1_bytes = 0
         self._index: dict[str, tuple[tuple[str, ...] | None, float]] = {}
         self._interpreted: dict[bytes, Any] = {}  # stored result → interpret(result)
+        # One bytes object per distinct stored result: entries that hold the same answer
+        # (one per token of the same caller, say) share it instead of a copy each.
+        self._payloads: dict[bytes, bytes] = {}
         self._epochs: dict[tuple[str, str], int] = {}  # last known non-zero ones, used when Redis is down
         self._local_bumps: dict[tuple[str, str], int] = {}
         self._unpushed: dict[tuple[str, str], int] = {}  # bumps Redis has not heard yet
@@ -745,9 +749,17 @@ class DecisionCache:
         if self.cfg.l1_max_entries == 0 or len(payload) > self.cfg.l1_max_bytes:
             return
         self._drop(key)
-        # orjson's bytes sit in a 4 KiB allocation whatever their length: an exact copy
-        # keeps 10,000 entries at ~3 MB instead of ~40 MB.
-        self._l1[key] = _Entry(memoryview(payload).tobytes(), expires)
+        small = len(payload) <= _SHARED_MAX_BYTES
+        shared = self._payloads.get(payload) if small else None
+        if shared is None:
+            # orjson's bytes sit in a 4 KiB allocation whatever their length: an exact copy
+            # keeps 10,000 entries at ~3 MB instead of ~40 MB.
+            shared = memoryview(payload).tobytes()
+            if small:
+                if len(self._payloads) >= _INTERPRETED_MAX:
+                    self._payloads.pop(next(iter(self._payloads)))
+                self._payloads[shared] = shared
+        self._l1[key] = _Entry(shared, expires)
         self._l1_bytes += len(payload)
         while len(self._l1) > self.cfg.l1_max_entries or self._l1_bytes > self.cfg.l1_max_bytes:
             _, old = self._l1.popitem(last=False)

@@ -41,7 +41,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, TypeVar
 
 from ..config.models import Identity as IdentityConfig
 from ..config.models import Issuer, RouteAuthn
@@ -51,6 +51,10 @@ from ..errors import PepError
 from .jwks import KeySet
 from .jwt import JwtVerifier, _fail
 from .workload import workload_of
+
+_T = TypeVar("_T")
+# Distinct claim values (tenants, role and scope lists, key ids) shared between cached tokens.
+_SHARED_MAX = 4096
 
 _B64TOKEN = re.compile(r"^[A-Za-z0-9\-._~+/]+=*$")
 
@@ -138,6 +142,9 @@ class Authenticator:
         self.cfg = cfg
         self.jwt = JwtVerifier(cfg.issuers, max_bytes=cfg.max_token_bytes, realm=cfg.realm)
         self._verified: OrderedDict[bytes, tuple[UserToken, str, str | None]] = OrderedDict()
+        # One object per distinct value: the many tokens of one tenant or role set that sit
+        # in the verified cache hold one copy of it, not one each.
+        self._shared: dict[Any, Any] = {}
         self.sources: tuple[IdentitySource, ...] = tuple(make(self) for make in SOURCES)
 
     @property
@@ -227,22 +234,35 @@ class Authenticator:
         if not scopes and m.scopes == "scope":
             scopes = _strings(claims.get("scp"))
         exp = claims["exp"]
+        share = self._share
         return UserToken(
             issuer=issuer.issuer,
-            subject=opt_str(m.subject),
-            tenant=opt_str(m.tenant),
-            roles=_strings(claims.get(m.roles)),
-            groups=_strings(claims.get(m.groups)),
-            scopes=scopes,
-            amr=_strings(claims.get("amr")),
-            acr=opt_str("acr"),
+            subject=share(opt_str(m.subject)),
+            tenant=share(opt_str(m.tenant)),
+            roles=share(_strings(claims.get(m.roles))),
+            groups=share(_strings(claims.get(m.groups))),
+            scopes=share(scopes),
+            amr=share(_strings(claims.get("amr"))),
+            acr=share(opt_str("acr")),
             auth_time=auth_time,
-            client_id=opt_str(m.client_id) or opt_str("azp"),
+            client_id=share(opt_str(m.client_id) or opt_str("azp")),
             token_id=opt_str("jti"),
             expires_at=int(exp),
             cnf_x5t_s256=thumb,
             claims={k: claims[k] for k in issuer.passthrough_claims if k in claims},
         )
+
+    def _share(self, value: _T) -> _T:
+        """The one object kept for this value (a string or a tuple of strings)."""
+        if value is None:
+            return value
+        known: _T | None = self._shared.get(value)
+        if known is not None:
+            return known
+        if len(self._shared) >= _SHARED_MAX:
+            self._shared.pop(next(iter(self._shared)))
+        self._shared[value] = value
+        return value
 
     def _cached(self, digest: bytes) -> UserToken | None:
         entry = self._verified.get(digest)
@@ -262,7 +282,7 @@ class Authenticator:
     def _remember(self, digest: bytes, user: UserToken, issuer: str, kid: str | None) -> None:
         if self.cfg.verified_cache_entries == 0:
             return
-        self._verified[digest] = (user, issuer, kid)
+        self._verified[digest] = (user, issuer, self._share(kid))
         while len(self._verified) > self.cfg.verified_cache_entries:
             self._verified.popitem(last=False)
 
