@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 import jwt
 import pytest
@@ -29,6 +30,18 @@ SECRET = "entry-sharing-" * 4
 ISSUER = Issuer(
     name="t", issuer="https://issuer.test", audiences=("vvault",), algorithms=("HS256",), shared_secret=SECRET
 )
+_T = TypeVar("_T")
+
+
+def run(coro: Coroutine[Any, Any, _T]) -> _T:
+    """On a loop of its own: ``asyncio.run`` would unset the thread's loop other tests use."""
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(coro)
+    finally:
+        loop.close()
+
+
 ROUTE = Route(name="r", path="/v1/r", upstream="app", policy="vvault/authz")
 
 
@@ -55,9 +68,9 @@ def authenticator(entries: int = 100) -> Authenticator:
 
 def test_tokens_of_one_caller_share_their_claim_values_and_keep_their_own() -> None:
     a = authenticator()
-    first = asyncio.run(a.verify(token("j1")))
-    second = asyncio.run(a.verify(token("j2")))
-    other = asyncio.run(a.verify(token("j3", sub="bob", tenant="globex", roles=["admin"], scope="vectors:write")))
+    first = run(a.verify(token("j1")))
+    second = run(a.verify(token("j2")))
+    other = run(a.verify(token("j3", sub="bob", tenant="globex", roles=["admin"], scope="vectors:write")))
     assert first.roles is second.roles and first.tenant is second.tenant and first.scopes is second.scopes
     assert (first.token_id, second.token_id) == ("j1", "j2")
     assert (other.subject, other.tenant, other.roles, other.scopes) == ("bob", "globex", ("admin",), ("vectors:write",))
@@ -68,13 +81,13 @@ def test_the_shared_value_table_is_bounded(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(authn_mod, "_SHARED_MAX", 8)
     a = authenticator()
     for i in range(40):
-        user = asyncio.run(a.verify(token(f"j{i}", sub=f"user-{i}", tenant=f"tenant-{i}")))
+        user = run(a.verify(token(f"j{i}", sub=f"user-{i}", tenant=f"tenant-{i}")))
         assert (user.subject, user.tenant) == (f"user-{i}", f"tenant-{i}")
         assert len(a._shared) <= 8
 
 
 def _lookup(cache: DecisionCache, doc: dict[str, Any]) -> Any:
-    return asyncio.run(cache.lookup(ROUTE, doc, ("r1", [0])))
+    return run(cache.lookup(ROUTE, doc, ("r1", [0])))
 
 
 def test_equal_answers_share_one_stored_object_and_read_back_as_stored() -> None:
