@@ -56,8 +56,9 @@ def opa_binary() -> str:
     return binary
 
 
-def opa_argv(port: int, socket: Path | None = None) -> list[str]:
-    """The real OPA server on loopback with the repo's policies (and on ``socket``, if given)."""
+def opa_argv(port: int, socket: Path | None = None, policies: Path = ROOT / "policies") -> list[str]:
+    """The real OPA server on loopback with the repo's policies, or ``policies`` (and on
+    ``socket``, if given)."""
     return [
         opa_binary(),
         "run",
@@ -68,7 +69,7 @@ def opa_argv(port: int, socket: Path | None = None) -> list[str]:
         "--skip-version-check",
         "--log-level",
         "error",
-        str(ROOT / "policies"),
+        str(policies),
     ]
 
 

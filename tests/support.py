@@ -10,15 +10,27 @@ import ssl
 import subprocess
 import time
 import urllib.request
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from vvault_pep.config import Config
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICIES = ROOT / "policies"
 TEST_POLICIES = ROOT / "tests" / "policies"
+_T = TypeVar("_T")
+
+
+def run_on_own_loop(coro: Coroutine[Any, Any, _T]) -> _T:
+    """Run ``coro`` on a loop of its own: ``asyncio.run`` would unset the thread's loop that
+    other tests' fixtures read."""
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(coro)
+    finally:
+        loop.close()
 
 
 def opa_binary() -> str:

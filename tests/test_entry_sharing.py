@@ -9,13 +9,12 @@ their bounds whatever the callers send.
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Coroutine
-from typing import Any, TypeVar
+from typing import Any
 
 import jwt
 import pytest
+from tests.support import run_on_own_loop as run
 
 from vvault_pep.config.models import Cache, Issuer, Route
 from vvault_pep.config.models import Identity as IdentityConfig
@@ -30,16 +29,6 @@ SECRET = "entry-sharing-" * 4
 ISSUER = Issuer(
     name="t", issuer="https://issuer.test", audiences=("vvault",), algorithms=("HS256",), shared_secret=SECRET
 )
-_T = TypeVar("_T")
-
-
-def run(coro: Coroutine[Any, Any, _T]) -> _T:
-    """On a loop of its own: ``asyncio.run`` would unset the thread's loop other tests use."""
-    loop = asyncio.new_event_loop()
-    try:
-        return loop.run_until_complete(coro)
-    finally:
-        loop.close()
 
 
 ROUTE = Route(name="r", path="/v1/r", upstream="app", policy="vvault/authz")
