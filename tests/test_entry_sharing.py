@@ -66,6 +66,20 @@ def test_tokens_of_one_caller_share_their_claim_values_and_keep_their_own() -> N
     assert (first.subject, first.tenant, first.roles, first.scopes) == ("alice", "acme", ("reader",), ("secrets:read",))
 
 
+def test_passthrough_claims_are_a_tokens_own_and_none_is_a_read_only_shared_empty() -> None:
+    passing = Issuer(**{**ISSUER.model_dump(), "passthrough_claims": ("email",)})
+    a = Authenticator(IdentityConfig(issuers=(passing,), verified_cache_entries=100))
+    plain = run(a.verify(token("j1")))
+    also_plain = run(a.verify(token("j2")))
+    alice = run(a.verify(token("j3", email="alice@example.com")))
+    bob = run(a.verify(token("j4", sub="bob", email="bob@example.com")))
+    assert plain.claims is also_plain.claims and dict(plain.claims) == {}
+    with pytest.raises(TypeError):
+        plain.claims["email"] = "mallory@example.com"  # type: ignore[index]
+    assert (dict(alice.claims), dict(bob.claims)) == ({"email": "alice@example.com"}, {"email": "bob@example.com"})
+    assert run(a.verify(token("j5"))).claims == {}  # nothing written into the shared one
+
+
 def test_the_shared_value_table_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(authn_mod, "_SHARED_MAX", 8)
     a = authenticator()

@@ -327,7 +327,7 @@ async def test_a_bound_token_route_that_needs_a_user_without_a_token(pki: Path, 
 
 def mapped(claims: dict[str, Any], issuer: Issuer = HS) -> UserToken:
     base = {"iss": issuer.issuer, "exp": 2_000_000_000}
-    return Authenticator(config(issuers=(issuer,)))._map(issuer, {**base, **claims})
+    return Authenticator(config(issuers=(issuer,)))._map(issuer, {**base, **claims}, None)
 
 
 def test_every_field_of_the_user() -> None:

@@ -131,7 +131,8 @@ class UserToken:
     token_id: str | None
     expires_at: int
     cnf_x5t_s256: str | None
-    claims: dict[str, Any] = field(default_factory=dict)
+    claims: Mapping[str, Any] = field(default_factory=dict)
+    key_id: str | None = None  # the JWS header's kid: a cached token ends when its key is withdrawn
 
 
 @dataclass(frozen=True, slots=True)

@@ -39,8 +39,9 @@ import hmac
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, ClassVar, Protocol, TypeVar
 
 from ..config.models import Identity as IdentityConfig
@@ -55,6 +56,7 @@ from .workload import workload_of
 _T = TypeVar("_T")
 # Distinct claim values (tenants, role and scope lists, key ids) shared between cached tokens.
 _SHARED_MAX = 4096
+_NO_CLAIMS: Mapping[str, Any] = MappingProxyType({})  # one read-only copy for every token that passes none
 
 _B64TOKEN = re.compile(r"^[A-Za-z0-9\-._~+/]+=*$")
 
@@ -141,7 +143,7 @@ class Authenticator:
     def __init__(self, cfg: IdentityConfig) -> None:
         self.cfg = cfg
         self.jwt = JwtVerifier(cfg.issuers, max_bytes=cfg.max_token_bytes, realm=cfg.realm)
-        self._verified: OrderedDict[bytes, tuple[UserToken, str, str | None]] = OrderedDict()
+        self._verified: OrderedDict[bytes, UserToken] = OrderedDict()
         # One object per distinct value: the many tokens of one tenant or role set that sit
         # in the verified cache hold one copy of it, not one each.
         self._shared: dict[Any, Any] = {}
@@ -194,8 +196,8 @@ class Authenticator:
         if cached is not None:
             return cached
         issuer, alg, kid = self.jwt.precheck(token)
-        user = self._map(issuer, await self.jwt.claims(token, issuer, alg, kid))
-        self._remember(digest, user, issuer.issuer, kid)
+        user = self._map(issuer, await self.jwt.claims(token, issuer, alg, kid), kid)
+        self._remember(digest, user)
         return user
 
     def verified_key(self, authorization: str | None) -> bytes | None:
@@ -211,7 +213,7 @@ class Authenticator:
         key still published and fresh); None once it does not, or was never cached."""
         return self._cached(key)
 
-    def _map(self, issuer: Issuer, claims: dict[str, Any]) -> UserToken:
+    def _map(self, issuer: Issuer, claims: dict[str, Any], kid: str | None) -> UserToken:
         m = issuer.claims
         cnf = claims.get("cnf")
         thumb = cnf.get("x5t#S256") if isinstance(cnf, dict) else None
@@ -249,7 +251,8 @@ class Authenticator:
             token_id=opt_str("jti"),
             expires_at=int(exp),
             cnf_x5t_s256=thumb,
-            claims={k: claims[k] for k in issuer.passthrough_claims if k in claims},
+            claims={k: claims[k] for k in issuer.passthrough_claims if k in claims} or _NO_CLAIMS,
+            key_id=share(kid),
         )
 
     def _share(self, value: _T) -> _T:
@@ -265,24 +268,23 @@ class Authenticator:
         return value
 
     def _cached(self, digest: bytes) -> UserToken | None:
-        entry = self._verified.get(digest)
-        if entry is None:
+        user = self._verified.get(digest)
+        if user is None:
             return None
-        user, issuer, kid = entry
-        keyset = self.keysets.get(issuer)
+        keyset = self.keysets.get(user.issuer)
         # Never past exp, and never once the signing key was withdrawn.
         if time.time() >= user.expires_at or (
-            keyset is not None and (kid not in keyset.kids or not keyset.fresh_enough())
+            keyset is not None and (user.key_id not in keyset.kids or not keyset.fresh_enough())
         ):
             del self._verified[digest]
             return None
         self._verified.move_to_end(digest)
         return user
 
-    def _remember(self, digest: bytes, user: UserToken, issuer: str, kid: str | None) -> None:
+    def _remember(self, digest: bytes, user: UserToken) -> None:
         if self.cfg.verified_cache_entries == 0:
             return
-        self._verified[digest] = (user, issuer, self._share(kid))
+        self._verified[digest] = user
         while len(self._verified) > self.cfg.verified_cache_entries:
             self._verified.popitem(last=False)
 
