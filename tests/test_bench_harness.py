@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from bench.lab import Endpoint
+from bench.lab import Endpoint, compile_package
 from bench.proxy_bench import rounds_of
 from bench.report import Target
 from bench.soak import slope_per_minute
@@ -112,3 +112,16 @@ def test_non_2xx_coming_out_of_idle_is_counted_apart_and_fails_nothing() -> None
     bench._cold(ep, Report.parse(VEGETA_JSON, []))
     assert bench.cold == {"pep-opa": {"503": 20}}
     assert bench.failures == {}
+
+
+def test_the_lab_compiles_the_package_it_runs_even_where_bytecode_is_not_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+    package = tmp_path / "vvault_pep"
+    (package / "app").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "app" / "walk.py").write_text("STEP = 1\n")
+    compile_package(tmp_path)
+    compiled = {p.name.split(".")[0] for p in package.rglob("__pycache__/*.pyc")}
+    assert compiled == {"__init__", "walk"}
