@@ -35,7 +35,6 @@ well (the fall back, the only mode without push).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -49,7 +48,7 @@ from ..core.decision import MAX_TTL_S
 from ..core.principal import SCOPES, Subject
 from ..errors import PepError
 from .push import Push
-from .state import CONTAINMENT_TAG, Generation, SharedState
+from .state import CONTAINMENT_TAG, Generation, SharedState, stop_task
 
 log = logging.getLogger("vvault_pep.containment")
 
@@ -305,9 +304,7 @@ class Containment:
 
     async def stop(self) -> None:
         if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
+            await stop_task(self._listener)
 
     @property
     def unshared(self) -> int:

@@ -40,7 +40,7 @@ from typing import Any
 
 import orjson
 
-from .state import CONTAINMENT_TAG, Generation, SharedState
+from .state import CONTAINMENT_TAG, Generation, SharedState, stop_task
 
 log = logging.getLogger("vvault_pep.push")
 
@@ -141,10 +141,7 @@ class Push:
 
     async def stop(self) -> None:
         for task in [*self._tasks, *self._announcing]:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-                async with asyncio.timeout(2.0):
-                    await task
+            await stop_task(task)
         self._tasks = []
 
     # ------------------------------------------------------------ the channel

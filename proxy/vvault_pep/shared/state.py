@@ -56,6 +56,28 @@ from redis.exceptions import RedisClusterException, RedisError
 from ..config.models import Redis as RedisConfig
 
 log = logging.getLogger("vvault_pep.redis")
+
+
+async def stop_task(task: asyncio.Task[Any], *, attempts: int = 4, wait_s: float = 0.5) -> None:
+    """Cancel ``task`` and wait for it to end, within ``attempts`` × ``wait_s``.
+
+    A task can miss a cancellation (a client library that catches it inside a read and
+    carries on): it is cancelled again, and stopping goes on after the last wait rather
+    than hang on a task that will not end.
+    """
+    for _ in range(attempts):
+        if task.done():
+            break
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+            async with asyncio.timeout(wait_s):
+                await asyncio.shield(task)
+    if not task.done():
+        log.warning("task %s did not end when cancelled; stopping without it", task.get_name())
+    elif not task.cancelled() and task.exception() is not None:
+        log.debug("task %s ended with %r", task.get_name(), task.exception())
+
+
 T = TypeVar("T")
 
 
@@ -557,15 +579,12 @@ class SharedState:
 
     async def close(self) -> None:
         if self._watcher is not None:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
+            await stop_task(self._watcher)
         for task in list(self._followers):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        with contextlib.suppress(RedisError, OSError):
-            await self.client.aclose()
+            await stop_task(task)
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            async with asyncio.timeout(2.0):
+                await self.client.aclose()
 
 
 def _by_slot(keys: list[str]) -> list[list[str]]:
