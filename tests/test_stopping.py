@@ -24,10 +24,10 @@ async def test_a_task_that_misses_one_cancellation_is_cancelled_again_and_ends()
 
     async def stubborn() -> None:
         try:
-            await asyncio.sleep(3600)
+            await asyncio.Event().wait()  # blocked until cancelled
         except asyncio.CancelledError:
             missed.set()  # swallowed, as a library's read loop might
-        await asyncio.sleep(3600)
+        await asyncio.Event().wait()
 
     task = asyncio.create_task(stubborn())
     await asyncio.sleep(0)

@@ -69,9 +69,7 @@ async def stop_task(task: asyncio.Task[Any], *, attempts: int = 4, wait_s: float
         if task.done():
             break
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-            async with asyncio.timeout(wait_s):
-                await asyncio.shield(task)
+        await asyncio.wait({task}, timeout=wait_s)  # neither raises its end nor cancels it again
     if not task.done():
         log.warning("task %s did not end when cancelled; stopping without it", task.get_name())
     elif not task.cancelled() and task.exception() is not None:
