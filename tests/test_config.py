@@ -162,7 +162,7 @@ def test_serve_with_bad_config_exits_non_zero_without_listening(tmp_path: Path, 
         assert s.connect_ex(("127.0.0.1", port)) != 0
 
 
-def test_check_reports_each_dependency(tmp_path: Path, pki: Path, opa, upstream, redis_server) -> None:  # type: ignore[no-untyped-def]
+def test_check_reports_each_dependency(tmp_path: Path, pki: Path, opa, upstream, redis_server, down_port) -> None:  # type: ignore[no-untyped-def]
     doc = config_doc(pki, opa_url=opa.url, upstream_port=upstream.port, redis={"url": redis_server.url})
     doc["upstreams"] = {"vvault": doc["upstreams"]["vvault"]}
     doc["routes"] = [r for r in doc["routes"] if r["upstream"] == "vvault" and "nonexistent" not in r["policy"]]
@@ -180,7 +180,7 @@ def test_check_reports_each_dependency(tmp_path: Path, pki: Path, opa, upstream,
     assert "ok    upstream: vvault" in ok.stdout
     assert "ok    redis: standalone answers PING" in ok.stdout
 
-    doc["opa"]["url"] = f"http://127.0.0.1:{free_port()}"
+    doc["opa"]["url"] = f"http://127.0.0.1:{down_port}"
     doc["routes"].append(
         {
             "name": "ghost",
@@ -199,7 +199,7 @@ def test_check_reports_each_dependency(tmp_path: Path, pki: Path, opa, upstream,
     )
     assert bad.returncode == 1
     assert "FAIL  opa:" in bad.stdout
-    doc["redis"] = {"url": f"redis://127.0.0.1:{free_port()}/0"}
+    doc["redis"] = {"url": f"redis://127.0.0.1:{down_port}/0"}
     path.write_text(yaml.safe_dump(doc))
     no_redis = subprocess.run(
         [sys.executable, "-m", "vvault_pep.cli", "check", "--config", str(path)],

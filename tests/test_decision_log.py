@@ -17,7 +17,7 @@ import jsonschema
 import pytest
 from aiohttp import web
 from tests.conftest import Upstream
-from tests.support import client_context, config_doc, free_port, start_opa
+from tests.support import client_context, config_doc, start_opa
 
 from vvault_pep.app.runtime import PepRuntime
 from vvault_pep.config import Audit, AuditSink, Config
@@ -186,7 +186,7 @@ async def test_http_sink_retries_with_backoff_then_delivers() -> None:
     assert rec.authorizations == ["Bearer " + "t" * 40] * 3
 
 
-async def test_http_sink_counts_what_it_cannot_deliver() -> None:
+async def test_http_sink_counts_what_it_cannot_deliver(down_port: int) -> None:
     async with receiver(answers=[400]) as rec:
         # a refused batch (400) is not retried: it is counted as lost at once
         log = AuditLog(Audit(sinks=(_sink(rec.port, backoff_s=0.01),)))
@@ -198,7 +198,7 @@ async def test_http_sink_counts_what_it_cannot_deliver() -> None:
         finally:
             await asyncio.to_thread(log.stop)
     # nobody listening: each batch is tried max_attempts times, then counted
-    closed = free_port()
+    closed = down_port
     log = AuditLog(Audit(sinks=(_sink(closed, backoff_s=0.01, max_attempts=2, buffer_records=5),)))
     log.start()
     try:

@@ -110,8 +110,8 @@ async def test_answered_error_is_not_retried(opa: OpaProcess) -> None:
         await client.close()
 
 
-async def test_nothing_listening_is_pdp_unavailable() -> None:
-    client = PdpClient(Opa(url=f"http://127.0.0.1:{free_port()}", timeout_ms=1000))
+async def test_nothing_listening_is_pdp_unavailable(down_port: int) -> None:
+    client = PdpClient(Opa(url=f"http://127.0.0.1:{down_port}", timeout_ms=1000))
     try:
         with pytest.raises(PepError) as err:
             await client.decide("vvault/authz/decision", {})

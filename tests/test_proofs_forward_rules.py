@@ -342,9 +342,8 @@ async def test_a_full_pool_is_a_fast_503_with_retry_after_and_slots_are_given_ba
 # --- upstream failures -------------------------------------------------------------------
 
 
-async def test_upstream_failures_before_the_answer_have_their_codes() -> None:
-    async with back() as b:
-        port = b.port
+async def test_upstream_failures_before_the_answer_have_their_codes(down_port: int) -> None:
+    port = down_port
     hang = asyncio.Event()
 
     async def never(request: web.Request) -> web.StreamResponse:
@@ -368,9 +367,8 @@ async def test_upstream_failures_before_the_answer_have_their_codes() -> None:
         hang.set()
 
 
-async def test_head_failures_have_the_same_codes() -> None:
-    async with back() as b:
-        port = b.port
+async def test_head_failures_have_the_same_codes(down_port: int) -> None:
+    port = down_port
     hang = asyncio.Event()
 
     async def never(request: web.Request) -> web.StreamResponse:
@@ -609,10 +607,10 @@ async def test_the_server_name_goes_to_an_https_upstream_for_head_and_get(pki: P
     assert [s.headers["Host"] for s in b.seen] == ["localhost", "localhost"]
 
 
-async def test_an_unreachable_upstream_is_logged_by_name_and_cause(caplog: pytest.LogCaptureFixture) -> None:
-    async with back() as b:
-        port = b.port
-    async with front({"down": up(port)}) as f:
+async def test_an_unreachable_upstream_is_logged_by_name_and_cause(
+    caplog: pytest.LogCaptureFixture, down_port: int
+) -> None:
+    async with front({"down": up(down_port)}) as f:
         with caplog.at_level(logging.WARNING, logger="vvault_pep.forward"):
             for method in ("GET", "HEAD"):
                 doc = refusal(*(await call(f, method, "/x", headers={"X-Upstream": "down"}))[:2])

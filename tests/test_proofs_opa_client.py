@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 import pytest
 from aiohttp import web
-from tests.support import OpaProcess, free_port, start_opa
+from tests.support import OpaProcess, start_opa
 
 from vvault_pep.config.models import Opa
 from vvault_pep.decide.pdp import Answer, PdpClient, _bundle_revisions, _opa_error_code, _rule_paths
@@ -234,8 +234,8 @@ async def test_the_default_deadline(stand_in: StandIn) -> None:
     refused(exc, "pdp.timeout", "the policy decision point did not answer in time")
 
 
-async def test_nothing_listening(caplog: pytest.LogCaptureFixture) -> None:
-    c = PdpClient(Opa(url=f"http://127.0.0.1:{free_port()}"))
+async def test_nothing_listening(caplog: pytest.LogCaptureFixture, down_port: int) -> None:
+    c = PdpClient(Opa(url=f"http://127.0.0.1:{down_port}"))
     try:
         with caplog.at_level(logging.WARNING, logger="vvault_pep.pdp"), pytest.raises(PepError) as exc:
             await c.decide("vvault/authz/decision", {})
@@ -388,8 +388,8 @@ async def test_the_revision_deadline_defaults_to_two_seconds(stand_in: StandIn, 
     assert exc.value.code == "pdp.timeout"
 
 
-async def test_revision_when_nothing_listens() -> None:
-    c = PdpClient(Opa(url=f"http://127.0.0.1:{free_port()}"))
+async def test_revision_when_nothing_listens(down_port: int) -> None:
+    c = PdpClient(Opa(url=f"http://127.0.0.1:{down_port}"))
     try:
         with pytest.raises(PepError) as exc:
             await c.revision()
@@ -418,7 +418,7 @@ async def test_the_version_of_the_real_opa(real: PdpClient) -> None:
     assert await real.version() == "1.22.3"
 
 
-async def test_no_version_when_opa_cannot_be_asked(stand_in: StandIn, client: PdpClient) -> None:
+async def test_no_version_when_opa_cannot_be_asked(stand_in: StandIn, client: PdpClient, down_port: int) -> None:
     stand_in.answer("POST", PROBE, raw=b"<html>")
     assert await client.version() is None
     stand_in.hang("POST", PROBE)
@@ -426,7 +426,7 @@ async def test_no_version_when_opa_cannot_be_asked(stand_in: StandIn, client: Pd
     started = loop.time()
     assert await client.version(timeout_s=0.2) is None
     assert loop.time() - started < 0.9
-    c = PdpClient(Opa(url=f"http://127.0.0.1:{free_port()}"))
+    c = PdpClient(Opa(url=f"http://127.0.0.1:{down_port}"))
     try:
         assert await c.version() is None
     finally:
@@ -579,13 +579,13 @@ async def test_healthy(stand_in: StandIn, client: PdpClient, status: int, health
     assert await client.healthy() is healthy
 
 
-async def test_unhealthy_when_opa_cannot_be_asked(stand_in: StandIn, client: PdpClient) -> None:
+async def test_unhealthy_when_opa_cannot_be_asked(stand_in: StandIn, client: PdpClient, down_port: int) -> None:
     stand_in.hang("GET", "/health")
     loop = asyncio.get_running_loop()
     started = loop.time()
     assert await client.healthy() is False
     assert 0.95 <= loop.time() - started < 1.9  # one second by default
-    c = PdpClient(Opa(url=f"http://127.0.0.1:{free_port()}"))
+    c = PdpClient(Opa(url=f"http://127.0.0.1:{down_port}"))
     try:
         assert await c.healthy() is False
     finally:

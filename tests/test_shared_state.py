@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator
 
 import pytest
 from tests.conftest import RedisServer
-from tests.support import free_port
 
 from vvault_pep.config import Redis
 from vvault_pep.shared.state import SharedState
@@ -85,8 +84,8 @@ async def test_a_short_deadline_gives_up_alone(shared: SharedState) -> None:
     assert shared.available
 
 
-async def test_no_redis_is_none_for_everyone_and_opens_the_circuit() -> None:
-    port = free_port()  # nothing listens here
+async def test_no_redis_is_none_for_everyone_and_opens_the_circuit(down_port: int) -> None:
+    port = down_port  # nothing listens here
     state = SharedState(Redis(url=f"redis://127.0.0.1:{port}/0", timeout_ms=500, retry_after_failure_s=30))
     try:
         replies = await asyncio.gather(*(state.one(lambda p: p.get("k")) for _ in range(3)))
