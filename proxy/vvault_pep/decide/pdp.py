@@ -219,11 +219,12 @@ class PdpClient:
                 return None
             self.module_downloads += 1
             async with self._session.get(f"{self._base}/v1/policies") as resp:
-                doc = orjson.loads(await resp.read())
-        sources = sorted(
-            (str(m.get("id")), str(m.get("raw"))) for m in (doc.get("result") or []) if isinstance(m, dict)
-        )
-        return "p:" + hashlib.sha256(orjson.dumps(sources)).hexdigest()[:32]
+                listing = await resp.read()
+                if resp.status != 200:
+                    raise PepError("pdp.error", f"GET /v1/policies answered {resp.status}")
+        from .modules import sources  # only here: with bundles the modules are never listed
+
+        return "p:" + hashlib.sha256(orjson.dumps(sources(listing))).hexdigest()[:32]
 
     async def version(self, timeout_s: float = 1.0) -> str | None:
         """OPA's version, as its provenance reports it; None when OPA cannot be asked."""
