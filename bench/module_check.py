@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -28,17 +29,10 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import ROOT, free_port, opa_argv, opa_environ, wait_http_sync
+from bench.procfs import status_mb
 
 KEPT_PER_CHECK = 3_000
 KEPT_BYTES = 300
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def child(way: str, path: Path, checks: int) -> dict[str, Any]:
@@ -60,13 +54,17 @@ def child(way: str, path: Path, checks: int) -> dict[str, Any]:
     kept: list[list[bytes]] = []
     times = []
     revision = ""
-    start = _rss_mb()
+    start = status_mb(os.getpid(), "VmRSS")
     for _ in range(checks):
         began = time.perf_counter()
         revision = "p:" + hashlib.sha256(orjson.dumps(name())).hexdigest()[:32]
         times.append(time.perf_counter() - began)
         kept.append([bytes(KEPT_BYTES) for _ in range(KEPT_PER_CHECK)])
-    return {"ms": statistics.median(times) * 1000, "grew_mb": _rss_mb() - start, "revision": revision}
+    return {
+        "ms": statistics.median(times) * 1000,
+        "grew_mb": status_mb(os.getpid(), "VmRSS") - start,
+        "revision": revision,
+    }
 
 
 def run(way: str, path: Path, checks: int) -> dict[str, Any]:
