@@ -13,6 +13,7 @@ redis-server); here the cache's own rules run in a second, without any server:
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import orjson
@@ -55,6 +56,15 @@ async def test_a_second_replica_finds_what_the_first_stored() -> None:
     assert sorted(kind for kind, _ in store.blobs) == ["dec", "idx"]
 
 
+async def test_an_entry_that_ended_before_its_write_ran_is_not_written() -> None:
+    store = MemoryStore()
+    one = await replica(store)
+    await put(one, {"allow": True}, ttl_s=1e-9)  # over before the write's task starts
+    assert store.blobs == {}
+    await put(one, {"allow": True})
+    assert sorted(kind for kind, _ in store.blobs) == ["dec", "idx"]
+
+
 async def test_an_expired_entry_is_a_miss_on_both_layers() -> None:
     store = MemoryStore()
     one, two = await replica(store), await replica(store)
@@ -70,7 +80,7 @@ async def test_a_corrupt_or_foreign_blob_is_a_miss(blob: bytes) -> None:
     one, two = await replica(store), await replica(store)
     await put(one, {"allow": True})
     [key] = [k for kind, k in store.blobs if kind == "dec"]
-    await store.put("dec", key, blob, 60_000)
+    await store.put("dec", key, blob, time.time() + 60)
     assert await ask(two) == (None, "miss")
 
 

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any, ClassVar, cast
 
 import pytest
@@ -123,7 +124,7 @@ async def test_l2_stores_by_name() -> None:
     assert isinstance(store_named("redis", shared), RedisStore)
     memory = store_named("memory", shared)
     assert isinstance(memory, MemoryStore)
-    await memory.put("dec", "k", b"blob", 60_000)
+    await memory.put("dec", "k", b"blob", time.time() + 60)
     assert await memory.get("dec", "k") == b"blob"
     with pytest.raises(KeyError):
         store_named("memcached", shared)

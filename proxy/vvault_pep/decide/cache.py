@@ -570,11 +570,12 @@ class DecisionCache:
             vary = hints.vary
 
             async def write() -> None:
+                if expires <= time.time():
+                    return  # ended before it could be written: nothing to share
                 blob = orjson.dumps({"r": result, "exp": expires})
                 index = orjson.dumps(list(vary) if vary is not None else None)
-                ms = max(1, int(ttl_s * 1000))
                 # Both ride in the round trip of this loop turn's other Redis reads and writes.
-                await asyncio.gather(store.put("dec", key, blob, ms), store.put("idx", ikey, index, ms))
+                await asyncio.gather(store.put("dec", key, blob, expires), store.put("idx", ikey, index, expires))
 
             self._spawn(write(), "cache-l2-write")
 

@@ -1,6 +1,7 @@
 """Where L2 decision entries live: a store every replica shares, read when L1 misses.
 
-A store keeps opaque blobs by ``(kind, key)`` for a lifetime in milliseconds; ``kind`` is
+A store keeps opaque blobs by ``(kind, key)`` until an instant (unix time): an entry ends when
+its answer or its token does, however late its write reaches the store.  ``kind`` is
 ``dec`` (an entry) or ``idx`` (a route's ``cache.vary`` index).  What a blob holds, and how
 its key is made, is :mod:`.cache`'s.  :class:`RedisStore` is the PEP's; another backend is a
 class with the two methods and a line in :data:`STORES` (a name → a factory of the shared
@@ -24,7 +25,9 @@ class DecisionStore(Protocol):
         """The blob, or None (absent, expired, or the store did not answer in time)."""
         ...
 
-    def put(self, kind: str, key: str, blob: bytes, ttl_ms: int) -> Awaitable[Any]: ...
+    def put(self, kind: str, key: str, blob: bytes, expires_at: float) -> Awaitable[Any]:
+        """Keep the blob until ``expires_at`` (unix seconds, in the future when called)."""
+        ...
 
 
 class RedisStore:
@@ -37,9 +40,12 @@ class RedisStore:
         shared = self.shared
         return shared.one(lambda p: p.get(shared.key(kind, key)))
 
-    def put(self, kind: str, key: str, blob: bytes, ttl_ms: int) -> Awaitable[Any]:
+    def put(self, kind: str, key: str, blob: bytes, expires_at: float) -> Awaitable[Any]:
         shared = self.shared
-        return shared.one(lambda p: p.set(shared.key(kind, key), blob, px=ttl_ms))
+        # An absolute expiry (SET … PXAT, Redis 6.2): a write that waited in a busy loop or a
+        # slow round trip still ends with the token, where a relative one would add the wait.
+        at_ms = int(expires_at * 1000)
+        return shared.one(lambda p: p.set(shared.key(kind, key), blob, pxat=at_ms))
 
 
 class MemoryStore:
@@ -55,8 +61,8 @@ class MemoryStore:
             return None
         return found[0]
 
-    async def put(self, kind: str, key: str, blob: bytes, ttl_ms: int) -> None:
-        self.blobs[(kind, key)] = (blob, time.monotonic() + ttl_ms / 1000)
+    async def put(self, kind: str, key: str, blob: bytes, expires_at: float) -> None:
+        self.blobs[(kind, key)] = (blob, time.monotonic() + (expires_at - time.time()))
 
 
 StoreFactory = Callable[[SharedState], DecisionStore]
