@@ -67,3 +67,14 @@ def test_bytes_that_are_not_json_are_refused(raw: bytes) -> None:
 def test_no_listing_names_no_modules() -> None:
     assert modules.sources(b"{}") == []
     assert modules.sources(b'{"result": []}') == []
+
+
+def test_a_listing_nested_past_the_decoder_depth_is_refused_with_its_code() -> None:
+    # Inside the skipped AST too: an uncaught RecursionError would end the revision task for good.
+    deep = b'{"result": [{"id": "a.rego", "raw": "package a", "ast": ' + b"[" * 5000 + b"]" * 5000 + b"}]}"
+    with pytest.raises(PepError) as err:
+        modules.sources(deep)
+    assert (err.value.code, err.value.detail) == (
+        "pdp.error",
+        "GET /v1/policies: not a module listing (nested too deep)",
+    )

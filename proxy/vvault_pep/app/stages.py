@@ -391,17 +391,21 @@ class Decide:
         if layer == "miss" and fresh and answer.defined and decision.code not in NEVER_CACHED:
             hints = hints_of(answer.result)
             identity = x.identity
+            now = time.time()
             ttl = lifetime(
                 allow=decision.allow,
                 route=route,
                 cfg=self.cache_cfg,
                 hints=hints,
                 token_exp=identity.user.expires_at if identity.user else None,
-                now=time.time(),
+                now=now,
                 time_dependent=cache.time_dependent(route),
             )
             if self.live:
-                cache.store(route, doc, answer.result, ttl_s=ttl, hints=hints, revision=revision, epochs=epochs)
+                # The same moment the lifetime was counted from: the entry ends at the token's exp, not after it.
+                cache.store(
+                    route, doc, answer.result, ttl_s=ttl, hints=hints, revision=revision, epochs=epochs, now=now
+                )
             elif ttl > 0:
                 x.cache_key = cache.entry_key(route, doc, revision, epochs, hints.vary)
 

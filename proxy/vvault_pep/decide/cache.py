@@ -555,12 +555,15 @@ class DecisionCache:
         hints: CacheHints,
         revision: str,
         epochs: list[Any],
+        now: float | None = None,
     ) -> None:
+        """Keep ``result`` for ``ttl_s`` from ``now`` (unix time; default: this moment), the
+        moment the lifetime was counted from, so an entry bounded by a token's exp ends at it."""
         if ttl_s <= 0 or not self._cacheable(route):
             return
-        self._remember_index(self._index_key(route, revision), hints.vary, time.time() + ttl_s)
+        expires = (time.time() if now is None else now) + ttl_s
+        self._remember_index(self._index_key(route, revision), hints.vary, expires)
         key = self._key(route, revision, epochs, doc, hints.vary)
-        expires = time.time() + ttl_s
         payload = orjson.dumps(result)
         self._put_l1(key, payload, expires)
         self.stats["stored"] += 1

@@ -42,4 +42,6 @@ def sources(listing: bytes) -> list[tuple[str, str]]:
         modules = _DECODER.decode(listing).result
     except msgspec.DecodeError as exc:
         raise PepError("pdp.error", f"GET /v1/policies: not a module listing ({exc})") from exc
+    except RecursionError as exc:  # nested past msgspec's depth limit, even inside a skipped AST
+        raise PepError("pdp.error", "GET /v1/policies: not a module listing (nested too deep)") from exc
     return sorted((m.id, m.raw) for m in modules)
