@@ -179,6 +179,9 @@ def test_check_reports_each_dependency(tmp_path: Path, pki: Path, opa, upstream,
     assert "ok    policy: data.vvault.authz.decision is defined" in ok.stdout
     assert "ok    upstream: vvault" in ok.stdout
     assert "ok    redis: standalone answers PING" in ok.stdout
+    served = subprocess.run(["redis-server", "--version"], capture_output=True, text=True, check=True).stdout
+    version = next(w.split("=")[1] for w in served.split() if w.startswith("v="))
+    assert f"ok    redis: version {'.'.join(version.split('.')[:2])}" in ok.stdout
 
     doc["opa"]["url"] = f"http://127.0.0.1:{down_port}"
     doc["routes"].append(
@@ -208,3 +211,21 @@ def test_check_reports_each_dependency(tmp_path: Path, pki: Path, opa, upstream,
         timeout=60,
     )
     assert "FAIL  redis: standalone is not reachable" in no_redis.stdout
+
+
+@pytest.mark.parametrize(
+    ("info", "oldest"),
+    [
+        ({"redis_version": "7.0.15", "os": "Linux"}, (7, 0)),
+        ({"10.0.0.1:7000": {"redis_version": "7.2.4"}, "10.0.0.2:7000": {"redis_version": "6.0.9"}}, (6, 0)),
+        ({"redis_version": "v7"}, None),
+        ({"a": 1}, None),
+        (None, None),
+        (["7.0.0"], None),
+    ],
+    ids=["one server", "a cluster's nodes", "unreadable", "no version", "no answer", "another shape"],
+)
+def test_the_oldest_redis_version_is_what_check_judges(info: object, oldest: tuple[int, ...] | None) -> None:
+    from vvault_pep.app.cli import _oldest_redis
+
+    assert _oldest_redis(info) == oldest

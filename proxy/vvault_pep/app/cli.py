@@ -277,12 +277,22 @@ async def _check(config: Config, *, strict: bool = False) -> int:
 
             shared = SharedState(config.redis)
             pong = await shared.call(lambda c: c.ping(), deadline_s=2.0)
+            info = await shared.call(lambda c: c.info("server"), deadline_s=2.0) if pong is not None else None
             await shared.close()
             line(
                 pong is not None,
                 "redis",
                 f"{config.redis.mode} {'answers PING' if pong is not None else 'is not reachable'}",
             )
+            version = _oldest_redis(info)
+            if version is not None:
+                # L2 entries are written with SET … PXAT: an older server refuses every write.
+                line(
+                    version >= (6, 2),
+                    "redis",
+                    f"version {'.'.join(map(str, version))}"
+                    + ("" if version >= (6, 2) else ": 6.2 or later is needed (L2 writes use SET … PXAT)"),
+                )
         for name, up in config.upstreams.items():
             parts = urlsplit(up.url)
             port = parts.port or (443 if parts.scheme == "https" else 80)
@@ -402,3 +412,17 @@ async def _explain(config: Config, args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _oldest_redis(info: Any) -> tuple[int, ...] | None:
+    """The lowest ``redis_version`` in an ``INFO server`` answer (a Cluster's: one per node)."""
+    answers = [info] if isinstance(info, dict) and "redis_version" in info else []
+    if isinstance(info, dict) and not answers:
+        answers = [v for v in info.values() if isinstance(v, dict) and "redis_version" in v]
+    versions = []
+    for answer in answers:
+        try:
+            versions.append(tuple(int(part) for part in str(answer["redis_version"]).split(".")[:2]))
+        except ValueError:
+            continue
+    return min(versions) if versions else None
