@@ -188,26 +188,38 @@ async def test_an_l1_hit_sends_redis_no_command_while_the_channel_is_healthy(
 
 
 async def test_a_quarantine_on_one_replica_is_refused_on_the_other_at_once(
-    pair: tuple[PepRuntime, PepRuntime], pki: Path, idp: Issuer
+    patient_pair: tuple[PepRuntime, PepRuntime], pki: Path, idp: Issuer
 ) -> None:
-    a, b = pair
-    user = f"q-{uuid.uuid4().hex[:8]}"
-    token = idp.token(sub=user)
-    await healthy(a, b)
-    assert (await call(b, pki, token=token)).status == 200
-    assert (await call(b, pki, token=token)).cache == "l1"
-    generation = b.containment.generation if b.containment else 0
-    sent = time.monotonic()
-    assert await quarantine(a, "subject", f"{idp.url}|{user}")
+    """Heard, not read: B refuses within the window while its channel stayed healthy.
 
-    async def refused_on_b() -> bool:
-        return (await call(b, pki, token=token)).code == REFUSED
+    A busy CI core once held one of B's Redis reads past its timeout; the tripped circuit
+    made B fall back to reads, and the refusal then proved nothing about the push. So the
+    pair is patient, and an attempt during which B fell back is made again with a new subject.
+    """
+    a, b = patient_pair
+    for _ in range(3):
+        user = f"q-{uuid.uuid4().hex[:8]}"
+        token = idp.token(sub=user)
+        await healthy(a, b)
+        assert b.push is not None and b.containment is not None
+        assert (await call(b, pki, token=token)).status == 200
+        assert (await call(b, pki, token=token)).cache == "l1"
+        generation, fallbacks = b.containment.generation, b.push.fallbacks
+        sent = time.monotonic()
+        assert await quarantine(a, "subject", f"{idp.url}|{user}")
 
-    took = await until(refused_on_b, "replica B refusing")
-    print(f"\nstaleness[push]: refused on the other replica {time.monotonic() - sent:.3f}s after the admin call")
-    assert b.containment is not None and b.containment.generation > generation
-    assert b.push is not None and b.push.healthy  # heard, not read
-    assert time.monotonic() - sent < b.push.window_s + 0.5
+        async def refused_on_b() -> bool:
+            return (await call(b, pki, token=token)).code == REFUSED  # noqa: B023
+
+        took = await until(refused_on_b, "replica B refusing")
+        elapsed = time.monotonic() - sent
+        if b.push.fallbacks == fallbacks and b.push.healthy:
+            break
+    else:
+        raise AssertionError("B's push channel never stayed healthy through an attempt")
+    print(f"\nstaleness[push]: refused on the other replica {elapsed:.3f}s after the admin call")
+    assert b.containment.generation > generation
+    assert elapsed < b.push.window_s + 0.5
     assert took < b.push.window_s
     # and lifted: served again on both
     status, _ = await admin(b, "DELETE", f"/admin/quarantines/subject/{idp.url}|{user}")
