@@ -35,6 +35,7 @@ _SERVERS = frozenset(
     {"opa", "own_opa", "redis_server", "pep", "upstream", "hanging_upstream", "idp", "devices", "trap", "client"}
     | {"base"}
     | {"docs", "rotating", "stand_in"}  # loopback key documents, a second IdP, an OPA stand-in
+    | {"in_pieces"}  # an answer sent in two pieces
 )
 _STARTS = (
     "start_opa(", "start_serve(", "RedisServer(", "create_subprocess_exec", "PepRuntime(", "running_pep(",

@@ -7,6 +7,7 @@ whether the upstream (or OPA's data) was reached.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hashlib
 import json
@@ -310,6 +311,36 @@ async def test_opa_pushes_need_a_policy_admin_with_mfa(
                 assert resp.status == 200
     finally:
         await opa_data(attack_opa, "vvault/admins", {"spiffe://demo.vvault/client/ops": ["*"]})
+
+
+async def test_a_pushed_policy_that_comes_in_pieces_is_pushed_whole(
+    pep: PepRuntime, pki: Path, idp: Issuer, attack_opa: OpaProcess, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A body read only as far as it had arrived would push its first piece alone: here a
+    module valid by itself, without the rule the second piece adds."""
+    first, second = b"package vvault.pieces\n\nx := 1\n", b"y := 2\n"
+
+    async def pieces() -> AsyncIterator[bytes]:
+        yield first
+        await asyncio.sleep(0.2)  # the network's pause between two pieces: the answer must not depend on it
+        yield second
+
+    await opa_data(attack_opa, "vvault/admins", {"spiffe://demo.vvault/client/ops": ["*", "policy-admin"]})
+    try:
+        headers = {"Authorization": f"Bearer {bound_mfa_token(idp, pki, 'pat')}", "Content-Type": "text/plain"}
+        connector = aiohttp.TCPConnector(ssl=client_context(pki, "ops"), force_close=True)
+        with caplog.at_level(logging.INFO, logger="vvault_pep.audit"):
+            async with aiohttp.ClientSession(connector=connector) as http:
+                url = f"https://localhost:{pep.admin_port}/admin/opa/policies/pieces"
+                async with http.put(url, data=pieces(), headers=headers) as resp:
+                    assert resp.status == 200, await resp.text()
+        assert await opa_data(attack_opa, "vvault/pieces") == {"x": 1, "y": 2}
+        [record] = [r.audit for r in caplog.records if getattr(r, "audit", {}).get("admin_action") == "opa.policy.put"]
+        assert record["sha256"] == hashlib.sha256(first + second).hexdigest()
+    finally:
+        await opa_data(attack_opa, "vvault/admins", {"spiffe://demo.vvault/client/ops": ["*"]})
+        async with aiohttp.ClientSession() as http, http.delete(f"{attack_opa.url}/v1/policies/pieces") as resp:
+            assert resp.status in (200, 404)
 
 
 async def test_a_stolen_admin_certificate_with_the_thiefs_own_mfa_token_cannot_push(

@@ -208,18 +208,29 @@ class Docs:
         self.hits: dict[str, int] = {}
         self.url = ""
         self.gate: asyncio.Event | None = None
+        self.pause_s: float | None = None
         self.runner: web.AppRunner | None = None
 
     def set(self, path: str, doc: Any, status: int = 200, **headers: str) -> None:
         body = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
         self.answers[path] = (status, body, {k.replace("_", "-"): v for k, v in headers.items()})
 
-    async def handle(self, request: web.Request) -> web.Response:
+    async def handle(self, request: web.Request) -> web.StreamResponse:
         self.hits[request.path] = self.hits.get(request.path, 0) + 1
         if self.gate is not None:
             await self.gate.wait()
         status, body, headers = self.answers.get(request.path, (404, b"", {}))
-        return web.Response(status=status, body=body, headers=headers, content_type="application/json")
+        if self.pause_s is None:
+            return web.Response(status=status, body=body, headers=headers, content_type="application/json")
+        # The body in two pieces with a pause between them, as a slow network delivers it;
+        # chunked, so the length is known only at its end.
+        resp = web.StreamResponse(status=status, headers={**headers, "Content-Type": "application/json"})
+        await resp.prepare(request)
+        await resp.write(body[: len(body) // 2])
+        await asyncio.sleep(self.pause_s)
+        await resp.write(body[len(body) // 2 :])
+        await resp.write_eof()
+        return resp
 
     async def start(self, ssl_context: ssl.SSLContext | None = None) -> None:
         app = web.Application()
@@ -394,6 +405,23 @@ async def test_the_document_size_limit_is_exact(docs: Docs, session: aiohttp.Cli
     assert await exact.refresh() is True and exact.kids == ["a"]
     over = KeySet(issuer_for(docs, jwks_uri=f"{docs.url}/jwks", jwks={"max_document_bytes": len(body) - 1}), session)
     assert await over.refresh() is False and over.kids == []
+
+
+async def test_a_document_that_comes_in_pieces_is_read_whole(docs: Docs, session: aiohttp.ClientSession) -> None:
+    # A read of what had arrived would parse the first half: not JSON, and no keys.
+    serve_keys(docs, *(jwk(P256, f"k{i}") for i in range(20)))
+    docs.pause_s = 0.2  # the network's pause; the answer must not depend on its length
+    ks = KeySet(issuer_for(docs, jwks_uri=f"{docs.url}/jwks"), session)
+    assert await ks.refresh() is True
+    assert sorted(ks.kids) == sorted(f"k{i}" for i in range(20))
+
+
+async def test_a_document_that_goes_on_past_the_limit_is_refused(docs: Docs, session: aiohttp.ClientSession) -> None:
+    body = json.dumps({"keys": [jwk(P256, "a")], "pad": "x" * 4096}).encode()
+    docs.set("/jwks", body)
+    docs.pause_s = 0.05
+    ks = KeySet(issuer_for(docs, jwks_uri=f"{docs.url}/jwks", jwks={"max_document_bytes": len(body) - 1}), session)
+    assert await ks.refresh() is False and ks.kids == [] and ks.failures == 1
 
 
 @pytest.mark.parametrize("body", [b"not json", b'{"keys": {}}', b"[]", b"\xff"])

@@ -50,6 +50,7 @@ from ..core.decision import interpret
 from ..core.principal import Identity
 from ..core.request import PeerCertificate, parse_peer
 from ..errors import PepError
+from ..net.bounded import read_upto
 from ..observe.sinks import now_rfc3339
 from .services import Services, quarantine
 
@@ -312,14 +313,14 @@ class AdminApi:
         if read == "json":
             doc = await self._json(request, action, who)
             return doc, doc
-        raw = await request.content.read(MAX_BODY + 1)
+        raw = bytes(await read_upto(request.content, MAX_BODY))
         if len(raw) > MAX_BODY:
             self._record(action, False, admin=who, code="admin.body_too_large")
             raise _problem(413, "admin.body_too_large", f"at most {MAX_BODY} bytes")
         return raw, raw.decode("utf-8", "replace")
 
     async def _json(self, request: web.Request, action: str, who: str) -> Any:
-        body = await request.content.read(MAX_BODY + 1)
+        body = await read_upto(request.content, MAX_BODY)
         if len(body) > MAX_BODY:
             self._record(action, False, admin=who, code="admin.body_too_large")
             raise _problem(413, "admin.body_too_large", f"at most {MAX_BODY} bytes")

@@ -44,6 +44,7 @@ from ..config.models import Upstream
 from ..core import responses
 from ..errors import PepError
 from ..net import http1
+from ..net.bounded import read_upto
 
 log = logging.getLogger("vvault_pep.forward")
 
@@ -106,7 +107,8 @@ class _AiohttpAnswer:
         return self._resp.content.iter_chunked(CHUNK)
 
     async def read(self, limit: int) -> bytes:
-        return await self._resp.content.read(limit + 1)
+        # content.read(n) would stop at what has arrived: the first piece of a longer body
+        return bytes(await read_upto(self._resp.content, limit))
 
     def release(self) -> None:
         self._resp.release()

@@ -39,6 +39,7 @@ from jwt.exceptions import PyJWTError
 
 from ..config.models import Issuer
 from ..errors import PepError
+from ..net.bounded import TooLarge, read_bounded
 
 log = logging.getLogger("vvault_pep.jwks")
 
@@ -197,9 +198,10 @@ class KeySet:
         async with self._session.get(url, allow_redirects=False) as resp:
             if resp.status != 200:
                 raise ValueError(f"HTTP {resp.status}")
-            body = await resp.content.read(self.issuer.jwks.max_document_bytes + 1)
-            if len(body) > self.issuer.jwks.max_document_bytes:
-                raise ValueError("document too large")
+            try:
+                body = await read_bounded(resp, self.issuer.jwks.max_document_bytes)
+            except TooLarge as exc:
+                raise ValueError("document too large") from exc
             m = _MAX_AGE.search(resp.headers.get("Cache-Control", ""))
             return json.loads(body), float(m.group(1)) if m else None
 
