@@ -9,6 +9,7 @@ the answers real OPA will not give on demand (a 500, garbage, a hang).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import ssl
@@ -24,7 +25,15 @@ from aiohttp import web
 from tests.support import OpaProcess, start_opa
 
 from vvault_pep.config.models import Opa
-from vvault_pep.decide.pdp import Answer, PdpClient, _bundle_revisions, _opa_error_code, _rule_paths
+from vvault_pep.decide.pdp import (
+    ANSWER_LIMIT,
+    LISTING_LIMIT,
+    Answer,
+    PdpClient,
+    _bundle_revisions,
+    _opa_error_code,
+    _rule_paths,
+)
 from vvault_pep.errors import PepError
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -38,6 +47,7 @@ class StandIn:
         self.routes: dict[tuple[str, str], Handler] = {}
         self.url = ""
         self.gate = asyncio.Event()
+        self.sent = 0  # bytes of endless bodies written
         self.runner: web.AppRunner | None = None
 
     def answer(self, method: str, path: str, doc: Any = None, status: int = 200, raw: bytes | None = None) -> None:
@@ -52,6 +62,26 @@ class StandIn:
         async def handler(_: web.Request) -> web.Response:
             await self.gate.wait()
             return web.json_response({})
+
+        self.routes[(method, path)] = handler
+
+    def endless(self, method: str, path: str, declared: int | None = None) -> None:
+        """A 200 whose body never ends (JSON whitespace, 64 KiB at a time), or, with
+        ``declared``, a Content-Length of that many bytes and then nothing."""
+
+        async def handler(request: web.Request) -> web.StreamResponse:
+            resp = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
+            if declared is not None:
+                resp.content_length = declared
+            await resp.prepare(request)
+            if declared is not None:
+                await self.gate.wait()
+                return resp
+            with contextlib.suppress(ConnectionError, aiohttp.ClientConnectionResetError):
+                while True:
+                    await resp.write(b" " * 65536)
+                    self.sent += 65536
+            return resp
 
         self.routes[(method, path)] = handler
 
@@ -382,6 +412,48 @@ async def test_an_answered_error_for_the_listing_names_no_revision(stand_in: Sta
     with pytest.raises(PepError) as exc:
         await client.revision()
     refused(exc, "pdp.error", "GET /v1/policies answered 500")
+
+
+def past(what: str, limit: int, declared: int | None) -> str:
+    said = f"an answer of {declared} bytes" if declared is not None else "an answer that went on"
+    return f"{what}: {said} past the limit of {limit} bytes"
+
+
+BOUNDS = pytest.mark.parametrize("declared", [None, 1 << 40], ids=["a body that goes on", "a declared terabyte"])
+
+
+@BOUNDS
+async def test_a_listing_past_its_limit_names_no_revision(
+    stand_in: StandIn, client: PdpClient, declared: int | None
+) -> None:
+    """Whatever answers on OPA's address (OPA, or a process that took its place) is read no
+    further than the listing's limit: refused, the revision kept, memory spent bounded."""
+    stand_in.answer("POST", PROBE, {})
+    stand_in.endless("GET", "/v1/policies", declared)
+    with pytest.raises(PepError) as exc:
+        await client.revision(timeout_s=120)  # 64 MiB through one busy loop: not the point here
+    refused(exc, "pdp.error", past("GET /v1/policies", LISTING_LIMIT, declared))
+    assert stand_in.sent < 2 * LISTING_LIMIT  # the read stopped at the limit; past it, what sockets buffer
+    with pytest.raises(PepError) as exc:
+        await client.defined_paths(["vvault/authz"], timeout_s=120)
+    refused(exc, "pdp.error", past("GET /v1/policies", LISTING_LIMIT, declared))
+
+
+@BOUNDS
+async def test_every_other_control_answer_is_bounded_by_the_decision_limit(
+    stand_in: StandIn, client: PdpClient, declared: int | None
+) -> None:
+    stand_in.endless("POST", PROBE, declared)
+    with pytest.raises(PepError) as exc:
+        await client.revision(timeout_s=60)
+    refused(exc, "pdp.error", past("the revision probe", ANSWER_LIMIT, declared))
+    assert await client.version(timeout_s=60) is None
+    stand_in.endless("GET", "/v1/data/vvault/x", declared)
+    with pytest.raises(PepError) as exc:
+        await client.get_data("vvault/x", timeout_s=60)
+    refused(exc, "pdp.error", past("GET /v1/data/vvault/x", ANSWER_LIMIT, declared))
+    stand_in.endless("GET", "/health", declared)
+    assert await client.healthy(timeout_s=60) is False
 
 
 async def test_the_module_hash_is_the_same_as_a_whole_decode_gives(real: PdpClient, real_opa: OpaProcess) -> None:

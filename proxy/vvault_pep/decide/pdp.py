@@ -41,6 +41,7 @@ import orjson
 
 from ..config.models import Opa
 from ..errors import PepError
+from ..net.bounded import TooLarge, read_bounded
 from ..net.http1 import Pool, UpstreamError, UpstreamTimeout
 
 log = logging.getLogger("vvault_pep.pdp")
@@ -52,7 +53,12 @@ _WAITING = {
 }
 
 # A decision document larger than this is not a decision: refused, never buffered further.
+# The same bound holds for every control-plane answer but one: whatever answers on OPA's
+# socket or port (OPA, or a process that took its place) is never read past a limit.
 ANSWER_LIMIT = 16 * 1024 * 1024
+# The module listing carries every module's AST (475 of the shipped library's 483 KB): a
+# library whose listing is larger than this is run from a bundle, whose revision needs none.
+LISTING_LIMIT = 64 * 1024 * 1024
 # The lean pool's own connect and read guards; the call's deadline rules well before them.
 _GUARD_S = 60.0
 
@@ -75,6 +81,14 @@ async def _asked(timeout_s: float) -> AsyncIterator[None]:
         raise PepError("pdp.timeout", "OPA did not answer in time") from exc
     except (aiohttp.ClientError, OSError, orjson.JSONDecodeError) as exc:
         raise PepError("pdp.unavailable", f"OPA unreachable: {type(exc).__name__}") from exc
+
+
+async def _body(resp: aiohttp.ClientResponse, what: str, limit: int = ANSWER_LIMIT) -> bytearray:
+    """The whole answer, or PepError(pdp.error) once it is past ``limit`` bytes."""
+    try:
+        return await read_bounded(resp, limit)
+    except TooLarge as exc:
+        raise PepError("pdp.error", f"{what}: {exc}") from exc
 
 
 class PdpClient:
@@ -212,16 +226,16 @@ class PdpClient:
             async with self._session.post(
                 f"{self._base}/v1/data/vvault_pep/revision_probe?provenance=true", data=b"{}"
             ) as resp:
-                bundles = _bundle_revisions(orjson.loads(await resp.read()))
+                bundles = _bundle_revisions(orjson.loads(await _body(resp, "the revision probe")))
             if bundles != "{}":
                 return "b:" + bundles
             if not modules:
                 return None
             self.module_downloads += 1
             async with self._session.get(f"{self._base}/v1/policies") as resp:
-                listing = await resp.read()
                 if resp.status != 200:
                     raise PepError("pdp.error", f"GET /v1/policies answered {resp.status}")
+                listing = await _body(resp, "GET /v1/policies", LISTING_LIMIT)
         from .modules import sources  # only here: with bundles the modules are never listed
 
         return "p:" + hashlib.sha256(orjson.dumps(sources(listing))).hexdigest()[:32]
@@ -233,8 +247,8 @@ class PdpClient:
                 async with self._session.post(
                     f"{self._base}/v1/data/vvault_pep/revision_probe?provenance=true", data=b"{}"
                 ) as resp:
-                    doc = orjson.loads(await resp.read())
-        except (TimeoutError, aiohttp.ClientError, OSError, orjson.JSONDecodeError):
+                    doc = orjson.loads(await _body(resp, "the revision probe"))
+        except (TimeoutError, aiohttp.ClientError, OSError, orjson.JSONDecodeError, PepError):
             return None
         prov = doc.get("provenance") if isinstance(doc, dict) else None
         version = prov.get("version") if isinstance(prov, dict) else None
@@ -262,7 +276,7 @@ class PdpClient:
             async with asyncio.timeout(2.0):
                 for attempt in range(2):
                     async with self._session.get(self._base + path) as resp:
-                        doc = orjson.loads(await resp.read())
+                        doc = orjson.loads(await _body(resp, f"GET {path}"))
                     if isinstance(doc, dict) and isinstance(doc.get("result"), str):
                         return str(doc["result"])
                     if attempt == 0:
@@ -277,7 +291,7 @@ class PdpClient:
         """A document of OPA's data (None when undefined); PepError(pdp.*) when OPA cannot be asked."""
         async with _asked(timeout_s):
             async with self._session.get(f"{self._base}/v1/data/{path}") as resp:
-                doc = orjson.loads(await resp.read())
+                doc = orjson.loads(await _body(resp, f"GET /v1/data/{path}"))
         return doc.get("result") if isinstance(doc, dict) else None
 
     async def delete_data(self, path: str) -> int:
@@ -289,16 +303,16 @@ class PdpClient:
             async with self._session.request(
                 method, self._base + path, data=body or None, headers={"Content-Type": content_type}
             ) as resp:
-                await resp.read()
+                await _body(resp, f"{method} {path}")
                 return resp.status
 
     async def healthy(self, timeout_s: float = 1.0) -> bool:
         try:
             async with asyncio.timeout(timeout_s):
                 async with self._session.get(f"{self._base}/health") as resp:
-                    await resp.read()
+                    await _body(resp, "GET /health")
                     return resp.status == 200
-        except (TimeoutError, aiohttp.ClientError, OSError):
+        except (TimeoutError, aiohttp.ClientError, OSError, PepError):
             return False
 
     async def defined_paths(self, paths: list[str], timeout_s: float = 2.0) -> dict[str, bool]:
@@ -308,9 +322,9 @@ class PdpClient:
         """
         async with _asked(timeout_s):
             async with self._session.get(f"{self._base}/v1/policies") as resp:
-                raw = await resp.read()
                 if resp.status != 200:
                     raise PepError("pdp.error", f"GET /v1/policies answered {resp.status}")
+                raw = await _body(resp, "GET /v1/policies", LISTING_LIMIT)
             heads = _rule_paths(orjson.loads(raw))
             out: dict[str, bool] = {}
             for path in paths:
@@ -319,7 +333,7 @@ class PdpClient:
                 if not found:
                     # Could be a plain data document rather than a rule.
                     async with self._session.get(f"{self._base}/v1/data/{path}") as resp:
-                        doc = orjson.loads(await resp.read())
+                        doc = orjson.loads(await _body(resp, f"GET /v1/data/{path}"))
                         found = resp.status == 200 and isinstance(doc, dict) and "result" in doc
                 out[path] = found
             return out

@@ -40,6 +40,8 @@ log = logging.getLogger("vvault_pep.audit.http")
 
 # One id per PEP process, as OPA labels each instance (labels.id).
 INSTANCE_ID = str(uuid.uuid4())
+# The collector's answer is judged by its status; of its body no more than this is read.
+_ANSWER_READ = 64 * 1024
 
 # Fields of the PEP record that become OPA's own fields; the rest is the extension.
 _MAPPED = frozenset({"timestamp", "decision_id", "trace_id", "path", "input", "redacted", "bundles"})
@@ -193,7 +195,7 @@ class HttpSink(Sink):
         try:
             conn.request("POST", (parts.path or "/") + (f"?{parts.query}" if parts.query else ""), body, self._headers)
             resp = conn.getresponse()
-            resp.read()
+            resp.read(_ANSWER_READ)  # the answer is not used: a little is read, then the connection closed
         finally:
             conn.close()
         if not 200 <= resp.status < 300:
