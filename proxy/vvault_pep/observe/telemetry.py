@@ -39,15 +39,12 @@ import ipaddress
 import platform
 import random
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace import (
     NonRecordingSpan,
+    NoOpTracer,
     Span,
     SpanContext,
     SpanKind,
@@ -63,6 +60,9 @@ from prometheus_client.utils import floatToGoString
 
 from .. import __version__
 from ..config.models import Telemetry as TelemetryConfig
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 
 PROPAGATOR = TraceContextTextMapPropagator()
 disable_created_metrics()  # type: ignore[no-untyped-call]  # no *_created series: the same exposition as before, less to scrape
@@ -85,19 +85,16 @@ def method_of(method: str) -> str:
 class Telemetry:
     def __init__(self, cfg: TelemetryConfig, *, span_processors: Iterable[SpanProcessor] = ()) -> None:
         self.cfg = cfg
-        resource = Resource.create({"service.name": cfg.service_name, "service.version": __version__})
-        self.tracer_provider = TracerProvider(
-            resource=resource, sampler=ParentBased(TraceIdRatioBased(cfg.traces.sample_ratio))
-        )
         exporter = _span_exporter(cfg)
-        if exporter is not None:
-            self.tracer_provider.add_span_processor(BatchSpanProcessor(exporter))
         processors = list(span_processors)
-        for processor in processors:
-            self.tracer_provider.add_span_processor(processor)
-        # Spans (server and per stage) only when someone receives them.
+        # Spans (server and per stage) only when someone receives them; the SDK's tracer
+        # (and its import, ~0.45 MB) only then too.
         self.recording = exporter is not None or bool(processors)
-        self.tracer: Tracer = self.tracer_provider.get_tracer("vvault_pep", __version__)
+        self.tracer_provider: TracerProvider | None = None
+        self.tracer: Tracer = NoOpTracer()
+        if self.recording:
+            self.tracer_provider = _tracer_provider(cfg, exporter, processors)
+            self.tracer = self.tracer_provider.get_tracer("vvault_pep", __version__)
         self._sample_bound = round(min(max(cfg.traces.sample_ratio, 0.0), 1.0) * (1 << 64))
 
         self.registry = registry = CollectorRegistry()
@@ -217,7 +214,8 @@ class Telemetry:
         return generate_latest(self.registry)
 
     def shutdown(self) -> None:
-        self.tracer_provider.shutdown()
+        if self.tracer_provider is not None:
+            self.tracer_provider.shutdown()
 
 
 class LoopCounter:
@@ -306,6 +304,21 @@ class _ObservedCollector(Collector):
                 by_name = dict(labels)
                 family.add_metric([by_name.get(n, "") for n in names], value)
             yield family
+
+
+def _tracer_provider(cfg: TelemetryConfig, exporter: Any, processors: list[SpanProcessor]) -> TracerProvider:
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+    resource = Resource.create({"service.name": cfg.service_name, "service.version": __version__})
+    provider = TracerProvider(resource=resource, sampler=ParentBased(TraceIdRatioBased(cfg.traces.sample_ratio)))
+    if exporter is not None:
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+    for processor in processors:
+        provider.add_span_processor(processor)
+    return provider
 
 
 def _span_exporter(cfg: TelemetryConfig) -> Any:
