@@ -30,6 +30,7 @@ async def admin_pep(pki: Path, opa: OpaProcess, upstream: Upstream) -> AsyncIter
         opa_url=opa.url,
         upstream_port=upstream.port,
         identity={"workload": {"trust_domains": ["demo.vvault"]}},
+        limits={"body_deadline_s": 1.5},  # the admin body's deadline too
         admin={
             "host": "127.0.0.1",
             "port": 0,
@@ -46,8 +47,10 @@ async def admin_pep(pki: Path, opa: OpaProcess, upstream: Upstream) -> AsyncIter
         yield pep
 
 
-async def _raw(pep: PepRuntime, ctx: ssl.SSLContext, head: bytes, body: bytes = b"") -> tuple[int, dict[str, str], Any]:
-    """Send the head (and maybe a body); read the answer without ever sending more."""
+async def _raw(
+    pep: PepRuntime, ctx: ssl.SSLContext, head: bytes, body: bytes = b"", later: bytes = b""
+) -> tuple[int, dict[str, str], Any]:
+    """Send the head (and maybe a body, and ``later`` after a pause); read the answer."""
     async with asyncio.timeout(10):
         reader, writer = await asyncio.open_connection(
             "127.0.0.1", pep.admin_port, ssl=ctx, server_hostname="localhost"
@@ -55,6 +58,10 @@ async def _raw(pep: PepRuntime, ctx: ssl.SSLContext, head: bytes, body: bytes = 
         try:
             writer.write(head + body)
             await writer.drain()
+            if later:
+                await asyncio.sleep(0.2)  # the network's pause: the answer must not depend on it
+                writer.write(later)
+                await writer.drain()
             status_line = await reader.readline()
             headers: dict[str, str] = {}
             while (line := await reader.readline()) not in (b"\r\n", b""):
@@ -117,3 +124,43 @@ async def test_a_malformed_body_from_an_admin_is_a_400_naming_the_field(
     status, headers, doc = await _raw(admin_pep, client_context(pki, "ops"), _post(len(body)), body)
     assert (status, headers["content-type"].split(";")[0]) == (400, "application/problem+json")
     assert doc["detail"].startswith(f"{field}: ")
+
+
+def _chunked() -> bytes:
+    return (
+        f"POST {QUARANTINES} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n"
+    ).encode()
+
+
+@pytest.mark.parametrize(
+    ("head", "body", "later", "status", "codes"),
+    [
+        # announced past the limit: refused before a byte of it is read (none is sent)
+        (_post(4 << 20 | 1), b"", b"", 413, {"admin.body_too_large"}),
+        # a good chunk, then a chunk size that is not hex: never the first piece taken as
+        # the body. In one write the parser refuses the request; after a pause the handler
+        # is reading it, and the body fails.
+        (_chunked(), b'5\r\n{"sco\r\nZZ\r\n', b"", 400, {"admin.bad_request", "admin.bad_body"}),
+        (_chunked(), b'5\r\n{"sco\r\n', b"ZZ\r\n", 400, {"admin.bad_request", "admin.bad_body"}),
+        # a third of the announced body, then nothing: the deadline, not a wait for ever
+        (_post(90), b'{"scope": "subject", "value": "', b"", 408, {"admin.body_timeout"}),
+    ],
+    ids=["declared too large", "bad chunk after a good one", "bad chunk after a pause", "stalled"],
+)
+async def test_a_body_that_cannot_be_read_whole_is_refused_on_record(
+    admin_pep: PepRuntime,
+    pki: Path,
+    caplog: pytest.LogCaptureFixture,
+    head: bytes,
+    body: bytes,
+    later: bytes,
+    status: int,
+    codes: set[str],
+) -> None:
+    with caplog.at_level(logging.INFO, logger="vvault_pep.audit"):
+        got, headers, doc = await _raw(admin_pep, client_context(pki, "ops"), head, body, later)
+    assert (got, headers["content-type"].split(";")[0]) == (status, "application/problem+json")
+    assert doc["code"] in codes
+    records = [r.audit for r in caplog.records if getattr(r, "audit", {}).get("result") == {"allow": False}]
+    assert [r["code"] for r in records] == [doc["code"]]  # one record, saying the same

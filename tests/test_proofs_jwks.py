@@ -416,6 +416,18 @@ async def test_a_document_that_comes_in_pieces_is_read_whole(docs: Docs, session
     assert sorted(ks.kids) == sorted(f"k{i}" for i in range(20))
 
 
+async def test_a_document_nested_past_the_parsers_depth_is_a_failed_refresh(
+    docs: Docs, session: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Well under the size limit; uncaught, it would end the refresher and fail the start.
+    docs.set("/jwks", b"[" * 200_000)
+    ks = KeySet(issuer_for(docs, jwks_uri=f"{docs.url}/jwks"), session)
+    with caplog.at_level(logging.WARNING, logger="vvault_pep.jwks"):
+        assert await ks.refresh() is False
+    assert ks.kids == [] and ks.failures == 1
+    assert warned(caplog) == ["JWKS refresh for issuer corp failed: RecursionError"]
+
+
 async def test_a_document_that_goes_on_past_the_limit_is_refused(docs: Docs, session: aiohttp.ClientSession) -> None:
     body = json.dumps({"keys": [jwk(P256, "a")], "pad": "x" * 4096}).encode()
     docs.set("/jwks", body)

@@ -47,7 +47,7 @@ class StandIn:
         self.routes: dict[tuple[str, str], Handler] = {}
         self.url = ""
         self.gate = asyncio.Event()
-        self.sent = 0  # bytes of endless bodies written
+        self.sent = 0  # bytes of the last endless body written
         self.runner: web.AppRunner | None = None
 
     def answer(self, method: str, path: str, doc: Any = None, status: int = 200, raw: bytes | None = None) -> None:
@@ -66,8 +66,10 @@ class StandIn:
         self.routes[(method, path)] = handler
 
     def endless(self, method: str, path: str, declared: int | None = None) -> None:
-        """A 200 whose body never ends (JSON whitespace, 64 KiB at a time), or, with
-        ``declared``, a Content-Length of that many bytes and then nothing."""
+        """A 200 whose body goes on past every limit (JSON whitespace, 64 KiB at a time, up to
+        twice the listing's limit: a client that reads it all fails with another error, not
+        the machine's memory), or, with ``declared``, a Content-Length of that many bytes and
+        then nothing."""
 
         async def handler(request: web.Request) -> web.StreamResponse:
             resp = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
@@ -78,9 +80,11 @@ class StandIn:
                 await self.gate.wait()
                 return resp
             with contextlib.suppress(ConnectionError, aiohttp.ClientConnectionResetError):
-                while True:
+                self.sent = 0
+                while self.sent < 2 * LISTING_LIMIT:
                     await resp.write(b" " * 65536)
                     self.sent += 65536
+                await resp.write_eof()
             return resp
 
         self.routes[(method, path)] = handler
@@ -454,6 +458,15 @@ async def test_every_other_control_answer_is_bounded_by_the_decision_limit(
     refused(exc, "pdp.error", past("GET /v1/data/vvault/x", ANSWER_LIMIT, declared))
     stand_in.endless("GET", "/health", declared)
     assert await client.healthy(timeout_s=60) is False
+
+
+@BOUNDS
+async def test_a_write_is_judged_by_its_status_whatever_its_answer_holds(
+    stand_in: StandIn, client: PdpClient, declared: int | None
+) -> None:
+    # OPA may have applied the write: the answer's size is no reason to report it failed.
+    stand_in.endless("PUT", "/v1/policies/p1", declared)
+    assert await client.put_policy("p1", b"package p1") == 200
 
 
 async def test_the_module_hash_is_the_same_as_a_whole_decode_gives(real: PdpClient, real_opa: OpaProcess) -> None:

@@ -35,6 +35,7 @@ authenticated), and the audit record carries the SHA-256 of what was written.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hashlib
 import hmac
@@ -45,10 +46,13 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import PayloadAccessError, RequestHandler, RequestPayloadError
 
 from ..core.decision import interpret
 from ..core.principal import Identity
 from ..core.request import PeerCertificate, parse_peer
+from ..edge.listener import BodyFailingHandler
 from ..errors import PepError
 from ..net.bounded import read_upto
 from ..observe.sinks import now_rfc3339
@@ -85,7 +89,8 @@ def _peer(request: web.Request, trust_domains: tuple[str, ...] = ()) -> PeerCert
 
 _ERRORS: dict[int, type[web.HTTPException]] = {
     400: web.HTTPBadRequest, 401: web.HTTPUnauthorized, 403: web.HTTPForbidden, 404: web.HTTPNotFound,
-    405: web.HTTPMethodNotAllowed, 502: web.HTTPBadGateway, 503: web.HTTPServiceUnavailable,
+    405: web.HTTPMethodNotAllowed, 408: web.HTTPRequestTimeout, 502: web.HTTPBadGateway,
+    503: web.HTTPServiceUnavailable,
 }  # fmt: skip
 
 
@@ -159,6 +164,10 @@ class AdminApi:
         app.router.add_post("/admin/revocations", self._revoke_token)
         app.router.add_post("/admin/grants", self._add_grant)
         app.router.add_delete("/admin/grants/{ticket}", self._remove_grant)
+
+    def refused_by_parser(self, code: str, source_ip: str | None) -> None:
+        """A request aiohttp's parser refused never reaches a handler: it still goes on record."""
+        self._emit("unparsed request", False, {"admin": None, "code": code, "source_ip": source_ip})
 
     @web.middleware
     async def _audited(self, request: web.Request, handler: Any) -> web.StreamResponse:
@@ -306,6 +315,30 @@ class AdminApi:
             }
         )
 
+    async def _whole(self, request: web.Request, action: str, who: str) -> bytes:
+        """The whole body, at most MAX_BODY bytes, within the body deadline; else a refusal on record.
+
+        A declared length past the limit is refused before a byte is read; a body cut short,
+        badly framed or badly chunked is a 400, one that stalls past the deadline a 408.
+        """
+        declared = request.content_length
+        raw = b""
+        if declared is None or declared <= MAX_BODY:
+            deadline = self.runtime.config.limits.body_deadline_s
+            try:
+                async with asyncio.timeout(deadline):
+                    raw = bytes(await read_upto(request.content, MAX_BODY))
+            except TimeoutError:
+                self._record(action, False, admin=who, code="admin.body_timeout")
+                raise _problem(408, "admin.body_timeout", f"the body took longer than {deadline:g} s") from None
+            except (RequestPayloadError, PayloadAccessError, HttpProcessingError, ConnectionError, ValueError) as exc:
+                self._record(action, False, admin=who, code="admin.bad_body")
+                raise _problem(400, "admin.bad_body", "body: not received whole") from exc
+        if (declared is not None and declared > MAX_BODY) or len(raw) > MAX_BODY:
+            self._record(action, False, admin=who, code="admin.body_too_large")
+            raise _problem(413, "admin.body_too_large", f"at most {MAX_BODY} bytes")
+        return raw
+
     async def _body(self, request: web.Request, action: str, who: str, read: str) -> tuple[Any, Any]:
         """(what the handler gets, what the admin policy sees) for ``read``: none, json or text."""
         if read == "none":
@@ -313,17 +346,11 @@ class AdminApi:
         if read == "json":
             doc = await self._json(request, action, who)
             return doc, doc
-        raw = bytes(await read_upto(request.content, MAX_BODY))
-        if len(raw) > MAX_BODY:
-            self._record(action, False, admin=who, code="admin.body_too_large")
-            raise _problem(413, "admin.body_too_large", f"at most {MAX_BODY} bytes")
+        raw = await self._whole(request, action, who)
         return raw, raw.decode("utf-8", "replace")
 
     async def _json(self, request: web.Request, action: str, who: str) -> Any:
-        body = await read_upto(request.content, MAX_BODY)
-        if len(body) > MAX_BODY:
-            self._record(action, False, admin=who, code="admin.body_too_large")
-            raise _problem(413, "admin.body_too_large", f"at most {MAX_BODY} bytes")
+        body = await self._whole(request, action, who)
         try:
             return orjson.loads(body)
         except orjson.JSONDecodeError as exc:
@@ -532,3 +559,62 @@ def grant_push_problem(path: str, doc: Any, now: dt.datetime) -> str | None:
 def _admin_name(peer: PeerCertificate) -> str:
     """The admin's name in the audit record: its SPIFFE ID, else its DN in its own namespace."""
     return peer.spiffe_id or f"x509:{peer.subject}"
+
+
+class AdminRunner(web.AppRunner):
+    """aiohttp's AppRunner for the admin app, its connections handled by :class:`_AdminHandler`."""
+
+    def __init__(self, app: web.Application, api: AdminApi, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self._api = api
+
+    async def _make_server(self) -> web.Server:
+        made = await super()._make_server()
+        return _AdminServer(
+            self._api,
+            made.request_handler,
+            request_factory=made.request_factory,
+            handler_cancellation=made.handler_cancellation,
+            loop=made._loop,
+            **made._kwargs,
+        )
+
+
+class _AdminServer(web.Server):
+    def __init__(self, api: AdminApi, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.api = api
+
+    def __call__(self) -> RequestHandler:
+        return _AdminHandler(self, loop=self._loop, **self._kwargs)
+
+
+class _AdminHandler(BodyFailingHandler):
+    """The admin listener's connection handler: a request its parser refuses (bad framing,
+    bad chunking, oversized lines) is answered as problem+json and goes on record."""
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started")
+        if type(exc).__name__ == "LineTooLong":
+            status = 431  # RFC 6585
+        code = {400: "admin.bad_request", 413: "admin.body_too_large", 431: "admin.headers_too_large"}.get(status)
+        if code is None:
+            status, code = 500, "admin.error"
+        resp = web.Response(
+            status=status,
+            text=_problem_body(status, code, "the HTTP parser refused the request"),
+            content_type="application/problem+json",
+        )
+        resp.force_close()
+        peer = self.transport.get_extra_info("peername") if self.transport else None
+        manager = self._manager
+        if isinstance(manager, _AdminServer):
+            manager.api.refused_by_parser(code, peer[0] if peer else None)
+        return resp

@@ -41,7 +41,7 @@ from ..shared.push import Push
 from ..shared.ratelimit import RateLimiter
 from ..shared.risk import RiskSignals
 from ..shared.state import Generation, SharedState
-from .admin import AdminApi
+from .admin import AdminApi, AdminRunner
 from .pipeline import Pipeline
 from .services import key_decisions, policy_client
 
@@ -149,8 +149,9 @@ class PepRuntime:
         admin.router.add_get("/readyz", self._readyz)
         admin.router.add_get("/metrics", self._metrics)
         admin.router.add_get("/version", self._version)
-        AdminApi(self).install(admin)
-        self._admin_runner = web.AppRunner(admin, access_log=None)
+        api = AdminApi(self)
+        api.install(admin)
+        self._admin_runner = AdminRunner(admin, api, access_log=None)
         await self._admin_runner.setup()
         admin_ssl = server_context(config.admin.tls) if config.admin.tls is not None else None
         self._admin_ssl = admin_ssl

@@ -41,7 +41,7 @@ import orjson
 
 from ..config.models import Opa
 from ..errors import PepError
-from ..net.bounded import TooLarge, read_bounded
+from ..net.bounded import TooLarge, read_bounded, read_upto
 from ..net.http1 import Pool, UpstreamError, UpstreamTimeout
 
 log = logging.getLogger("vvault_pep.pdp")
@@ -56,9 +56,11 @@ _WAITING = {
 # The same bound holds for every control-plane answer but one: whatever answers on OPA's
 # socket or port (OPA, or a process that took its place) is never read past a limit.
 ANSWER_LIMIT = 16 * 1024 * 1024
-# The module listing carries every module's AST (475 of the shipped library's 483 KB): a
-# library whose listing is larger than this is run from a bundle, whose revision needs none.
+# The module listing carries every module's AST (475 of the shipped library's 483 KB); past
+# this, neither the module revision nor readiness's policy check can be had from it.
 LISTING_LIMIT = 64 * 1024 * 1024
+# Of the answer to a write (PUT, DELETE) only the status is used; no more of its body is read.
+_WRITE_ANSWER_READ = 64 * 1024
 # The lean pool's own connect and read guards; the call's deadline rules well before them.
 _GUARD_S = 60.0
 
@@ -303,7 +305,11 @@ class PdpClient:
             async with self._session.request(
                 method, self._base + path, data=body or None, headers={"Content-Type": content_type}
             ) as resp:
-                await _body(resp, f"{method} {path}")
+                # Only the status matters, and OPA may have applied the write already: the
+                # answer's body is never a reason to report it failed.
+                declared = resp.content_length
+                if declared is None or declared <= _WRITE_ANSWER_READ:
+                    await read_upto(resp.content, _WRITE_ANSWER_READ)
                 return resp.status
 
     async def healthy(self, timeout_s: float = 1.0) -> bool:

@@ -149,14 +149,11 @@ class _StrictPyParser(HttpRequestParserPy):
         return super().parse_message(lines)
 
 
-class _Handler(RequestHandler):
-    """aiohttp's connection handler, answering its own parse errors as problem+json."""
+class BodyFailingHandler(RequestHandler):
+    """aiohttp's connection handler, failing the body in flight when its parser finds it broken.
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.memo: Any = None  # the pipeline's memo of this connection's requests: dies with it
-        if type(self._parser) is HttpRequestParserPy:
-            self._parser.__class__ = _StrictPyParser  # same state, one stricter check
+    The data listener's handler and the admin listener's are both one.
+    """
 
     def data_received(self, data: bytes) -> None:
         before = len(self._messages)
@@ -173,6 +170,16 @@ class _Handler(RequestHandler):
                 if not content.is_eof():
                     content.set_exception(ValueError("malformed request body"))
                 return
+
+
+class _Handler(BodyFailingHandler):
+    """The data listener's connection handler, answering its own parse errors as problem+json."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.memo: Any = None  # the pipeline's memo of this connection's requests: dies with it
+        if type(self._parser) is HttpRequestParserPy:
+            self._parser.__class__ = _StrictPyParser  # same state, one stricter check
 
     def handle_error(
         self,

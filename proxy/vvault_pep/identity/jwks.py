@@ -170,7 +170,8 @@ class KeySet:
                     uri = cfg.jwks_uri or await self._discover()
                     doc, max_age = await self._get_json(uri)
             keys = parse_jwks(doc, cfg.algorithms)
-        except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError, RecursionError) as exc:
+            # RecursionError: a document nested deeper than json's recursion allows
             self.failures += 1
             log.warning("JWKS refresh for issuer %s failed: %s", cfg.name, type(exc).__name__)
             return False

@@ -42,7 +42,7 @@ async def read_bounded(resp: aiohttp.ClientResponse, limit: int) -> bytearray:
 
     A Content-Length past the limit is refused before a byte of the body is read; a body
     that keeps coming, at the first chunk past the limit.  Leaving ``resp``'s context then
-    closes the connection instead of reusing it.
+    closes the connection, unless the whole answer had already arrived.
     """
     declared = resp.content_length
     if declared is not None and declared > limit:

@@ -41,7 +41,7 @@ log = logging.getLogger("vvault_pep.audit.http")
 # One id per PEP process, as OPA labels each instance (labels.id).
 INSTANCE_ID = str(uuid.uuid4())
 # The collector's answer is judged by its status; of its body no more than this is read.
-_ANSWER_READ = 64 * 1024
+_ANSWER_READ = 1024
 
 # Fields of the PEP record that become OPA's own fields; the rest is the extension.
 _MAPPED = frozenset({"timestamp", "decision_id", "trace_id", "path", "input", "redacted", "bundles"})
