@@ -52,7 +52,7 @@ from aiohttp.web_protocol import PayloadAccessError, RequestHandler, RequestPayl
 from ..core.decision import interpret
 from ..core.principal import Identity
 from ..core.request import PeerCertificate, parse_peer
-from ..edge.listener import BodyFailingHandler
+from ..edge.listener import GuardedHandler
 from ..errors import PepError
 from ..net.bounded import read_upto
 from ..observe.sinks import now_rfc3339
@@ -589,21 +589,11 @@ class _AdminServer(web.Server):
         return _AdminHandler(self, loop=self._loop, **self._kwargs)
 
 
-class _AdminHandler(BodyFailingHandler):
+class _AdminHandler(GuardedHandler):
     """The admin listener's connection handler: a request its parser refuses (bad framing,
     bad chunking, oversized lines) is answered as problem+json and goes on record."""
 
-    def handle_error(
-        self,
-        request: web.BaseRequest,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> web.StreamResponse:
-        if request.writer.output_size > 0:
-            raise ConnectionError("response already started")
-        if type(exc).__name__ == "LineTooLong":
-            status = 431  # RFC 6585
+    def refusal(self, status: int, exc: BaseException | None) -> web.StreamResponse:
         code = {400: "admin.bad_request", 413: "admin.body_too_large", 431: "admin.headers_too_large"}.get(status)
         if code is None:
             status, code = 500, "admin.error"
@@ -613,8 +603,7 @@ class _AdminHandler(BodyFailingHandler):
             content_type="application/problem+json",
         )
         resp.force_close()
-        peer = self.transport.get_extra_info("peername") if self.transport else None
         manager = self._manager
         if isinstance(manager, _AdminServer):
-            manager.api.refused_by_parser(code, peer[0] if peer else None)
+            manager.api.refused_by_parser(code, self.peer_ip())
         return resp

@@ -149,11 +149,34 @@ class _StrictPyParser(HttpRequestParserPy):
         return super().parse_message(lines)
 
 
-class BodyFailingHandler(RequestHandler):
-    """aiohttp's connection handler, failing the body in flight when its parser finds it broken.
+class GuardedHandler(RequestHandler):
+    """aiohttp's connection handler, for what its HTTP parser finds wrong.
 
-    The data listener's handler and the admin listener's are both one.
+    A body in flight that the parser finds broken is failed (not left waiting), and a
+    request the parser refuses is answered by :meth:`refusal` with its status: 400,
+    413, or 431 for an oversized line.  The data listener's handler and the admin
+    listener's are both one, each answering in its own shape.
     """
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started")
+        if type(exc).__name__ == "LineTooLong":
+            status = 431  # RFC 6585
+        return self.refusal(status, exc)
+
+    def refusal(self, status: int, exc: BaseException | None) -> web.StreamResponse:
+        raise NotImplementedError
+
+    def peer_ip(self) -> str | None:
+        peer = self.transport.get_extra_info("peername") if self.transport else None
+        return peer[0] if peer else None
 
     def data_received(self, data: bytes) -> None:
         before = len(self._messages)
@@ -172,7 +195,7 @@ class BodyFailingHandler(RequestHandler):
                 return
 
 
-class _Handler(BodyFailingHandler):
+class _Handler(GuardedHandler):
     """The data listener's connection handler, answering its own parse errors as problem+json."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -181,27 +204,17 @@ class _Handler(BodyFailingHandler):
         if type(self._parser) is HttpRequestParserPy:
             self._parser.__class__ = _StrictPyParser  # same state, one stricter check
 
-    def handle_error(
-        self,
-        request: web.BaseRequest,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> web.StreamResponse:
+    def refusal(self, status: int, exc: BaseException | None) -> web.StreamResponse:
         # Requests the HTTP parser refused (duplicate Host or Content-Length,
         # bad chunking, oversized lines…) never reach the pipeline: answer them
         # here, in the same shape, without echoing the parser's message.
         from ..core.problem import problem_body
         from ..errors import STATUS, Refusal
 
-        if request.writer.output_size > 0:
-            raise ConnectionError("response already started")
         code = {413: "sanitize.body_too_large", 431: "sanitize.headers_too_large", 400: "sanitize.malformed"}.get(
             status, "internal.error"
         )
         text = str(exc) if exc is not None else ""
-        if type(exc).__name__ == "LineTooLong":
-            code = "sanitize.headers_too_large"  # 431, RFC 6585
         if code == "sanitize.malformed" and ("Duplicate" in text or "Missing 'Host'" in text):
             code = "sanitize.duplicate_header"  # same answer as the pipeline's own check
         request_id = uuid.uuid4().hex
@@ -217,12 +230,11 @@ class _Handler(BodyFailingHandler):
         resp.force_close()
         manager = self._manager
         if isinstance(manager, MtlsServer) and manager.on_refusal is not None:
-            peer = self.transport.get_extra_info("peername") if self.transport else None
             # These requests never reach the pipeline: they still go on record.
             manager.on_refusal(
                 {
                     "request_id": request_id,
-                    "source_ip": peer[0] if peer else None,
+                    "source_ip": self.peer_ip(),
                     "status": refusal.status,
                     "result": {"allow": False, "status": refusal.status, "code": code, "reasons": [refusal.title]},
                 }
