@@ -96,6 +96,16 @@ async def healthy(*peps: PepRuntime) -> None:
     await until(all_healthy, "the push channel healthy on every replica")
 
 
+async def recalled_on_b(a: PepRuntime, b: PepRuntime, pki: Path, idp: Issuer, prefix: str) -> tuple[str, str]:
+    """A new subject and its token, served by B and then recalled from B's L1, both channels healthy."""
+    user = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    token = idp.token(sub=user)
+    await healthy(a, b)
+    assert (await call(b, pki, token=token)).status == 200
+    assert (await call(b, pki, token=token)).cache == "l1"
+    return user, token
+
+
 class Monitor:
     """Every command Redis runs while it is open (MONITOR on its own connection)."""
 
@@ -198,12 +208,8 @@ async def test_a_quarantine_on_one_replica_is_refused_on_the_other_at_once(
     """
     a, b = patient_pair
     for _ in range(3):
-        user = f"q-{uuid.uuid4().hex[:8]}"
-        token = idp.token(sub=user)
-        await healthy(a, b)
+        user, token = await recalled_on_b(a, b, pki, idp, "q")
         assert b.push is not None and b.containment is not None
-        assert (await call(b, pki, token=token)).status == 200
-        assert (await call(b, pki, token=token)).cache == "l1"
         generation, fallbacks = b.containment.generation, b.push.fallbacks
         sent = time.monotonic()
         assert await quarantine(a, "subject", f"{idp.url}|{user}")
@@ -277,12 +283,8 @@ async def test_killing_the_subscription_falls_back_to_reads_at_once(
     pair: tuple[PepRuntime, PepRuntime], own_redis: RedisServer, pki: Path, idp: Issuer
 ) -> None:
     a, b = pair
-    user = f"kill-{uuid.uuid4().hex[:8]}"
-    token = idp.token(sub=user)
-    await healthy(a, b)
+    user, token = await recalled_on_b(a, b, pki, idp, "kill")
     assert b.push is not None and b.shared is not None
-    assert (await call(b, pki, token=token)).status == 200
-    assert (await call(b, pki, token=token)).cache == "l1"
     fallbacks, generation = b.push.fallbacks, b.cache.generation if b.cache else 0
     client = direct(own_redis)
     try:
