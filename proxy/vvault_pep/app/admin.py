@@ -327,7 +327,7 @@ class AdminApi:
             deadline = self.runtime.config.limits.body_deadline_s
             try:
                 async with asyncio.timeout(deadline):
-                    raw = bytes(await read_upto(request.content, MAX_BODY))
+                    raw = await read_upto(request.content, MAX_BODY)
             except TimeoutError:
                 self._record(action, False, admin=who, code="admin.body_timeout")
                 raise _problem(408, "admin.body_timeout", f"the body took longer than {deadline:g} s") from None

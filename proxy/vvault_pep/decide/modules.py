@@ -31,7 +31,7 @@ class _Listing(msgspec.Struct):
 _DECODER = msgspec.json.Decoder(_Listing)
 
 
-def sources(listing: bytes | bytearray) -> list[tuple[str, str]]:
+def sources(listing: bytes) -> list[tuple[str, str]]:
     """``(id, source)`` of every module in the answer of ``GET /v1/policies``, sorted by id.
 
     Anything but an object whose ``result`` is a list of modules with a string ``id`` and

@@ -85,7 +85,7 @@ async def _asked(timeout_s: float) -> AsyncIterator[None]:
         raise PepError("pdp.unavailable", f"OPA unreachable: {type(exc).__name__}") from exc
 
 
-async def _body(resp: aiohttp.ClientResponse, what: str, limit: int = ANSWER_LIMIT) -> bytearray:
+async def _body(resp: aiohttp.ClientResponse, what: str, limit: int = ANSWER_LIMIT) -> bytes:
     """The whole answer, or PepError(pdp.error) once it is past ``limit`` bytes."""
     try:
         return await read_bounded(resp, limit)

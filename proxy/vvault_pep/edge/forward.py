@@ -108,7 +108,7 @@ class _AiohttpAnswer:
 
     async def read(self, limit: int) -> bytes:
         # content.read(n) would stop at what has arrived: the first piece of a longer body
-        return bytes(await read_upto(self._resp.content, limit))
+        return await read_upto(self._resp.content, limit)
 
     def release(self) -> None:
         self._resp.release()

@@ -24,20 +24,24 @@ class TooLarge(Exception):
         super().__init__(f"{said} past the limit of {limit} bytes")
 
 
-async def read_upto(stream: aiohttp.StreamReader, limit: int) -> bytearray:
+async def read_upto(stream: aiohttp.StreamReader, limit: int) -> bytes:
     """The whole stream; or, once it is past ``limit`` bytes, what had been read by then.
 
-    The caller tells the two apart by the length (more than ``limit``: not whole).
+    The caller tells the two apart by the length (more than ``limit``: not whole).  The
+    pieces are joined once at the end: a buffer grown piece by piece through realloc left
+    the heap fragmented by a few hundred KB at every module listing (the soak's steps).
     """
-    body = bytearray()
+    pieces: list[bytes] = []
+    size = 0
     async for chunk in stream.iter_any():
-        body += chunk
-        if len(body) > limit:
+        pieces.append(chunk)
+        size += len(chunk)
+        if size > limit:
             break
-    return body
+    return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
 
-async def read_bounded(resp: aiohttp.ClientResponse, limit: int) -> bytearray:
+async def read_bounded(resp: aiohttp.ClientResponse, limit: int) -> bytes:
     """The whole body of ``resp``, or TooLarge once it is past ``limit`` bytes.
 
     A Content-Length past the limit is refused before a byte of the body is read; a body
