@@ -164,3 +164,22 @@ async def test_a_body_that_cannot_be_read_whole_is_refused_on_record(
     assert doc["code"] in codes
     records = [r.audit for r in caplog.records if getattr(r, "audit", {}).get("result") == {"allow": False}]
     assert [r["code"] for r in records] == [doc["code"]]  # one record, saying the same
+    if status == 413:
+        assert headers.get("connection", "").lower() == "close"  # the unread body is not waited for
+
+
+async def test_a_handler_that_fails_is_one_record_and_no_parser_refusal(
+    admin_pep: PepRuntime, pki: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert admin_pep.cache is not None
+    # counters the handler cannot serialise: it raises TypeError after authorisation
+    monkeypatch.setattr(admin_pep.cache, "stats", {"l1": object()})
+    head = b"GET /admin/cache HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    with caplog.at_level(logging.INFO, logger="vvault_pep.audit"):
+        got, headers, doc = await _raw(admin_pep, client_context(pki, "ops"), head)
+    assert (got, headers["content-type"].split(";")[0], doc["code"]) == (500, "application/problem+json", "admin.error")
+    assert "parser" not in doc["detail"]
+    records = [r.audit for r in caplog.records if hasattr(r, "audit")]
+    assert [(r["admin_action"], r["result"], r["code"]) for r in records] == [
+        ("cache.read", {"allow": False}, "admin.error")
+    ]

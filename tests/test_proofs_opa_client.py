@@ -460,6 +460,20 @@ async def test_every_other_control_answer_is_bounded_by_the_decision_limit(
     assert await client.healthy(timeout_s=60) is False
 
 
+async def test_a_write_answered_200_and_cut_short_is_a_write_done(stand_in: StandIn, client: PdpClient) -> None:
+    async def cut(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
+        resp.content_length = 100
+        await resp.prepare(request)
+        await resp.write(b"{")
+        assert request.transport is not None
+        request.transport.close()  # 1 byte of the 100 announced
+        return resp
+
+    stand_in.routes[("PUT", "/v1/policies/p1")] = cut
+    assert await client.put_policy("p1", b"package p1") == 200
+
+
 @BOUNDS
 async def test_a_write_is_judged_by_its_status_whatever_its_answer_holds(
     stand_in: StandIn, client: PdpClient, declared: int | None

@@ -336,7 +336,9 @@ class AdminApi:
                 raise _problem(400, "admin.bad_body", "body: not received whole") from exc
         if (declared is not None and declared > MAX_BODY) or len(raw) > MAX_BODY:
             self._record(action, False, admin=who, code="admin.body_too_large")
-            raise _problem(413, "admin.body_too_large", f"at most {MAX_BODY} bytes")
+            refused = _problem(413, "admin.body_too_large", f"at most {MAX_BODY} bytes")
+            refused.force_close()  # the unread body is not waited for on this connection
+            raise refused
         return raw
 
     async def _body(self, request: web.Request, action: str, who: str, read: str) -> tuple[Any, Any]:
@@ -594,16 +596,23 @@ class _AdminHandler(GuardedHandler):
     bad chunking, oversized lines) is answered as problem+json and goes on record."""
 
     def refusal(self, status: int, exc: BaseException | None) -> web.StreamResponse:
+        if not isinstance(exc, HttpProcessingError):
+            # Not the parser's: a handler that raised (500) or ran past aiohttp's timeout
+            # (504). The call is on record already (the _audited middleware's own record).
+            status = 504 if status == 504 else 500
+            return self._answer(status, "admin.error", "the admin call failed")
         code = {400: "admin.bad_request", 413: "admin.body_too_large", 431: "admin.headers_too_large"}.get(status)
         if code is None:
-            status, code = 500, "admin.error"
-        resp = web.Response(
-            status=status,
-            text=_problem_body(status, code, "the HTTP parser refused the request"),
-            content_type="application/problem+json",
-        )
-        resp.force_close()
+            status, code = 400, "admin.bad_request"
         manager = self._manager
         if isinstance(manager, _AdminServer):
             manager.api.refused_by_parser(code, self.peer_ip())
+        return self._answer(status, code, "the HTTP parser refused the request")
+
+    @staticmethod
+    def _answer(status: int, code: str, detail: str) -> web.StreamResponse:
+        resp = web.Response(
+            status=status, text=_problem_body(status, code, detail), content_type="application/problem+json"
+        )
+        resp.force_close()
         return resp

@@ -61,6 +61,7 @@ ANSWER_LIMIT = 16 * 1024 * 1024
 LISTING_LIMIT = 64 * 1024 * 1024
 # Of the answer to a write (PUT, DELETE) only the status is used; no more of its body is read.
 _WRITE_ANSWER_READ = 64 * 1024
+_WRITE_ANSWER_WAIT_S = 0.5
 # The lean pool's own connect and read guards; the call's deadline rules well before them.
 _GUARD_S = 60.0
 
@@ -309,7 +310,11 @@ class PdpClient:
                 # answer's body is never a reason to report it failed.
                 declared = resp.content_length
                 if declared is None or declared <= _WRITE_ANSWER_READ:
-                    await read_upto(resp.content, _WRITE_ANSWER_READ)
+                    # a little, briefly: an answer cut short or slow is the connection's
+                    # loss (not reused), never the write's
+                    with contextlib.suppress(aiohttp.ClientPayloadError, TimeoutError):
+                        async with asyncio.timeout(_WRITE_ANSWER_WAIT_S):
+                            await read_upto(resp.content, _WRITE_ANSWER_READ)
                 return resp.status
 
     async def healthy(self, timeout_s: float = 1.0) -> bool:
