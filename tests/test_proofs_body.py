@@ -30,6 +30,7 @@ from vvault_pep.errors import PepError
 LIMIT = 64
 IDLE_S = 0.3
 DEADLINE_S = 1.0
+BAD_CHUNK = b"zz\r\n"  # a chunk size that is not hex
 
 
 @pytest.mark.parametrize(
@@ -81,9 +82,35 @@ async def listener_server() -> AsyncIterator[int]:
         yield port
 
 
+@pytest.fixture
+async def two_reads_server() -> AsyncIterator[int]:
+    """The listener's handler, handed a bad chunk as a second read of the same loop iteration."""
+    async for port in _server(60.0, _TwoReadsServer):
+        yield port
+
+
 class _ListenerServer(web.Server):
     def __call__(self) -> RequestHandler:
         return listener._Handler(self, loop=self._loop, **self._kwargs)
+
+
+class _TwoReadsHandler(listener._Handler):
+    """What one socket read brought, handed to the parser as two reads split before a bad chunk
+    size: two reads the loop makes before the request's own task has run once."""
+
+    def data_received(self, data: bytes) -> None:
+        at = data.find(BAD_CHUNK)
+        if at <= 0:
+            super().data_received(data)
+            return
+        super().data_received(data[:at])
+        assert self._current_request is None  # the window: the request is queued, not started
+        super().data_received(data[at:])
+
+
+class _TwoReadsServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        return _TwoReadsHandler(self, loop=self._loop, **self._kwargs)
 
 
 async def _server(deadline_s: float, server: type[web.Server] = web.Server) -> AsyncIterator[int]:
@@ -274,6 +301,14 @@ async def test_an_http_1_0_client_gets_no_interim_answer(server: int) -> None:
     assert answer.startswith(b"HTTP/1.0 200 ")  # no "100 Continue" before it: 1.0 has no interim answers
     doc = orjson.loads(answer.partition(b"\r\n\r\n")[2])
     assert (doc["value"], doc["continued"]) == ({"a": 1}, False)
+
+
+async def test_a_bad_chunk_read_before_its_request_started_is_refused_as_malformed(two_reads_server: int) -> None:
+    # Head, a good chunk and a bad one in one write: the parser queues the request and, in the
+    # next read, the error; the body queued with the request fails then, not at a deadline.
+    whole = put() + chunk(b" " * 10).decode() + BAD_CHUNK.decode() + "hello\r\n0\r\n\r\n"
+    _, doc = await send(two_reads_server, whole)
+    assert doc == {"code": "sanitize.malformed", "detail": "malformed request body"}
 
 
 async def test_a_bad_chunk_after_good_ones_is_refused_as_malformed(listener_server: int) -> None:
