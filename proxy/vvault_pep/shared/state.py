@@ -120,7 +120,7 @@ def make_client(cfg: RedisConfig) -> Any:
         # The Sentinels get their own deadlines: without them a Sentinel that hangs
         # during a failover would hang every reconnection.
         sentinel_kwargs: dict[str, Any] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
-        sentinel = Sentinel(hosts, sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call]
+        sentinel = Sentinel(hosts, sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call,unused-ignore]  # typed in newer redis-py
         if cfg.service_name is None:  # refused at config load; never reached
             raise ValueError("mode: sentinel needs service_name")
         return sentinel.master_for(cfg.service_name, **common)
