@@ -121,3 +121,19 @@ def test_offline_check_leaves_extras_to_the_target_machine(tmp_path: Path, pki: 
         check=False,
     )
     assert res.returncode == 0, res.stderr
+
+
+def test_redis_loads_without_opentelemetrys_metrics_sdk_and_leaves_it_importable() -> None:
+    # redis-py would import the metrics SDK (about 1 MB per worker) for client metrics the PEP
+    # never turns on; the PEP keeps it out while redis-py loads, and only then.
+    probe = (
+        "import sys, vvault_pep.cli, vvault_pep.shared.state as s\n"
+        "assert 'opentelemetry.sdk.metrics' not in sys.modules, 'metrics SDK loaded'\n"
+        "import redis.observability.providers as p\n"
+        "assert p.OTEL_AVAILABLE is False\n"
+        "import opentelemetry.sdk.metrics\n"
+        "print('ok', s.RedisCluster.__name__)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok RedisCluster"

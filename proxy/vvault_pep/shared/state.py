@@ -43,17 +43,37 @@ import asyncio
 import contextlib
 import logging
 import ssl
+import sys
 import time
 from collections.abc import Awaitable, Callable, Generator, Sequence
 from typing import Any, TypeVar
 
-import redis.asyncio as aioredis
-from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.asyncio.sentinel import Sentinel
-from redis.crc import key_slot
-from redis.exceptions import RedisClusterException, RedisError
-
 from ..config.models import Redis as RedisConfig
+
+
+@contextlib.contextmanager
+def _absent(module: str) -> Generator[None, None, None]:
+    """``module`` cannot be imported inside the block (unless it already was)."""
+    if module in sys.modules:
+        yield
+        return
+    sys.modules[module] = None  # type: ignore[assignment]  # None here makes an import raise ImportError
+    try:
+        yield
+    finally:
+        del sys.modules[module]
+
+
+# redis-py imports OpenTelemetry's metrics SDK whenever it is installed (it is here, for the
+# tracing SDK), for client metrics that are off unless enabled, which the PEP never does:
+# about 1 MB of every worker's memory.  It treats the SDK as optional, so it is kept out
+# while redis-py loads; the PEP's own tracing does not use it.
+with _absent("opentelemetry.sdk.metrics"):
+    import redis.asyncio as aioredis
+    from redis.asyncio.cluster import ClusterNode, RedisCluster
+    from redis.asyncio.sentinel import Sentinel
+    from redis.crc import key_slot
+    from redis.exceptions import RedisClusterException, RedisError
 
 log = logging.getLogger("vvault_pep.redis")
 
