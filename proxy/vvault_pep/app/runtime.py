@@ -42,6 +42,7 @@ from ..shared.ratelimit import RateLimiter
 from ..shared.risk import RiskSignals
 from ..shared.state import Generation, SharedState
 from .admin import AdminApi, AdminRunner
+from .heap import HeapTrimmer
 from .pipeline import Pipeline
 from .services import key_decisions, policy_client
 
@@ -73,6 +74,8 @@ class PepRuntime:
         self.posture: PostureVerifier | None = None
         self._revision_task: asyncio.Task[None] | None = None
         self._tls_task: asyncio.Task[None] | None = None
+        self.heap = HeapTrimmer(config.limits.heap_trim_interval_s)
+        self._heap_task: asyncio.Task[None] | None = None
         self._ssl_ctx: ssl.SSLContext | None = None
         self._admin_ssl: ssl.SSLContext | None = None
         self._admin_stamp: tuple[float, ...] = ()
@@ -186,6 +189,8 @@ class PepRuntime:
         )
         self.port = self._data_server.sockets[0].getsockname()[1]
         self._tls_task = asyncio.create_task(self._tls_reloader(), name="tls-reload")
+        if self.heap.enabled:
+            self._heap_task = asyncio.create_task(self.heap.run(), name="heap-trim")
         log.info(
             "listening on %s:%s (mTLS), admin on %s:%s",
             config.listener.host,
@@ -195,10 +200,11 @@ class PepRuntime:
         )
 
     async def stop(self) -> None:
-        if self._tls_task is not None:
-            self._tls_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._tls_task
+        for task in (self._tls_task, self._heap_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._data_server is not None:
             self._data_server.close()
             if self._mtls is not None:
@@ -390,6 +396,16 @@ class PepRuntime:
             lambda: {(("why", "certificate"),): float(self._mtls.refused_certificates),
                      (("why", "resumption"),): float(self._mtls.refused_resumptions)} if self._mtls else {},
         )  # fmt: skip
+
+        def heap(counter: str) -> dict[tuple[tuple[str, str], ...], float]:
+            return {(): float(getattr(self.heap, counter))} if self.heap.enabled else {}
+
+        for name, counter, description in (
+            ("trims", "trims", "times freed C-heap memory was handed back to the kernel"),
+            ("trim_seconds", "seconds", "event-loop time spent handing it back"),
+            ("released_bytes", "released_bytes", "resident memory the trims gave back"),
+        ):
+            tel.observe(f"vvault_pep.heap.{name}", description, functools.partial(heap, counter))
         tel.observe(
             "vvault_pep.connections.open", "open client connections",
             lambda: {(): float(len(self._mtls.connections)) if self._mtls else 0.0},

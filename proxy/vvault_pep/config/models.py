@@ -975,6 +975,9 @@ class Limits(_Model):
     max_in_flight_per_subject: int = Field(32, ge=1)
     # Largest JSON response the PEP will redact fields from; larger ones are withheld (502).
     max_redact_bytes: int = Field(1 << 20, ge=1024)
+    # How often freed C-heap memory is handed back to the kernel (glibc's malloc_trim),
+    # so a burst does not leave each worker's RSS raised for good; 0: never.
+    heap_trim_interval_s: float = Field(10.0, ge=0)
 
 
 class Config(_Model):
