@@ -29,10 +29,12 @@ from bench.procfs import peak_rss_per_process, status_mb, tree
 from bench.report import Target
 from bench.stack import start_harness
 from bench.vegeta import Load, Vegeta, write_targets
+from vvault_pep.config import load_config
 
 SAMPLE_S = 5.0
 FLAT_MB_PER_MIN = 1.0
 RSS_LIMIT_MB = 90.0  # per worker
+AFTER_FULL_MIN_S = 60.0  # least loaded time after the caches are full for a slope of that part
 
 
 def slope_per_minute(points: Sequence[tuple[float, float]]) -> float | None:
@@ -47,6 +49,21 @@ def slope_per_minute(points: Sequence[tuple[float, float]]) -> float | None:
         return None
     cov = sum((t - mean_t) * (v - mean_v) for t, v in points)
     return cov / var * 60
+
+
+def caches_full_s(cache_entries: Sequence[int], cold_rate: float) -> float | None:
+    """When the bounded caches a new token fills are all full (seconds into the load), at
+    ``cold_rate`` new tokens a second; None when nothing fills them."""
+    caps = [n for n in cache_entries if n > 0]
+    return max(caps) / cold_rate if caps and cold_rate > 0 else None
+
+
+def slope_after(points: Sequence[tuple[float, float]], start_s: float | None, end_s: float) -> float | None:
+    """The slope of the samples from ``start_s`` on (one sample's margin), or None when they
+    span less than ``AFTER_FULL_MIN_S``."""
+    if start_s is None or end_s - (start_s + SAMPLE_S) < AFTER_FULL_MIN_S:
+        return None
+    return slope_per_minute([(t, v) for t, v in points if t >= start_s + SAMPLE_S])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -130,6 +147,11 @@ def soak(lab: Lab, tools: dict[str, str | None], args: argparse.Namespace, start
     loaded = [s for s in samples if s["t_s"] <= seconds]
     half = [(s["t_s"], s["rss_mb"]) for s in loaded if s["t_s"] >= seconds / 2]
     slope = slope_per_minute(half)
+    # Bounded caches filling are not a leak: the part after they are full says whether memory
+    # then stays flat (a new token's entries replace an old one's).
+    pep_config = load_config(lab.work / "pep-l1.yaml")
+    full_s = caches_full_s((pep_config.cache.l1_max_entries, pep_config.identity.verified_cache_entries), cold_rate)
+    after_full = slope_after([(s["t_s"], s["rss_mb"]) for s in loaded], full_s, seconds)
     targets = [
         Target("RSS slope over the second half", slope, FLAT_MB_PER_MIN, " MB/min", at_most=True),
         Target("peak RSS of the PEP process", peak, RSS_LIMIT_MB, " MB", at_most=True),
@@ -145,6 +167,8 @@ def soak(lab: Lab, tools: dict[str, str | None], args: argparse.Namespace, start
         "end_rss_mb": loaded[-1]["rss_mb"] if loaded else None,
         "peak_rss_mb": round(peak, 2),
         "slope_mb_per_min_second_half": slope,
+        "caches_full_s": full_s,
+        "slope_mb_per_min_after_caches_full": after_full,
         "flat": slope is not None and slope < FLAT_MB_PER_MIN,
         "within_limit": peak <= RSS_LIMIT_MB,
         "hot": {"achieved_rps": hot.throughput, "p50_ms": hot.p50_ms, "p99_ms": hot.p99_ms, "codes": hot.status_codes},
@@ -200,6 +224,7 @@ def render(doc: dict[str, Any], targets: Sequence[Target]) -> list[str]:
         f"RSS idle {mb(s['idle_rss_mb'])}, start {mb(s['start_rss_mb'])}, peak {mb(s['peak_rss_mb'])}, "
         f"end {mb(s['end_rss_mb'])}",
         "slope over the second half: " + ("-" if slope is None else f"{slope:+.3f} MB/min"),
+        _after_full_line(s),
         f"flat (< {FLAT_MB_PER_MIN:g} MB/min): {'yes' if s['flat'] else 'NO'}; "
         f"within {RSS_LIMIT_MB:g} MB: {'yes' if s['within_limit'] else 'NO'}",
         f"one-token requests: {hot['achieved_rps']:.0f} req/s, p50 {hot['p50_ms']:.2f} ms, p99 {hot['p99_ms']:.2f} ms, "
@@ -213,6 +238,16 @@ def render(doc: dict[str, Any], targets: Sequence[Target]) -> list[str]:
     lines += ["", *report.target_lines(targets)]
     lines += ["", "RSS samples (s: MB): " + ", ".join(f"{x['t_s']:.0f}: {x['rss_mb']:.1f}" for x in s["samples"])]
     return lines
+
+
+def _after_full_line(s: dict[str, Any]) -> str:
+    full_s, slope = s.get("caches_full_s"), s.get("slope_mb_per_min_after_caches_full")
+    if full_s is None:
+        return "caches: no new tokens, nothing fills them"
+    if slope is None:
+        need = (full_s + SAMPLE_S + AFTER_FULL_MIN_S) / 60
+        return f"caches full at ~{full_s:.0f} s: too late for a slope after it (--minutes {need:.1f} or more gives one)"
+    return f"caches full at ~{full_s:.0f} s; slope after that: {slope:+.3f} MB/min"
 
 
 if __name__ == "__main__":

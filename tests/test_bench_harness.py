@@ -8,7 +8,7 @@ import pytest
 from bench.lab import Endpoint, compile_package
 from bench.proxy_bench import rounds_of
 from bench.report import Target
-from bench.soak import slope_per_minute
+from bench.soak import caches_full_s, slope_after, slope_per_minute
 from bench.vegeta import Report, write_targets
 
 VEGETA_JSON = {
@@ -51,6 +51,16 @@ def test_every_round_visits_every_scenario_and_the_first_rotates() -> None:
 def test_slope_is_megabytes_per_minute(points: list[tuple[float, float]], slope: float | None) -> None:
     got = slope_per_minute(points)
     assert got == slope if slope is None else got == pytest.approx(slope)
+
+
+def test_the_soak_knows_when_its_caches_are_full_and_slopes_only_what_follows() -> None:
+    assert caches_full_s((10_000, 5_000), 40) == 250
+    assert caches_full_s((0, 0), 40) is None and caches_full_s((10_000,), 0) is None
+    filling = [(float(t), 80 + t / 25) for t in range(0, 250, 5)]
+    flat = [(float(t), 90.0) for t in range(250, 600, 5)]
+    assert slope_per_minute([p for p in filling + flat if 150 <= p[0] < 300]) > 1  # a 5-min run: half sees the fill
+    assert slope_after(filling + flat, 250, 600) == pytest.approx(0)
+    assert slope_after(filling + flat, 250, 300) is None  # under a minute after it: no figure
 
 
 def test_vegeta_report_in_milliseconds_and_any_non_2xx_is_a_failure() -> None:
