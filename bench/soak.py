@@ -10,7 +10,9 @@ a new cache entry: what fills caches).  Every 5 s it samples the RSS of each PEP
 
 It prints the RSS at the start of the load, its peak (VmHWM) and at the end, the slope of a
 least-squares line through the second half of the samples (MB per minute), and whether the
-memory is flat (slope < 1 MB/min) and within 90 MB.  Results go to
+memory is flat (slope < 1 MB/min) and within 90 MB.  It also says when the two bounded caches
+a new token fills (L1 decisions, verified tokens) are full at that rate, and, when the run
+has a minute of load after that, the slope from then on: a cache filling is not a leak.  Results go to
 bench/results/soak-latest.{json,md}.
 """
 
